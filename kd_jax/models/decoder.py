@@ -1,0 +1,263 @@
+"""One Flax NNX decoder for the Llama family as Hugging Face ships it.
+
+Covers Llama 2/3/3.1+ (llama3 rope scaling), Qwen2/2.5 (qkv bias), Qwen3 (q/k RMSNorm), Mistral
+(sliding window) and SmolLM2: GQA, RMSNorm, SwiGLU, rotary embeddings (HF's rotate-half layout),
+tied or untied output embedding. Layer parameters are stacked on a leading `layers` axis; the
+forward pass scans over them (one compiled layer) or unrolls them, with the same parameter tree
+either way, so checkpoints do not depend on `scan_layers`.
+
+Shapes: B batch, T sequence, D embed, F mlp, N query heads, K kv heads, H head dim, V vocab, L layers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from kd_jax.sharding import constrain, create_sharded
+
+REMAT_POLICIES = {
+    "none": None,
+    "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "offload_dots": jax.checkpoint_policies.offload_dot_with_no_batch_dims("device", "pinned_host"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderConfig:
+    model_type: str = "llama"  # HF model_type: llama, qwen2, qwen3 or mistral
+    vocab_size: int = 32000  # output classes (rows of the embedding)
+    hidden_size: int = 4096  # D
+    intermediate_size: int = 11008  # F, SwiGLU width
+    num_layers: int = 32  # L
+    num_heads: int = 32  # N query heads
+    num_kv_heads: int = 32  # K key/value heads (GQA when K < N)
+    head_dim: int = 128  # H
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: tuple[tuple[str, Any], ...] | None = None  # sorted (key, value) pairs of HF's dict
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False  # Qwen2, Llama attention_bias
+    o_bias: bool = False  # Llama attention_bias
+    mlp_bias: bool = False  # Llama mlp_bias
+    qk_norm: bool = False  # Qwen3: RMSNorm over the head dim of q and k, before rope
+    sliding_window: int | None = None  # Mistral: attend to at most this many previous tokens
+    bos_token_id: int | None = None  # kept for export and generation
+    eos_token_id: int | tuple[int, ...] | None = None  # one id or several (Llama 3)
+    param_dtype: str = "float32"  # storage dtype of the parameters (fp32 master weights)
+    dtype: str = "float32"  # compute dtype of activations and matmuls
+    scan_layers: bool = True  # one jax.lax.scan over layers (fast compile) vs a Python loop
+    remat: str = "none"  # rematerialization policy, a key of REMAT_POLICIES
+
+    def __post_init__(self):
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"remat={self.remat!r}; choose one of {sorted(REMAT_POLICIES)}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
+
+
+def rope_inv_freq(cfg: DecoderConfig) -> jax.Array:
+    """Inverse frequencies [H/2] of the rotary embedding, with HF's rope_scaling variants."""
+    H = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, H, 2, dtype=jnp.float32) / H))
+    scaling = dict(cfg.rope_scaling or ())
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "default":
+        return inv_freq
+    if kind == "linear":
+        return inv_freq / scaling["factor"]
+    if kind == "llama3":  # Llama 3.1: transformers' _compute_llama3_parameters
+        factor, lo, hi = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = jnp.where(wavelen > old_len / lo, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_len / hi) & (wavelen <= old_len / lo)
+        return jnp.where(medium, smoothed, scaled)
+    raise ValueError(f"rope_scaling type {kind!r} is not supported; supported: default, linear, llama3")
+
+
+def apply_rope(x_BxTxNxH: jax.Array, positions_BxT: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    freqs_BxTxH2 = positions_BxT[..., None].astype(jnp.float32) * _lead(inv_freq, 3)
+    emb_BxTxH = jnp.concatenate([freqs_BxTxH2, freqs_BxTxH2], axis=-1)
+    cos, sin = (f(emb_BxTxH)[:, :, None, :].astype(x_BxTxNxH.dtype) for f in (jnp.cos, jnp.sin))
+    x1, x2 = jnp.split(x_BxTxNxH, 2, axis=-1)
+    return x_BxTxNxH * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
+
+
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+    """HF's LlamaRMSNorm: normalize in fp32, cast back, then scale."""
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return _lead(scale.astype(x.dtype), x.ndim) * y.astype(x.dtype)
+
+
+def _lead(v: jax.Array, ndim: int) -> jax.Array:
+    """`v` with leading unit axes up to `ndim` (explicit: the tests forbid implicit rank promotion)."""
+    return v.reshape((1,) * (ndim - v.ndim) + v.shape)
+
+
+def attention_mask(segment_ids_BxT: jax.Array, positions_BxT: jax.Array, window: int | None) -> jax.Array:
+    """[B, 1, T, T] boolean: causal, within one packed segment, inside the sliding window."""
+    same = segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :]
+    T = segment_ids_BxT.shape[1]
+    causal = jnp.tril(jnp.ones((T, T), dtype=bool))[None]
+    mask = same & causal
+    if window is not None:
+        mask &= (positions_BxT[:, :, None] - positions_BxT[:, None, :]) < window
+    return mask[:, None]
+
+
+def _param(rngs: nnx.Rngs, shape, names, dtype, init="normal") -> nnx.Param:
+    if init == "ones":
+        value = jnp.ones(shape, dtype)
+    elif init == "zeros":
+        value = jnp.zeros(shape, dtype)
+    else:
+        value = 0.02 * jax.random.normal(rngs.params(), shape, dtype)
+    return nnx.Param(value, out_sharding=tuple(names), eager_sharding=False)
+
+
+class Block(nnx.Module):
+    """All L decoder layers, each parameter stacked on a leading `layers` axis."""
+
+    def __init__(self, cfg: DecoderConfig, *, rngs: nnx.Rngs):
+        L, D, F, N, K, H = (cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, cfg.num_heads,
+                            cfg.num_kv_heads, cfg.head_dim)
+        pd = jnp.dtype(cfg.param_dtype)
+        self.cfg = cfg
+        self.attn_norm = _param(rngs, (L, D), ("layers", "norm"), pd, "ones")
+        self.wq = _param(rngs, (L, D, N, H), ("layers", "embed", "heads", "head_dim"), pd)
+        self.wk = _param(rngs, (L, D, K, H), ("layers", "embed", "kv_heads", "head_dim"), pd)
+        self.wv = _param(rngs, (L, D, K, H), ("layers", "embed", "kv_heads", "head_dim"), pd)
+        self.wo = _param(rngs, (L, N, H, D), ("layers", "heads", "head_dim", "embed"), pd)
+        if cfg.qkv_bias:
+            self.bq = _param(rngs, (L, N, H), ("layers", "heads", "head_dim"), pd, "zeros")
+            self.bk = _param(rngs, (L, K, H), ("layers", "kv_heads", "head_dim"), pd, "zeros")
+            self.bv = _param(rngs, (L, K, H), ("layers", "kv_heads", "head_dim"), pd, "zeros")
+        if cfg.o_bias:
+            self.bo = _param(rngs, (L, D), ("layers", "norm"), pd, "zeros")
+        if cfg.qk_norm:
+            self.q_norm = _param(rngs, (L, H), ("layers", "head_dim"), pd, "ones")
+            self.k_norm = _param(rngs, (L, H), ("layers", "head_dim"), pd, "ones")
+        self.mlp_norm = _param(rngs, (L, D), ("layers", "norm"), pd, "ones")
+        self.w_gate = _param(rngs, (L, D, F), ("layers", "embed", "mlp"), pd)
+        self.w_up = _param(rngs, (L, D, F), ("layers", "embed", "mlp"), pd)
+        self.w_down = _param(rngs, (L, F, D), ("layers", "mlp", "embed"), pd)
+        if cfg.mlp_bias:
+            self.b_gate = _param(rngs, (L, F), ("layers", "mlp"), pd, "zeros")
+            self.b_up = _param(rngs, (L, F), ("layers", "mlp"), pd, "zeros")
+            self.b_down = _param(rngs, (L, D), ("layers", "norm"), pd, "zeros")
+
+
+def layer(cfg: DecoderConfig, p: dict[str, jax.Array], x_BxTxD, positions_BxT, mask_Bx1xTxT, inv_freq):
+    """One decoder layer on the parameter slices `p` of one layer (no leading L axis)."""
+    dt = jnp.dtype(cfg.dtype)
+    w = {k: v.astype(dt) for k, v in p.items()}
+    h = rms_norm(x_BxTxD, w["attn_norm"], cfg.rms_norm_eps)
+    q_BxTxNxH = jnp.einsum("btd,dnh->btnh", h, w["wq"])
+    k_BxTxKxH = jnp.einsum("btd,dkh->btkh", h, w["wk"])
+    v_BxTxKxH = jnp.einsum("btd,dkh->btkh", h, w["wv"])
+    if cfg.qkv_bias:
+        q_BxTxNxH = q_BxTxNxH + _lead(w["bq"], 4)
+        k_BxTxKxH = k_BxTxKxH + _lead(w["bk"], 4)
+        v_BxTxKxH = v_BxTxKxH + _lead(w["bv"], 4)
+    if cfg.qk_norm:
+        q_BxTxNxH = rms_norm(q_BxTxNxH, w["q_norm"], cfg.rms_norm_eps)
+        k_BxTxKxH = rms_norm(k_BxTxKxH, w["k_norm"], cfg.rms_norm_eps)
+    q_BxTxNxH = constrain(apply_rope(q_BxTxNxH, positions_BxT, inv_freq), ("act_batch", "act_seq", "act_heads", None))
+    k_BxTxKxH = constrain(apply_rope(k_BxTxKxH, positions_BxT, inv_freq), ("act_batch", "act_seq", "act_kv_heads", None))
+    # GQA is native to dot_product_attention (N a multiple of K); on GPU it may pick cuDNN flash.
+    o_BxTxNxH = jax.nn.dot_product_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask=mask_Bx1xTxT)
+    attn_BxTxD = jnp.einsum("btnh,nhd->btd", o_BxTxNxH, w["wo"])
+    if cfg.o_bias:
+        attn_BxTxD = attn_BxTxD + _lead(w["bo"], 3)
+    x_BxTxD = constrain(x_BxTxD + attn_BxTxD, ("act_batch", "act_seq", "act_embed"))
+    h = rms_norm(x_BxTxD, w["mlp_norm"], cfg.rms_norm_eps)
+    gate_BxTxF = jnp.einsum("btd,df->btf", h, w["w_gate"])
+    up_BxTxF = jnp.einsum("btd,df->btf", h, w["w_up"])
+    if cfg.mlp_bias:
+        gate_BxTxF, up_BxTxF = gate_BxTxF + _lead(w["b_gate"], 3), up_BxTxF + _lead(w["b_up"], 3)
+    act_BxTxF = constrain(jax.nn.silu(gate_BxTxF) * up_BxTxF, ("act_batch", "act_seq", "act_mlp"))
+    mlp_BxTxD = jnp.einsum("btf,fd->btd", act_BxTxF, w["w_down"])
+    if cfg.mlp_bias:
+        mlp_BxTxD = mlp_BxTxD + _lead(w["b_down"], 3)
+    return constrain(x_BxTxD + mlp_BxTxD, ("act_batch", "act_seq", "act_embed"))
+
+
+class Decoder(nnx.Module):
+    """Causal LM. `model(tokens)` gives logits; `model.hidden_states(tokens)` the final normed
+    hidden states and `model.output_embedding()` the [D, V] projection, for the fused loss."""
+
+    def __init__(self, cfg: DecoderConfig, *, rngs: nnx.Rngs):
+        pd = jnp.dtype(cfg.param_dtype)
+        self.cfg = cfg
+        self.embed = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), pd)
+        self.layers = Block(cfg, rngs=rngs)
+        self.final_norm = _param(rngs, (cfg.hidden_size,), ("norm",), pd, "ones")
+        if not cfg.tie_word_embeddings:
+            self.lm_head = _param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), pd)
+
+    def output_embedding(self) -> jax.Array:
+        """[D, V] output projection (the transposed embedding when tied), in the param dtype."""
+        return self.embed.value.T if self.cfg.tie_word_embeddings else self.lm_head.value
+
+    def hidden_states(self, tokens_BxT: jax.Array, positions_BxT: jax.Array | None = None,
+                      segment_ids_BxT: jax.Array | None = None) -> jax.Array:
+        """Final normed hidden states [B, T, D] in the compute dtype.
+
+        segment_ids_BxT: packed-document ids; tokens attend only within their own segment (ids
+        equal), so documents never see each other. Padding can be any id (0 by convention).
+        positions_BxT: rotary positions, restarting at 0 in every segment; default 0..T-1.
+        """
+        cfg = self.cfg
+        B, T = tokens_BxT.shape
+        if positions_BxT is None:
+            positions_BxT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+        if segment_ids_BxT is None:
+            segment_ids_BxT = jnp.ones((B, T), jnp.int32)
+        mask = attention_mask(segment_ids_BxT, positions_BxT, cfg.sliding_window)
+        inv_freq = rope_inv_freq(cfg)
+        x_BxTxD = jnp.take(self.embed.value, tokens_BxT, axis=0).astype(jnp.dtype(cfg.dtype))
+        x_BxTxD = constrain(x_BxTxD, ("act_batch", "act_seq", "act_embed"))
+
+        stacked = {k: v.value for k, v in vars(self.layers).items() if isinstance(v, nnx.Param)}
+
+        def body(x, p):
+            return layer(cfg, p, x, positions_BxT, mask, inv_freq), None
+
+        policy = REMAT_POLICIES[cfg.remat]
+        if cfg.remat != "none":
+            body = jax.checkpoint(body, policy=policy, prevent_cse=not cfg.scan_layers)
+        if cfg.scan_layers:
+            x_BxTxD, _ = jax.lax.scan(body, x_BxTxD, stacked)
+        else:
+            for i in range(cfg.num_layers):
+                x_BxTxD, _ = body(x_BxTxD, {k: v[i] for k, v in stacked.items()})
+        return rms_norm(x_BxTxD, self.final_norm.value.astype(x_BxTxD.dtype), cfg.rms_norm_eps)
+
+    def __call__(self, tokens_BxT: jax.Array, positions_BxT: jax.Array | None = None,
+                 segment_ids_BxT: jax.Array | None = None) -> jax.Array:
+        """Logits [B, T, V] in fp32 (fp32 accumulation of a compute-dtype matmul)."""
+        h_BxTxD = self.hidden_states(tokens_BxT, positions_BxT, segment_ids_BxT)
+        w_DxV = self.output_embedding().astype(h_BxTxD.dtype)
+        logits_BxTxV = jnp.einsum("btd,dv->btv", h_BxTxD, w_DxV, preferred_element_type=jnp.float32)
+        return constrain(logits_BxTxV, ("act_batch", "act_seq", "act_vocab"))
+
+
+def init_decoder(cfg: DecoderConfig, *, seed: int = 0, mesh=None) -> Decoder:
+    """A randomly initialised decoder, created directly sharded on `mesh` (None: default device)."""
+    return create_sharded(lambda: Decoder(cfg, rngs=nnx.Rngs(seed)), mesh)
+
+
+def num_params(model: nnx.Module) -> int:
+    return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))

@@ -1,0 +1,365 @@
+"""Hugging Face interop: `load_hf` reads a local HF folder (or a hub id) straight into a sharded
+Decoder; `save_hf` writes config.json + safetensors (+ tokenizer) that transformers loads.
+
+Loading memory-maps each safetensors file and lets every device read only its own slice of every
+tensor (`jax.make_array_from_callback`), so no device, and no host, ever holds a full copy of the
+model beyond the page cache.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import safetensors.numpy
+from flax import nnx
+
+from kd_jax import sharding
+from kd_jax.models.decoder import Decoder, DecoderConfig
+
+SUPPORTED = {  # model_type -> architecture class name in transformers
+    "llama": "LlamaForCausalLM",  # Llama 2/3/3.x, SmolLM2
+    "qwen2": "Qwen2ForCausalLM",  # Qwen2, Qwen2.5, DeepSeek-R1-Distill-Qwen
+    "qwen3": "Qwen3ForCausalLM",
+    "mistral": "MistralForCausalLM",
+}
+
+# Per-layer kd parameter -> (HF name under model.layers.{i}., layout conversion).
+_LAYER_MAP = {
+    "attn_norm": ("input_layernorm.weight", "copy"),
+    "wq": ("self_attn.q_proj.weight", "in_heads"),
+    "wk": ("self_attn.k_proj.weight", "in_heads"),
+    "wv": ("self_attn.v_proj.weight", "in_heads"),
+    "wo": ("self_attn.o_proj.weight", "out_heads"),
+    "bq": ("self_attn.q_proj.bias", "bias_heads"),
+    "bk": ("self_attn.k_proj.bias", "bias_heads"),
+    "bv": ("self_attn.v_proj.bias", "bias_heads"),
+    "bo": ("self_attn.o_proj.bias", "copy"),
+    "q_norm": ("self_attn.q_norm.weight", "copy"),
+    "k_norm": ("self_attn.k_norm.weight", "copy"),
+    "mlp_norm": ("post_attention_layernorm.weight", "copy"),
+    "w_gate": ("mlp.gate_proj.weight", "transpose"),
+    "w_up": ("mlp.up_proj.weight", "transpose"),
+    "w_down": ("mlp.down_proj.weight", "transpose"),
+    "b_gate": ("mlp.gate_proj.bias", "copy"),
+    "b_up": ("mlp.up_proj.bias", "copy"),
+    "b_down": ("mlp.down_proj.bias", "copy"),
+}
+_TOP_MAP = {
+    "embed": ("model.embed_tokens.weight", "copy"),
+    "final_norm": ("model.norm.weight", "copy"),
+    "lm_head": ("lm_head.weight", "transpose"),
+}
+_ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+              "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8}
+
+
+class HFFormatError(ValueError):
+    """An HF folder kd_jax cannot read, with what is wrong and how to fix it."""
+
+
+# ---------------------------------------------------------------------------------------------
+# config.json <-> DecoderConfig
+
+
+def config_from_hf(hf: dict[str, Any], **overrides) -> DecoderConfig:
+    """DecoderConfig from an HF config.json dict, either generation: transformers 4.x top-level
+    `rope_theta`/`rope_scaling` or the 5.x `rope_parameters` block."""
+    model_type = hf.get("model_type")
+    if model_type not in SUPPORTED:
+        raise HFFormatError(
+            f"unsupported architecture model_type={model_type!r} (architectures={hf.get('architectures')}); "
+            f"kd_jax supports {', '.join(f'{v} ({k})' for k, v in SUPPORTED.items())}")
+    if any(t != "full_attention" for t in hf.get("layer_types") or ()) or (
+            model_type != "mistral" and hf.get("use_sliding_window")):
+        raise HFFormatError(f"{model_type} with per-layer sliding-window attention (layer_types="
+                            f"{hf.get('layer_types')}) is not supported; use a full-attention checkpoint")
+    heads = hf["num_attention_heads"]
+    rope_params = hf.get("rope_parameters")
+    if rope_params:
+        theta = rope_params.get("rope_theta", hf.get("rope_theta", 10000.0))
+        scaling = {k: v for k, v in rope_params.items() if k != "rope_theta"}
+    else:
+        theta = hf.get("rope_theta", 10000.0)
+        scaling = dict(hf.get("rope_scaling") or {})
+    if scaling.get("rope_type", scaling.get("type", "default")) == "default":
+        scaling = {}
+    attention_bias = bool(hf.get("attention_bias", False))
+    eos = hf.get("eos_token_id")
+    kw = dict(
+        model_type=model_type,
+        vocab_size=hf["vocab_size"],
+        hidden_size=hf["hidden_size"],
+        intermediate_size=hf["intermediate_size"],
+        num_layers=hf["num_hidden_layers"],
+        num_heads=heads,
+        num_kv_heads=hf.get("num_key_value_heads") or heads,
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+        rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+        rope_theta=float(theta),
+        rope_scaling=tuple(sorted(scaling.items())) or None,
+        max_position_embeddings=hf.get("max_position_embeddings", 4096),
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        qkv_bias=model_type == "qwen2" or (model_type in ("llama", "qwen3") and attention_bias),
+        o_bias=model_type in ("llama", "qwen3") and attention_bias,
+        mlp_bias=model_type == "llama" and bool(hf.get("mlp_bias", False)),
+        qk_norm=model_type == "qwen3",
+        sliding_window=hf.get("sliding_window") if model_type == "mistral" else None,
+        bos_token_id=hf.get("bos_token_id"),
+        eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
+    )
+    if hf.get("hidden_act", "silu") != "silu":
+        raise HFFormatError(f"hidden_act={hf['hidden_act']!r} is not supported (SwiGLU with silu only)")
+    kw.update(overrides)
+    return DecoderConfig(**kw)
+
+
+def config_to_hf(cfg: DecoderConfig, dtype: str) -> dict[str, Any]:
+    """config.json for `cfg`, in the transformers 4.x layout that both 4.x and 5.x load."""
+    hf: dict[str, Any] = {
+        "architectures": [SUPPORTED[cfg.model_type]],
+        "model_type": cfg.model_type,
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "rope_scaling": dict(cfg.rope_scaling) if cfg.rope_scaling else None,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "torch_dtype": dtype,
+    }
+    if cfg.model_type in ("llama", "qwen3"):
+        hf["attention_bias"] = cfg.o_bias
+    if cfg.model_type == "llama":
+        hf["mlp_bias"] = cfg.mlp_bias
+    if cfg.model_type == "mistral":
+        hf["sliding_window"] = cfg.sliding_window
+    for key in ("bos_token_id", "eos_token_id"):
+        value = getattr(cfg, key)
+        if value is not None:
+            hf[key] = list(value) if isinstance(value, tuple) else value
+    return hf
+
+
+# ---------------------------------------------------------------------------------------------
+# layout conversion (numpy views: slicing a converted memmap view reads only that slice)
+
+
+def _to_kd(hf_arr: np.ndarray, kind: str, kd_shape: tuple[int, ...]) -> np.ndarray:
+    if kind == "copy":
+        return hf_arr
+    if kind == "transpose":
+        return hf_arr.T
+    if kind == "in_heads":  # HF [N*H, D] -> [D, N, H]
+        D, N, H = kd_shape
+        return hf_arr.reshape(N, H, D).transpose(2, 0, 1)
+    if kind == "out_heads":  # HF [D, N*H] -> [N, H, D]
+        N, H, D = kd_shape
+        return hf_arr.reshape(D, N, H).transpose(1, 2, 0)
+    if kind == "bias_heads":  # HF [N*H] -> [N, H]
+        return hf_arr.reshape(kd_shape)
+    raise AssertionError(kind)
+
+
+def _to_hf(kd_arr: np.ndarray, kind: str) -> np.ndarray:
+    if kind == "copy":
+        return kd_arr
+    if kind == "transpose":
+        return kd_arr.T
+    if kind == "in_heads":
+        D, N, H = kd_arr.shape
+        return kd_arr.transpose(1, 2, 0).reshape(N * H, D)
+    if kind == "out_heads":
+        N, H, D = kd_arr.shape
+        return kd_arr.transpose(2, 0, 1).reshape(D, N * H)
+    if kind == "bias_heads":
+        return kd_arr.reshape(-1)
+    raise AssertionError(kind)
+
+
+class _Weights:
+    """Memory-mapped views of every tensor in a folder's safetensors files, by HF name."""
+
+    def __init__(self, folder: str):
+        index = os.path.join(folder, "model.safetensors.index.json")
+        if os.path.exists(index):
+            with open(index) as f:
+                files = sorted(set(json.load(f)["weight_map"].values()))
+        else:
+            files = sorted(n for n in os.listdir(folder) if n.endswith(".safetensors"))
+        if not files:
+            hint = " (found PyTorch .bin weights: re-save with transformers' save_pretrained, " \
+                   "which writes safetensors)" if any(n.endswith(".bin") for n in os.listdir(folder)) else ""
+            raise HFFormatError(f"no *.safetensors weights in {folder}{hint}")
+        self.views: dict[str, np.ndarray] = {}
+        for name in files:
+            path = os.path.join(folder, name)
+            with open(path, "rb") as f:
+                header_len = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(header_len))
+            header.pop("__metadata__", None)
+            for key, info in header.items():
+                start, end = info["data_offsets"]
+                dtype = np.dtype(_ST_DTYPES[info["dtype"]])
+                shape = tuple(info["shape"])
+                if end == start:
+                    self.views[key] = np.zeros(shape, dtype)
+                else:
+                    self.views[key] = np.memmap(path, dtype=dtype, mode="r", offset=8 + header_len + start,
+                                                shape=shape)
+
+    def get(self, name: str, folder: str) -> np.ndarray:
+        if name not in self.views:
+            raise HFFormatError(f"weight {name!r} is missing from {folder}: the checkpoint is incomplete or "
+                                f"does not match its config.json")
+        return self.views[name]
+
+
+def _param_sources(cfg: DecoderConfig, names: list[str]):
+    """kd param name -> (list of HF names, one per layer or a single one, conversion kind, stacked)."""
+    out = {}
+    for name in names:
+        if name in _LAYER_MAP:
+            hf_name, kind = _LAYER_MAP[name]
+            out[name] = ([f"model.layers.{i}.{hf_name}" for i in range(cfg.num_layers)], kind, True)
+        else:
+            hf_name, kind = _TOP_MAP[name]
+            out[name] = ([hf_name], kind, False)
+    return out
+
+
+def _flat_params(state: nnx.State) -> dict[str, Any]:
+    """{'embed': v, 'wq': v, ...}: the model's Params by their attribute name (unique by design)."""
+    flat = {}
+    for path, v in nnx.to_flat_state(state):
+        flat[str(path[-1])] = v
+    return flat
+
+
+# ---------------------------------------------------------------------------------------------
+# load / save
+
+
+def resolve_path(path: str, revision: str | None = None) -> str:
+    """A local folder as is; anything else is a hub id fetched with huggingface_hub."""
+    if os.path.isdir(path):
+        return path
+    if os.path.exists(path):
+        raise HFFormatError(f"{path} is a file; pass the folder that holds config.json and *.safetensors")
+    from huggingface_hub import snapshot_download
+    try:
+        return snapshot_download(repo_id=path, revision=revision, allow_patterns=[
+            "*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"])
+    except Exception as e:  # noqa: BLE001 - report every hub failure the same way
+        raise HFFormatError(f"{path!r} is not a local folder and could not be fetched from the Hugging Face "
+                            f"hub ({type(e).__name__}: {e}); pass a local HF folder") from e
+
+
+def read_hf_config(folder: str) -> dict[str, Any]:
+    path = os.path.join(folder, "config.json")
+    if not os.path.exists(path):
+        raise HFFormatError(f"{folder} has no config.json; is it a Hugging Face model folder?")
+    with open(path) as f:
+        return json.load(f)
+
+
+def load_hf(path: str, *, mesh: jax.sharding.Mesh | None = None, param_dtype: str = "float32",
+            dtype: str = "float32", revision: str | None = None, **overrides) -> Decoder:
+    """Decoder with the weights of the HF folder (or hub id) `path`, sharded over `mesh`.
+
+    param_dtype: storage dtype of the parameters; dtype: compute dtype. `overrides` go to
+    DecoderConfig (e.g. scan_layers=False, remat="dots_saveable").
+    """
+    folder = resolve_path(path, revision)
+    cfg = config_from_hf(read_hf_config(folder), param_dtype=param_dtype, dtype=dtype, **overrides)
+    abstract = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0)))
+    graphdef, abs_state = nnx.split(abstract)
+    if mesh is None:
+        mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), sharding.MESH_AXES)
+    shardings = sharding.state_shardings(abs_state, mesh)
+    weights = _Weights(folder)
+    flat_abs, flat_sh = _flat_params(abs_state), _flat_params(shardings)
+    sources = _param_sources(cfg, list(flat_abs))
+    for name, (hf_names, _, _) in sources.items():  # fail before reading anything
+        for hf_name in hf_names:
+            weights.get(hf_name, folder)
+
+    def load_one(name):
+        var, shard = flat_abs[name], flat_sh[name].value
+        hf_names, kind, stacked = sources[name]
+        target = jnp.dtype(param_dtype)
+        inner_shape = var.shape[1:] if stacked else var.shape
+        views = [_to_kd(weights.views[n], kind, inner_shape) for n in hf_names]
+        for n, v in zip(hf_names, views):
+            if v.shape != inner_shape:
+                raise HFFormatError(f"weight {n!r} in {folder} has shape {weights.views[n].shape}, which does "
+                                    f"not fit {name}{inner_shape} from config.json")
+
+        def read(index):
+            if stacked:
+                return np.stack([views[i][index[1:]] for i in range(var.shape[0])[index[0]]]).astype(target)
+            return np.asarray(views[0][index]).astype(target)
+
+        return jax.make_array_from_callback(var.shape, shard, read)
+
+    loaded = {name: load_one(name) for name in flat_abs}
+    for path_, v in nnx.to_flat_state(abs_state):
+        v.value = loaded[str(path_[-1])]
+    return nnx.merge(graphdef, abs_state)
+
+
+def save_hf(model: Decoder, path: str, tokenizer=None, *, dtype: str | None = None,
+            max_shard_size: int = 5 * 2**30) -> str:
+    """Write `model` as an HF folder: config.json, safetensors (split above `max_shard_size` bytes,
+    with model.safetensors.index.json) and the tokenizer's files if one is given.
+    dtype: saved dtype (default: the parameters' dtype)."""
+    cfg = model.cfg
+    dtype = dtype or cfg.param_dtype
+    np_dtype = np.dtype(jnp.dtype(dtype))
+    os.makedirs(path, exist_ok=True)
+    flat = _flat_params(nnx.state(model, nnx.Param))
+    tensors: dict[str, np.ndarray] = {}
+    for name, (hf_names, kind, stacked) in _param_sources(cfg, list(flat)).items():
+        host = np.asarray(jax.device_get(flat[name].value)).astype(np_dtype)
+        for i, hf_name in enumerate(hf_names):
+            tensors[hf_name] = np.ascontiguousarray(_to_hf(host[i] if stacked else host, kind))
+
+    shards: list[dict[str, np.ndarray]] = [{}]
+    size = 0
+    for name in sorted(tensors):
+        nbytes = tensors[name].nbytes
+        if shards[-1] and size + nbytes > max_shard_size:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensors[name]
+        size += nbytes
+    for stale in os.listdir(path):  # a previous export with another shard count must not linger
+        if stale.endswith(".safetensors") or stale == "model.safetensors.index.json":
+            os.remove(os.path.join(path, stale))
+    if len(shards) == 1:
+        safetensors.numpy.save_file(shards[0], os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for k, shard in enumerate(shards):
+            fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+            safetensors.numpy.save_file(shard, os.path.join(path, fname), metadata={"format": "pt"})
+            weight_map.update({n: fname for n in shard})
+        index = {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())}, "weight_map": weight_map}
+        with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+            json.dump(index, f, indent=2, sort_keys=True)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config_to_hf(cfg, dtype), f, indent=2)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
+    return path

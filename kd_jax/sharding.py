@@ -1,0 +1,154 @@
+"""The device mesh and the one table that maps logical axis names to mesh axes.
+
+Model code names its axes logically (`embed`, `mlp`, `heads`, `vocab`, `layers`, and `act_*` for
+activations); only this file knows the mesh axes `data`, `fsdp` and `tensor`. Moving from one CPU
+to a pod is a change of mesh shape in the config, never of model code (MaxText's rules table).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Logical name -> mesh axis (or axes, or None = replicated). Parameters are sharded over `fsdp`
+# on their embed dimension (ZeRO-3) and over `tensor` on heads/mlp/vocab (Megatron); batches over
+# data x fsdp. Activations keep their embed dimension whole: the fsdp gather happens on weights.
+RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("layers", None),
+    ("norm", None),
+    ("act_batch", ("data", "fsdp")),
+    ("act_seq", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_kv_heads", "tensor"),
+    ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
+)
+_RULES = dict(RULES)
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[Any] | None = None) -> Mesh:
+    """A (data, fsdp, tensor) mesh over `devices` (default: all); one size may be -1 = the rest."""
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = [data, fsdp, tensor]
+    if sizes.count(-1) > 1:
+        raise ValueError(f"mesh: at most one axis may be -1, got data={data} fsdp={fsdp} tensor={tensor}")
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if len(devices) % known:
+            raise ValueError(f"mesh: {len(devices)} devices do not divide by the fixed axes' product {known}")
+        sizes[sizes.index(-1)] = len(devices) // known
+    if math.prod(sizes) != len(devices):
+        raise ValueError(
+            f"mesh: data*fsdp*tensor = {math.prod(sizes)} but there are {len(devices)} devices; "
+            "set one axis to -1 to take the remaining devices")
+    return jax.make_mesh(tuple(sizes), MESH_AXES, devices=devices,
+                         axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+
+
+def mesh_from_config(mesh_cfg) -> Mesh:
+    """`make_mesh` from a config section with `data`, `fsdp`, `tensor` fields."""
+    return make_mesh(mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor)
+
+
+def logical_to_spec(names: Sequence[str | None] | None, shape: Sequence[int] | None = None,
+                    mesh: Mesh | None = None) -> P:
+    """PartitionSpec for logical axis `names`. With `shape` and `mesh`, a mesh axis that does not
+    divide its dimension (e.g. 2 kv heads over tensor=4) is dropped, so that dimension is
+    replicated instead of failing; a mesh axis is used at most once per array."""
+    if names is None:
+        return P()
+    used: set[str] = set()
+    spec = []
+    for i, name in enumerate(names):
+        axes = _RULES.get(name) if name is not None else None
+        if name is not None and name not in _RULES:
+            raise KeyError(f"logical axis {name!r} has no rule in kd_jax.sharding.RULES")
+        axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        kept = []
+        for ax in axes:
+            if ax in used:
+                continue
+            if shape is not None and mesh is not None:
+                size = math.prod(mesh.shape[a] for a in kept) * mesh.shape[ax]
+                if shape[i] % size:
+                    continue
+            kept.append(ax)
+        used.update(kept)
+        spec.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
+    return P(*spec)
+
+
+def named_sharding(mesh: Mesh, names, shape=None) -> NamedSharding:
+    return NamedSharding(mesh, logical_to_spec(names, shape, mesh))
+
+
+def _var_names(v) -> tuple | None:
+    return v.get_metadata().get("out_sharding") if isinstance(v, nnx.Variable) else None
+
+
+def state_shardings(state: nnx.State, mesh: Mesh) -> nnx.State:
+    """NamedSharding for every Variable of an (abstract or concrete) NNX state, from the logical
+    names each parameter carries in its `out_sharding` metadata."""
+    def one(v):
+        if isinstance(v, nnx.Variable):
+            return v.replace(named_sharding(mesh, _var_names(v), v.shape))
+        return NamedSharding(mesh, P())
+    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def create_sharded(make_model, mesh: Mesh | None):
+    """Build an NNX module directly sharded on `mesh`: shapes first (`nnx.eval_shape`), then one
+    jitted init whose outputs land on their shards, so no device ever holds a full copy."""
+    abstract = nnx.eval_shape(make_model)
+    graphdef, abs_state = nnx.split(abstract)
+    if mesh is None:
+        return make_model()
+    shardings = state_shardings(abs_state, mesh)
+
+    @jax.jit
+    def init():
+        return jax.lax.with_sharding_constraint(nnx.state(make_model()), shardings)
+
+    with jax.set_mesh(mesh):
+        state = init()
+    return nnx.merge(graphdef, state)
+
+
+def shard_module(model, mesh: Mesh):
+    """Move an existing module's parameters onto their shards of `mesh` (in place)."""
+    state = nnx.state(model)
+    nnx.update(model, jax.device_put(state, state_shardings(state, mesh)))
+    return model
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+    """Sharding of a [B, ...] batch array: B over data x fsdp, the rest replicated."""
+    return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1)))
+
+
+def shard_batch(batch: Any, mesh: Mesh) -> Any:
+    """Put a pytree of host [B, ...] arrays (the global batch, one process) onto the mesh."""
+    return jax.tree.map(lambda x: jax.device_put(np.asarray(x), batch_sharding(mesh, np.ndim(x))), batch)
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+    """Sharding constraint on an activation by logical names; a no-op outside a mesh context."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, logical_to_spec(names, x.shape, mesh))

@@ -1,0 +1,159 @@
+"""Config schema, YAML reference, dotted overrides and error messages."""
+
+import dataclasses
+import os
+import typing
+
+import pytest
+import yaml
+
+from kd_jax.config import (
+    Config,
+    ConfigError,
+    MeshConfig,
+    apply_overrides,
+    from_dict,
+    load_config,
+    parse_args,
+    save_config,
+    to_dict,
+)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BASE = os.path.join(ROOT, "configs", "base.yaml")
+TINY = os.path.join(ROOT, "configs", "tiny_llama.yaml")
+
+
+def _dotted_fields(cls, prefix=""):
+    for name, tp in typing.get_type_hints(cls).items():
+        yield prefix + name
+        if dataclasses.is_dataclass(tp):
+            yield from _dotted_fields(tp, f"{prefix}{name}.")
+
+
+def _has_key(data, dotted):
+    for part in dotted.split("."):
+        if not isinstance(data, dict) or part not in data:
+            return False
+        data = data[part]
+    return True
+
+
+def test_defaults_build():
+    cfg = Config()
+    assert cfg.teacher.param_dtype == "bfloat16" and cfg.student.param_dtype == "float32"
+    assert cfg.run_dir == os.path.join("runs", "kd")
+    assert load_config(None) == cfg
+
+
+def test_base_yaml_is_the_defaults():
+    assert load_config(BASE) == Config()
+
+
+def test_base_yaml_lists_every_field():
+    with open(BASE) as f:
+        data = yaml.safe_load(f)
+    missing = [key for key in _dotted_fields(Config) if not _has_key(data, key)]
+    assert not missing, f"configs/base.yaml lacks {missing}"
+
+
+def test_tiny_llama_loads():
+    cfg = load_config(TINY)
+    assert cfg.student.init == "random"
+    assert cfg.student.architecture["num_hidden_layers"] == 2
+    assert cfg.student.architecture["rms_norm_eps"] == 1e-5
+    assert cfg.train.steps == 10 and cfg.mesh.data == -1
+
+
+def test_dotted_overrides():
+    overrides = ["train.steps=10", "loss.temperature=2", "student.teacher_layers=[0,2]", "checkpoint.dir=null"]
+    cfg = load_config(BASE, overrides)
+    assert cfg.train.steps == 10 and type(cfg.train.steps) is int
+    assert cfg.loss.temperature == 2.0 and type(cfg.loss.temperature) is float
+    assert cfg.student.teacher_layers == [0, 2]
+    assert cfg.checkpoint.dir is None
+    assert load_config(BASE, ["checkpoint.dir=/tmp/ck"]).checkpoint.dir == "/tmp/ck"
+
+
+def test_scientific_notation_is_a_float():
+    assert load_config(None, ["optim.lr=1e-4"]).optim.lr == 1e-4
+
+
+def test_override_creates_sections_and_keeps_input():
+    data = {"train": {"steps": 5}}
+    out = apply_overrides(data, ["student.architecture.hidden_size=32", "train.grad_accum=2"])
+    assert out == {"train": {"steps": 5, "grad_accum": 2}, "student": {"architecture": {"hidden_size": 32}}}
+    assert data == {"train": {"steps": 5}}
+
+
+def test_override_without_equals():
+    with pytest.raises(ConfigError, match="train.steps=10"):
+        apply_overrides({}, ["train.steps"])
+
+
+def test_unknown_key_suggests():
+    with pytest.raises(ConfigError, match="'loss.temperature'"):
+        load_config(None, ["loss.temprature=2"])
+    with pytest.raises(ConfigError, match="'train'"):
+        load_config(None, ["trian.steps=1"])
+    with pytest.raises(ConfigError, match="'optim.lr'"):
+        load_config(None, ["lr=0.1"])
+
+
+def test_wrong_types():
+    with pytest.raises(ConfigError, match=r"'train\.steps' expects int.*'abc'"):
+        load_config(None, ["train.steps=abc"])
+    with pytest.raises(ConfigError, match="train.steps"):
+        load_config(None, ["train.steps=true"])
+    with pytest.raises(ConfigError, match="loss.alpha"):
+        load_config(None, ["loss.alpha=true"])
+    with pytest.raises(ConfigError, match="train.steps"):
+        load_config(None, ["train.steps=10.0"])
+    with pytest.raises(ConfigError, match=r"list\[int\] \| None"):
+        load_config(None, ["student.teacher_layers=[0,x]"])
+    with pytest.raises(ConfigError, match="'loss' is a section"):
+        load_config(None, ["loss=3"])
+
+
+def test_bad_enum_lists_allowed():
+    with pytest.raises(ConfigError, match="forward_kl.*reverse_kl.*jsd") as err:
+        load_config(None, ["loss.divergence=kl"])
+    assert "loss" in str(err.value)
+    with pytest.raises(ConfigError, match="nothing_saveable"):
+        load_config(None, ["teacher.remat=all"])
+
+
+def test_mesh_two_wildcards():
+    with pytest.raises(ConfigError, match="at most one"):
+        load_config(None, ["mesh.fsdp=-1"])
+    with pytest.raises(ConfigError, match="at most one"):
+        MeshConfig(data=-1, tensor=-1)
+    assert MeshConfig(data=2, fsdp=-1).fsdp == -1
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(str(tmp_path / "missing.yaml"))
+    listing = tmp_path / "list.yaml"
+    listing.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(str(listing))
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("# nothing\ntrain:\n")
+    assert load_config(str(empty)) == Config()
+
+
+def test_save_load_round_trip(tmp_path):
+    cfg = load_config(TINY, ["loss.divergence=jsd", "student.teacher_layers=[1,3]", f"run.output_dir={tmp_path}"])
+    path = save_config(cfg, cfg.run_dir)
+    assert path == os.path.join(tmp_path, "tiny_llama", "config.yaml") and os.path.isfile(path)
+    assert load_config(path) == cfg
+    assert from_dict(Config, to_dict(cfg)) == cfg
+
+
+def test_parse_args():
+    cfg = parse_args(["--config", TINY, "train.steps=3"])
+    assert cfg.train.steps == 3 and cfg.student.init == "random"
+    assert parse_args(["loss.tail=true"]).loss.tail is True
+    with pytest.raises(SystemExit):
+        parse_args(["--config", TINY, "train.stepz=3"])
