@@ -29,16 +29,16 @@ FAMILIES = {
 }
 
 
-def hf_config(family: str) -> transformers.PretrainedConfig:
-    kw = {**_COMMON, **FAMILIES[family]}
+def hf_config(family: str, **overrides) -> transformers.PretrainedConfig:
+    kw = {**_COMMON, **FAMILIES[family], **overrides}
     model_type = kw.pop("model_type")
     return transformers.AutoConfig.for_model(model_type, **kw)
 
 
-def build(family: str, seed: int = 0) -> transformers.PreTrainedModel:
-    """A random fp32 HF causal LM of `family`, eager attention, in eval mode."""
+def build(family: str, seed: int = 0, **overrides) -> transformers.PreTrainedModel:
+    """A random fp32 HF causal LM of `family` (config `overrides` on top), eager attention, eval mode."""
     torch.manual_seed(seed)
-    cfg = hf_config(family)
+    cfg = hf_config(family, **overrides)
     cfg._attn_implementation = "eager"
     model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     with torch.no_grad():
@@ -50,8 +50,8 @@ def build(family: str, seed: int = 0) -> transformers.PreTrainedModel:
     return model.eval()
 
 
-def save(family: str, folder: str, seed: int = 0) -> tuple[transformers.PreTrainedModel, str]:
-    model = build(family, seed)
+def save(family: str, folder: str, seed: int = 0, **overrides) -> tuple[transformers.PreTrainedModel, str]:
+    model = build(family, seed, **overrides)
     path = os.path.join(folder, family)
     model.save_pretrained(path)
     return model, path

@@ -209,7 +209,7 @@ class Decoder(nnx.Module):
 
     def output_embedding(self) -> jax.Array:
         """[D, V] output projection (the transposed embedding when tied), in the param dtype."""
-        return self.embed.value.T if self.cfg.tie_word_embeddings else self.lm_head.value
+        return self.embed[...].T if self.cfg.tie_word_embeddings else self.lm_head[...]
 
     def hidden_states(self, tokens_BxT: jax.Array, positions_BxT: jax.Array | None = None,
                       segment_ids_BxT: jax.Array | None = None) -> jax.Array:
@@ -227,10 +227,10 @@ class Decoder(nnx.Module):
             segment_ids_BxT = jnp.ones((B, T), jnp.int32)
         mask = attention_mask(segment_ids_BxT, positions_BxT, cfg.sliding_window)
         inv_freq = rope_inv_freq(cfg)
-        x_BxTxD = jnp.take(self.embed.value, tokens_BxT, axis=0).astype(jnp.dtype(cfg.dtype))
+        x_BxTxD = jnp.take(self.embed[...], tokens_BxT, axis=0).astype(jnp.dtype(cfg.dtype))
         x_BxTxD = constrain(x_BxTxD, ("act_batch", "act_seq", "act_embed"))
 
-        stacked = {k: v.value for k, v in vars(self.layers).items() if isinstance(v, nnx.Param)}
+        stacked = {k: v[...] for k, v in vars(self.layers).items() if isinstance(v, nnx.Param)}
 
         def body(x, p):
             return layer(cfg, p, x, positions_BxT, mask, inv_freq), None
@@ -243,7 +243,7 @@ class Decoder(nnx.Module):
         else:
             for i in range(cfg.num_layers):
                 x_BxTxD, _ = body(x_BxTxD, {k: v[i] for k, v in stacked.items()})
-        return rms_norm(x_BxTxD, self.final_norm.value.astype(x_BxTxD.dtype), cfg.rms_norm_eps)
+        return rms_norm(x_BxTxD, self.final_norm[...].astype(x_BxTxD.dtype), cfg.rms_norm_eps)
 
     def __call__(self, tokens_BxT: jax.Array, positions_BxT: jax.Array | None = None,
                  segment_ids_BxT: jax.Array | None = None) -> jax.Array:

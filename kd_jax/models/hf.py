@@ -239,6 +239,24 @@ def _param_sources(cfg: DecoderConfig, names: list[str]):
     return out
 
 
+def _kd_views(weights: _Weights, folder: str, name: str, shape: tuple[int, ...], hf_names: list[str],
+              kind: str, stacked: bool) -> list[np.ndarray]:
+    """Lazy kd-layout views of the HF tensors behind parameter `name`, shapes checked."""
+    inner = shape[1:] if stacked else shape
+    out = []
+    for n in hf_names:
+        hf_arr = weights.get(n, folder)
+        try:
+            view = _to_kd(hf_arr, kind, inner)
+        except ValueError:
+            view = None
+        if view is None or view.shape != inner:
+            raise HFFormatError(f"weight {n!r} in {folder} has shape {hf_arr.shape}, which does not fit "
+                                f"{name}{inner} from config.json")
+        out.append(view)
+    return out
+
+
 def _flat_params(state: nnx.State) -> dict[str, Any]:
     """{'embed': v, 'wq': v, ...}: the model's Params by their attribute name (unique by design)."""
     flat = {}
@@ -290,32 +308,23 @@ def load_hf(path: str, *, mesh: jax.sharding.Mesh | None = None, param_dtype: st
     shardings = sharding.state_shardings(abs_state, mesh)
     weights = _Weights(folder)
     flat_abs, flat_sh = _flat_params(abs_state), _flat_params(shardings)
-    sources = _param_sources(cfg, list(flat_abs))
-    for name, (hf_names, _, _) in sources.items():  # fail before reading anything
-        for hf_name in hf_names:
-            weights.get(hf_name, folder)
+    views = {name: _kd_views(weights, folder, name, flat_abs[name].shape, *src)  # validate all first
+             for name, src in _param_sources(cfg, list(flat_abs)).items()}
+    target = jnp.dtype(param_dtype)
 
     def load_one(name):
-        var, shard = flat_abs[name], flat_sh[name].value
-        hf_names, kind, stacked = sources[name]
-        target = jnp.dtype(param_dtype)
-        inner_shape = var.shape[1:] if stacked else var.shape
-        views = [_to_kd(weights.views[n], kind, inner_shape) for n in hf_names]
-        for n, v in zip(hf_names, views):
-            if v.shape != inner_shape:
-                raise HFFormatError(f"weight {n!r} in {folder} has shape {weights.views[n].shape}, which does "
-                                    f"not fit {name}{inner_shape} from config.json")
+        var, per_layer = flat_abs[name], views[name]
+        stacked = name in _LAYER_MAP
 
-        def read(index):
+        def read(index):  # called once per device with that device's slice of the array
             if stacked:
-                return np.stack([views[i][index[1:]] for i in range(var.shape[0])[index[0]]]).astype(target)
-            return np.asarray(views[0][index]).astype(target)
+                return np.stack([per_layer[i][index[1:]] for i in range(var.shape[0])[index[0]]]).astype(target)
+            return np.asarray(per_layer[0][index]).astype(target)
 
-        return jax.make_array_from_callback(var.shape, shard, read)
+        return jax.make_array_from_callback(var.shape, flat_sh[name].get_value(), read)
 
-    loaded = {name: load_one(name) for name in flat_abs}
     for path_, v in nnx.to_flat_state(abs_state):
-        v.value = loaded[str(path_[-1])]
+        v.set_value(load_one(str(path_[-1])))
     return nnx.merge(graphdef, abs_state)
 
 
@@ -331,7 +340,7 @@ def save_hf(model: Decoder, path: str, tokenizer=None, *, dtype: str | None = No
     flat = _flat_params(nnx.state(model, nnx.Param))
     tensors: dict[str, np.ndarray] = {}
     for name, (hf_names, kind, stacked) in _param_sources(cfg, list(flat)).items():
-        host = np.asarray(jax.device_get(flat[name].value)).astype(np_dtype)
+        host = np.asarray(jax.device_get(flat[name].get_value())).astype(np_dtype)
         for i, hf_name in enumerate(hf_names):
             tensors[hf_name] = np.ascontiguousarray(_to_hf(host[i] if stacked else host, kind))
 

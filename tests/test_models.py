@@ -1,0 +1,185 @@
+"""Logit parity of the NNX decoder with transformers' PyTorch models, per family."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import hf_tiny
+from kd_jax.models import HFFormatError, config_from_hf, load_hf
+from kd_jax.models.decoder import rope_inv_freq
+
+FAMILIES = list(hf_tiny.FAMILIES)
+ATOL = 1e-4
+MAX_DIFF: dict[str, float] = {}  # family -> largest |logit difference| seen, printed at the end
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hf")
+    return {fam: hf_tiny.save(fam, str(root)) for fam in FAMILIES}
+
+
+def _record(family, diff):
+    MAX_DIFF[family] = max(MAX_DIFF.get(family, 0.0), float(diff))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_padded_batch_matches_transformers(folders, family):
+    hf_model, path = folders[family]
+    model = load_hf(path)
+    rng = np.random.RandomState(0)
+    lengths = [16, 9, 3]
+    T = max(lengths)
+    tokens = rng.randint(0, 97, (len(lengths), T))
+    attn = np.array([[1] * n + [0] * (T - n) for n in lengths])
+    tokens = tokens * attn  # pad id 0 past each row's end
+    ref = hf_model(torch.tensor(tokens), attention_mask=torch.tensor(attn)).logits.detach().numpy()
+    out = np.asarray(model(jnp.asarray(tokens), segment_ids_BxT=jnp.asarray(attn)))
+    for b, n in enumerate(lengths):  # padded positions are never compared: nobody reads them
+        np.testing.assert_allclose(out[b, :n], ref[b, :n], atol=ATOL, rtol=0)
+        _record(family, np.abs(out[b, :n] - ref[b, :n]).max())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_packed_batch_matches_each_segment_alone(folders, family):
+    hf_model, path = folders[family]
+    model = load_hf(path)
+    rng = np.random.RandomState(1)
+    seg_lengths = [[7, 5, 4], [10, 6]]  # row 1 ends with 0-id padding (T = 16)
+    T = 16
+    tokens = rng.randint(1, 97, (2, T))
+    seg = np.zeros((2, T), np.int32)
+    pos = np.zeros((2, T), np.int32)
+    for b, lens in enumerate(seg_lengths):
+        start = 0
+        for s, n in enumerate(lens):
+            seg[b, start:start + n] = s + 1
+            pos[b, start:start + n] = np.arange(n)
+            start += n
+    out = np.asarray(model(jnp.asarray(tokens), jnp.asarray(pos), jnp.asarray(seg)))
+    for b, lens in enumerate(seg_lengths):
+        start = 0
+        for n in lens:
+            alone = hf_model(torch.tensor(tokens[b:b + 1, start:start + n])).logits.detach().numpy()[0]
+            np.testing.assert_allclose(out[b, start:start + n], alone, atol=ATOL, rtol=0)
+            _record(family, np.abs(out[b, start:start + n] - alone).max())
+            start += n
+
+
+@pytest.mark.parametrize("overrides", [dict(scan_layers=False), dict(remat="nothing_saveable"),
+                                       dict(scan_layers=False, remat="dots_saveable")])
+def test_scan_and_remat_do_not_change_logits(folders, overrides):
+    _, path = folders["qwen3"]
+    tokens = jnp.asarray(np.random.RandomState(2).randint(0, 97, (2, 8)))
+    base = np.asarray(load_hf(path)(tokens))
+    np.testing.assert_allclose(np.asarray(load_hf(path, **overrides)(tokens)), base, atol=1e-6, rtol=0)
+
+
+def test_hidden_states_and_output_embedding_give_the_logits(folders):
+    for family in ("llama3", "qwen2_tied"):
+        model = load_hf(folders[family][1])
+        tokens = jnp.asarray(np.random.RandomState(3).randint(0, 97, (2, 8)))
+        h = model.hidden_states(tokens)
+        assert h.shape == (2, 8, 32) and model.output_embedding().shape == (32, 97)
+        np.testing.assert_allclose(np.asarray(jnp.einsum("btd,dv->btv", h, model.output_embedding())),
+                                   np.asarray(model(tokens)), atol=1e-5, rtol=0)
+
+
+def test_bf16_compute_is_close(folders):
+    hf_model, path = folders["llama3"]
+    tokens = np.random.RandomState(4).randint(0, 97, (2, 8))
+    ref = hf_model(torch.tensor(tokens)).logits.detach().numpy()
+    out = np.asarray(load_hf(path, dtype="bfloat16")(jnp.asarray(tokens)))
+    assert out.dtype == np.float32
+    np.testing.assert_allclose(out, ref, atol=5e-2, rtol=0)
+
+
+def _legacy_config(cfg: dict) -> dict:
+    """The transformers 4.x form of a 5.x config.json: top-level rope_theta / rope_scaling."""
+    cfg = dict(cfg)
+    rope = dict(cfg.pop("rope_parameters"))
+    cfg["rope_theta"] = rope.pop("rope_theta")
+    cfg["rope_scaling"] = rope if rope.get("rope_type", "default") != "default" else None
+    return cfg
+
+
+def test_both_config_generations_load(folders):
+    with open(os.path.join(folders["llama3"][1], "config.json")) as f:
+        v5 = json.load(f)
+    assert "rope_parameters" in v5  # what this transformers writes
+    v4 = _legacy_config(v5)
+    assert "rope_parameters" not in v4 and v4["rope_scaling"]["rope_type"] == "llama3"
+    assert config_from_hf(v4) == config_from_hf(v5)
+    assert dict(config_from_hf(v4).rope_scaling)["factor"] == 8.0
+    # the old `type` spelling of the scaling kind (early Llama 3.1 uploads)
+    v4_old = dict(v4, rope_scaling={**{k: v for k, v in v4["rope_scaling"].items() if k != "rope_type"},
+                                    "type": "llama3"})
+    np.testing.assert_array_equal(rope_inv_freq(config_from_hf(v4_old)), rope_inv_freq(config_from_hf(v5)))
+
+
+def test_legacy_config_folder_matches_transformers(folders, tmp_path):
+    """A 4.x-style folder (most of the hub) loads and gives the same logits."""
+    hf_model, path = folders["llama3"]
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    with open(os.path.join(path, "config.json")) as f:
+        (legacy / "config.json").write_text(json.dumps(_legacy_config(json.load(f))))
+    os.symlink(os.path.join(path, "model.safetensors"), legacy / "model.safetensors")
+    tokens = np.random.RandomState(5).randint(0, 97, (1, 100))  # past original_max_position_embeddings
+    ref = hf_model(torch.tensor(tokens)).logits.detach().numpy()
+    np.testing.assert_allclose(np.asarray(load_hf(str(legacy))(jnp.asarray(tokens))), ref, atol=ATOL, rtol=0)
+
+
+# --- bad input ----------------------------------------------------------------------------------
+
+
+def test_unsupported_architecture_names_the_supported_ones(folders, tmp_path):
+    with open(os.path.join(folders["llama3"][1], "config.json")) as f:
+        cfg = json.load(f)
+    cfg.update(model_type="gpt2", architectures=["GPT2LMHeadModel"])
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(HFFormatError, match=r"gpt2.*LlamaForCausalLM.*Qwen2ForCausalLM.*Qwen3ForCausalLM"):
+        load_hf(str(tmp_path))
+
+
+def test_missing_weight_is_named(folders, tmp_path):
+    import safetensors.numpy
+    _, path = folders["qwen2"]
+    tensors = safetensors.numpy.load_file(os.path.join(path, "model.safetensors"))
+    del tensors["model.layers.1.self_attn.k_proj.bias"]
+    safetensors.numpy.save_file(tensors, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(open(os.path.join(path, "config.json")).read())
+    with pytest.raises(HFFormatError, match=r"model\.layers\.1\.self_attn\.k_proj\.bias.*missing"):
+        load_hf(str(tmp_path))
+
+
+def test_wrong_shape_and_missing_files_are_clear(folders, tmp_path):
+    _, path = folders["qwen2"]
+    with open(os.path.join(path, "config.json")) as f:
+        cfg = json.load(f)
+    (tmp_path / "config.json").write_text(json.dumps(dict(cfg, intermediate_size=64)))
+    os.symlink(os.path.join(path, "model.safetensors"), tmp_path / "model.safetensors")
+    with pytest.raises(HFFormatError, match=r"mlp\.\w+_proj.*does not fit"):
+        load_hf(str(tmp_path))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(HFFormatError, match="no config.json"):
+        load_hf(str(empty))
+    (empty / "config.json").write_text(json.dumps(cfg))
+    (empty / "pytorch_model.bin").write_bytes(b"")
+    with pytest.raises(HFFormatError, match="safetensors"):
+        load_hf(str(empty))
+
+
+def test_report_max_logit_difference():
+    """Prints the largest logit difference per family (for the issue's note); runs last."""
+    print("\nlargest |kd_jax - transformers| logit difference per family:")
+    for family, diff in sorted(MAX_DIFF.items()):
+        print(f"  {family:16s} {diff:.2e}")
+    assert all(d < ATOL for d in MAX_DIFF.values())
