@@ -112,21 +112,18 @@ def state_shardings(state: nnx.State, mesh: Mesh) -> nnx.State:
 
 
 def create_sharded(make_model, mesh: Mesh | None):
-    """Build an NNX module directly sharded on `mesh`: shapes first (`nnx.eval_shape`), then one
-    jitted init whose outputs land on their shards, so no device ever holds a full copy."""
-    abstract = nnx.eval_shape(make_model)
-    graphdef, abs_state = nnx.split(abstract)
-    if mesh is None:
-        return make_model()
-    shardings = state_shardings(abs_state, mesh)
+    """Build an NNX module directly sharded on `mesh` (None: the default device): shapes first
+    (`nnx.eval_shape`), then one jitted init whose outputs land on their shards, so no device
+    ever holds a full copy. The values do not depend on the mesh."""
+    graphdef, abs_state = nnx.split(nnx.eval_shape(make_model))
+    shardings = None if mesh is None else state_shardings(abs_state, mesh)
 
     @jax.jit
     def init():
-        return jax.lax.with_sharding_constraint(nnx.state(make_model()), shardings)
+        state = nnx.state(make_model())
+        return state if shardings is None else jax.lax.with_sharding_constraint(state, shardings)
 
-    with jax.set_mesh(mesh):
-        state = init()
-    return nnx.merge(graphdef, state)
+    return nnx.merge(graphdef, init())
 
 
 def shard_module(model, mesh: Mesh):
