@@ -49,7 +49,7 @@ REMAT_POLICIES = ("none", "nothing_saveable", "dots_saveable", "dots_with_no_bat
 class RunConfig:
     name: str = "kd"  # run name; the run directory is output_dir/name
     output_dir: str = "runs"  # parent folder of all run directories
-    seed: int = 0  # seed for parameter init and dropout-free randomness (sampling)
+    seed: int = 0  # seed for random parameter init, data order and sampling
     log_every: int = 10  # steps between metric logs
     tensorboard: bool = True  # also write TensorBoard event files into the run directory
 
@@ -99,7 +99,7 @@ class DataConfig:
     reasoning_field: str = "reasoning"  # field holding the reasoning trace (format=r1)
     answer_field: str = "answer"  # field holding the final answer (format=r1)
     messages_field: str = "messages"  # field holding the chat messages (format=messages)
-    store: str | None = None  # TensorStore path of precomputed teacher top-k logits; None = run the teacher live
+    store: str | None = None  # KD store (folder or TensorStore kvstore URL) written by kd_jax.precompute
     top_k: int = 64  # teacher logits kept per token (count)
     seq_len: int = 2048  # packed sequence length in tokens
     step_separator: str = "\n\n"  # text that splits the reasoning into steps
@@ -131,8 +131,8 @@ class LossConfig:
     divergence: str = "forward_kl"  # soft loss: "forward_kl", "reverse_kl" or "jsd"
     jsd_beta: float = 0.5  # mixture weight of the generalized JSD (divergence=jsd)
     tail: bool = False  # add the probability mass outside the teacher top-k as one extra bucket
-    step_weight: float = 1.0  # loss weight of reasoning tokens
-    answer_weight: float = 1.0  # loss weight of answer tokens
+    step_weight: float = 1.0  # weight w_s of each reasoning step in the step loss
+    answer_weight: float = 1.0  # weight w_s of each answer in the step loss
     chunk_size: int = 1024  # tokens per chunk when computing the vocab-sized loss (bounds memory)
 
     def __post_init__(self):

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import hf_tiny
-from kd_jax.models import HFFormatError, config_from_hf, load_hf
+from kd_jax.models import HFFormatError, build_model, config_from_hf, keep_layers, load_hf
 from kd_jax.models.decoder import rope_inv_freq
 
 FAMILIES = list(hf_tiny.FAMILIES)
@@ -175,6 +175,40 @@ def test_wrong_shape_and_missing_files_are_clear(folders, tmp_path):
     (empty / "pytorch_model.bin").write_bytes(b"")
     with pytest.raises(HFFormatError, match="safetensors"):
         load_hf(str(empty))
+
+
+def test_keep_layers_equals_transformers_with_those_layers(tmp_path):
+    """DistilBERT-style init: the student made of teacher layers [0, 2] computes what the teacher
+    with its other layers deleted computes."""
+    hf_model, path = hf_tiny.save("qwen3", str(tmp_path), num_hidden_layers=4)
+    student = keep_layers(load_hf(path), [0, 2])
+    assert student.cfg.num_layers == 2
+    hf_model.model.layers = torch.nn.ModuleList([hf_model.model.layers[0], hf_model.model.layers[2]])
+    hf_model.config.num_hidden_layers = 2
+    tokens = np.random.RandomState(6).randint(0, 97, (2, 10))
+    ref = hf_model(torch.tensor(tokens), use_cache=False).logits.detach().numpy()
+    np.testing.assert_allclose(np.asarray(student(jnp.asarray(tokens))), ref, atol=ATOL, rtol=0)
+
+
+def test_build_model_from_config_sections(folders):
+    from kd_jax.config import ModelSource, load_config
+    cfg = load_config("configs/tiny_llama.yaml")
+    student = build_model(cfg.student, seed=1)
+    assert student.cfg.num_layers == 2 and student.cfg.vocab_size == 256
+    teacher = build_model(ModelSource(hf_path=folders["llama3"][1], param_dtype="float32"))
+    assert teacher.cfg.rope_scaling is not None and teacher.cfg.dtype == "bfloat16"
+    distilled = build_model(ModelSource(init="teacher_layers", teacher_layers=[1]), teacher=teacher)
+    np.testing.assert_array_equal(np.asarray(distilled.layers.wq[...][0]), np.asarray(teacher.layers.wq[...][1]))
+    with pytest.raises(ValueError, match="teacher_layers"):
+        build_model(ModelSource(init="teacher_layers", teacher_layers=[5]), teacher=teacher)
+    with pytest.raises(ValueError, match="architecture"):
+        build_model(ModelSource(init="random"))
+
+
+def test_config_and_model_agree_on_remat_policies():
+    from kd_jax import config
+    from kd_jax.models.decoder import REMAT_POLICIES
+    assert sorted(config.REMAT_POLICIES) == sorted(REMAT_POLICIES)
 
 
 def test_report_max_logit_difference():

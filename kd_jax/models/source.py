@@ -1,0 +1,52 @@
+"""Build a student or teacher from its config section: a pretrained HF model, a random model of a
+given architecture, or a subset of a teacher's layers (DistilBERT-style init)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+from flax import nnx
+
+from kd_jax.models.decoder import Decoder, init_decoder
+from kd_jax.models.hf import config_from_hf, load_hf
+
+
+def keep_layers(model: Decoder, layers: list[int], **overrides) -> Decoder:
+    """A copy of `model` with only the decoder layers `layers` (in that order); embeddings, final
+    norm and output head are shared. `overrides` change DecoderConfig fields (dtypes, remat)."""
+    n = model.cfg.num_layers
+    bad = [i for i in layers if not -n <= i < n]
+    if not layers or bad:
+        raise ValueError(f"teacher_layers={layers}: need a non-empty list of layer indices in [0, {n})")
+    cfg = dataclasses.replace(model.cfg, num_layers=len(layers), **overrides)
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0))))
+    source = dict(nnx.to_flat_state(nnx.state(model)))
+    index = jnp.asarray(layers)
+    for path, var in nnx.to_flat_state(state):
+        value = source[path][...]
+        value = value[index] if path[0] == "layers" else value  # stacked: [L, ...]
+        var.set_value(value.astype(var.dtype))
+    return nnx.merge(graphdef, state)
+
+
+def build_model(src, *, mesh=None, seed: int = 0, teacher: Decoder | None = None) -> Decoder:
+    """The model a `ModelSource` config section describes, sharded over `mesh`.
+
+    init=hf loads `hf_path`; init=random builds `architecture` (an HF config.json-style dict);
+    init=teacher_layers copies `teacher_layers` of `teacher`."""
+    opts = dict(param_dtype=src.param_dtype, dtype=src.dtype, scan_layers=src.scan_layers, remat=src.remat)
+    if src.init == "hf":
+        if not src.hf_path:
+            raise ValueError("init=hf needs hf_path: a local Hugging Face folder or a hub id")
+        return load_hf(src.hf_path, mesh=mesh, revision=src.revision, **opts)
+    if src.init == "random":
+        if not src.architecture:
+            raise ValueError("init=random needs architecture: an HF config.json-style dict with model_type, "
+                             "vocab_size, hidden_size, ... (see configs/tiny_llama.yaml)")
+        return init_decoder(config_from_hf(src.architecture, **opts), seed=seed, mesh=mesh)
+    if src.init == "teacher_layers":
+        if teacher is None or not src.teacher_layers:
+            raise ValueError("init=teacher_layers needs a teacher model and the teacher_layers list to keep")
+        return keep_layers(teacher, list(src.teacher_layers), **opts)
+    raise ValueError(f"init={src.init!r}; choose hf, random or teacher_layers")
