@@ -398,3 +398,8 @@ def parse_args(argv: list[str] | None = None, description: str = "kd_jax") -> Co
         return load_config(args.config, args.overrides)
     except ConfigError as e:
         parser.error(str(e))
+
+
+if __name__ == "__main__":  # python -m kd_jax.config --config X.yaml key=value: check and print the result
+    print(yaml.safe_dump(to_dict(parse_args(description="Check a kd_jax config and print it resolved")),
+                         sort_keys=False), end="")
