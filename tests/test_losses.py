@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,6 +12,9 @@ import pytest
 from kd_jax import losses, sharding
 
 f32 = jnp.float32
+# XLA:CPU compile time dominates these tiny cases; LLVM's backend optimizations halve it and do
+# not change float semantics (no fast-math).
+FAST_COMPILE = {"xla_backend_optimization_level": 0}
 
 
 # --- The oracle: materialized [N, V] fp32 logits, the formulas written out -------------------
@@ -88,11 +93,32 @@ def make_case(N, D, V, K, seed=0, logit_scale=1.0, teacher_scale=2.0, extra_voca
     return tuple(jnp.asarray(x) for x in (hidden, embed, labels, ids, lps, a, b))
 
 
-def _grads(fn, case, **opts):
+@functools.lru_cache(maxsize=None)
+def _grad_fn(fn, **opts):
+    """Jitted (loss, metrics, d hidden, d embed) with a traced temperature: one compile per shape
+    and static options, shared by every T (compiles dominate this file's run time)."""
+    def run(hidden, embed, temperature, *data):
+        (loss, metrics), (dh, dw) = jax.value_and_grad(
+            lambda h, w: fn(h, w, *data, temperature=temperature, **opts), argnums=(0, 1), has_aux=True)(
+                hidden, embed)
+        return loss, metrics, dh, dw
+    return jax.jit(run, compiler_options=FAST_COMPILE)
+
+
+def _grads(fn, case, temperature=1.0, **opts):
     hidden, embed, *data = case
-    (loss, metrics), (dh, dw) = jax.jit(jax.value_and_grad(
-        lambda h, w: fn(h, w, *data, **opts), argnums=(0, 1), has_aux=True))(hidden, embed)
-    return loss, metrics, dh, dw
+    return _grad_fn(fn, **opts)(hidden, embed, jnp.float32(temperature), *data)
+
+
+@functools.lru_cache(maxsize=None)
+def _terms_fn(**opts):
+    return jax.jit(lambda logits, T, *data: losses.token_terms(logits, *data, temperature=T, **opts),
+                   compiler_options=FAST_COMPILE)
+
+
+def _soft_terms(case, temperature, **opts):
+    hidden, embed, labels, ids, lps, _, _ = case
+    return _terms_fn(**opts)(hidden @ embed, jnp.float32(temperature), labels, ids, lps)[:2]
 
 
 def _close(actual, desired, rtol=1e-5):
@@ -110,8 +136,7 @@ def _check_against_reference(case, *, temperature, divergence, jsd_beta, tail, c
     _close(dh, r_dh)
     _close(dw, r_dw)
     # Per token (from the shared math on materialized logits): every soft term is a divergence.
-    hidden, embed, labels, ids, lps, _, _ = case
-    soft, hard, _ = losses.token_terms(hidden @ embed, labels, ids, lps, **opts)
+    soft, hard = _soft_terms(case, **opts)
     assert np.all(np.isfinite(soft)) and np.all(np.isfinite(hard))
     assert soft.min() >= -1e-6 * temperature ** 2, soft.min()
 
@@ -134,12 +159,10 @@ def test_matches_reference(divergence, jsd_beta, tail):
 def test_soft_nonnegative_under_stress(tail):
     """Large, peaked logits on both sides: still finite, ≥ 0 and finite in gradient."""
     case = make_case(N=64, D=16, V=50, K=8, seed=3, logit_scale=60.0, teacher_scale=20.0)
-    hidden, embed, labels, ids, lps, a, b = case
-    logits = hidden @ embed
     for divergence, jsd_beta in DIVS:
         for T in (1.0, 4.0):
             opts = dict(temperature=T, divergence=divergence, jsd_beta=jsd_beta, tail=tail)
-            soft, hard, _ = losses.token_terms(logits, labels, ids, lps, **opts)
+            soft, hard = _soft_terms(case, **opts)
             assert np.all(np.isfinite(soft)) and np.all(np.isfinite(hard))
             assert soft.min() >= -1e-6 * T ** 2 * max(1.0, float(soft.max())), (divergence, T, soft.min())
             _, _, dh, dw = _grads(losses.kd_loss, case, chunk_size=16, **opts)

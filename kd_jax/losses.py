@@ -1,0 +1,325 @@
+"""The distillation objective: per-token weights from the batch, and the fused chunked loss.
+
+The objective (DESIGN.md "Losses") is linear in per-token terms, L = Σ_t a_t·soft_t + b_t·hard_t,
+with a_t, b_t depending only on roles, steps and masks. `token_weights` computes a and b;
+`kd_loss` walks the tokens in chunks, turns each chunk's hidden states into logits, reduces them to
+the weighted terms and their gradient in the same pass, and never holds [tokens × vocab] logits.
+`token_terms` is the per-token math on materialized logits, shared by both (and by evaluation).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from kd_jax.sharding import constrain
+
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
+ROLE_PROMPT, ROLE_REASONING, ROLE_ANSWER = 0, 1, 2
+# Floor for the teacher's leftover mass 1 − Σ_k p_k: fp32 rounding can make it 0 or negative.
+_TAIL_FLOOR = float(jnp.finfo(jnp.float32).tiny)
+
+
+# --- Per-token weights -----------------------------------------------------------------------
+
+def _step_groups(role_BxT, step_BxT, segment_ids_BxT, loss_mask_BxT, step_weight, answer_weight):
+    """Run-length groups of (row, segment, role, step): one group per reasoning step or answer.
+
+    Returns supervised_BxT, group_BxT (flat group ids in [0, B·T)), n_G (supervised tokens per
+    group), w_G (the group's weight w_s) and w_BxT (each token's role weight).
+    """
+    B, T = role_BxT.shape
+    supervised_BxT = (role_BxT != ROLE_PROMPT) & loss_mask_BxT.astype(bool) & (segment_ids_BxT != 0)
+    # An answer is identified by (row, segment) alone: its step index does not split it.
+    step_key_BxT = jnp.where(role_BxT == ROLE_REASONING, step_BxT, -1)
+    differs_BxT1 = ((role_BxT[:, 1:] != role_BxT[:, :-1]) | (step_key_BxT[:, 1:] != step_key_BxT[:, :-1])
+                    | (segment_ids_BxT[:, 1:] != segment_ids_BxT[:, :-1]))
+    # Every row starts a group, so a step never crosses rows (n_s is local to the row).
+    change_BxT = jnp.concatenate([jnp.ones((B, 1), bool), differs_BxT1], axis=1)
+    group_BxT = (jnp.cumsum(change_BxT.reshape(-1)) - 1).reshape(B, T)
+    w_BxT = jnp.where(role_BxT == ROLE_REASONING, jnp.float32(step_weight),
+                      jnp.where(role_BxT == ROLE_ANSWER, jnp.float32(answer_weight), jnp.float32(0.0)))
+    n_G = jax.ops.segment_sum(supervised_BxT.reshape(-1).astype(jnp.float32), group_BxT.reshape(-1),
+                              num_segments=B * T)
+    # A group's weight is read off its first token (all its tokens share the role).
+    w_G = jax.ops.segment_sum(jnp.where(change_BxT, w_BxT, 0.0).reshape(-1), group_BxT.reshape(-1),
+                              num_segments=B * T)
+    return supervised_BxT, group_BxT, n_G, w_G, w_BxT
+
+
+def weight_totals(role_BxT, step_BxT, segment_ids_BxT, loss_mask_BxT, *, step_weight, answer_weight):
+    """(num_supervised, step_weight_sum) of this batch, fp32 scalars.
+
+    A trainer sums these over micro-batches (and devices) and passes the sums to `token_weights`,
+    so every mean in the objective is over the whole global batch.
+    """
+    supervised_BxT, _, n_G, w_G, _ = _step_groups(role_BxT, step_BxT, segment_ids_BxT, loss_mask_BxT,
+                                                  step_weight, answer_weight)
+    # A step whose tokens are all masked out does not count in Σ_s w_s.
+    return supervised_BxT.sum(dtype=jnp.float32), jnp.where(n_G > 0, w_G, 0.0).sum()
+
+
+def token_weights(role_BxT, step_BxT, segment_ids_BxT, loss_mask_BxT, *, alpha, beta, step_weight,
+                  answer_weight, num_supervised=None, step_weight_sum=None):
+    """Per-token coefficients (a_BxT, b_BxT), fp32, with L = Σ_t a_t·soft_t + b_t·hard_t.
+
+    Inputs are aligned to the prediction targets: role_BxT[b, t] is the role of the label at t
+    (0 prompt, 1 reasoning, 2 answer), step_BxT its reasoning step (−1 outside reasoning),
+    segment_ids_BxT the packed document (0 = padding), loss_mask_BxT (bool) drops more tokens.
+      a_t = α/N + β·α·w_s/(n_s·W),   b_t = (1−α)/N + β·(1−α)·w_s/(n_s·W)
+    N (`num_supervised`) and W (`step_weight_sum`) must be global; None computes them from this
+    batch (`weight_totals`). n_s, the supervised tokens of t's step, is local: steps stay in a row.
+    """
+    supervised_BxT, group_BxT, n_G, w_G, w_BxT = _step_groups(
+        role_BxT, step_BxT, segment_ids_BxT, loss_mask_BxT, step_weight, answer_weight)
+    if num_supervised is None:
+        num_supervised = supervised_BxT.sum(dtype=jnp.float32)
+    if step_weight_sum is None:
+        step_weight_sum = jnp.where(n_G > 0, w_G, 0.0).sum()
+    num_supervised = jnp.asarray(num_supervised, jnp.float32)
+    step_weight_sum = jnp.asarray(step_weight_sum, jnp.float32)
+    # Safe denominators: an empty batch or zero step weights give zero coefficients, not NaN.
+    mean_coef = 1.0 / jnp.maximum(num_supervised, 1.0)
+    n_BxT = n_G[group_BxT]
+    step_coef_BxT = w_BxT / (jnp.maximum(n_BxT, 1.0) * jnp.where(step_weight_sum > 0, step_weight_sum, 1.0))
+    coef_BxT = jnp.where(supervised_BxT, mean_coef + beta * step_coef_BxT, 0.0)
+    return alpha * coef_BxT, (1.0 - alpha) * coef_BxT
+
+
+# --- Per-token terms on materialized logits ----------------------------------------------------
+
+def _masked_logsumexp(x_CxJ, mask_CxJ):
+    """logsumexp over the masked entries; 0 where a row has none (callers mask those rows).
+    NaN-free in value and gradient: masked entries never reach exp or log."""
+    m_C = jax.lax.stop_gradient(jnp.max(jnp.where(mask_CxJ, x_CxJ, -jnp.inf), axis=-1))
+    m_C = jnp.where(jnp.isfinite(m_C), m_C, 0.0)
+    e_CxJ = jnp.where(mask_CxJ, jnp.exp(jnp.where(mask_CxJ, x_CxJ, m_C[:, None]) - m_C[:, None]), 0.0)
+    s_C = e_CxJ.sum(axis=-1)
+    return m_C + jnp.log(jnp.where(s_C > 0, s_C, 1.0))
+
+
+def _log_normalize(x_CxJ, mask_CxJ):
+    """Log-probabilities over the masked entries (0 at the others, which callers mask)."""
+    return jnp.where(mask_CxJ, x_CxJ - _masked_logsumexp(x_CxJ, mask_CxJ)[:, None], 0.0)
+
+
+def _divergence(log_p_CxJ, log_q_CxJ, mask_CxJ, divergence, jsd_beta):
+    """Divergence between teacher p and student q given as log-probs on the masked buckets.
+    Masked buckets have probability 0 and add nothing (the 0·log 0 trap: both logs are finite
+    placeholders there and `where` drops them, so gradients stay finite)."""
+    p_CxJ, q_CxJ = jnp.exp(log_p_CxJ), jnp.exp(log_q_CxJ)
+    if divergence == "forward_kl":
+        terms_CxJ = p_CxJ * (log_p_CxJ - log_q_CxJ)
+    elif divergence == "reverse_kl":
+        terms_CxJ = q_CxJ * (log_q_CxJ - log_p_CxJ)
+    elif divergence == "jsd":
+        if jsd_beta <= 0.0 or jsd_beta >= 1.0:  # m equals p or q: the divergence is 0
+            return jnp.zeros(log_p_CxJ.shape[:1], jnp.float32)
+        log_m_CxJ = jnp.logaddexp(jnp.log(jsd_beta) + log_p_CxJ, jnp.log1p(-jsd_beta) + log_q_CxJ)
+        terms_CxJ = (jsd_beta * p_CxJ * (log_p_CxJ - log_m_CxJ)
+                     + (1.0 - jsd_beta) * q_CxJ * (log_q_CxJ - log_m_CxJ))
+    else:
+        raise ValueError(f"divergence={divergence!r}; expected one of {DIVERGENCES}")
+    return jnp.where(mask_CxJ, terms_CxJ, 0.0).sum(axis=-1)
+
+
+def token_terms(logits_CxV, labels_C, topk_ids_CxK, topk_logprobs_CxK, *, temperature=1.0,
+                divergence="forward_kl", jsd_beta=0.5, tail=False):
+    """Per-token (soft_C, hard_C, top1_agree_C) from fp32 student logits.
+
+    hard = −log softmax(z)[y] in nats (labels outside [0, V) give a finite, meaningless value:
+    their weights must be 0). soft = T²·divergence(teacher ‖ student) in nats, over the teacher's
+    valid top-K ids (ids outside [0, V) are dropped and the rest renormalized), or over K+1
+    buckets with `tail`. top1_agree: student argmax equals the teacher's best valid id.
+    """
+    C, V = logits_CxV.shape
+    T = temperature  # a Python float or a traced scalar (a schedule does not recompile)
+    z_CxV = logits_CxV.astype(jnp.float32)
+    lp_CxK = topk_logprobs_CxK.astype(jnp.float32)
+    # Teacher vocabularies padded past the student's (Qwen 152064 vs 151936) carry ids >= V.
+    valid_CxK = (topk_ids_CxK >= 0) & (topk_ids_CxK < V) & jnp.isfinite(lp_CxK)
+    ids_CxK = jnp.where(valid_CxK, topk_ids_CxK, 0)
+    labels_C = jnp.clip(labels_C, 0, V - 1)
+
+    hard_C = jax.nn.logsumexp(z_CxV, axis=-1) - jnp.take_along_axis(z_CxV, labels_C[:, None], axis=-1)[:, 0]
+
+    zt_CxV = z_CxV / T
+    lse_t_C = jax.nn.logsumexp(zt_CxV, axis=-1)
+    zt_CxK = jnp.take_along_axis(zt_CxV, ids_CxK, axis=-1)  # gather K columns, never upcast [N, V]
+    if not tail:
+        log_p_CxK = _log_normalize(lp_CxK / T, valid_CxK)
+        if divergence == "forward_kl":
+            # Full-vocab student, sub-normalized on K: the mass outside K only adds to the loss.
+            log_q_CxK = jnp.where(valid_CxK, zt_CxK - lse_t_C[:, None], 0.0)
+        else:
+            # Reverse KL and JSD need a proper distribution on both sides: renormalize on K.
+            log_q_CxK = _log_normalize(zt_CxK, valid_CxK)
+        soft_C = _divergence(log_p_CxK, log_q_CxK, valid_CxK, divergence, jsd_beta)
+    else:
+        # Teacher buckets at T = 1: its top-K probabilities and the leftover mass (dropped ids
+        # included), then tempered over the K+1 buckets: p^T ∝ p^(1/T).
+        mass_C = jnp.where(valid_CxK, jnp.exp(lp_CxK), 0.0).sum(axis=-1)
+        log_tail_C = jnp.log(jnp.maximum(1.0 - mass_C, _TAIL_FLOOR))
+        mask_CxJ = jnp.concatenate([valid_CxK, jnp.ones((C, 1), bool)], axis=-1)
+        log_p_CxJ = _log_normalize(jnp.concatenate([lp_CxK, log_tail_C[:, None]], axis=-1) / T, mask_CxJ)
+        # Student tail = mass outside the valid K ids, as a logsumexp over the other logits:
+        # log(1 − Σ q) in fp32 cancels catastrophically when the top-K hold nearly all the mass.
+        rows_CxK = jnp.broadcast_to(jnp.arange(C)[:, None], ids_CxK.shape)
+        in_topk_CxV = jnp.zeros((C, V), bool).at[rows_CxK, jnp.where(valid_CxK, ids_CxK, V)].set(
+            True, mode="drop")
+        rest_CxV = ~in_topk_CxV
+        has_rest_C = rest_CxV.any(axis=-1)
+        log_q_tail_C = jnp.where(has_rest_C, _masked_logsumexp(zt_CxV, rest_CxV) - lse_t_C,
+                                 jnp.log(_TAIL_FLOOR))
+        log_q_CxJ = jnp.where(mask_CxJ, jnp.concatenate(
+            [zt_CxK - lse_t_C[:, None], log_q_tail_C[:, None]], axis=-1), 0.0)
+        soft_C = _divergence(log_p_CxJ, log_q_CxJ, mask_CxJ, divergence, jsd_beta)
+    soft_C = (T * T) * soft_C
+
+    best_C = jnp.argmax(jnp.where(valid_CxK, lp_CxK, -jnp.inf), axis=-1)
+    teacher_top1_C = jnp.take_along_axis(ids_CxK, best_C[:, None], axis=-1)[:, 0]
+    top1_agree_C = valid_CxK.any(axis=-1) & (jnp.argmax(z_CxV, axis=-1) == teacher_top1_C)
+    return soft_C, hard_C, top1_agree_C
+
+
+# --- The fused, chunked loss -----------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class _Spec:
+    """Static (hashable) loss options, a non-differentiable argument of the custom VJP."""
+    divergence: str
+    jsd_beta: float
+    tail: bool
+    chunk_size: int
+
+
+_METRICS = ("soft_sum", "hard_sum", "num_tokens", "top1_agree")
+
+
+def _chunk_loss(logits_CxV, labels_C, ids_CxK, logprobs_CxK, a_C, b_C, temperature, spec):
+    """Σ_t a·soft + b·hard over one chunk, and the chunk's metric sums."""
+    soft_C, hard_C, agree_C = token_terms(logits_CxV, labels_C, ids_CxK, logprobs_CxK,
+                                          temperature=temperature, divergence=spec.divergence,
+                                          jsd_beta=spec.jsd_beta, tail=spec.tail)
+    used_C = (a_C != 0) | (b_C != 0)
+    # `where`, not a·soft: a padded token's garbage must not reach the sum even as 0·inf.
+    loss = jnp.where(used_C, a_C * soft_C + b_C * hard_C, 0.0).sum()
+    metrics = dict(soft_sum=jnp.where(used_C, soft_C, 0.0).sum(),
+                   hard_sum=jnp.where(used_C, hard_C, 0.0).sum(),
+                   num_tokens=used_C.sum(dtype=jnp.float32),
+                   top1_agree=(used_C & agree_C).sum(dtype=jnp.float32))
+    return loss, metrics
+
+
+def _to_chunks(x_N, chunk_size):
+    """[N, ...] -> [G, C, ...], padding N to C·G with zeros (zero-weight tokens).
+
+    Layout under sharding: token n = c·G + g goes to chunk g, row c. N is sharded in contiguous
+    blocks over the batch axes, so after the reshape to [C, G, ...] the *C* axis carries that
+    sharding and the swap to [G, C, ...] is a local transpose. The scan then walks G, an unsharded
+    axis: every step is one chunk spread over all devices (C / batch-shards rows each), with no
+    gather. Scanning a sharded chunk axis instead would make XLA gather every chunk to every device.
+    Keep N a multiple of C, and C of the batch shard count, for this to hold without a reshuffle.
+    """
+    N = x_N.shape[0]
+    G = -(-N // chunk_size)
+    pad = G * chunk_size - N
+    if pad:
+        x_N = jnp.pad(x_N, [(0, pad)] + [(0, 0)] * (x_N.ndim - 1))
+    x_CxG = x_N.reshape((chunk_size, G) + x_N.shape[1:])
+    return jnp.swapaxes(x_CxG, 0, 1)
+
+
+def _from_chunks(x_GxC, N):
+    x_CxG = jnp.swapaxes(x_GxC, 0, 1)
+    return x_CxG.reshape((-1,) + x_CxG.shape[2:])[:N]
+
+
+def _scan_chunks(hidden_NxD, out_embed_DxV, labels_N, topk_ids_NxK, topk_logprobs_NxK, a_N, b_N,
+                 temperature, spec, with_grad):
+    N, D = hidden_NxD.shape
+    V = out_embed_DxV.shape[1]
+    C = min(spec.chunk_size, N)
+    dtype = hidden_NxD.dtype
+    w_DxV = out_embed_DxV.astype(dtype)  # compute dtype = hidden's; cast once, not per chunk
+    xs = tuple(_to_chunks(x, C) for x in (hidden_NxD, labels_N, topk_ids_NxK, topk_logprobs_NxK,
+                                           a_N.astype(jnp.float32), b_N.astype(jnp.float32)))
+    xs = (constrain(xs[0], (None, "act_batch", "act_embed")),) + xs[1:]
+
+    def body(carry, chunk):
+        h_CxD, labels_C, ids_CxK, lps_CxK, a_C, b_C = chunk
+        # Compute dtype inputs, fp32 accumulation; only this chunk's [C, V] logits exist.
+        logits_CxV = jnp.dot(h_CxD, w_DxV, preferred_element_type=jnp.float32)
+        logits_CxV = constrain(logits_CxV, ("act_batch", "act_vocab"))
+        f = functools.partial(_chunk_loss, labels_C=labels_C, ids_CxK=ids_CxK, logprobs_CxK=lps_CxK,
+                              a_C=a_C, b_C=b_C, temperature=temperature, spec=spec)
+        if not with_grad:
+            loss, metrics = f(logits_CxV)
+            return (carry[0] + loss, jax.tree.map(jnp.add, carry[1], metrics)), None
+        (loss, metrics), dlogits_CxV = jax.value_and_grad(f, has_aux=True)(logits_CxV)
+        dlogits_CxV = dlogits_CxV.astype(dtype)
+        dh_CxD = jnp.dot(dlogits_CxV, w_DxV.T, preferred_element_type=jnp.float32)
+        dw_DxV = carry[2] + jnp.dot(h_CxD.T, dlogits_CxV, preferred_element_type=jnp.float32)
+        return (carry[0] + loss, jax.tree.map(jnp.add, carry[1], metrics), dw_DxV), dh_CxD
+
+    zero = jnp.zeros((), jnp.float32)
+    init = (zero, {k: zero for k in _METRICS})
+    if with_grad:
+        init = init + (jnp.zeros((D, V), jnp.float32),)
+    carry, dh_GxCxD = jax.lax.scan(body, init, xs)
+    if not with_grad:
+        return carry
+    return carry[0], carry[1], _from_chunks(dh_GxCxD, N), carry[2]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8,))
+def _fused(hidden_NxD, out_embed_DxV, labels_N, topk_ids_NxK, topk_logprobs_NxK, a_N, b_N, temperature,
+           spec):
+    # Primal without differentiation (evaluation): values only, no gradient work.
+    return _scan_chunks(hidden_NxD, out_embed_DxV, labels_N, topk_ids_NxK, topk_logprobs_NxK, a_N, b_N,
+                        temperature, spec, with_grad=False)
+
+
+def _fused_fwd(hidden_NxD, out_embed_DxV, labels_N, topk_ids_NxK, topk_logprobs_NxK, a_N, b_N,
+               temperature, spec):
+    loss, metrics, dh_NxD, dw_DxV = _scan_chunks(hidden_NxD, out_embed_DxV, labels_N, topk_ids_NxK,
+                                                 topk_logprobs_NxK, a_N, b_N, temperature, spec,
+                                                 with_grad=True)
+    # Kept in the primals' dtypes (gradients must match them); g is 1 in training anyway.
+    return (loss, metrics), (dh_NxD.astype(hidden_NxD.dtype), dw_DxV.astype(out_embed_DxV.dtype))
+
+
+def _fused_bwd(spec, residuals, cotangents):
+    # The gradients were computed in the forward pass; the loss is a scalar, so the backward rule
+    # only scales them. Metrics are not differentiable; a, b, labels, teacher arrays and the
+    # temperature are data.
+    dh_NxD, dw_DxV = residuals
+    g = cotangents[0]
+    return (g.astype(dh_NxD.dtype) * dh_NxD, g.astype(dw_DxV.dtype) * dw_DxV, None, None, None, None, None,
+            None)
+
+
+_fused.defvjp(_fused_fwd, _fused_bwd)
+
+
+def kd_loss(hidden_NxD, out_embed_DxV, labels_N, topk_ids_NxK, topk_logprobs_NxK, a_N, b_N, *,
+            temperature=1.0, divergence="forward_kl", jsd_beta=0.5, tail=False, chunk_size=1024):
+    """Fused distillation loss Σ_t a_t·soft_t + b_t·hard_t (nats) and its metrics.
+
+    hidden_NxD: final hidden states (their dtype is the compute dtype); out_embed_DxV: the output
+    projection; labels_N: next-token ids; topk_ids_NxK / topk_logprobs_NxK: the teacher's top-K
+    (log-probs at T = 1; ids outside [0, V) are dropped); a_N, b_N: from `token_weights`.
+    Walks `chunk_size` tokens at a time (global, over all devices): peak extra memory is
+    O(chunk_size × V). Gradients w.r.t. hidden and out_embed come from the same pass (custom VJP).
+    Returns (loss, metrics): fp32 sums soft_sum, hard_sum, num_tokens, top1_agree over the tokens
+    with a ≠ 0 or b ≠ 0.
+    """
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"divergence={divergence!r}; expected one of {DIVERGENCES}")
+    spec = _Spec(divergence, float(jsd_beta), bool(tail), int(chunk_size))
+    temperature = jnp.asarray(temperature, jnp.float32)
+    return _fused(hidden_NxD, out_embed_DxV, labels_N, topk_ids_NxK, topk_logprobs_NxK, a_N, b_N,
+                  temperature, spec)
