@@ -99,6 +99,7 @@ class DataConfig:
     reasoning_field: str = "reasoning"  # field holding the reasoning trace (format=r1)
     answer_field: str = "answer"  # field holding the final answer (format=r1)
     messages_field: str = "messages"  # field holding the chat messages (format=messages)
+    tokenizer: str | None = None  # HF tokenizer folder or hub id; None = the teacher's (teacher.hf_path)
     store: str | None = None  # KD store (folder or TensorStore kvstore URL) written by kd_jax.precompute
     top_k: int = 64  # teacher logits kept per token (count)
     seq_len: int = 2048  # packed sequence length in tokens
@@ -121,6 +122,21 @@ class DataConfig:
         _check(0.0 <= self.eval_fraction < 1.0, f"eval_fraction={self.eval_fraction} must be in [0, 1)")
         fraction = self.curriculum_fraction
         _check(0.0 <= fraction <= 1.0, f"curriculum_fraction={fraction} must be in [0, 1]")
+
+
+@dataclasses.dataclass(frozen=True)
+class PrecomputeConfig:
+    batch_tokens: int = 65536  # tokens (padding included) per teacher batch; rows per batch = batch_tokens // length
+    bucket: int = 128  # sequences are right-padded to a multiple of this (one compile per padded length)
+    logits_chunk: int = 512  # positions per slice of teacher logits (bounds the [rows, chunk, vocab] buffer)
+    chunk_tokens: int = 65536  # store chunk length on the token axis: the unit of writing and of resuming
+    window_chunks: int = 8  # chunks computed and written together; host memory ~ window * chunk * 6 * top_k bytes
+    logprob_dtype: str = "float16"  # stored teacher log-prob dtype: float16 or bfloat16
+
+    def __post_init__(self):
+        _check_choice("logprob_dtype", self.logprob_dtype, ("float16", "bfloat16"))
+        for name in ("batch_tokens", "bucket", "logits_chunk", "chunk_tokens", "window_chunks"):
+            _check(getattr(self, name) >= 1, f"{name}={getattr(self, name)} must be >= 1")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,6 +234,7 @@ class Config:
     # The teacher is only run forward, so it is kept in bfloat16 by default.
     teacher: ModelSource = dataclasses.field(default_factory=lambda: ModelSource(param_dtype="bfloat16"))
     data: DataConfig = dataclasses.field(default_factory=DataConfig)  # traces, tokenization and packing
+    precompute: PrecomputeConfig = dataclasses.field(default_factory=PrecomputeConfig)  # teacher top-K pass
     loss: LossConfig = dataclasses.field(default_factory=LossConfig)  # distillation loss
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)  # AdamW and learning-rate schedule
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)  # step counts and batch sizes

@@ -1,0 +1,137 @@
+"""The teacher's top-K pass over a KD store (`python -m kd_jax.precompute`).
+
+Work is split by chunks of the store's token axis: process p owns a contiguous range of chunks and
+is the only writer of those chunks. It walks them in windows of `window_chunks`: every sequence
+that overlaps the window's unfinished chunks runs through the teacher (length-bucketed batches),
+the rows falling inside those chunks are assembled on the host, each chunk is written whole and
+then marked complete. A sequence that crosses a window edge runs twice (once per window); that is
+the price of bounded host memory and chunk-exact resumption. Killed at any moment, the same command
+recomputes only chunks without a completion mark, and the result is identical.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm import tqdm
+
+from kd_jax import sharding
+from kd_jax.data.store import KDStore
+
+
+def topk_logprobs(model, tokens_BxT: jax.Array, *, k: int, vocab_size: int, logits_chunk: int):
+    """Teacher top-K of log_softmax (T = 1, over the teacher's full vocabulary) at every position:
+    ids_BxTxK (int32, all < vocab_size) and logprobs_BxTxK (fp32). Logits exist only one slice of
+    `logits_chunk` positions at a time."""
+    h_BxTxD = model.hidden_states(tokens_BxT)
+    w_DxV = model.output_embedding().astype(h_BxTxD.dtype)
+    B, T, D = h_BxTxD.shape
+    c = min(logits_chunk, T)
+    assert T % c == 0, (T, c)
+    h_SxBxCxD = h_BxTxD.reshape(B, T // c, c, D).transpose(1, 0, 2, 3)
+
+    def one(h_BxCxD):
+        logits = jnp.einsum("bcd,dv->bcv", h_BxCxD, w_DxV, preferred_element_type=jnp.float32)
+        logp_BxCxV = jax.nn.log_softmax(logits, axis=-1)
+        if logp_BxCxV.shape[-1] > vocab_size:  # padded teacher vocab: ids the student cannot emit
+            keep = jnp.arange(logp_BxCxV.shape[-1]) < vocab_size
+            logp_BxCxV = jnp.where(keep[None, None, :], logp_BxCxV, -jnp.inf)
+        vals, ids = jax.lax.top_k(logp_BxCxV, k)
+        return ids.astype(jnp.int32), vals
+
+    ids_SxBxCxK, vals_SxBxCxK = jax.lax.map(one, h_SxBxCxD)
+    unchunk = lambda x: x.transpose(1, 0, 2, 3).reshape(B, T, k)  # noqa: E731
+    return unchunk(ids_SxBxCxK), unchunk(vals_SxBxCxK)
+
+
+@dataclasses.dataclass
+class Progress:
+    tokens: int = 0  # sequence tokens run through the teacher (duplicates at window edges included)
+    chunks: int = 0  # chunks written and marked
+    seconds: float = 0.0
+
+
+def process_chunks(num_chunks: int, process: int, processes: int) -> range:
+    """Process `process`'s contiguous share of the chunks."""
+    return range(num_chunks * process // processes, num_chunks * (process + 1) // processes)
+
+
+def _batches(lengths: np.ndarray, order: np.ndarray, bucket: int, batch_tokens: int, multiple: int):
+    """Length-bucketed batches: (padded length, sequence ids) with rows = batch_tokens // length,
+    rounded to a multiple of the mesh's batch axes."""
+    padded = -(-lengths // bucket) * bucket
+    for length in np.unique(padded[order]):
+        ids = order[padded[order] == length]
+        rows = max(multiple, (batch_tokens // int(length)) // multiple * multiple)
+        for i in range(0, len(ids), rows):
+            yield int(length), ids[i:i + rows], rows
+
+
+def run_teacher(store: KDStore, model, mesh, pre_cfg, *, process: int = 0, processes: int = 1,
+                show_progress: bool = True) -> Progress:
+    """Fill this process's unfinished chunks of `store` with the teacher's top-K rows."""
+    meta, offsets = store.meta, store.offsets
+    C, K = meta.chunk_tokens, meta.k
+    fn = nnx.jit(topk_logprobs, static_argnames=("k", "vocab_size", "logits_chunk"))
+    batch_sharding = sharding.batch_sharding(mesh, 2)
+    multiple = int(np.prod([mesh.shape[a] for a in ("data", "fsdp")]))
+    mine = process_chunks(meta.num_chunks, process, processes)
+    done = store.done_chunks()
+    todo = [c for c in mine if not done[c]]
+    progress = Progress()
+    bar = tqdm(total=sum(min((c + 1) * C, meta.num_tokens) - c * C for c in todo), unit="tok",
+               disable=not show_progress, desc=f"teacher top-{K}")
+    t0 = time.perf_counter()
+    lengths = np.diff(offsets)
+    for w in range(0, len(todo), pre_cfg.window_chunks):
+        window = todo[w:w + pre_cfg.window_chunks]
+        lo, hi = window[0] * C, min((window[-1] + 1) * C, meta.num_tokens)
+        in_window = np.zeros(hi - lo, bool)
+        for c in window:
+            in_window[c * C - lo:min((c + 1) * C, meta.num_tokens) - lo] = True
+        ids_buf = np.full((hi - lo, K), -1, np.int32)
+        lp_buf = np.zeros((hi - lo, K), np.float32)
+        # sequences overlapping [lo, hi), then those touching an unfinished chunk of the window
+        first = np.searchsorted(offsets, lo, side="right") - 1
+        last = np.searchsorted(offsets, hi, side="left")
+        seqs = [s for s in range(first, last)
+                if in_window[max(offsets[s], lo) - lo:min(offsets[s + 1], hi) - lo].any()]
+        order = np.array(sorted(seqs, key=lambda s: (lengths[s], s)), dtype=np.int64)
+        base = int(offsets[first])  # one read of every token the window's sequences hold
+        window_tokens = store.array("tokens")[base:int(offsets[last])].read().result()
+        for length, batch, rows in _batches(lengths, order, pre_cfg.bucket, pre_cfg.batch_tokens, multiple):
+            tokens = np.zeros((rows, length), np.int32)
+            for r, s in enumerate(batch):
+                tokens[r, :lengths[s]] = window_tokens[offsets[s] - base:offsets[s + 1] - base]
+            with jax.set_mesh(mesh):
+                ids, lps = fn(model, jax.device_put(tokens, batch_sharding), k=K, vocab_size=meta.vocab_size,
+                              logits_chunk=min(pre_cfg.logits_chunk, length))
+            ids, lps = np.asarray(ids), np.asarray(lps)
+            for r, s in enumerate(batch):
+                start, n = int(offsets[s]), int(lengths[s])
+                # target alignment: the prediction made at position t is token t+1's row
+                seq_ids = np.concatenate([np.full((1, K), -1, np.int32), ids[r, :n - 1]])
+                seq_lps = np.concatenate([np.zeros((1, K), np.float32), lps[r, :n - 1]])
+                a, b = max(start, lo), min(start + n, hi)
+                ids_buf[a - lo:b - lo] = seq_ids[a - start:b - start]
+                lp_buf[a - lo:b - lo] = seq_lps[a - start:b - start]
+                progress.tokens += n
+        for c in window:
+            a, b = c * C, min((c + 1) * C, meta.num_tokens)
+            store.write_rows(a, ids_buf[a - lo:b - lo], lp_buf[a - lo:b - lo].astype(_np_dtype(meta.logprob_dtype)))
+            store.mark_chunk(c)  # only after the chunk's rows are durably written
+            progress.chunks += 1
+            bar.update(b - a)
+        bar.set_postfix(tok_s=f"{progress.tokens / (time.perf_counter() - t0):.0f}")
+    bar.close()
+    progress.seconds = time.perf_counter() - t0
+    return progress
+
+
+def _np_dtype(name: str):
+    return np.dtype(jnp.dtype(name))
