@@ -105,7 +105,7 @@ class DataConfig:
     seq_len: int = 2048  # packed sequence length in tokens
     step_separator: str = "\n\n"  # text that splits the reasoning into steps
     min_reasoning_tokens: int = 0  # drop examples whose reasoning is shorter than this (tokens)
-    max_reasoning_tokens: int | None = None  # drop or truncate reasoning longer than this (tokens); None = no limit
+    max_reasoning_tokens: int | None = None  # drop traces whose reasoning is longer than this (tokens); None = no limit
     overlong: str = "drop"  # what to do with examples longer than seq_len: "drop" or "truncate"
     eval_fraction: float = 0.02  # fraction of examples held out for evaluation
     packing: str = "first_fit"  # sequence packing: "first_fit" or "best_fit"

@@ -1,0 +1,1 @@
+"""Data path: reasoning traces -> tokens (traces.py) -> KD store (store.py) -> packed batches."""

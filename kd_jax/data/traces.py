@@ -1,0 +1,304 @@
+"""Reasoning traces in, per-token arrays out: the first stage of the KD data path.
+
+Each trace becomes one token sequence laid out as
+
+    <rendered generation prompt><think>\\n{reasoning}\\n</think>\\n\\n{answer}<eos>
+    role:  0 ..................  1 ............................  2 ..........
+    step: -1 ..................  0, 1, ... (one per paragraph)    -1 .........
+
+The chat template renders the prompt only (with `add_generation_prompt=True`); the target is
+appended here as text. Templates are written for inference and chat history, not for training
+targets: several (DeepSeek-R1-Distill's among them) strip `<think>...</think>` out of assistant
+turns, which would silently drop the very reasoning we distill. Prompt and target are then
+tokenized as one string, and each token is labelled from the character span its first character
+falls in, so BPE merges across piece boundaries never shift a label.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import hashlib
+import os
+
+import datasets
+import numpy as np
+
+from kd_jax.config import DataConfig
+
+THINK_OPEN = "<think>"
+THINK_CLOSE = "</think>"
+CLOSE_TEXT = "\n" + THINK_CLOSE + "\n\n"  # between the reasoning and the answer
+PROMPT, REASONING, ANSWER = 0, 1, 2  # values of the per-token `role` array
+_LOCAL_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+
+class TraceError(ValueError):
+    """Traces that cannot be read or do not fit the configured format."""
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_traces(data_cfg: DataConfig) -> datasets.Dataset:
+    """Reads `data_cfg.traces`: a JSONL/JSON/Parquet file, a folder of them, or a hub dataset id."""
+    source = data_cfg.traces
+    if not source:
+        raise TraceError("data.traces is not set; point it at a JSONL/Parquet file, a folder of them or a hub dataset")
+    if os.path.isfile(source):
+        dataset = _load_files([source])
+    elif os.path.isdir(source):
+        files = sorted(f for suffix in _LOCAL_SUFFIXES for f in glob.glob(os.path.join(source, "**", "*" + suffix),
+                                                                         recursive=True))
+        if not files:
+            raise TraceError(f"data.traces={source!r} is a folder with no *.jsonl, *.json or *.parquet files in it")
+        dataset = _load_files(files)
+    elif os.path.splitext(source)[1] in _LOCAL_SUFFIXES or source.startswith((".", "/", "~")):
+        raise TraceError(f"data.traces={source!r} does not exist; check the path")
+    else:
+        try:
+            dataset = datasets.load_dataset(source, split="train")
+        except Exception as e:  # the hub client raises many types; all mean "cannot get it"
+            raise TraceError(f"data.traces={source!r} is neither a local file or folder nor a reachable hub "
+                             f"dataset ({type(e).__name__}: {e}); pass an existing path, or a hub id with network "
+                             "access") from e
+    check_fields(dataset, data_cfg)
+    return dataset
+
+
+def _load_files(files: list[str]) -> datasets.Dataset:
+    by_builder: dict[str, list[str]] = {}
+    for path in files:
+        builder = _LOCAL_SUFFIXES.get(os.path.splitext(path)[1])
+        if builder is None:
+            raise TraceError(f"{path!r}: unsupported trace file type; use .jsonl, .json or .parquet")
+        by_builder.setdefault(builder, []).append(path)
+    parts = [datasets.load_dataset(builder, data_files=paths, split="train") for builder, paths in by_builder.items()]
+    try:
+        return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+    except ValueError as e:
+        raise TraceError(f"the JSON and Parquet trace files have different columns ({e}); keep one schema") from e
+
+
+def check_fields(dataset: datasets.Dataset, data_cfg: DataConfig) -> None:
+    """Raises TraceError naming the config key when a configured field is not a column."""
+    if data_cfg.format == "r1":
+        wanted = {"prompt_field": data_cfg.prompt_field, "reasoning_field": data_cfg.reasoning_field,
+                  "answer_field": data_cfg.answer_field}
+    else:
+        wanted = {"messages_field": data_cfg.messages_field}
+    for key, field in wanted.items():
+        if field not in dataset.column_names:
+            raise TraceError(f"traces have no field {field!r} (format={data_cfg.format}); available columns: "
+                             f"{', '.join(dataset.column_names)}; set data.{key} to one of them")
+
+
+# ---------------------------------------------------------------- row formats
+
+
+def parse_row(row: dict, data_cfg: DataConfig) -> tuple[list[dict], str, str]:
+    """One dataset row -> (prompt messages, reasoning, answer), reasoning and answer stripped."""
+    if data_cfg.format == "messages":
+        return split_messages(_as_messages(row[data_cfg.messages_field], data_cfg.messages_field))
+    prompt = row[data_cfg.prompt_field]
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else _as_messages(
+        prompt, data_cfg.prompt_field)
+    reasoning = _text(row[data_cfg.reasoning_field])
+    # Some dumps keep the tags in the reasoning field; they are added back once by encode_example.
+    if reasoning.startswith(THINK_OPEN) and reasoning.endswith(THINK_CLOSE):
+        reasoning = reasoning[len(THINK_OPEN):-len(THINK_CLOSE)].strip()
+    return messages, reasoning, _text(row[data_cfg.answer_field])
+
+
+def _text(value) -> str:
+    """Stripped field text; None is empty, numbers (JSON answers like 42) become their text."""
+    return "" if value is None else str(value).strip()
+
+
+def split_messages(messages: list[dict]) -> tuple[list[dict], str, str]:
+    """Chat turns -> (turns before the last assistant turn, reasoning, answer) of that last turn."""
+    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+    if last is None:
+        raise TraceError(f"a messages row has no assistant turn to learn from (roles: "
+                         f"{[m['role'] for m in messages]}); each row needs one")
+    content = messages[last]["content"]
+    if THINK_CLOSE not in content:
+        if THINK_OPEN in content:  # reasoning cut off before its end: no answer, dropped as empty_answer
+            return messages[:last], content.split(THINK_OPEN, 1)[1].strip(), ""
+        return messages[:last], "", content.strip()
+    # R1 outputs may lack the opening tag when the template wrote it; text before </think> is reasoning.
+    reasoning, answer = content.split(THINK_CLOSE, 1)
+    return messages[:last], reasoning.split(THINK_OPEN, 1)[-1].strip(), answer.strip()
+
+
+def _as_messages(value, field: str) -> list[dict]:
+    def is_turn(m) -> bool:
+        return isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+    if not isinstance(value, list) or not all(is_turn(m) for m in value):
+        raise TraceError(f"field {field!r} must be a list of {{'role': str, 'content': str}} turns, got "
+                         f"{str(value)[:200]!r}")
+    return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
+# ---------------------------------------------------------------- encoding
+
+
+@dataclasses.dataclass
+class Encoded:
+    """One tokenized trace; all arrays are [n] over the same tokens."""
+
+    tokens: np.ndarray  # int32 token ids
+    role: np.ndarray  # uint8: 0 prompt, 1 reasoning (tags included), 2 answer (EOS included)
+    step: np.ndarray  # int32 reasoning step index; -1 outside the reasoning
+    reasoning_span: tuple[int, int]  # [start, end) token indices of the reasoning text, tags excluded
+
+    @property
+    def num_reasoning_tokens(self) -> int:
+        return self.reasoning_span[1] - self.reasoning_span[0]
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+
+def render_prompt(tokenizer, prompt_messages: list[dict]) -> str:
+    """The chat template's text for the prompt turns plus the assistant generation prompt."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise TraceError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no chat_template; use an "
+                         "instruct/chat tokenizer or set tokenizer.chat_template")
+    text = tokenizer.apply_chat_template(prompt_messages, tokenize=False, add_generation_prompt=True)
+    if text.rstrip().endswith(THINK_CLOSE):
+        raise TraceError("the chat template's generation prompt already closes a think block (e.g. Qwen3 with "
+                         "enable_thinking=False); use a template that leaves the reasoning to the assistant")
+    return text
+
+
+def encode_example(tokenizer, prompt_messages: list[dict], reasoning: str, answer: str, *,
+                   step_separator: str = "\n\n") -> Encoded:
+    """Tokenizes one trace: the template renders the prompt, the target is appended as text.
+
+    Returns tokens int32 [n], role uint8 [n], step int32 [n] (see the module docstring), the EOS
+    id last; reasoning and answer are used as given (parse_row strips them).
+    """
+    return _encode_rendered(tokenizer, render_prompt(tokenizer, prompt_messages), reasoning, answer, step_separator)
+
+
+def _encode_rendered(tokenizer, prompt_text: str, reasoning: str, answer: str, step_separator: str) -> Encoded:
+    if tokenizer.eos_token_id is None:
+        raise TraceError("tokenizer has no eos_token_id; set tokenizer.eos_token so the student learns to stop")
+    # DeepSeek-R1-Distill and some Qwen3 templates open the think block themselves; that tag is
+    # then prompt (role 0): at inference the template writes it, the student never predicts it.
+    opening = THINK_OPEN + "\n"
+    if prompt_text.endswith(THINK_OPEN + "\n"):
+        opening = ""
+    elif prompt_text.endswith(THINK_OPEN):
+        opening = "\n"
+
+    # Character spans in token order: (text, role, step). Pieces 2 .. len-3 are the paragraphs.
+    paragraphs = reasoning.split(step_separator) if step_separator else [reasoning]
+    last_step = len(paragraphs) - 1
+    pieces = [(prompt_text, PROMPT, -1), (opening, REASONING, 0)]
+    pieces += [(p + (step_separator if k < last_step else ""), REASONING, k) for k, p in enumerate(paragraphs)]
+    pieces += [(CLOSE_TEXT, REASONING, last_step), (answer, ANSWER, -1)]
+    text = "".join(piece for piece, _, _ in pieces)
+    piece_ends = np.cumsum([len(piece) for piece, _, _ in pieces])
+
+    try:
+        encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+    except NotImplementedError as e:  # slow (Python) tokenizers have no offsets
+        raise TraceError("encoding traces needs a fast tokenizer (offsets); load it with use_fast=True") from e
+    starts_N = np.asarray([start for start, _ in encoding["offset_mapping"]], dtype=np.int64)
+    # side="right": a token starting exactly at a piece's end belongs to the next (non-empty) piece.
+    piece_N = np.minimum(np.searchsorted(piece_ends, starts_N, side="right"), len(pieces) - 1)
+    roles = np.asarray([role for _, role, _ in pieces], dtype=np.uint8)
+    steps = np.asarray([step for _, _, step in pieces], dtype=np.int32)
+    # Tokens are in text order, so piece_N is sorted and each piece's tokens are one run.
+    reasoning_span = (int(np.searchsorted(piece_N, 2)), int(np.searchsorted(piece_N, len(pieces) - 2)))
+
+    tokens = np.append(np.asarray(encoding["input_ids"], dtype=np.int32), np.int32(tokenizer.eos_token_id))
+    return Encoded(tokens=tokens, role=np.append(roles[piece_N], np.uint8(ANSWER)),
+                   step=np.append(steps[piece_N], np.int32(-1)), reasoning_span=reasoning_span)
+
+
+def truncate_reasoning(example: Encoded, seq_len: int) -> Encoded | None:
+    """Cuts reasoning tokens from the end of the reasoning so the example is exactly seq_len tokens.
+
+    Keeps the prompt, the opening tag, the start of the reasoning, the closing tag and the whole
+    answer + EOS; None when those alone do not fit.
+    """
+    start, end = example.reasoning_span
+    keep = seq_len - (len(example) - example.num_reasoning_tokens)
+    if keep < 0:
+        return None
+    keep = min(keep, end - start)
+    kept_N = np.r_[0:start + keep, end:len(example)]
+    step = example.step[kept_N].copy()
+    # The closing tag belonged to the last step, which may be cut: it closes the last step kept.
+    close_N = np.flatnonzero(example.role[kept_N[start + keep:]] == REASONING) + start + keep
+    step[close_N] = step[start + keep - 1] if keep else 0
+    return Encoded(tokens=example.tokens[kept_N], role=example.role[kept_N], step=step,
+                   reasoning_span=(start, start + keep))
+
+
+# ---------------------------------------------------------------- the filtered set
+
+
+@dataclasses.dataclass
+class FilterReport:
+    """How many traces each filter removed (or truncated), in the order the filters run."""
+
+    read: int = 0
+    empty_answer: int = 0
+    duplicate: int = 0
+    reasoning_too_short: int = 0
+    reasoning_too_long: int = 0
+    overlong_dropped: int = 0
+    overlong_truncated: int = 0  # kept, with the end of the reasoning cut
+    kept: int = 0
+
+    def __str__(self) -> str:
+        lines = [f"traces: read {self.read}, kept {self.kept}"]
+        for field in dataclasses.fields(self):
+            count = getattr(self, field.name)
+            if field.name not in ("read", "kept") and count:
+                lines.append(f"  {field.name}: {count}")
+        return "\n".join(lines)
+
+
+def encode_traces(dataset: datasets.Dataset, tokenizer, data_cfg: DataConfig) -> tuple[list[Encoded], FilterReport]:
+    """Parses, filters and tokenizes every row, keeping the input order of the survivors."""
+    check_fields(dataset, data_cfg)
+    report = FilterReport()
+    seen: set[bytes] = set()
+    encoded = []
+    for index, row in enumerate(dataset):
+        report.read += 1
+        try:
+            prompt_messages, reasoning, answer = parse_row(row, data_cfg)
+        except TraceError as e:
+            raise TraceError(f"trace row {index}: {e}") from None
+        if not answer:
+            report.empty_answer += 1
+            continue
+        prompt_text = render_prompt(tokenizer, prompt_messages)
+        # A digest, not the strings: the set must stay small for millions of long traces.
+        key = hashlib.sha256("\0".join((prompt_text, reasoning, answer)).encode()).digest()
+        if key in seen:
+            report.duplicate += 1
+            continue
+        seen.add(key)
+        example = _encode_rendered(tokenizer, prompt_text, reasoning, answer, data_cfg.step_separator)
+        if example.num_reasoning_tokens < data_cfg.min_reasoning_tokens:
+            report.reasoning_too_short += 1
+            continue
+        if data_cfg.max_reasoning_tokens is not None and example.num_reasoning_tokens > data_cfg.max_reasoning_tokens:
+            report.reasoning_too_long += 1
+            continue
+        if len(example) > data_cfg.seq_len:
+            example = truncate_reasoning(example, data_cfg.seq_len) if data_cfg.overlong == "truncate" else None
+            if example is None:
+                report.overlong_dropped += 1
+                continue
+            report.overlong_truncated += 1
+        encoded.append(example)
+    report.kept = len(encoded)
+    return encoded, report

@@ -1,0 +1,251 @@
+"""Traces -> tokens: roles and steps by character span, the think-tag layout, both row formats,
+every filter, and loading JSONL / Parquet / folders. A tiny in-process BPE tokenizer stands in for
+a real one; one slow test uses SmolLM2's real tokenizer and chat template."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import datasets
+import numpy as np
+import pytest
+import transformers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from kd_jax.config import DataConfig
+from kd_jax.data.traces import (TraceError, encode_example, encode_traces, load_traces, render_prompt,
+                                split_messages)
+
+EOS = "<|endoftext|>"
+SPECIALS = [EOS, "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+QUESTION = [{"role": "user", "content": "What is six times seven?"}]
+THREE_STEPS = "first paragraph\n\nsecond paragraph\n\nthird paragraph"
+
+
+def make_tokenizer(corpus: list[str], *, split_words: bool = True, template: str = CHATML):
+    """A byte-level BPE trained on `corpus`; split_words=False lets merges cross whitespace."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=split_words)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIALS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus * 5, trainer)
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS,
+                                                     clean_up_tokenization_spaces=False)
+    tokenizer.chat_template = template
+    return tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return make_tokenizer(["first paragraph second paragraph third paragraph", "What is six times seven? 42"])
+
+
+def groups(tokenizer, example) -> list[tuple[int, int, str]]:
+    """(role, step, decoded text) for each run of tokens with the same role and step."""
+    runs = itertools.groupby(range(len(example.tokens)), key=lambda t: (int(example.role[t]), int(example.step[t])))
+    return [(role, step, tokenizer.decode(example.tokens[list(ts)].tolist())) for (role, step), ts in runs]
+
+
+def check_arrays(example):
+    n = len(example.tokens)
+    assert example.tokens.dtype == np.int32 and example.role.dtype == np.uint8 and example.step.dtype == np.int32
+    assert example.role.shape == example.step.shape == (n,)
+
+
+def test_three_paragraphs_roles_and_steps(tokenizer):
+    example = encode_example(tokenizer, QUESTION, THREE_STEPS, "42")
+    check_arrays(example)
+    prompt = render_prompt(tokenizer, QUESTION)
+    assert prompt.endswith("<|im_start|>assistant\n")
+    assert groups(tokenizer, example) == [
+        (0, -1, prompt),
+        (1, 0, "<think>\nfirst paragraph\n\n"),
+        (1, 1, "second paragraph\n\n"),
+        (1, 2, "third paragraph\n</think>\n\n"),
+        (2, -1, "42" + EOS),
+    ]
+    assert example.tokens[-1] == tokenizer.eos_token_id and example.role[-1] == 2
+    start, end = example.reasoning_span
+    assert tokenizer.decode(example.tokens[start:end].tolist()) == THREE_STEPS
+    assert example.num_reasoning_tokens == end - start
+
+
+def test_one_step_and_empty_reasoning(tokenizer):
+    one = encode_example(tokenizer, QUESTION, "first paragraph\nsecond paragraph", "42")
+    assert groups(tokenizer, one)[1:] == [(1, 0, "<think>\nfirst paragraph\nsecond paragraph\n</think>\n\n"),
+                                          (2, -1, "42" + EOS)]
+    empty = encode_example(tokenizer, QUESTION, "", "42")
+    assert groups(tokenizer, empty)[1:] == [(1, 0, "<think>\n\n</think>\n\n"), (2, -1, "42" + EOS)]
+    assert empty.num_reasoning_tokens == 0
+
+
+def test_custom_step_separator(tokenizer):
+    example = encode_example(tokenizer, QUESTION, "first paragraph\nsecond paragraph", "42", step_separator="\n")
+    assert groups(tokenizer, example)[1:3] == [(1, 0, "<think>\nfirst paragraph\n"),
+                                               (1, 1, "second paragraph\n</think>\n\n")]
+
+
+def test_token_straddling_a_boundary_takes_its_first_character():
+    # No pre-tokenizer split: BPE learns "ab\n\ncd" as one token across the step-0/step-1 boundary.
+    tokenizer = make_tokenizer(["ab\n\ncd"], split_words=False)
+    example = encode_example(tokenizer, [{"role": "user", "content": "q"}], "ab\n\ncd", "x")
+    pieces = [tokenizer.decode([int(t)]) for t in example.tokens]
+    straddler = pieces.index("ab\n\ncd")
+    assert (example.role[straddler], example.step[straddler]) == (1, 0)
+    assert tokenizer.decode(example.tokens[example.step == 1].tolist()) == "\n</think>\n\n"
+
+
+@pytest.mark.parametrize("opening", ["<think>\n", "<think>"])
+def test_template_that_opens_the_think_block(opening):
+    template = CHATML.replace("assistant\n{% endif %}", "assistant\n" + opening + "{% endif %}")
+    tokenizer = make_tokenizer(["first paragraph second paragraph third paragraph"], template=template)
+    example = encode_example(tokenizer, QUESTION, THREE_STEPS, "42")
+    text = tokenizer.decode(example.tokens.tolist())
+    assert text.count("<think>") == 1 and text.count("</think>") == 1
+    found = groups(tokenizer, example)
+    # The template's tag is prompt: at inference the template writes it, the student never predicts it.
+    assert found[0] == (0, -1, render_prompt(tokenizer, QUESTION)) and found[0][2].endswith(opening)
+    first_step = "first paragraph\n\n" if opening.endswith("\n") else "\nfirst paragraph\n\n"
+    assert found[1] == (1, 0, first_step)
+
+
+def test_split_messages():
+    system = {"role": "system", "content": "Be brief."}
+    turn = {"role": "user", "content": "2+2?"}
+    think = {"role": "assistant", "content": "<think>\n  add them \n</think>\n\n 4 "}
+    assert split_messages([system, turn, think]) == ([system, turn], "add them", "4")
+    assert split_messages([turn, {"role": "assistant", "content": " 4\n"}]) == ([turn], "", "4")
+    # Generation cut off inside the think block: no answer, so the empty_answer filter drops it.
+    assert split_messages([turn, {"role": "assistant", "content": "<think>add"}]) == ([turn], "add", "")
+    # The opening tag written by the template is absent from the output; </think> alone still splits.
+    assert split_messages([turn, {"role": "assistant", "content": "add\n</think>\n4"}]) == ([turn], "add", "4")
+    multi = [system, turn, {"role": "assistant", "content": "4"}, {"role": "user", "content": "times 3?"}, think]
+    assert split_messages(multi) == (multi[:4], "add them", "4")
+    with pytest.raises(TraceError, match="no assistant turn"):
+        split_messages([turn])
+
+
+def test_bad_rows_name_the_row(tokenizer):
+    rows = datasets.Dataset.from_list([{"messages": [{"role": "user", "content": "hi"}]}])
+    with pytest.raises(TraceError, match="trace row 0: .*no assistant turn"):
+        encode_traces(rows, tokenizer, DataConfig(format="messages"))
+    numeric = datasets.Dataset.from_list([{"prompt": "6*7?", "reasoning": None, "answer": 42}])
+    (example,), _ = encode_traces(numeric, tokenizer, DataConfig())
+    assert tokenizer.decode(example.tokens.tolist()).endswith("<think>\n\n</think>\n\n42" + EOS)
+
+
+def test_messages_format_encodes_like_r1(tokenizer):
+    earlier = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    rows = [{"messages": earlier + QUESTION + [{"role": "assistant", "content": f"<think>{THREE_STEPS}</think>42"}]}]
+    (example,), report = encode_traces(datasets.Dataset.from_list(rows), tokenizer, DataConfig(format="messages"))
+    assert report.kept == 1
+    expected = encode_example(tokenizer, earlier + QUESTION, THREE_STEPS, "42")
+    np.testing.assert_array_equal(example.tokens, expected.tokens)
+    np.testing.assert_array_equal(example.step, expected.step)
+    assert "<|im_start|>assistant\nhello<|im_end|>" in groups(tokenizer, example)[0][2]  # earlier turns kept
+
+
+def filter_rows(tokenizer):
+    """Rows hitting each filter, and a config whose limits sit between their measured lengths."""
+    def row(reasoning, answer="42", prompt="What is six times seven?"):
+        return {"prompt": prompt, "reasoning": reasoning, "answer": answer}
+    fits = row(THREE_STEPS)
+    overlong = row("\n\n".join([THREE_STEPS] * 3))
+    too_long = row("\n\n".join([THREE_STEPS] * 4))
+    too_short = row("first")
+    long_prompt = row("first paragraph", prompt=" ".join(["What is six times seven?"] * 10))
+    empty_answers = [row("thinking", answer="  \n"), row("thinking", answer=None)]
+    rows = empty_answers + [fits, dict(fits), too_short, too_long, overlong, long_prompt]
+
+    def measure(r):
+        return encode_example(tokenizer, [{"role": "user", "content": r["prompt"]}], r["reasoning"], r["answer"])
+    seq_len = len(measure(fits)) + 5  # `fits` fits; `overlong` gets cut inside a paragraph
+    assert len(measure(overlong)) > seq_len
+    assert len(measure(long_prompt)) - measure(long_prompt).num_reasoning_tokens > seq_len  # cannot be truncated
+    limits = dict(seq_len=seq_len, min_reasoning_tokens=measure(too_short).num_reasoning_tokens + 1,
+                  max_reasoning_tokens=measure(overlong).num_reasoning_tokens)
+    return datasets.Dataset.from_list(rows), limits, measure(fits), measure(overlong)
+
+
+def test_filters_drop(tokenizer):
+    dataset, limits, fits, _ = filter_rows(tokenizer)
+    encoded, report = encode_traces(dataset, tokenizer, DataConfig(overlong="drop", **limits))
+    assert (report.read, report.empty_answer, report.duplicate, report.reasoning_too_short, report.reasoning_too_long,
+            report.overlong_dropped, report.overlong_truncated, report.kept) == (8, 2, 1, 1, 1, 2, 0, 1)
+    np.testing.assert_array_equal(encoded[0].tokens, fits.tokens)
+    assert str(report).splitlines() == ["traces: read 8, kept 1", "  empty_answer: 2", "  duplicate: 1",
+                                        "  reasoning_too_short: 1", "  reasoning_too_long: 1", "  overlong_dropped: 2"]
+
+
+def test_filters_truncate_keeps_answer_and_closing_tag(tokenizer):
+    dataset, limits, fits, overlong = filter_rows(tokenizer)
+    seq_len = limits["seq_len"]
+    encoded, report = encode_traces(dataset, tokenizer, DataConfig(overlong="truncate", **limits))
+    assert (report.overlong_truncated, report.overlong_dropped, report.kept) == (1, 1, 2)  # the long prompt cannot fit
+    first, cut = encoded  # input order kept
+    np.testing.assert_array_equal(first.tokens, fits.tokens)
+    assert len(cut.tokens) == len(cut.role) == len(cut.step) == seq_len
+    start, end = cut.reasoning_span
+    np.testing.assert_array_equal(cut.tokens[:end], overlong.tokens[:end])  # prompt + start of reasoning
+    kept_reasoning = tokenizer.decode(cut.tokens[start:end].tolist())
+    assert "\n\n".join([THREE_STEPS] * 3).startswith(kept_reasoning)
+    assert kept_reasoning.startswith(THREE_STEPS + "\n\nfirst")
+    assert groups(tokenizer, cut)[-2] == (1, 3, "first paragraph\n\n</think>\n\n")  # cut inside step 3's separator
+    assert tokenizer.decode(cut.tokens[end:].tolist()) == "\n</think>\n\n42" + EOS
+    assert cut.role[-1] == 2 and cut.tokens[-1] == tokenizer.eos_token_id
+    # Steps stay contiguous: the closing tag closes the last step that survived the cut.
+    reasoning_steps = cut.step[cut.role == 1]
+    assert reasoning_steps[0] == 0 and np.all(np.diff(reasoning_steps) >= 0) and np.all(np.diff(reasoning_steps) <= 1)
+    assert groups(tokenizer, cut)[-2][2].endswith("\n</think>\n\n")
+
+
+ROWS = [{"prompt": "What is six times seven?", "reasoning": "first paragraph", "answer": "42"},
+        {"prompt": "What is six times seven?", "reasoning": "second paragraph", "answer": "42"}]
+
+
+def test_load_jsonl_parquet_and_folder(tmp_path):
+    jsonl = tmp_path / "folder" / "a.jsonl"
+    jsonl.parent.mkdir()
+    jsonl.write_text("".join(json.dumps(row) + "\n" for row in ROWS))
+    parquet = tmp_path / "folder" / "b.parquet"
+    datasets.Dataset.from_list(ROWS[:1]).to_parquet(str(parquet))
+    assert load_traces(DataConfig(traces=str(jsonl)))["reasoning"] == ["first paragraph", "second paragraph"]
+    assert load_traces(DataConfig(traces=str(parquet)))["reasoning"] == ["first paragraph"]
+    assert load_traces(DataConfig(traces=str(jsonl.parent))).num_rows == 3
+
+
+def test_load_errors(tmp_path):
+    jsonl = tmp_path / "traces.jsonl"
+    jsonl.write_text("".join(json.dumps(row) + "\n" for row in ROWS))
+    with pytest.raises(TraceError) as error:
+        load_traces(DataConfig(traces=str(jsonl), reasoning_field="thoughts"))
+    assert "'thoughts'" in str(error.value) and "prompt, reasoning, answer" in str(error.value)
+    assert "data.reasoning_field" in str(error.value)
+    with pytest.raises(TraceError, match="data.messages_field"):
+        load_traces(DataConfig(traces=str(jsonl), format="messages"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(TraceError, match="no \\*.jsonl"):
+        load_traces(DataConfig(traces=str(tmp_path / "empty")))
+    with pytest.raises(TraceError, match="does not exist"):
+        load_traces(DataConfig(traces=str(tmp_path / "missing.jsonl")))
+
+
+@pytest.mark.slow
+def test_real_smollm2_tokenizer(smollm2_dir):
+    tokenizer = transformers.AutoTokenizer.from_pretrained(smollm2_dir)
+    example = encode_example(tokenizer, QUESTION, THREE_STEPS, "The answer is 42.")
+    check_arrays(example)
+    prompt = render_prompt(tokenizer, QUESTION)
+    assert prompt.endswith("<|im_start|>assistant\n")
+    assert groups(tokenizer, example) == [
+        (0, -1, prompt),
+        (1, 0, "<think>\nfirst paragraph\n\n"),
+        (1, 1, "second paragraph\n\n"),
+        (1, 2, "third paragraph\n</think>\n\n"),
+        (2, -1, "The answer is 42." + tokenizer.eos_token),
+    ]
+    assert example.tokens[-1] == tokenizer.eos_token_id
