@@ -49,6 +49,9 @@ def topk_logprobs(model, tokens_BxT: jax.Array, *, k: int, vocab_size: int, logi
     return unchunk(ids_SxBxCxK), unchunk(vals_SxBxCxK)
 
 
+_topk_jit = nnx.jit(topk_logprobs, static_argnames=("k", "vocab_size", "logits_chunk"))
+
+
 @dataclasses.dataclass
 class Progress:
     tokens: int = 0  # sequence tokens run through the teacher (duplicates at window edges included)
@@ -77,7 +80,6 @@ def run_teacher(store: KDStore, model, mesh, pre_cfg, *, process: int = 0, proce
     """Fill this process's unfinished chunks of `store` with the teacher's top-K rows."""
     meta, offsets = store.meta, store.offsets
     C, K = meta.chunk_tokens, meta.k
-    fn = nnx.jit(topk_logprobs, static_argnames=("k", "vocab_size", "logits_chunk"))
     batch_sharding = sharding.batch_sharding(mesh, 2)
     multiple = int(np.prod([mesh.shape[a] for a in ("data", "fsdp")]))
     mine = process_chunks(meta.num_chunks, process, processes)
@@ -109,7 +111,7 @@ def run_teacher(store: KDStore, model, mesh, pre_cfg, *, process: int = 0, proce
             for r, s in enumerate(batch):
                 tokens[r, :lengths[s]] = window_tokens[offsets[s] - base:offsets[s + 1] - base]
             with jax.set_mesh(mesh):
-                ids, lps = fn(model, jax.device_put(tokens, batch_sharding), k=K, vocab_size=meta.vocab_size,
+                ids, lps = _topk_jit(model, jax.device_put(tokens, batch_sharding), k=K, vocab_size=meta.vocab_size,
                               logits_chunk=min(pre_cfg.logits_chunk, length))
             ids, lps = np.asarray(ids), np.asarray(lps)
             for r, s in enumerate(batch):

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 
-from kd_jax.bench import loss
+from kd_jax.bench import loss, store
 
 # Sub-command name -> module with `add_arguments(parser)` and `run(args)`.
-BENCHMARKS = {"loss": loss}
+BENCHMARKS = {"loss": loss, "store": store}
 
 
 def main(argv=None):
