@@ -101,6 +101,7 @@ class DataConfig:
     messages_field: str = "messages"  # field holding the chat messages (format=messages)
     tokenizer: str | None = None  # HF tokenizer folder or hub id; None = the teacher's (teacher.hf_path)
     store: str | None = None  # KD store (folder or TensorStore kvstore URL) written by kd_jax.precompute
+    allow_incomplete: bool = False  # train on the finished part of an incomplete KD store instead of failing
     top_k: int = 64  # teacher logits kept per token (count)
     seq_len: int = 2048  # packed sequence length in tokens
     step_separator: str = "\n\n"  # text that splits the reasoning into steps

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 
-from kd_jax.bench import loss, store
+from kd_jax.bench import input as input_, loss, store  # `input_`: not the builtin
 
 # Sub-command name -> module with `add_arguments(parser)` and `run(args)`.
-BENCHMARKS = {"loss": loss, "store": store}
+BENCHMARKS = {"input": input_, "loss": loss, "store": store}
 
 
 def main(argv=None):

@@ -8,8 +8,8 @@ import dataclasses
 import jax.numpy as jnp
 from flax import nnx
 
-from kd_jax.models.decoder import Decoder, init_decoder
-from kd_jax.models.hf import config_from_hf, load_hf
+from kd_jax.models.decoder import Decoder, DecoderConfig, init_decoder
+from kd_jax.models.hf import config_from_hf, load_hf, read_hf_config, resolve_path
 
 
 def keep_layers(model: Decoder, layers: list[int], **overrides) -> Decoder:
@@ -50,3 +50,14 @@ def build_model(src, *, mesh=None, seed: int = 0, teacher: Decoder | None = None
             raise ValueError("init=teacher_layers needs a teacher model and the teacher_layers list to keep")
         return keep_layers(teacher, list(src.teacher_layers), **opts)
     raise ValueError(f"init={src.init!r}; choose hf, random or teacher_layers")
+
+
+def source_config(src, teacher_src=None) -> DecoderConfig:
+    """The DecoderConfig `build_model(src, teacher=...)` would build, without reading weights."""
+    opts = dict(param_dtype=src.param_dtype, dtype=src.dtype, scan_layers=src.scan_layers, remat=src.remat)
+    if src.init == "hf":
+        return config_from_hf(read_hf_config(resolve_path(src.hf_path, src.revision)), **opts)
+    if src.init == "random":
+        return config_from_hf(src.architecture, **opts)
+    teacher = source_config(teacher_src)
+    return dataclasses.replace(teacher, num_layers=len(src.teacher_layers), **opts)

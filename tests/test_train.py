@@ -1,0 +1,192 @@
+"""`python -m kd_jax.train` end to end on 8 fake CPU devices: loss falls, export loads in
+transformers, exact resume after SIGKILL and SIGTERM, gradient accumulation, packing, mesh change."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from flax import nnx
+
+import tiny_kd
+from kd_jax import sharding
+from kd_jax.config import load_config
+from kd_jax.data.pipeline import make_eval_iter, make_train_iter
+from kd_jax.data.store import KDStore
+from kd_jax.export import export, restore_student
+from kd_jax.models import build_model
+from kd_jax.precompute import run as precompute
+from kd_jax.step import compile_steps, make_optimizer
+from kd_jax.train import init_opt_state, to_global
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 12
+
+
+def _common(root) -> list[str]:
+    return [f"teacher.hf_path={root}/teacher", "teacher.param_dtype=float32", "teacher.dtype=float32",
+            f"data.traces={root}/traces.jsonl", f"data.store={root}/store", "data.top_k=8", "data.seq_len=128",
+            "precompute.chunk_tokens=256", "precompute.bucket=32", "precompute.batch_tokens=1024"]
+
+
+def _train_args(root, name, **extra) -> list[str]:
+    kw = {"run.output_dir": f"{root}/runs", "run.name": name, "run.log_every": 1, "run.tensorboard": "false",
+          "student.init": "teacher_layers", "student.teacher_layers": "[1]", "student.dtype": "float32",
+          "train.steps": STEPS, "train.global_batch_size": 8, "train.eval_every": 0, "optim.lr": 3e-3,
+          "optim.warmup_steps": 2, "data.eval_fraction": 0.1, "checkpoint.every_steps": 4, "loss.beta": 0.5,
+          "loss.chunk_size": 128, **extra}
+    return _common(root) + [f"{k}={v}" for k, v in kw.items()]
+
+
+def _cli(module, args, **popen):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    return subprocess.Popen([sys.executable, "-m", module, *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **popen)
+
+
+def _run(module, args):
+    out, _ = (p := _cli(module, args)).communicate(timeout=300)
+    assert p.returncode == 0, out.decode()[-3000:]
+    return out.decode()
+
+
+def _losses(root, name) -> dict[int, float]:
+    """step -> train loss; a resumed run rewrites the steps after its checkpoint (last one wins)."""
+    out = {}
+    with open(f"{root}/runs/{name}/metrics.jsonl") as f:
+        for line in f:
+            row = json.loads(line)
+            if row["split"] == "train":
+                out[row["step"]] = row["loss"]
+    return out
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("train"))
+    tiny_kd.make(root, n_traces=40)
+    precompute(load_config(None, _common(root) + ["mesh.data=-1", f"run.output_dir={root}/runs"]),
+               show_progress=False)
+    _run("kd_jax.train", _train_args(root, "reference"))
+    return root
+
+
+@pytest.mark.slow
+def test_train_loss_falls_and_export_loads_in_transformers(root):
+    losses = _losses(root, "reference")
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    assert np.mean([losses[s] for s in (10, 11, 12)]) < np.mean([losses[s] for s in (1, 2, 3)]) - 0.3
+    _run("kd_jax.export", ["--run", f"{root}/runs/reference", "--out", f"{root}/export"])
+    hf = transformers.AutoModelForCausalLM.from_pretrained(f"{root}/export", dtype=torch.float32).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(f"{root}/export")
+    assert len(tok) == len(transformers.AutoTokenizer.from_pretrained(f"{root}/teacher"))
+    student, step, _ = restore_student(f"{root}/runs/reference")
+    assert step == STEPS
+    tokens = np.asarray(KDStore.open(f"{root}/store").read(0)["tokens"])[None]
+    with torch.no_grad():
+        ref = hf(torch.tensor(tokens)).logits.numpy()
+    np.testing.assert_allclose(np.asarray(student(jnp.asarray(tokens))), ref, atol=1e-4, rtol=0)
+
+
+def _interrupt(root, name, sig) -> None:
+    """Start a run, deliver `sig` once its first checkpoint is final, then run it again to the end."""
+    proc = _cli("kd_jax.train", _train_args(root, name))
+    ckpts = f"{root}/runs/{name}/checkpoints"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.isdir(ckpts) and any(d.isdigit() for d in os.listdir(ckpts)):
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be interrupted"
+    proc.send_signal(sig)
+    out, _ = proc.communicate(timeout=120)
+    if sig == signal.SIGTERM:  # preemption: a clean exit after saving the current step
+        assert proc.returncode == 0 and "SIGTERM: saved step" in out.decode(), out.decode()[-3000:]
+    assert len(_losses(root, name)) < STEPS
+    _run("kd_jax.train", _train_args(root, name))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["sigkill", "sigterm"])
+def test_resume_is_bitwise_identical(root, sig):
+    name = f"resume_{sig.name.lower()}"
+    _interrupt(root, name, sig)
+    assert _losses(root, name) == _losses(root, "reference")  # bitwise: floats round-trip through JSON
+
+
+@pytest.mark.slow
+def test_restore_on_another_mesh_gives_the_same_next_step_loss(root):
+    # a copy of the reference run's checkpoint at step 8, continued one step on a (2, 4, 1) mesh
+    src, dst = f"{root}/runs/reference", f"{root}/runs/mesh"
+    os.makedirs(f"{dst}/checkpoints")
+    os.system(f"cp -r {src}/checkpoints/8 {dst}/checkpoints/8")
+    _run("kd_jax.train", _train_args(root, "mesh", **{"mesh.data": 2, "mesh.fsdp": 4, "train.steps": 9}))
+    np.testing.assert_allclose(_losses(root, "mesh")[9], _losses(root, "reference")[9], rtol=1e-5)
+
+
+def _setup(root, **overrides):
+    cfg = load_config(None, _train_args(root, "inproc", **overrides))
+    mesh = sharding.mesh_from_config(cfg.mesh)
+    teacher = build_model(cfg.teacher, mesh=mesh)
+    graphdef, params = nnx.split(build_model(cfg.student, mesh=mesh, teacher=teacher))
+    return cfg, mesh, graphdef, params
+
+
+def test_gradient_accumulation_gives_the_same_update(root):
+    cfg, mesh, graphdef, params = _setup(root)
+    store = KDStore.open(cfg.data.store)
+    batch = next(make_train_iter(cfg.data.store, np.arange(len(store)), cfg.data, global_batch_size=8, seed=0))
+    tx, _ = make_optimizer(cfg.optim, cfg.train.steps)
+    results = []
+    for accum in (1, 4):
+        opt_state = init_opt_state(tx, params, mesh)
+        steps = compile_steps(graphdef, tx, cfg.loss, accum, mesh, jax.tree.map(lambda x: x.sharding, params),
+                              jax.tree.map(lambda x: x.sharding, opt_state))
+        p = jax.tree.map(jnp.copy, params)  # the step donates its inputs
+        with jax.set_mesh(mesh):
+            new, _, _, metrics = steps.train(p, opt_state, jnp.zeros((), jnp.int32), to_global(batch, mesh))
+        results.append((jax.device_get(new), jax.device_get(metrics)))
+    (p1, m1), (p4, m4) = results
+    np.testing.assert_allclose(m4["loss"], m1["loss"], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p4)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_packing_keeps_documents_apart(root):
+    """Losses of a packed batch equal the sums over its documents evaluated one per row: any
+    attention or loss term crossing a segment boundary would change them."""
+    cfg, mesh, graphdef, params = _setup(root)
+    store = KDStore.open(cfg.data.store)
+    tx, _ = make_optimizer(cfg.optim, cfg.train.steps)
+    opt_state = init_opt_state(tx, params, mesh)
+    steps = compile_steps(graphdef, tx, cfg.loss, 1, mesh, jax.tree.map(lambda x: x.sharding, params),
+                          jax.tree.map(lambda x: x.sharding, opt_state))
+    packed = next(make_eval_iter(cfg.data.store, np.arange(len(store)), cfg.data, batch_size=8))
+    assert (packed["segment_ids"].max(axis=1) > 1).any(), "the batch must actually pack documents"
+    alone = {k: np.zeros_like(v[:1]).repeat(8 * 8, axis=0) for k, v in packed.items()}
+    for k, fill in (("topk_ids", -1), ("step", -1)):
+        alone[k][...] = fill
+    row = 0
+    for b in range(8):
+        for s in range(1, packed["segment_ids"][b].max() + 1):
+            idx = np.flatnonzero(packed["segment_ids"][b] == s)
+            for k in alone:
+                alone[k][row, :len(idx)] = packed[k][b, idx]
+            alone["segment_ids"][row, :len(idx)] = 1
+            row += 1
+    assert row <= 64
+    with jax.set_mesh(mesh):
+        a = jax.device_get(steps.eval(params, to_global(packed, mesh)))
+        b = jax.device_get(steps.eval(params, to_global(alone, mesh)))
+    for key in ("soft_sum", "hard_sum", "num_tokens", "top1_agree", "loss"):
+        np.testing.assert_allclose(a[key], b[key], rtol=2e-5, err_msg=key)
