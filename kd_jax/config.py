@@ -150,7 +150,7 @@ class LossConfig:
     tail: bool = False  # add the probability mass outside the teacher top-k as one extra bucket
     step_weight: float = 1.0  # weight w_s of each reasoning step in the step loss
     answer_weight: float = 1.0  # weight w_s of each answer in the step loss
-    chunk_size: int = 1024  # tokens per chunk when computing the vocab-sized loss (bounds memory)
+    chunk_size: int = 512  # tokens per chunk of the fused loss, global over devices (bounds its [chunk, vocab] memory)
 
     def __post_init__(self):
         _check_choice("divergence", self.divergence, ("forward_kl", "reverse_kl", "jsd"))

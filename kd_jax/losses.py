@@ -306,7 +306,7 @@ _fused.defvjp(_fused_fwd, _fused_bwd)
 
 
 def kd_loss(hidden_NxD, out_embed_DxV, labels_N, topk_ids_NxK, topk_logprobs_NxK, a_N, b_N, *,
-            temperature=1.0, divergence="forward_kl", jsd_beta=0.5, tail=False, chunk_size=1024):
+            temperature=1.0, divergence="forward_kl", jsd_beta=0.5, tail=False, chunk_size=512):
     """Fused distillation loss Σ_t a_t·soft_t + b_t·hard_t (nats) and its metrics.
 
     hidden_NxD: final hidden states (their dtype is the compute dtype); out_embed_DxV: the output

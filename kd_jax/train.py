@@ -8,11 +8,13 @@ included. SIGTERM saves at the current step and exits 0.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import sys
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -111,13 +113,28 @@ def evaluate(steps, params, store_path, eval_idx, cfg: Config, mesh) -> dict[str
     return out
 
 
-def train(cfg: Config) -> dict[str, float]:
-    """Run (or resume) training; returns the last logged train metrics."""
+@dataclasses.dataclass
+class Run:
+    """Everything the loop (or a benchmark) needs, built from the config."""
+    cfg: Config
+    mesh: Any
+    student: Any
+    graphdef: Any
+    params: Any
+    opt_state: Any
+    nonfinite: jax.Array
+    schedule: Any
+    steps: Any
+    data_iter: Any
+    train_idx: np.ndarray
+    eval_idx: np.ndarray
+
+
+def prepare(cfg: Config) -> Run:
+    """Mesh, store checks, student, optimizer, jitted steps and the train iterator (fresh state)."""
     if not cfg.data.store:
         raise StoreError("data.store is not set: build a store with `python -m kd_jax.precompute` first")
     mesh = sharding.mesh_from_config(cfg.mesh)
-    if jax.process_index() == 0:
-        save_config(cfg)
     store = KDStore.open(cfg.data.store)
     tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_path(cfg))
     teacher = build_model(cfg.teacher, mesh=mesh) if cfg.student.init == "teacher_layers" else None
@@ -127,18 +144,26 @@ def train(cfg: Config) -> dict[str, float]:
                          allow_incomplete=cfg.data.allow_incomplete)
     train_pos, eval_pos = split_indices(len(usable), cfg.data.eval_fraction, cfg.data.shuffle_seed)
     train_idx, eval_idx = usable[train_pos], usable[eval_pos]
-
     graphdef, params = nnx.split(student)
     tx, schedule = make_optimizer(cfg.optim, cfg.train.steps)
-    param_shardings = jax.tree.map(lambda x: x.sharding, params)
     opt_state = init_opt_state(tx, params, mesh)
-    opt_shardings = jax.tree.map(lambda x: x.sharding, opt_state)
-    steps = compile_steps(graphdef, tx, cfg.loss, cfg.train.grad_accum, mesh, param_shardings, opt_shardings)
+    steps = compile_steps(graphdef, tx, cfg.loss, cfg.train.grad_accum, mesh,
+                          jax.tree.map(lambda x: x.sharding, params), jax.tree.map(lambda x: x.sharding, opt_state))
     nonfinite = jax.device_put(jnp.zeros((), jnp.int32), sharding.named_sharding(mesh, None))  # skipped-in-a-row
-
     data_iter = make_train_iter(cfg.data.store, train_idx, cfg.data, global_batch_size=cfg.train.global_batch_size,
                                 seed=cfg.data.shuffle_seed, process_index=jax.process_index(),
                                 process_count=jax.process_count(), steps=cfg.train.steps)
+    return Run(cfg, mesh, student, graphdef, params, opt_state, nonfinite, schedule, steps, data_iter,
+               train_idx, eval_idx)
+
+
+def train(cfg: Config) -> dict[str, float]:
+    """Run (or resume) training; returns the last logged train metrics."""
+    if jax.process_index() == 0:
+        save_config(cfg)
+    run = prepare(cfg)
+    mesh, student, steps, data_iter, schedule = run.mesh, run.student, run.steps, run.data_iter, run.schedule
+    params, opt_state, nonfinite, eval_idx = run.params, run.opt_state, run.nonfinite, run.eval_idx
     ckpt = Checkpointer(cfg.checkpoint.dir or os.path.join(os.path.abspath(cfg.run_dir), "checkpoints"), cfg.checkpoint)
     start = 0
     if cfg.checkpoint.resume and ckpt.latest_step() is not None:
@@ -152,7 +177,7 @@ def train(cfg: Config) -> dict[str, float]:
     n_params = num_params(student)
     if logger.on:
         log.info("student: %s, %.2fM parameters; %d train / %d eval sequences; mesh %s",
-                 student.cfg.model_type, n_params / 1e6, len(train_idx), len(eval_idx), dict(mesh.shape))
+                 student.cfg.model_type, n_params / 1e6, len(run.train_idx), len(eval_idx), dict(mesh.shape))
     preemption = Preemption()
     bar = tqdm(total=cfg.train.steps, initial=start, disable=not logger.on, desc="train", unit="step")
     tokens, t0, last = 0, time.perf_counter(), {}
@@ -202,6 +227,8 @@ def train(cfg: Config) -> dict[str, float]:
 def main(argv=None) -> None:
     # force: grain and absl install root handlers at import, which would swallow our INFO lines
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stdout, force=True)
+    for noisy in ("jax", "absl"):  # backend probing and Orbax save chatter
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     cfg = parse_args(argv, description="Distill a student from a KD store")
     distributed.maybe_initialize()
     try:

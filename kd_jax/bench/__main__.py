@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 
-from kd_jax.bench import input as input_, loss, store  # `input_`: not the builtin
+from kd_jax.bench import input as input_, loss, step, store  # `input_`: not the builtin
 
 # Sub-command name -> module with `add_arguments(parser)` and `run(args)`.
-BENCHMARKS = {"input": input_, "loss": loss, "store": store}
+BENCHMARKS = {"input": input_, "loss": loss, "step": step, "store": store}
 
 
 def main(argv=None):

@@ -27,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"comma-separated NxDxV (tokens x hidden x vocab); default {CPU_SHAPES!r} "
                              f"on CPU, {GPU_SHAPES!r} on GPU")
     parser.add_argument("--topk", type=int, default=64, help="teacher top-K ids per token")
-    parser.add_argument("--chunk-size", type=int, default=1024, help="tokens per chunk of the fused loss")
+    parser.add_argument("--chunk-size", type=int, default=512, help="tokens per chunk of the fused loss")
     parser.add_argument("--divergence", default="forward_kl", choices=losses.DIVERGENCES)
     parser.add_argument("--tail", action="store_true", help="add the K+1-th (leftover mass) bucket")
     parser.add_argument("--temperature", type=float, default=2.0)
@@ -35,6 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=1, help="untimed calls of each after compiling")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls of each, alternating")
     parser.add_argument("--skip-naive", action="store_true", help="time the fused loss only")
+    parser.add_argument("--memory-only", action="store_true",
+                        help="compile on abstract inputs and report XLA's memory accounting, no runs "
+                             "(the full 16384x1536x151936 shape on a machine too slow to run it)")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
 
 
@@ -88,6 +91,8 @@ def _peak_bytes() -> int | None:
 
 
 def measure(N, D, V, args) -> dict:
+    if args.memory_only:
+        return measure_memory(N, D, V, args)
     inputs = make_inputs(N, D, V, args.topk, jnp.dtype(args.dtype))
     opts = dict(temperature=args.temperature, divergence=args.divergence, tail=args.tail,
                 chunk_size=args.chunk_size)
@@ -111,6 +116,20 @@ def measure(N, D, V, args) -> dict:
     for name in names:
         result[name]["median_ms"] = statistics.median(times[name])
         result[name]["times_ms"] = times[name]
+    return result
+
+
+def measure_memory(N, D, V, args) -> dict:
+    """XLA's memory accounting of both compiled programs, from abstract inputs (nothing runs)."""
+    inputs = jax.eval_shape(lambda: make_inputs(N, D, V, args.topk, jnp.dtype(args.dtype)))
+    opts = dict(temperature=args.temperature, divergence=args.divergence, tail=args.tail,
+                chunk_size=args.chunk_size)
+    result = dict(shape=f"{N}x{D}x{V}", N=N, D=D, V=V)
+    for name, fn in (("fused", fused_loss), ("naive", naive_loss)):
+        t0 = time.perf_counter()
+        compiled = _compile(fn, inputs, opts)
+        result[name] = dict(compile_s=time.perf_counter() - t0, loss=float("nan"), median_ms=float("nan"),
+                            **_memory(compiled), peak_bytes_in_use=None)
     return result
 
 

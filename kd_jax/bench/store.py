@@ -17,20 +17,7 @@ import jax
 
 from kd_jax.config import load_config
 from kd_jax import precompute
-
-
-def synthetic_traces(n: int) -> list[dict]:
-    """Arithmetic word problems with one reasoning step per paragraph (stand-ins for real traces)."""
-    rows = []
-    for i in range(n):
-        a, b, c = 3 + i, 7 + 2 * i, 2 + i % 5
-        steps = [f"First, Ana has {a} apples and buys {b} more, so she has {a} + {b} = {a + b} apples.",
-                 f"Then she gives away {c} apples, leaving {a + b} - {c} = {a + b - c} apples.",
-                 f"Finally she splits them between 2 friends: {a + b - c} / 2 = {(a + b - c) / 2} each."]
-        rows.append({"prompt": f"Ana has {a} apples, buys {b} more, gives {c} away and shares the rest "
-                               f"equally with 2 friends. How many does each friend get?",
-                     "reasoning": "\n\n".join(steps[:1 + i % 3]), "answer": f"{(a + b - c) / 2}"})
-    return rows
+from kd_jax.data.synthetic import synthetic_traces
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
