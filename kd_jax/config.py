@@ -406,8 +406,22 @@ def save_config(cfg: Config, run_dir: str | None = None) -> str:
     return path
 
 
+def setup_logging() -> None:
+    """INFO lines of kd_jax on stdout for the entry points. `force`: grain and absl install root
+    handlers at import, which would swallow them; jax's backend probing and Orbax's save chatter
+    stay at WARNING."""
+    import logging
+    import sys
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stdout,
+                        force=True)
+    for noisy in ("jax", "absl"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
 def parse_args(argv: list[str] | None = None, description: str = "kd_jax") -> Config:
-    """`--config file.yaml key=value ...` -> Config. Config errors exit with the message, not a traceback."""
+    """`--config file.yaml key=value ...` -> Config, for the entry points (which also get logging
+    set up). Config errors exit with the message, not a traceback."""
+    setup_logging()
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", help="YAML config file; configs/base.yaml lists every key")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.steps=10")

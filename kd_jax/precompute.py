@@ -110,9 +110,6 @@ def run(cfg: Config, *, show_progress: bool = True) -> dict:
 
 
 def main(argv=None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", force=True)
-    for noisy in ("jax", "absl"):  # backend probing and Orbax save chatter
-        logging.getLogger(noisy).setLevel(logging.WARNING)
     cfg = parse_args(argv, description="Tokenize traces and store the teacher's top-K next-token log-probs")
     distributed.maybe_initialize()
     try:

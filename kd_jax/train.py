@@ -12,7 +12,6 @@ import dataclasses
 import json
 import logging
 import os
-import sys
 import time
 from typing import Any
 
@@ -225,10 +224,6 @@ def train(cfg: Config) -> dict[str, float]:
 
 
 def main(argv=None) -> None:
-    # force: grain and absl install root handlers at import, which would swallow our INFO lines
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stdout, force=True)
-    for noisy in ("jax", "absl"):  # backend probing and Orbax save chatter
-        logging.getLogger(noisy).setLevel(logging.WARNING)
     cfg = parse_args(argv, description="Distill a student from a KD store")
     distributed.maybe_initialize()
     try:

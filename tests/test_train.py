@@ -23,7 +23,7 @@ from kd_jax import sharding
 from kd_jax.config import load_config
 from kd_jax.data.pipeline import make_eval_iter, make_train_iter
 from kd_jax.data.store import KDStore
-from kd_jax.export import export, restore_student
+from kd_jax.export import restore_student
 from kd_jax.models import build_model
 from kd_jax.precompute import run as precompute
 from kd_jax.step import compile_steps, make_optimizer
