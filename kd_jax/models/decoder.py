@@ -159,8 +159,13 @@ class Block(nnx.Module):
             self.b_down = _param(rngs, (L, D), ("layers", "norm"), pd, "zeros")
 
 
-def layer(cfg: DecoderConfig, p: dict[str, jax.Array], x_BxTxD, positions_BxT, mask_Bx1xTxT, inv_freq):
-    """One decoder layer on the parameter slices `p` of one layer (no leading L axis)."""
+def layer(cfg: DecoderConfig, p: dict[str, jax.Array], x_BxTxD, positions_BxT, mask_Bx1xTxS, inv_freq,
+          kv_cache=None, cache_index=None):
+    """One decoder layer on the parameter slices `p` of one layer (no leading L axis).
+
+    Without a cache the T tokens attend to each other (S = T). With `kv_cache` = (k, v), each
+    [B, S, K, H], the new keys and values are written at `cache_index` and the T tokens attend to
+    the whole cache (S slots); returns (x, kv_cache) then."""
     dt = jnp.dtype(cfg.dtype)
     w = {k: v.astype(dt) for k, v in p.items()}
     h = rms_norm(x_BxTxD, w["attn_norm"], cfg.rms_norm_eps)
@@ -176,8 +181,12 @@ def layer(cfg: DecoderConfig, p: dict[str, jax.Array], x_BxTxD, positions_BxT, m
         k_BxTxKxH = rms_norm(k_BxTxKxH, w["k_norm"], cfg.rms_norm_eps)
     q_BxTxNxH = constrain(apply_rope(q_BxTxNxH, positions_BxT, inv_freq), ("act_batch", "act_seq", "act_heads", None))
     k_BxTxKxH = constrain(apply_rope(k_BxTxKxH, positions_BxT, inv_freq), ("act_batch", "act_seq", "act_kv_heads", None))
+    if kv_cache is not None:
+        k_BxSxKxH = jax.lax.dynamic_update_slice_in_dim(kv_cache[0], k_BxTxKxH.astype(kv_cache[0].dtype), cache_index, 1)
+        v_BxSxKxH = jax.lax.dynamic_update_slice_in_dim(kv_cache[1], v_BxTxKxH.astype(kv_cache[1].dtype), cache_index, 1)
+        kv_cache, k_BxTxKxH, v_BxTxKxH = (k_BxSxKxH, v_BxSxKxH), k_BxSxKxH, v_BxSxKxH
     # GQA is native to dot_product_attention (N a multiple of K); on GPU it may pick cuDNN flash.
-    o_BxTxNxH = jax.nn.dot_product_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask=mask_Bx1xTxT)
+    o_BxTxNxH = jax.nn.dot_product_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask=mask_Bx1xTxS)
     attn_BxTxD = jnp.einsum("btnh,nhd->btd", o_BxTxNxH, w["wo"])
     if cfg.o_bias:
         attn_BxTxD = attn_BxTxD + _lead(w["bo"], 3)
@@ -191,7 +200,8 @@ def layer(cfg: DecoderConfig, p: dict[str, jax.Array], x_BxTxD, positions_BxT, m
     mlp_BxTxD = jnp.einsum("btf,fd->btd", act_BxTxF, w["w_down"])
     if cfg.mlp_bias:
         mlp_BxTxD = mlp_BxTxD + _lead(w["b_down"], 3)
-    return constrain(x_BxTxD + mlp_BxTxD, ("act_batch", "act_seq", "act_embed"))
+    x_BxTxD = constrain(x_BxTxD + mlp_BxTxD, ("act_batch", "act_seq", "act_embed"))
+    return x_BxTxD if kv_cache is None else (x_BxTxD, kv_cache)
 
 
 class Decoder(nnx.Module):
@@ -245,13 +255,44 @@ class Decoder(nnx.Module):
                 x_BxTxD, _ = body(x_BxTxD, {k: v[i] for k, v in stacked.items()})
         return rms_norm(x_BxTxD, self.final_norm[...].astype(x_BxTxD.dtype), cfg.rms_norm_eps)
 
-    def __call__(self, tokens_BxT: jax.Array, positions_BxT: jax.Array | None = None,
-                 segment_ids_BxT: jax.Array | None = None) -> jax.Array:
-        """Logits [B, T, V] in fp32 (fp32 accumulation of a compute-dtype matmul)."""
-        h_BxTxD = self.hidden_states(tokens_BxT, positions_BxT, segment_ids_BxT)
+    def _logits(self, h_BxTxD: jax.Array) -> jax.Array:
         w_DxV = self.output_embedding().astype(h_BxTxD.dtype)
         logits_BxTxV = jnp.einsum("btd,dv->btv", h_BxTxD, w_DxV, preferred_element_type=jnp.float32)
         return constrain(logits_BxTxV, ("act_batch", "act_seq", "act_vocab"))
+
+    def init_cache(self, batch: int, slots: int):
+        """An empty KV cache: (k, v), each [L, B, S, K, H] in the compute dtype."""
+        cfg = self.cfg
+        shape = (cfg.num_layers, batch, slots, cfg.num_kv_heads, cfg.head_dim)
+        return jnp.zeros(shape, jnp.dtype(cfg.dtype)), jnp.zeros(shape, jnp.dtype(cfg.dtype))
+
+    def decode(self, tokens_BxT, positions_BxT, kv_cache, cache_index, key_valid_BxS):
+        """Logits [B, T, V] (fp32) of T new tokens written at slot `cache_index` of `kv_cache`, and
+        the updated cache. Token t sits in slot cache_index + t and attends to the valid slots
+        (`key_valid_BxS`: False for left padding) at or before its own."""
+        cfg = self.cfg
+        T, S = tokens_BxT.shape[1], key_valid_BxS.shape[1]
+        slot_T = cache_index + jnp.arange(T)
+        slot_S = jnp.arange(S)
+        mask = key_valid_BxS[:, None, :] & (slot_S[None, None, :] <= slot_T[None, :, None])
+        if cfg.sliding_window is not None:  # slots and positions differ by the row's padding only
+            mask &= (slot_T[None, :, None] - slot_S[None, None, :]) < cfg.sliding_window
+        inv_freq = rope_inv_freq(cfg)
+        x_BxTxD = jnp.take(self.embed[...], tokens_BxT, axis=0).astype(jnp.dtype(cfg.dtype))
+        stacked = {k: v[...] for k, v in vars(self.layers).items() if isinstance(v, nnx.Param)}
+
+        def body(x, xs):
+            p, k_cache, v_cache = xs
+            return layer(cfg, p, x, positions_BxT, mask[:, None], inv_freq, (k_cache, v_cache), cache_index)
+
+        x_BxTxD, kv_cache = jax.lax.scan(body, x_BxTxD, (stacked,) + tuple(kv_cache))
+        h_BxTxD = rms_norm(x_BxTxD, self.final_norm[...].astype(x_BxTxD.dtype), cfg.rms_norm_eps)
+        return self._logits(h_BxTxD), kv_cache
+
+    def __call__(self, tokens_BxT: jax.Array, positions_BxT: jax.Array | None = None,
+                 segment_ids_BxT: jax.Array | None = None) -> jax.Array:
+        """Logits [B, T, V] in fp32 (fp32 accumulation of a compute-dtype matmul)."""
+        return self._logits(self.hidden_states(tokens_BxT, positions_BxT, segment_ids_BxT))
 
 
 def init_decoder(cfg: DecoderConfig, *, seed: int = 0, mesh=None) -> Decoder:
