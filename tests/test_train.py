@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -30,7 +31,7 @@ from kd_jax.step import compile_steps, make_optimizer
 from kd_jax.train import init_opt_state, to_global
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STEPS = 12
+STEPS = 24  # long enough after the first checkpoint (step 4) for the interrupting signal to land
 
 
 def _common(root) -> list[str]:
@@ -85,7 +86,7 @@ def root(tmp_path_factory):
 def test_train_loss_falls_and_export_loads_in_transformers(root):
     losses = _losses(root, "reference")
     assert sorted(losses) == list(range(1, STEPS + 1))
-    assert np.mean([losses[s] for s in (10, 11, 12)]) < np.mean([losses[s] for s in (1, 2, 3)]) - 0.3
+    assert np.mean([losses[s] for s in (STEPS - 2, STEPS - 1, STEPS)]) < np.mean([losses[s] for s in (1, 2, 3)]) - 0.3
     _run("kd_jax.export", ["--run", f"{root}/runs/reference", "--out", f"{root}/export"])
     hf = transformers.AutoModelForCausalLM.from_pretrained(f"{root}/export", dtype=torch.float32).eval()
     tok = transformers.AutoTokenizer.from_pretrained(f"{root}/export")
@@ -126,12 +127,13 @@ def test_resume_is_bitwise_identical(root, sig):
 
 @pytest.mark.slow
 def test_restore_on_another_mesh_gives_the_same_next_step_loss(root):
-    # a copy of the reference run's checkpoint at step 8, continued one step on a (2, 4, 1) mesh
-    src, dst = f"{root}/runs/reference", f"{root}/runs/mesh"
-    os.makedirs(f"{dst}/checkpoints")
-    os.system(f"cp -r {src}/checkpoints/8 {dst}/checkpoints/8")
-    _run("kd_jax.train", _train_args(root, "mesh", **{"mesh.data": 2, "mesh.fsdp": 4, "train.steps": 9}))
-    np.testing.assert_allclose(_losses(root, "mesh")[9], _losses(root, "reference")[9], rtol=1e-5)
+    # a copy of the reference run's checkpoint at step STEPS - 4, continued one step on a (2, 4, 1) mesh
+    src, dst, at = f"{root}/runs/reference", f"{root}/runs/mesh", STEPS - 4
+    shutil.copytree(f"{src}/checkpoints/{at}", f"{dst}/checkpoints/{at}")
+    _run("kd_jax.train", _train_args(root, "mesh", **{"mesh.data": 2, "mesh.fsdp": 4}))
+    mesh_losses = _losses(root, "mesh")
+    assert min(mesh_losses) == at + 1  # it resumed, rather than starting over
+    np.testing.assert_allclose(mesh_losses[at + 1], _losses(root, "reference")[at + 1], rtol=1e-5)
 
 
 def _setup(root, **overrides):
