@@ -113,7 +113,7 @@ def test_sigkill_then_resume_is_identical(built, tmp_path):
     progress = os.path.join(path, "progress")
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:  # kill once some, not all, chunks are done
-        if os.path.isdir(progress) and len(os.listdir(progress)) >= 2:
+        if os.path.isdir(progress) and len(os.listdir(progress)) >= 1:  # early: most chunks still to do
             break
         time.sleep(0.05)
     assert proc.poll() is None, proc.stdout.read().decode()[-2000:]
