@@ -246,6 +246,11 @@ class Config:
     def run_dir(self) -> str:
         return os.path.join(self.run.output_dir, self.run.name)
 
+    @property
+    def checkpoint_dir(self) -> str:
+        """checkpoint.dir, or <run_dir>/checkpoints (absolute: Orbax wants one)."""
+        return self.checkpoint.dir or os.path.join(os.path.abspath(self.run_dir), "checkpoints")
+
 
 # ---------------------------------------------------------------- building from dicts
 

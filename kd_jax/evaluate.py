@@ -90,7 +90,7 @@ def load_for_eval(cfg: Config, which: str, mesh):
     """The teacher as configured, or the student: from the run's latest checkpoint when it has one."""
     if which == "teacher":
         return build_model(cfg.teacher, mesh=mesh)
-    ckpts = cfg.checkpoint.dir or os.path.join(cfg.run_dir, "checkpoints")
+    ckpts = cfg.checkpoint_dir
     if os.path.isdir(ckpts) and any(d.isdigit() for d in os.listdir(ckpts)):
         from kd_jax.export import restore_student
         return restore_student(cfg.run_dir)[0]
@@ -108,9 +108,9 @@ def run(cfg: Config, which: str = "student", max_examples: int | None = None) ->
     _, eval_pos = split_indices(len(usable), cfg.data.eval_fraction, cfg.data.shuffle_seed)
     eval_idx = usable[eval_pos][:max_examples]
     graphdef, params = nnx.split(model)
-    steps = type("Steps", (), {"eval": jax.jit(functools.partial(eval_step, graphdef, cfg.loss))})
+    eval_fn = jax.jit(functools.partial(eval_step, graphdef, cfg.loss))
     with jax.set_mesh(mesh):
-        losses = kd_eval(steps, params, cfg.data.store, eval_idx, cfg, mesh) or {}
+        losses = kd_eval(eval_fn, params, cfg.data.store, eval_idx, cfg, mesh) or {}
     task = task_accuracy(model, tokenizer, store, eval_idx, cfg.eval, cfg.train.global_batch_size)
     param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
     report = {"model": which, "parameters": num_params(model), "parameter_bytes": param_bytes, **losses, **task}

@@ -4,6 +4,7 @@ student as a Hugging Face folder (config.json, safetensors, tokenizer) via `save
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 
 import jax
@@ -25,6 +26,10 @@ def restore_student(run_dir: str, step: int | None = None):
     if not os.path.exists(path):
         raise FileNotFoundError(f"{run_dir} has no config.yaml: pass the run directory that kd_jax.train wrote")
     cfg = load_config(path)
+    # the run may have moved since it was trained: its checkpoints are where run_dir is now
+    run_dir = os.path.abspath(run_dir)
+    cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, output_dir=os.path.dirname(run_dir),
+                                                           name=os.path.basename(run_dir)))
     mesh = sharding.make_mesh(-1, 1, 1)
     # The checkpoint holds the whole train state; its abstract shape comes from the same builders.
     student_cfg = source_config(cfg.student, cfg.teacher)
@@ -37,7 +42,7 @@ def restore_student(run_dir: str, step: int | None = None):
                            jax.eval_shape(tx.init, abs_params))
     abs_state = {"params": abs_params, "opt_state": abs_opt,
                  "nonfinite": jax.ShapeDtypeStruct((), jax.numpy.int32, sharding=replicated)}
-    ckpt = Checkpointer(cfg.checkpoint.dir or os.path.join(os.path.abspath(run_dir), "checkpoints"), cfg.checkpoint)
+    ckpt = Checkpointer(cfg.checkpoint_dir, cfg.checkpoint)
     try:
         state, extra = ckpt.restore(step, abs_state)
     finally:

@@ -108,8 +108,8 @@ def _log_normalize(x_CxJ, mask_CxJ):
 
 def _divergence(log_p_CxJ, log_q_CxJ, mask_CxJ, divergence, jsd_beta):
     """Divergence between teacher p and student q given as log-probs on the masked buckets.
-    Masked buckets have probability 0 and add nothing (the 0·log 0 trap: both logs are finite
-    placeholders there and `where` drops them, so gradients stay finite)."""
+    Masked buckets have probability 0 and add nothing (the 0·log 0 trap: both logs are
+    finite stand-ins there and `where` drops them, so gradients stay finite)."""
     p_CxJ, q_CxJ = jnp.exp(log_p_CxJ), jnp.exp(log_q_CxJ)
     if divergence == "forward_kl":
         terms_CxJ = p_CxJ * (log_p_CxJ - log_q_CxJ)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 
 import jax
 import numpy as np
@@ -43,7 +42,7 @@ def tokenizer_path(cfg: Config) -> str:
     path = cfg.data.tokenizer or cfg.teacher.hf_path
     if not path:
         raise StoreError("precompute needs a tokenizer: set data.tokenizer or teacher.hf_path")
-    return resolve_path(path) if not os.path.isdir(path) else path
+    return resolve_path(path)
 
 
 def tokenize_to_store(cfg: Config, tokenizer, teacher_vocab: int) -> KDStore:
@@ -76,7 +75,7 @@ def _open_or_none(path: str) -> KDStore | None:
 
 
 def run(cfg: Config, *, show_progress: bool = True) -> dict:
-    """Tokenize (if needed) and fill the store; returns the store's `describe()`."""
+    """Tokenize (if needed) and fill the store; returns `describe()` (process 0) plus teacher tokens/s."""
     if not cfg.data.store:
         raise StoreError("data.store is not set: the folder or kvstore URL to write the KD store to")
     process, processes = jax.process_index(), jax.process_count()
@@ -100,11 +99,10 @@ def run(cfg: Config, *, show_progress: bool = True) -> dict:
     progress = run_teacher(store, teacher, mesh, cfg.precompute, process=process, processes=processes,
                            show_progress=show_progress and process == 0)
     distributed.barrier("kd_store_written")
-    summary = store.describe()
-    if process == 0:
+    summary = {"teacher_tokens_per_s": progress.tokens / max(progress.seconds, 1e-9)}
+    if process == 0:  # one process stats the files; the others' share is in the same store
         store.finalize()
-        summary = store.describe()
-        summary["teacher_tokens_per_s"] = progress.tokens / max(progress.seconds, 1e-9)
+        summary = {**store.describe(), **summary}
         print(json.dumps(summary, indent=2), flush=True)
     return summary
 

@@ -126,13 +126,6 @@ def create_sharded(make_model, mesh: Mesh | None):
     return nnx.merge(graphdef, init())
 
 
-def shard_module(model, mesh: Mesh):
-    """Move an existing module's parameters onto their shards of `mesh` (in place)."""
-    state = nnx.state(model)
-    nnx.update(model, jax.device_put(state, state_shardings(state, mesh)))
-    return model
-
-
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
     """Sharding of a [B, ...] batch array: B over data x fsdp, the rest replicated."""
     return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1)))

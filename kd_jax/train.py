@@ -87,8 +87,9 @@ class Logger:
             self.jsonl.close()
 
 
-def evaluate(steps, params, store_path, eval_idx, cfg: Config, mesh) -> dict[str, float] | None:
-    """Held-out losses over up to `eval.batches` batches: soft, hard, step, perplexity, top-1."""
+def evaluate(eval_fn, params, store_path, eval_idx, cfg: Config, mesh) -> dict[str, float] | None:
+    """Held-out losses over up to `eval.batches` batches: soft, hard, step, perplexity, top-1.
+    eval_fn(params, batch) -> metric sums: the jitted `step.eval_step`."""
     if len(eval_idx) == 0:
         return None
     it = make_eval_iter(store_path, eval_idx, cfg.data, batch_size=cfg.train.global_batch_size)
@@ -100,7 +101,7 @@ def evaluate(steps, params, store_path, eval_idx, cfg: Config, mesh) -> dict[str
         if jax.process_count() > 1:  # every process reads the same eval batch; keep its share
             share = len(batch["inputs"]) // jax.process_count()
             batch = {k: v[jax.process_index() * share:(jax.process_index() + 1) * share] for k, v in batch.items()}
-        out = jax.device_get(steps.eval(params, to_global(batch, mesh)))
+        out = jax.device_get(eval_fn(params, to_global(batch, mesh)))
         for k, v in out.items():
             sums[k] = sums.get(k, 0.0) + float(v)
         batches += 1
@@ -163,7 +164,7 @@ def train(cfg: Config) -> dict[str, float]:
     run = prepare(cfg)
     mesh, student, steps, data_iter, schedule = run.mesh, run.student, run.steps, run.data_iter, run.schedule
     params, opt_state, nonfinite, eval_idx = run.params, run.opt_state, run.nonfinite, run.eval_idx
-    ckpt = Checkpointer(cfg.checkpoint.dir or os.path.join(os.path.abspath(cfg.run_dir), "checkpoints"), cfg.checkpoint)
+    ckpt = Checkpointer(cfg.checkpoint_dir, cfg.checkpoint)
     start = 0
     if cfg.checkpoint.resume and ckpt.latest_step() is not None:
         state, extra = ckpt.restore(None, _abstract({"params": params, "opt_state": opt_state,
@@ -205,7 +206,7 @@ def train(cfg: Config) -> dict[str, float]:
                             f"at step {step}; lower optim.lr, check the store for NaN log-probs, or use "
                             f"student.dtype=float32 to rule out overflow")
                 if cfg.train.eval_every and step % cfg.train.eval_every == 0:
-                    result = evaluate(steps, params, cfg.data.store, eval_idx, cfg, mesh)
+                    result = evaluate(steps.eval, params, cfg.data.store, eval_idx, cfg, mesh)
                     if result:
                         logger.write(step, "eval", result)
                 state = {"params": params, "opt_state": opt_state, "nonfinite": nonfinite}

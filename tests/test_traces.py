@@ -56,8 +56,9 @@ def check_arrays(example):
     assert example.role.shape == example.step.shape == (n,)
 
 
-def test_three_paragraphs_roles_and_steps(tokenizer):
-    example = encode_example(tokenizer, QUESTION, THREE_STEPS, "42")
+def assert_three_steps(tokenizer, answer: str, eos_text: str):
+    """The hand-written three-paragraph trace decodes, group by (role, step), to exactly this."""
+    example = encode_example(tokenizer, QUESTION, THREE_STEPS, answer)
     check_arrays(example)
     prompt = render_prompt(tokenizer, QUESTION)
     assert prompt.endswith("<|im_start|>assistant\n")
@@ -66,8 +67,13 @@ def test_three_paragraphs_roles_and_steps(tokenizer):
         (1, 0, "<think>\nfirst paragraph\n\n"),
         (1, 1, "second paragraph\n\n"),
         (1, 2, "third paragraph\n</think>\n\n"),
-        (2, -1, "42" + EOS),
+        (2, -1, answer + eos_text),
     ]
+    return example
+
+
+def test_three_paragraphs_roles_and_steps(tokenizer):
+    example = assert_three_steps(tokenizer, "42", EOS)
     assert example.tokens[-1] == tokenizer.eos_token_id and example.role[-1] == 2
     start, end = example.reasoning_span
     assert tokenizer.decode(example.tokens[start:end].tolist()) == THREE_STEPS
@@ -237,15 +243,5 @@ def test_load_errors(tmp_path):
 @pytest.mark.slow
 def test_real_smollm2_tokenizer(smollm2_dir):
     tokenizer = transformers.AutoTokenizer.from_pretrained(smollm2_dir)
-    example = encode_example(tokenizer, QUESTION, THREE_STEPS, "The answer is 42.")
-    check_arrays(example)
-    prompt = render_prompt(tokenizer, QUESTION)
-    assert prompt.endswith("<|im_start|>assistant\n")
-    assert groups(tokenizer, example) == [
-        (0, -1, prompt),
-        (1, 0, "<think>\nfirst paragraph\n\n"),
-        (1, 1, "second paragraph\n\n"),
-        (1, 2, "third paragraph\n</think>\n\n"),
-        (2, -1, "The answer is 42." + tokenizer.eos_token),
-    ]
+    example = assert_three_steps(tokenizer, "The answer is 42.", tokenizer.eos_token)
     assert example.tokens[-1] == tokenizer.eos_token_id
