@@ -29,6 +29,8 @@ REMAT_POLICIES = {
     "offload_dots": jax.checkpoint_policies.offload_dot_with_no_batch_dims("device", "pinned_host"),
 }
 
+ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")
+
 
 @dataclasses.dataclass(frozen=True)
 class DecoderConfig:
@@ -56,10 +58,13 @@ class DecoderConfig:
     dtype: str = "float32"  # compute dtype of activations and matmuls
     scan_layers: bool = True  # one jax.lax.scan over layers (fast compile) vs a Python loop
     remat: str = "none"  # rematerialization policy, a key of REMAT_POLICIES
+    attention: str = "xla"  # dot-product attention: "xla" (any backend) or "cudnn" (flash; GPU only)
 
     def __post_init__(self):
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat={self.remat!r}; choose one of {sorted(REMAT_POLICIES)}")
+        if self.attention not in ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(f"attention={self.attention!r}; choose one of {ATTENTION_IMPLEMENTATIONS}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
 
@@ -185,8 +190,14 @@ def layer(cfg: DecoderConfig, p: dict[str, jax.Array], x_BxTxD, positions_BxT, m
         k_BxSxKxH = jax.lax.dynamic_update_slice_in_dim(kv_cache[0], k_BxTxKxH.astype(kv_cache[0].dtype), cache_index, 1)
         v_BxSxKxH = jax.lax.dynamic_update_slice_in_dim(kv_cache[1], v_BxTxKxH.astype(kv_cache[1].dtype), cache_index, 1)
         kv_cache, k_BxTxKxH, v_BxTxKxH = (k_BxSxKxH, v_BxSxKxH), k_BxSxKxH, v_BxSxKxH
-    # GQA is native to dot_product_attention (N a multiple of K); on GPU it may pick cuDNN flash.
-    o_BxTxNxH = jax.nn.dot_product_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask=mask_Bx1xTxS)
+    # GQA is native to dot_product_attention (N a multiple of K).
+    if cfg.attention == "cudnn" and kv_cache is None:
+        # cuDNN flash attention: is_causal lets it skip the blocks above the diagonal; the mask
+        # (packed segments, sliding window) still applies, as a bias.
+        o_BxTxNxH = jax.nn.dot_product_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask=mask_Bx1xTxS,
+                                                 is_causal=True, implementation="cudnn")
+    else:
+        o_BxTxNxH = jax.nn.dot_product_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask=mask_Bx1xTxS)
     attn_BxTxD = jnp.einsum("btnh,nhd->btd", o_BxTxNxH, w["wo"])
     if cfg.o_bias:
         attn_BxTxD = attn_BxTxD + _lead(w["bo"], 3)
