@@ -1,69 +1,247 @@
-"""The full train step on a config: tokens/s, step time, MFU, compile time and peak memory, beside
-the Grain + TensorStore input pipeline's own tokens/s measured in the same run.
+"""The full train step: tokens/s, step time, MFU, compile time and memory, for one or more variants
+(remat, scan, attention, loss chunk, dtype) alternated in one process.
 
-MFU = (6·N + 12·L·H·Q·T) · tokens/s / (peak FLOP/s × devices); see kd_jax/flops.py. Tokens are
-real (non-padding) tokens of the packed batches; the step is timed with `block_until_ready`,
-median over `--steps` after `--warmup` steps (the first of which compiles).
+Student: `--preset` (a Qwen2.5-shaped random model, see bench/presets.py) or the config's
+`student` section. Batches: synthetic (bench/presets.synthetic_batch: packed rows, random top-K
+teacher tensors; no store needed) unless the config names a `data.store` and no preset is given;
+then real batches come from the Grain pipeline, and the pipeline's own tokens/s is measured in the
+same run.
+
+Variants share one set of parameters and optimizer state (a variant only changes how the step is
+compiled, never the parameter tree), so they run side by side: each is compiled, warmed up, then
+the timed steps go round robin, one step of each variant per round, each timed to
+`block_until_ready`; the median is reported. A variant is a comma-separated list of
+remat=POLICY, scan=true|false, attention=xla|cudnn, chunk=TOKENS (loss.chunk_size),
+dtype=bfloat16|float32, accum=N (train.grad_accum), batch=ROWS, seq=TOKENS, docs=PER_ROW, name=LABEL.
+XLA flags are per process: compare them across two runs (kd_jax/bench/h100.sh does).
+
+MFU (kd_jax/flops.py): training FLOPs per token = 6·P + 3·A, P the matmul parameters (output
+projection in, input embedding out), A attention's causal forward FLOPs; MFU = that × tokens/s /
+(peak bf16 FLOP/s × devices). `mfu_palm` counts full (non-causal) attention, PaLM's 6P + 12·L·N·H·T.
+Tokens are real (non-padding) tokens. Memory: XLA's accounting of the compiled step (temporaries,
+arguments, outputs: any backend) and, on GPU, the allocator's peak (process-wide, so after the
+first variant's warm-up it is that variant's own; later variants only raise it).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
 import statistics
 import time
 
 import jax
+import numpy as np
+from flax import nnx
 
-from kd_jax import flops
+from kd_jax import flops, sharding
+from kd_jax.bench.presets import architecture, synthetic_batch
 from kd_jax.config import load_config
-from kd_jax.train import prepare, to_global
+from kd_jax.models.decoder import Decoder
+from kd_jax.step import compile_steps, make_optimizer
+
+VARIANT_KEYS = ("name", "remat", "scan", "attention", "chunk", "dtype", "accum", "batch", "seq", "docs")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True, help="a train config (data.store must exist)")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
-    parser.add_argument("--steps", type=int, default=10, help="timed steps")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (the first compiles)")
+    parser.add_argument("--config", default=None, help="a train config (default: all defaults)")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
+    parser.add_argument("--preset", default=None, help="student shape: qwen2.5-0.5b, qwen2.5-1.5b, qwen2.5-7b, tiny")
+    parser.add_argument("--batch", type=int, default=None, help="rows per step (train.global_batch_size)")
+    parser.add_argument("--seq-len", type=int, default=None, help="tokens per row (data.seq_len)")
+    parser.add_argument("--docs-per-row", type=int, default=1, help="packed documents per synthetic row")
+    parser.add_argument("--attention", default="xla", choices=("xla", "cudnn"), help="base attention implementation")
+    parser.add_argument("--variant", action="append", default=[], metavar="K=V,...",
+                        help=f"a variant of the base step (repeatable); keys: {', '.join(VARIANT_KEYS)}")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per variant (round robin)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per variant after compiling")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="peak bf16 TFLOP/s per device, if unknown")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
 
 
+def parse_variant(spec: str) -> dict:
+    out = {}
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or key not in VARIANT_KEYS:
+            raise SystemExit(f"variant item {item!r}: expected KEY=VALUE with KEY in {VARIANT_KEYS}")
+        out[key] = value
+    return out
+
+
+def _config(args):
+    overrides = list(args.overrides)
+    if args.preset:
+        overrides += ["student.init=random", f"student.architecture={json.dumps(architecture(args.preset))}"]
+    if args.batch:
+        overrides.append(f"train.global_batch_size={args.batch}")
+    if args.seq_len:
+        overrides.append(f"data.seq_len={args.seq_len}")
+    return load_config(args.config, overrides)
+
+
+@dataclasses.dataclass
+class Variant:
+    name: str
+    model_cfg: object  # DecoderConfig
+    loss_cfg: object  # LossConfig
+    grad_accum: int
+    batch: dict  # host arrays
+    seq_len: int
+    compiled: object = None
+    compile_s: float = 0.0
+    memory: dict = dataclasses.field(default_factory=dict)
+    peak_bytes: int | None = None
+    times: list = dataclasses.field(default_factory=list)
+    device_batches: list = dataclasses.field(default_factory=list)
+
+
+def _memory(compiled) -> dict:
+    stats = compiled.memory_analysis()
+    if stats is None:
+        return {}
+    out = dict(temp_bytes=stats.temp_size_in_bytes, argument_bytes=stats.argument_size_in_bytes,
+               output_bytes=stats.output_size_in_bytes, alias_bytes=stats.alias_size_in_bytes)
+    # Donated arguments alias outputs: count those bytes once.
+    out["total_bytes"] = out["temp_bytes"] + out["argument_bytes"] + out["output_bytes"] - out["alias_bytes"]
+    return out
+
+
+def _peak_bytes() -> int | None:
+    return (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use")
+
+
+def _build(cfg, mesh):
+    """Student, its parameters and optimizer state; from the store's `prepare` when one is used."""
+    from kd_jax.models import build_model
+    from kd_jax.train import init_opt_state
+    teacher = build_model(cfg.teacher, mesh=mesh) if cfg.student.init == "teacher_layers" else None
+    student = build_model(cfg.student, mesh=mesh, seed=cfg.run.seed, teacher=teacher)
+    del teacher
+    _, params = nnx.split(student)
+    tx, _ = make_optimizer(cfg.optim, max(cfg.train.steps, 1))
+    return student.cfg, params, tx, init_opt_state(tx, params, mesh)
+
+
+def _variants(args, cfg, base_model_cfg, store_batches):
+    specs = [parse_variant(s) for s in args.variant] or [{}]
+    variants = []
+    for i, spec in enumerate(specs):
+        if store_batches is not None and {"batch", "seq", "docs"} & spec.keys():
+            raise SystemExit("batch=, seq= and docs= variants need synthetic batches (use --preset)")
+        model_cfg = dataclasses.replace(
+            base_model_cfg, remat=spec.get("remat", base_model_cfg.remat),
+            scan_layers=spec.get("scan", str(base_model_cfg.scan_layers)).lower() == "true",
+            attention=spec.get("attention", args.attention), dtype=spec.get("dtype", base_model_cfg.dtype))
+        loss_cfg = dataclasses.replace(cfg.loss, chunk_size=int(spec.get("chunk", cfg.loss.chunk_size)))
+        B = int(spec.get("batch", cfg.train.global_batch_size))
+        L = int(spec.get("seq", cfg.data.seq_len))
+        if store_batches is None:
+            batch = synthetic_batch(B, L, model_cfg.vocab_size, cfg.data.top_k, seed=cfg.run.seed,
+                                    docs_per_row=int(spec.get("docs", args.docs_per_row)))
+        else:
+            batch = store_batches
+        name = spec.get("name") or ",".join(f"{k}={v}" for k, v in spec.items()) or "base"
+        variants.append(Variant(name, model_cfg, loss_cfg, int(spec.get("accum", cfg.train.grad_accum)), batch, L))
+    return variants
+
+
 def run(args) -> None:
-    cfg = load_config(args.config, args.overrides)
-    r = prepare(cfg)
-    batches = [next(r.data_iter) for _ in range(args.warmup + args.steps)]
-    # The input pipeline alone, over as many fresh batches.
-    t0 = time.perf_counter()
-    input_tokens = sum(int((next(r.data_iter)["segment_ids"] > 0).sum()) for _ in range(args.steps))
-    input_tps = input_tokens / (time.perf_counter() - t0)
-    params, opt_state, nonfinite = r.params, r.opt_state, r.nonfinite
-    times, compile_s = [], None
-    with jax.set_mesh(r.mesh):
-        for i, batch in enumerate(batches):
+    cfg = _config(args)
+    mesh = sharding.mesh_from_config(cfg.mesh)
+    use_store = bool(cfg.data.store) and not args.preset
+    input_tps = None
+    if use_store:
+        from kd_jax.train import prepare
+        r = prepare(cfg)
+        base_model_cfg, params, opt_state = r.student.cfg, r.params, r.opt_state
+        tx, _ = make_optimizer(cfg.optim, cfg.train.steps)
+        host_batches = [next(r.data_iter) for _ in range(args.warmup + args.steps)]
+        t0 = time.perf_counter()  # the input pipeline alone, over as many fresh batches
+        input_tokens = sum(int((next(r.data_iter)["segment_ids"] > 0).sum()) for _ in range(args.steps))
+        input_tps = input_tokens / (time.perf_counter() - t0)
+    else:
+        base_model_cfg, params, tx, opt_state = _build(cfg, mesh)
+        host_batches = None
+    variants = _variants(args, cfg, base_model_cfg, host_batches)
+    param_sh = jax.tree.map(lambda x: x.sharding, params)
+    opt_sh = jax.tree.map(lambda x: x.sharding, opt_state)
+    nonfinite = jax.device_put(np.zeros((), np.int32), sharding.named_sharding(mesh, None))
+    to_device = lambda b: sharding.shard_batch(b, mesh)  # noqa: E731
+    metrics = None
+    # A variant's structure (no values, no mesh: the logical names need no axes to be recorded).
+    graphdefs = [nnx.graphdef(nnx.eval_shape(lambda: Decoder(v.model_cfg, rngs=nnx.Rngs(0)))) for v in variants]
+    with jax.set_mesh(mesh):
+        for v, graphdef in zip(variants, graphdefs):
+            steps = compile_steps(graphdef, tx, v.loss_cfg, v.grad_accum, mesh, param_sh, opt_sh)
+            v.device_batches = [to_device(b) for b in (v.batch if isinstance(v.batch, list) else [v.batch])]
             t0 = time.perf_counter()
-            params, opt_state, nonfinite, metrics = r.steps.train(params, opt_state, nonfinite, to_global(batch, r.mesh))
-            jax.block_until_ready(metrics)
-            dt = time.perf_counter() - t0
-            if i == 0:
-                compile_s = dt
-            elif i >= args.warmup:
-                times.append(dt)
-    step_s = statistics.median(times)
-    timed = batches[args.warmup:]
-    real = statistics.mean(int((b["segment_ids"] > 0).sum()) for b in timed)
-    total = timed[0]["segment_ids"].size
-    tps = real / step_s
-    mem = jax.devices()[0].memory_stats() or {}
-    result = dict(device=jax.devices()[0].device_kind, devices=jax.device_count(), jax=jax.__version__,
-                  config=args.config, params=sum(x.size for x in jax.tree.leaves(params)),
-                  seq_len=cfg.data.seq_len, global_batch=cfg.train.global_batch_size, step_ms=step_s * 1e3,
-                  compile_s=compile_s, tokens_per_s=tps, padded_tokens_per_s=total / step_s,
-                  mfu=flops.mfu(r.student.cfg, cfg.data.seq_len, tps),
-                  model_tflops_per_s=flops.train_flops_per_token(r.student.cfg, cfg.data.seq_len) * tps / 1e12,
-                  peak_bytes=mem.get("peak_bytes_in_use"), input_tokens_per_s=input_tps,
-                  final_loss=float(metrics["loss"]))
-    for k, v in result.items():
-        print(f"{k:>22}: {v:,.4g}" if isinstance(v, float) else f"{k:>22}: {v}")
+            v.compiled = steps.train.lower(params, opt_state, nonfinite, v.device_batches[0]).compile()
+            v.compile_s = time.perf_counter() - t0
+            v.memory = _memory(v.compiled)
+            for i in range(args.warmup):
+                params, opt_state, nonfinite, metrics = v.compiled(params, opt_state, nonfinite,
+                                                                   v.device_batches[i % len(v.device_batches)])
+                jax.block_until_ready(metrics)
+            v.peak_bytes = _peak_bytes()
+            print(f"compiled {v.name}: {v.compile_s:.1f} s", flush=True)
+        for i in range(args.steps):  # round robin: drift (clocks, other load) hits every variant alike
+            for v in variants:
+                b = v.device_batches[(args.warmup + i) % len(v.device_batches)]
+                t0 = time.perf_counter()
+                params, opt_state, nonfinite, metrics = v.compiled(params, opt_state, nonfinite, b)
+                jax.block_until_ready(metrics)
+                v.times.append(time.perf_counter() - t0)
+    final_loss = float(metrics["loss"])
+    peak = args.peak_tflops * 1e12 if args.peak_tflops else None
+    device = jax.devices()[0]
+    header = dict(benchmark="step", device=device.device_kind, platform=device.platform, devices=jax.device_count(),
+                  jax=jax.__version__, xla_flags=os.environ.get("XLA_FLAGS", ""), preset=args.preset,
+                  config=args.config, overrides=args.overrides, params=int(sum(x.size for x in jax.tree.leaves(params))),
+                  matmul_params=flops.matmul_params(base_model_cfg), store=cfg.data.store if use_store else None,
+                  top_k=cfg.data.top_k, input_tokens_per_s=input_tps, final_loss=final_loss,
+                  peak_flops=peak or flops.peak_flops())
+    rows = []
+    for v in variants:
+        step_s = statistics.median(v.times)
+        batches = v.batch if isinstance(v.batch, list) else [v.batch]
+        real = statistics.mean(int((b["segment_ids"] > 0).sum()) for b in batches)
+        total = batches[0]["segment_ids"].size
+        tps = real / step_s
+        per_token = flops.train_flops_per_token(v.model_cfg, v.seq_len)
+        rows.append(dict(
+            name=v.name, remat=v.model_cfg.remat, scan_layers=v.model_cfg.scan_layers, attention=v.model_cfg.attention,
+            dtype=v.model_cfg.dtype, chunk_size=v.loss_cfg.chunk_size, grad_accum=v.grad_accum,
+            batch=int(batches[0]["segment_ids"].shape[0]), seq_len=v.seq_len, step_ms=step_s * 1e3,
+            times_ms=[t * 1e3 for t in v.times], compile_s=v.compile_s, tokens_per_s=tps,
+            padded_tokens_per_s=total / step_s, train_flops_per_token=per_token,
+            model_tflops_per_s=per_token * tps / 1e12,
+            mfu=flops.mfu(v.model_cfg, v.seq_len, tps, peak=peak),
+            mfu_palm=flops.mfu(v.model_cfg, v.seq_len, tps, causal=False, peak=peak),
+            peak_bytes_in_use=v.peak_bytes, **v.memory))
+    print(" ".join(f"{k}={header[k]}" for k in ("device", "devices", "jax", "preset", "params", "top_k", "xla_flags")))
+    print(format_table(rows))
+    if input_tps is not None:
+        print(f"input pipeline alone: {input_tps:,.0f} tokens/s "
+              f"({input_tps / rows[0]['tokens_per_s']:,.1f}x the step's {rows[0]['tokens_per_s']:,.0f})")
     if args.out:
         with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
+            json.dump(dict(header, variants=rows), f, indent=2)
+
+
+def _gib(n):
+    return "-" if n is None else f"{n / 2**30:,.2f}"
+
+
+def format_table(rows) -> str:
+    table = [("variant", "B x L", "step ms", "tokens/s", "MFU", "MFU(PaLM)", "TFLOP/s", "compile s",
+              "XLA temp GiB", "peak GiB")]
+    for r in rows:
+        pct = lambda x: "-" if x is None else f"{x:.1%}"  # noqa: E731
+        table.append((r["name"], f"{r['batch']}x{r['seq_len']}", f"{r['step_ms']:,.1f}", f"{r['tokens_per_s']:,.0f}",
+                      pct(r["mfu"]), pct(r["mfu_palm"]), f"{r['model_tflops_per_s']:,.3f}", f"{r['compile_s']:.1f}",
+                      _gib(r.get("temp_bytes")), _gib(r.get("peak_bytes_in_use"))))
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    return "\n".join("  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in table)
