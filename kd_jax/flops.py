@@ -71,7 +71,11 @@ def train_flops_per_token(cfg: DecoderConfig, seq_len: int, *, causal: bool = Tr
 
 def peak_flops(device: jax.Device | None = None) -> float | None:
     """Peak dense bf16 FLOP/s of one device, or None when unknown (CPU)."""
-    kind = (device or jax.devices()[0]).device_kind
+    return peak_flops_of_kind((device or jax.devices()[0]).device_kind)
+
+
+def peak_flops_of_kind(kind: str) -> float | None:
+    """Peak dense bf16 FLOP/s of a device named `kind` (jax's device_kind, torch's device name)."""
     for prefix, flops in PEAK_FLOPS.items():
         if kind.startswith(prefix):
             return flops
