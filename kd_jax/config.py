@@ -62,14 +62,17 @@ class MeshConfig:
     data: int = -1  # data-parallel axis size in devices; -1 = the remaining devices
     fsdp: int = 1  # fully-sharded (parameter-sharding) axis size in devices; -1 = the remaining devices
     tensor: int = 1  # tensor-parallel axis size in devices; -1 = the remaining devices
+    device_memory_gib: float | None = None  # memory of one device (GiB) that --dry-run checks against; None = the local device's
 
     def __post_init__(self):
-        sizes = dataclasses.asdict(self)
+        sizes = {axis: getattr(self, axis) for axis in ("data", "fsdp", "tensor")}
         for axis, size in sizes.items():
             _check(size == -1 or size >= 1, f"{axis}={size} must be a device count >= 1 or -1 (the remaining devices)")
         # Only one axis can absorb "the rest", otherwise the split is ambiguous.
         wild = [axis for axis, size in sizes.items() if size == -1]
         _check(len(wild) <= 1, f"axes {', '.join(wild)} are all -1; at most one may be -1, set the others to device counts")
+        memory = self.device_memory_gib
+        _check(memory is None or memory > 0, f"device_memory_gib={memory} must be > 0 (GiB) or null")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -426,13 +429,26 @@ def setup_logging() -> None:
 def parse_args(argv: list[str] | None = None, description: str = "kd_jax") -> Config:
     """`--config file.yaml key=value ...` -> Config, for the entry points (which also get logging
     set up). Config errors exit with the message, not a traceback."""
+    return parse_command(argv, description)[0]
+
+
+def parse_command(argv: list[str] | None = None, description: str = "kd_jax", *,
+                  dry_run: bool = False) -> tuple[Config, argparse.Namespace]:
+    """`parse_args` plus the parsed flags; dry_run=True adds `--dry-run` and `--no-compile`
+    (kd_jax/dryrun.py) for the entry points that support them."""
     setup_logging()
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", help="YAML config file; configs/base.yaml lists every key")
+    if dry_run:
+        parser.add_argument("--dry-run", action="store_true",
+                            help="print parameter counts and per-device memory, check the fit, and exit; "
+                                 "reads no weights, store or traces")
+        parser.add_argument("--no-compile", action="store_true",
+                            help="with --dry-run: analytic estimate only, no ahead-of-time compile")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.steps=10")
     args = parser.parse_intermixed_args(argv)
     try:
-        return load_config(args.config, args.overrides)
+        return load_config(args.config, args.overrides), args
     except ConfigError as e:
         parser.error(str(e))
 

@@ -14,8 +14,8 @@ import jax
 import numpy as np
 import transformers
 
-from kd_jax import distributed, sharding
-from kd_jax.config import Config, parse_args, save_config
+from kd_jax import distributed, dryrun, sharding
+from kd_jax.config import Config, parse_command, save_config
 from kd_jax.data.store import KDStore, StoreError, StoreMeta, template_hash
 from kd_jax.data.traces import encode_traces, load_traces
 from kd_jax.models import build_model
@@ -108,7 +108,10 @@ def run(cfg: Config, *, show_progress: bool = True) -> dict:
 
 
 def main(argv=None) -> None:
-    cfg = parse_args(argv, description="Tokenize traces and store the teacher's top-K next-token log-probs")
+    cfg, flags = parse_command(argv, description="Tokenize traces and store the teacher's top-K next-token log-probs",
+                               dry_run=True)
+    if flags.dry_run:  # size the run on abstract arrays, check it fits, exit (kd_jax/dryrun.py)
+        return dryrun.main(cfg, "precompute", compile=not flags.no_compile)
     distributed.maybe_initialize()
     try:
         run(cfg)

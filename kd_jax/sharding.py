@@ -41,22 +41,27 @@ RULES: tuple[tuple[str, Any], ...] = (
 _RULES = dict(RULES)
 
 
-def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[Any] | None = None) -> Mesh:
-    """A (data, fsdp, tensor) mesh over `devices` (default: all); one size may be -1 = the rest."""
-    devices = list(jax.devices() if devices is None else devices)
+def mesh_shape(data: int, fsdp: int, tensor: int, num_devices: int) -> tuple[int, int, int]:
+    """(data, fsdp, tensor) sizes over `num_devices` devices, with a -1 axis taking the rest."""
     sizes = [data, fsdp, tensor]
     if sizes.count(-1) > 1:
         raise ValueError(f"mesh: at most one axis may be -1, got data={data} fsdp={fsdp} tensor={tensor}")
     known = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
-        if len(devices) % known:
-            raise ValueError(f"mesh: {len(devices)} devices do not divide by the fixed axes' product {known}")
-        sizes[sizes.index(-1)] = len(devices) // known
-    if math.prod(sizes) != len(devices):
+        if num_devices % known:
+            raise ValueError(f"mesh: {num_devices} devices do not divide by the fixed axes' product {known}")
+        sizes[sizes.index(-1)] = num_devices // known
+    if math.prod(sizes) != num_devices:
         raise ValueError(
-            f"mesh: data*fsdp*tensor = {math.prod(sizes)} but there are {len(devices)} devices; "
+            f"mesh: data*fsdp*tensor = {math.prod(sizes)} but there are {num_devices} devices; "
             "set one axis to -1 to take the remaining devices")
-    return jax.make_mesh(tuple(sizes), MESH_AXES, devices=devices,
+    return tuple(sizes)
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[Any] | None = None) -> Mesh:
+    """A (data, fsdp, tensor) mesh over `devices` (default: all); one size may be -1 = the rest."""
+    devices = list(jax.devices() if devices is None else devices)
+    return jax.make_mesh(mesh_shape(data, fsdp, tensor, len(devices)), MESH_AXES, devices=devices,
                          axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
 
 

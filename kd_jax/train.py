@@ -22,9 +22,9 @@ import transformers
 from flax import nnx
 from tqdm import tqdm
 
-from kd_jax import distributed, flops, sharding
+from kd_jax import distributed, dryrun, flops, sharding
 from kd_jax.checkpoint import Checkpointer, Preemption
-from kd_jax.config import Config, parse_args, save_config
+from kd_jax.config import Config, parse_command, save_config
 from kd_jax.data.pipeline import make_eval_iter, make_train_iter, split_indices
 from kd_jax.data.store import KDStore, StoreError
 from kd_jax.models import build_model, num_params
@@ -45,7 +45,7 @@ def _abstract(tree):
 def init_opt_state(tx, params, mesh):
     """Optimizer state on the mesh: moments inherit their parameter's sharding; scalars such as the
     step count (which jit would leave on one device) are replicated."""
-    opt_state = jax.jit(tx.init)(params)
+    opt_state = tx.init(params)  # eager: zeros_like keeps each parameter's sharding (jit replicated them)
     replicated = sharding.named_sharding(mesh, None)
     return jax.tree.map(lambda x: x if len(x.sharding.device_set) == mesh.size else jax.device_put(x, replicated),
                         opt_state)
@@ -225,7 +225,9 @@ def train(cfg: Config) -> dict[str, float]:
 
 
 def main(argv=None) -> None:
-    cfg = parse_args(argv, description="Distill a student from a KD store")
+    cfg, flags = parse_command(argv, description="Distill a student from a KD store", dry_run=True)
+    if flags.dry_run:  # size the run on abstract arrays, check it fits, exit (kd_jax/dryrun.py)
+        return dryrun.main(cfg, "train", compile=not flags.no_compile)
     distributed.maybe_initialize()
     try:
         train(cfg)

@@ -1,0 +1,385 @@
+"""`--dry-run` for `python -m kd_jax.train` and `python -m kd_jax.precompute`: will this config fit?
+
+Builds the model on abstract arrays (`nnx.eval_shape`: no weights, store or traces are read, nothing
+is allocated) and reports, per device, the bytes of parameters, gradients, optimizer state,
+activations under the remat policy and the fused loss's [chunk, vocab] temporaries, against
+`mesh.device_memory_gib`. Two estimates:
+
+- analytic, always: from the model's shapes, the sharding rules table and the mesh the config
+  resolves to (a -1 axis takes this machine's devices; fake a slice on CPU with
+  XLA_FLAGS=--xla_force_host_platform_device_count=N). Attention is the XLA path of
+  `jax.nn.dot_product_attention`, which materializes [rows, heads, T, T] fp32 scores per layer.
+- compiled, when the mesh fits this machine's devices (and not --no-compile): the real jitted step
+  lowered on abstract arrays and compiled ahead of time; XLA's `memory_analysis()` per device.
+
+Models: `hf_path` is read when it is a local folder or already in the Hugging Face cache;
+otherwise the section's `architecture` (the model's config.json values) stands in, which is how the
+recipes under configs/recipes/ dry-run offline. When both exist they must agree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import AbstractMesh
+
+from kd_jax import sharding
+from kd_jax.config import Config, ModelSource
+from kd_jax.models.decoder import Decoder, DecoderConfig
+from kd_jax.models.hf import config_from_hf, read_hf_config
+
+GiB = 2**30
+
+
+class DryRunError(ValueError):
+    """A config the dry run cannot size, with what to add."""
+
+
+# ---------------------------------------------------------------- models and mesh
+
+
+def _cached_folder(path: str, revision: str | None) -> str | None:
+    """`path` when it is a folder, else its snapshot in the local HF cache, else None (never the network)."""
+    if os.path.isdir(path):
+        return path
+    try:
+        from huggingface_hub import snapshot_download
+        return snapshot_download(repo_id=path, revision=revision, local_files_only=True,
+                                 allow_patterns=["config.json"])
+    except Exception:  # noqa: BLE001 - not cached (or not a hub id): fall back to `architecture`
+        return None
+
+
+def hf_config(src: ModelSource, role: str) -> tuple[dict, str]:
+    """The HF config.json dict of an init=hf or init=random section, and where it came from."""
+    if src.init == "random":
+        if not src.architecture:
+            raise DryRunError(f"{role}.init=random needs {role}.architecture")
+        return src.architecture, f"{role}.architecture"
+    folder = _cached_folder(src.hf_path, src.revision) if src.hf_path else None
+    if folder is None:
+        if not src.architecture:
+            raise DryRunError(
+                f"{role}.hf_path={src.hf_path!r} is not a local folder or in the Hugging Face cache, so the dry "
+                f"run cannot read its config.json; download it, or add {role}.architecture with the model's "
+                f"config.json values (see configs/recipes/)")
+        return src.architecture, f"{role}.architecture ({src.hf_path} not available offline)"
+    hf = read_hf_config(folder)
+    wrong = {k: (v, hf[k]) for k, v in (src.architecture or {}).items() if k in hf and hf[k] != v}
+    if wrong:
+        text = ", ".join(f"{k}: {a!r} in the config, {b!r} in config.json" for k, (a, b) in wrong.items())
+        raise DryRunError(f"{role}.architecture disagrees with {folder}/config.json ({text}); fix the config")
+    return hf, folder
+
+
+def model_config(src: ModelSource, role: str, teacher_src: ModelSource | None = None) -> tuple[DecoderConfig, str]:
+    """The DecoderConfig `build_model` would build for a config section, read offline."""
+    opts = dict(param_dtype=src.param_dtype, dtype=src.dtype, scan_layers=src.scan_layers, remat=src.remat)
+    if src.init == "teacher_layers":
+        teacher, where = model_config(teacher_src, "teacher")
+        return (dataclasses.replace(teacher, num_layers=len(src.teacher_layers), **opts),
+                f"teacher layers {list(src.teacher_layers)} of {where}")
+    hf, where = hf_config(src, role)
+    return config_from_hf(hf, **opts), where
+
+
+def resolve_mesh(cfg: Config, num_devices: int) -> AbstractMesh:
+    """The config's mesh over `num_devices` devices, without needing the devices."""
+    try:
+        sizes = sharding.mesh_shape(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, num_devices)
+    except ValueError as e:
+        raise DryRunError(str(e)) from None
+    return AbstractMesh(sizes, sharding.MESH_AXES)
+
+
+def abstract_model(model_cfg: DecoderConfig):
+    """(graphdef, state) of the model with ShapeDtypeStruct leaves: shapes only, nothing allocated."""
+    return nnx.split(nnx.eval_shape(lambda: Decoder(model_cfg, rngs=nnx.Rngs(0))))
+
+
+def _variables(state) -> list[nnx.Variable]:
+    return jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def _local_bytes(var: nnx.Variable, mesh, itemsize: int | None = None) -> int:
+    """Bytes of one device's shard of a parameter under the rules table."""
+    spec = sharding.logical_to_spec(var.get_metadata().get("out_sharding"), var.shape, mesh)
+    shape = list(var.shape)
+    for i, axes in enumerate(spec):
+        for ax in (axes,) if isinstance(axes, str) else (axes or ()):
+            shape[i] = -(-shape[i] // mesh.shape[ax])
+    return math.prod(shape) * (itemsize or np.dtype(var.dtype).itemsize)
+
+
+@dataclasses.dataclass
+class ParamInfo:
+    count: int  # all parameters
+    embedding: int  # input embedding rows (the gather, not a matmul)
+    local_bytes: int  # one device's shard, in the param dtype
+    layer_gathered: int  # one layer's weights after the fsdp all-gather, in the compute dtype
+    out_embed_gathered: int  # the [D, V] output projection gathered for the loss, compute dtype
+
+
+def param_info(model_cfg: DecoderConfig, mesh) -> ParamInfo:
+    _, state = abstract_model(model_cfg)
+    variables = _variables(state)
+    count = sum(math.prod(v.shape) for v in variables)
+    local = sum(_local_bytes(v, mesh) for v in variables)
+    s = jnp.dtype(model_cfg.dtype).itemsize
+    gathered = 0  # a layer's slice, sharded over tensor only: what one scan step holds after the gather
+    for v in _variables(state["layers"]):
+        names = tuple(n if n != "embed" else None for n in v.get_metadata().get("out_sharding"))
+        gathered += _local_bytes(_Stub(v.shape[1:], names[1:], v.dtype), mesh, s)
+    V, D, t = model_cfg.vocab_size, model_cfg.hidden_size, mesh.shape["tensor"]
+    out_embed = D * (V // t if V % t == 0 else V) * s
+    return ParamInfo(count, V * D, local, gathered, out_embed)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Stub:
+    """Shape, logical names and dtype: what `_local_bytes` reads of a Variable."""
+    shape: tuple
+    names: tuple
+    dtype: object
+
+    def get_metadata(self):
+        return {"out_sharding": self.names}
+
+
+# ---------------------------------------------------------------- analytic activations
+
+
+def _per_device(n: int, size: int) -> int:
+    return n // size if n % size == 0 else n  # the rules table replicates a dimension the axis does not divide
+
+
+def layer_activation_bytes(c: DecoderConfig, rows: int, T: int, tensor: int) -> tuple[int, int]:
+    """(saved, full) bytes of one decoder layer on one device for `rows` sequences of T tokens:
+    `saved` is what the remat policy keeps for the backward pass, `full` everything the layer
+    makes (what the backward pass recomputes, one layer at a time)."""
+    s = jnp.dtype(c.dtype).itemsize
+    n = rows * T
+    N, K, F = _per_device(c.num_heads, tensor), _per_device(c.num_kv_heads, tensor), _per_device(c.intermediate_size, tensor)
+    x = n * c.hidden_size * s  # residual stream, norm outputs, projections back to D
+    qkv = n * (N + 2 * K) * c.head_dim * s
+    av = n * N * c.head_dim * s
+    scores = rows * N * T * T * 4  # fp32 QK^T logits (jax.nn.dot_product_attention, XLA path)
+    mlp = n * F * s  # one of gate, up, silu(gate)*up
+    full = 6 * x + 2 * qkv + av + 2 * scores + 3 * mlp + 2 * n * c.hidden_size * 4  # + fp32 softmax, fp32 norms
+    saved = {
+        "none": full,
+        "dots_saveable": 3 * x + qkv + av + scores + 2 * mlp,  # every dot output, attention's included
+        "dots_with_no_batch_dims_saveable": 3 * x + qkv + 2 * mlp,  # the projections (weights: no batch dims)
+        "offload_dots": x,  # the projections go to host memory; the layer input stays
+        "nothing_saveable": x,  # only the layer input
+    }[c.remat]
+    return saved, full
+
+
+def train_estimate(cfg: Config, model_cfg: DecoderConfig, mesh) -> dict:
+    """Analytic per-device bytes of one train step, by component."""
+    batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    micro = cfg.train.global_batch_size // cfg.train.grad_accum
+    if micro % batch_shards:
+        raise DryRunError(f"train.global_batch_size / train.grad_accum = {micro} sequences per micro-batch do not "
+                          f"split over data x fsdp = {batch_shards} devices; make it a multiple")
+    rows, T, t = micro // batch_shards, cfg.data.seq_len, mesh.shape["tensor"]
+    info = param_info(model_cfg, mesh)
+    s = jnp.dtype(model_cfg.dtype).itemsize
+    saved, full = layer_activation_bytes(model_cfg, rows, T, t)
+    n = rows * T
+    V, D = model_cfg.vocab_size, model_cfg.hidden_size
+    transient = full if model_cfg.remat == "none" else 2 * full  # one layer's gradients (+ its recompute)
+    activations = (model_cfg.num_layers * saved + transient
+                   + rows * T * T  # the [rows, 1, T, T] boolean attention mask, shared by the layers
+                   + n * D * (2 * s + 4))  # embedding output, final hidden states, their fp32 gradient
+    chunk = -(-cfg.loss.chunk_size // batch_shards)  # the loss chunk is global; each device holds its rows
+    Vt = _per_device(V, t)
+    loss = (3 * chunk * Vt * 4 + chunk * Vt * s  # fp32 logits, softmax, their gradient; compute-dtype gradient
+            + D * Vt * 4)  # the fp32 output-projection gradient the loss accumulates over chunks
+    K = cfg.data.top_k
+    batch = micro // batch_shards * T * (7 * 4 + 1 + K * 8)  # 7 int32 rows, the bool mask, top-K ids + fp32 log-probs
+    grads = info.local_bytes * (2 if cfg.train.grad_accum > 1 else 1)  # + the accumulator across micro-batches
+    return dict(
+        params=info.local_bytes, grads=grads, optimizer=2 * info.local_bytes,  # Adam mu, nu in the param dtype
+        activations=activations, gathered_weights=2 * info.layer_gathered + info.out_embed_gathered,
+        loss=loss, batch=batch,
+        _rows=rows, _chunk=chunk, _info=info)
+
+
+def precompute_estimate(cfg: Config, model_cfg: DecoderConfig, mesh) -> dict:
+    """Analytic per-device bytes of the teacher's top-K pass on its longest batch."""
+    batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    pre, t = cfg.precompute, mesh.shape["tensor"]
+    T = -(-cfg.data.seq_len // pre.bucket) * pre.bucket  # the longest bucket
+    total_rows = max(batch_shards, (pre.batch_tokens // T) // batch_shards * batch_shards)  # teacher._batches
+    rows = total_rows // batch_shards
+    info = param_info(model_cfg, mesh)
+    _, full = layer_activation_bytes(model_cfg, rows, T, t)
+    n, D, s, K = rows * T, model_cfg.hidden_size, jnp.dtype(model_cfg.dtype).itemsize, cfg.data.top_k
+    activations = full + rows * T * T + 2 * n * D * s  # forward only: one layer live; mask; hidden states
+    Vt = _per_device(model_cfg.vocab_size, t)
+    loss = 3 * rows * min(pre.logits_chunk, T) * Vt * 4 + n * K * 8  # fp32 logits, log-softmax, top-k; outputs
+    return dict(params=info.local_bytes, activations=activations,
+                gathered_weights=2 * info.layer_gathered + info.out_embed_gathered, loss=loss,
+                batch=n * 4, _rows=rows, _T=T, _info=info)
+
+
+# ---------------------------------------------------------------- ahead-of-time compile
+
+
+def _memory(compiled) -> dict:
+    m = compiled.memory_analysis()
+    out = dict(arguments=m.argument_size_in_bytes, outputs=m.output_size_in_bytes,
+               aliased=m.alias_size_in_bytes, temporaries=m.temp_size_in_bytes)
+    out["peak"] = out["arguments"] + out["outputs"] - out["aliased"] + out["temporaries"]
+    return out
+
+
+def _sharded_abstract(model_cfg: DecoderConfig, mesh):
+    graphdef, state = abstract_model(model_cfg)
+    shardings = sharding.state_shardings(state, mesh)
+    params = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), state, shardings)
+    return graphdef, params, shardings
+
+
+def compile_train(cfg: Config, model_cfg: DecoderConfig, mesh) -> dict:
+    """memory_analysis() of the real train step (kd_jax.step.compile_steps) on abstract arrays."""
+    from kd_jax.step import compile_steps, make_optimizer
+    graphdef, params, param_shardings = _sharded_abstract(model_cfg, mesh)
+    tx, _ = make_optimizer(cfg.optim, cfg.train.steps)
+    replicated = sharding.named_sharding(mesh, None)
+    # As train.init_opt_state: each Adam moment shares its parameter's sharding, scalars are replicated.
+    by_path = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(params)}
+
+    def moment(path, leaf):
+        key = jax.tree_util.keystr(path)
+        match = max((k for k, v in by_path.items() if key.endswith(k) and v.shape == leaf.shape), key=len, default=None)
+        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=by_path[match].sharding if match else replicated)
+
+    opt_state = jax.tree_util.tree_map_with_path(moment, jax.eval_shape(tx.init, params))
+    opt_shardings = jax.tree.map(lambda x: x.sharding, opt_state)
+    with jax.set_mesh(mesh):
+        steps = compile_steps(graphdef, tx, cfg.loss, cfg.train.grad_accum, mesh, param_shardings, opt_shardings)
+        B, T, K = cfg.train.global_batch_size, cfg.data.seq_len, cfg.data.top_k
+        shapes = dict(inputs=(B, T), labels=(B, T), positions=(B, T), segment_ids=(B, T), role=(B, T),
+                      step=(B, T), loss_mask=(B, T), topk_ids=(B, T, K), topk_logprobs=(B, T, K))
+        dtypes = dict(loss_mask=jnp.bool_, topk_logprobs=jnp.float32)
+        batch = {k: jax.ShapeDtypeStruct(v, dtypes.get(k, jnp.int32), sharding=sharding.batch_sharding(mesh, len(v)))
+                 for k, v in shapes.items()}
+        nonfinite = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
+        return _memory(steps.train.lower(params, opt_state, nonfinite, batch).compile())
+
+
+def compile_precompute(cfg: Config, model_cfg: DecoderConfig, mesh, rows: int, T: int) -> dict:
+    """memory_analysis() of the teacher's top-K pass (kd_jax.teacher.topk_logprobs) on its longest batch."""
+    from kd_jax.teacher import topk_logprobs
+    graphdef, params, _ = _sharded_abstract(model_cfg, mesh)
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    tokens = jax.ShapeDtypeStruct((rows * shards, T), jnp.int32, sharding=sharding.batch_sharding(mesh, 2))
+    fn = jax.jit(lambda p, x: topk_logprobs(nnx.merge(graphdef, p), x, k=cfg.data.top_k,
+                                            vocab_size=model_cfg.vocab_size,
+                                            logits_chunk=min(cfg.precompute.logits_chunk, T)))
+    with jax.set_mesh(mesh):
+        return _memory(fn.lower(params, tokens).compile())
+
+
+# ---------------------------------------------------------------- report
+
+
+def device_memory(cfg: Config) -> tuple[int | None, str]:
+    """Bytes of one device's memory: mesh.device_memory_gib, else what the local device reports."""
+    if cfg.mesh.device_memory_gib is not None:
+        return int(cfg.mesh.device_memory_gib * GiB), "mesh.device_memory_gib"
+    stats = jax.local_devices()[0].memory_stats() or {}
+    if "bytes_limit" in stats:
+        return int(stats["bytes_limit"]), f"{jax.local_devices()[0].device_kind} bytes_limit"
+    return None, "unknown: set mesh.device_memory_gib"
+
+
+_LABELS = {
+    "params": "parameters", "grads": "gradients", "optimizer": "optimizer state (Adam mu, nu)",
+    "activations": "activations", "gathered_weights": "gathered weights (fsdp, one layer + output)",
+    "loss": "fused loss (chunk x vocab)", "batch": "batch",
+}
+
+
+def _gib(n: int) -> str:
+    return f"{n / GiB:9.3f}"
+
+
+def report(cfg: Config, entry: str, *, compile: bool = True, out=sys.stdout) -> dict:
+    """Print the dry-run table for `entry` ("train" or "precompute"); returns the summary dict."""
+    t0 = time.perf_counter()
+    if entry == "train":
+        model_cfg, where = model_config(cfg.student, "student", cfg.teacher)
+        num_devices = jax.device_count()
+    else:  # precompute runs the teacher on each process's own devices (kd_jax.precompute.run)
+        model_cfg, where = model_config(cfg.teacher, "teacher")
+        num_devices = jax.local_device_count()
+    mesh = resolve_mesh(cfg, num_devices)
+    est = train_estimate(cfg, model_cfg, mesh) if entry == "train" else precompute_estimate(cfg, model_cfg, mesh)
+    info: ParamInfo = est.pop("_info")
+    parts = {k: v for k, v in est.items() if not k.startswith("_")}
+    total = sum(parts.values())
+    T = cfg.data.seq_len if entry == "train" else est["_T"]
+    role = "student" if entry == "train" else "teacher"
+    p = lambda *a: print(*a, file=out)  # noqa: E731
+    p(f"dry run of kd_jax.{entry}: nothing is allocated; no weights, store or traces are read")
+    p(f"{role}: {model_cfg.model_type}, {info.count:,} parameters ({info.count / 1e9:.2f}B; "
+      f"{(info.count - info.embedding) / 1e9:.2f}B without the input embedding); config from {where}")
+    sizes = dict(mesh.shape)
+    p(f"mesh: data={sizes['data']} fsdp={sizes['fsdp']} tensor={sizes['tensor']} ({mesh.size} devices); "
+      f"per device {est['_rows']} x {T} tokens per (micro-)batch; dtype {model_cfg.dtype}, params "
+      f"{model_cfg.param_dtype}, remat {model_cfg.remat if entry == 'train' else 'n/a (forward only)'}"
+      + (f"; loss chunk {est['_chunk']} rows x {model_cfg.vocab_size} vocab" if entry == "train" else ""))
+    p("per-device memory, analytic (GiB):")
+    for k, v in parts.items():
+        label = _LABELS[k] + (f" ({model_cfg.remat})" if k == "activations" and entry == "train" else "")
+        p(f"  {label:<48}{_gib(v)}")
+    p(f"  {'total':<48}{_gib(total)}")
+    summary = dict(entry=entry, model_type=model_cfg.model_type, params=info.count,
+                   params_without_embedding=info.count - info.embedding, mesh=sizes, devices=mesh.size,
+                   rows_per_device=est["_rows"], seq_len=T, analytic=dict(parts, total=total))
+    checked = total
+    if compile and mesh.size == num_devices:
+        devices = jax.devices() if entry == "train" else jax.local_devices()
+        real = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=devices)
+        c = (compile_train(cfg, model_cfg, real) if entry == "train"
+             else compile_precompute(cfg, model_cfg, real, est["_rows"], T))
+        p(f"per-device memory, compiled ahead of time on {devices[0].platform} (XLA memory_analysis, GiB):")
+        for k, v in c.items():
+            p(f"  {k:<48}{_gib(v)}")
+        summary["compiled"] = c
+        checked = c["peak"]
+    elif compile:
+        p(f"(no ahead-of-time compile: the mesh needs {mesh.size} devices, this machine has {num_devices})")
+    limit, source = device_memory(cfg)
+    fits = None if limit is None else checked <= limit
+    if limit is None:
+        p(f"device memory {source}; fit not checked")
+    else:
+        p(f"device memory {limit / GiB:.2f} GiB ({source}): {'fits' if fits else 'does NOT fit'}, "
+          f"{100 * checked / limit:.0f}% used by the {'compiled' if 'compiled' in summary else 'analytic'} estimate")
+    summary.update(device_memory=limit, fits=fits, seconds=round(time.perf_counter() - t0, 2))
+    p("dry-run summary: " + json.dumps(summary))
+    return summary
+
+
+def main(cfg: Config, entry: str, *, compile: bool = True) -> None:
+    """The entry points' --dry-run: exits 1 when the config does not fit its device memory."""
+    try:
+        summary = report(cfg, entry, compile=compile)
+    except DryRunError as e:
+        raise SystemExit(f"error: {e}") from None
+    if summary["fits"] is False:
+        raise SystemExit(1)
