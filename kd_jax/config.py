@@ -114,6 +114,7 @@ class DataConfig:
     eval_fraction: float = 0.02  # fraction of examples held out for evaluation
     packing: str = "first_fit"  # sequence packing: "first_fit" or "best_fit"
     num_workers: int = 0  # data loader worker processes; 0 = load in the main process
+    streams: int = 0  # example streams packed apart, side by side in a batch; 0 = one per process (fix: same batches at any process count)
     curriculum_fraction: float = 0.0  # first fraction of training steps fed easiest-first; 0 = plain shuffle
     shuffle_seed: int = 0  # seed of the example shuffle
 
@@ -126,6 +127,7 @@ class DataConfig:
         _check(0.0 <= self.eval_fraction < 1.0, f"eval_fraction={self.eval_fraction} must be in [0, 1)")
         fraction = self.curriculum_fraction
         _check(0.0 <= fraction <= 1.0, f"curriculum_fraction={fraction} must be in [0, 1]")
+        _check(self.streams >= 0, f"streams={self.streams} must be >= 0 (0 = one stream per process)")
 
 
 @dataclasses.dataclass(frozen=True)

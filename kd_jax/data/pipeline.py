@@ -1,9 +1,10 @@
 """KD store -> packed training batches, with Grain.
 
   StoreSource (random access over a split) -> [curriculum head +] seeded shuffle -> repeat ->
-  shard by process -> shift each sequence by one -> pack to seq_len (Grain's first/best-fit
-  packer) -> batch to the process-local batch -> finish (rename, dtypes, loss mask) ->
-  worker processes (mp_prefetch) when data.num_workers > 0.
+  split into data.streams streams (default: one per process) -> shift each sequence by one ->
+  pack to seq_len (Grain's first/best-fit packer) -> batch to the stream's rows -> finish (rename,
+  dtypes, loss mask) -> this process's streams side by side -> worker processes (mp_prefetch)
+  when data.num_workers > 0.
 
 The next-token shift happens per sequence BEFORE packing: example position t holds input token t
 and everything about label token t+1 (label, role, step, teacher top-K). Packing then only moves
@@ -27,7 +28,7 @@ import os
 import grain
 import numpy as np
 from absl import flags
-from grain.experimental import BestFitPackIterDataset, FirstFitPackIterDataset
+from grain.experimental import BestFitPackIterDataset, FirstFitPackIterDataset, ZipIterDataset
 
 from kd_jax.config import DataConfig
 from kd_jax.data.store import KDStore, StoreError
@@ -152,6 +153,12 @@ def _pack_and_batch(ds: grain.IterDataset, data_cfg: DataConfig, batch_size: int
     return ds.map(functools.partial(_finish, batch_size=batch_size))
 
 
+def _concat_rows(batches: tuple[dict[str, np.ndarray], ...]) -> dict[str, np.ndarray]:
+    """One batch of the streams' batches, stream 0's rows first (a module-level function: Grain
+    pickles the pipeline into its worker processes)."""
+    return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+
+
 def _curriculum_head(store: KDStore, train_idx: np.ndarray, difficulty: np.ndarray | None,
                      count: int, seed: int) -> np.ndarray:
     """The first `count` training examples: train_idx easiest first (cycled if count exceeds it),
@@ -199,16 +206,26 @@ def make_train_iter(store_path: str, train_idx: np.ndarray, data_cfg: DataConfig
                     seed: int, process_index: int = 0, process_count: int = 1,
                     difficulty: np.ndarray | None = None, steps: int | None = None) -> grain.DatasetIterator:
     """Endless iterator of packed batches for this process: dicts of numpy arrays [B, L] / [B, L, K]
-    (module doc), B = global_batch_size // process_count. Examples as in `train_examples`."""
-    if global_batch_size % process_count:
-        raise ValueError(f"train.global_batch_size={global_batch_size} is not divisible by the "
-                         f"{process_count} processes; make it a multiple of the process count")
-    ds = train_examples(store_path, train_idx, data_cfg, global_batch_size=global_batch_size, seed=seed,
-                        process_index=process_index, process_count=process_count, difficulty=difficulty,
-                        steps=steps)
-    batch_size = global_batch_size // process_count
-    ds = _pack_and_batch(ds.to_iter_dataset(_READ), data_cfg, batch_size, seed, shuffle_bins=True,
-                         drop_remainder=True)
+    (module doc), B = global_batch_size // process_count.
+
+    The global batch is data.streams (0: process_count) streams of examples (`train_examples`,
+    stream s of S) side by side, each packed into its own global_batch_size // S rows; this
+    process reads and packs its S // process_count streams. So a fixed data.streams gives the same
+    global batches on any process count that divides it."""
+    streams = data_cfg.streams or process_count
+    if streams % process_count or global_batch_size % streams:
+        raise ValueError(f"data.streams={streams} must be a multiple of the {process_count} processes and divide "
+                         f"train.global_batch_size={global_batch_size}; set data.streams (0 = one per process) "
+                         f"or the batch size")
+    rows = global_batch_size // streams
+    per_process = streams // process_count
+    parts = []
+    for s in range(process_index * per_process, (process_index + 1) * per_process):
+        ds = train_examples(store_path, train_idx, data_cfg, global_batch_size=global_batch_size, seed=seed,
+                            process_index=s, process_count=streams, difficulty=difficulty, steps=steps)
+        parts.append(_pack_and_batch(ds.to_iter_dataset(_READ), data_cfg, rows, seed, shuffle_bins=True,
+                                     drop_remainder=True))
+    ds = parts[0] if len(parts) == 1 else ZipIterDataset(parts).map(_concat_rows)
     if data_cfg.num_workers > 0:
         # Each worker packs its own slice of the stream: batches are deterministic for a given
         # num_workers but differ between worker counts (Grain slices before packing).
