@@ -1,27 +1,67 @@
 """Multi-process runs: `jax.distributed` start-up and barriers.
 
-A run is multi-process when KD_JAX_NUM_PROCESSES > 1 (with KD_JAX_COORDINATOR = host:port and
-KD_JAX_PROCESS_ID), e.g. two local processes in the tests. Auto-detection on TPU VMs and under
-SLURM (`jax.distributed.initialize()` with no arguments) comes with the launch scripts.
+`maybe_initialize()` starts `jax.distributed` when the environment says this is one of several
+processes (every entry point that runs on all hosts calls it first):
+
+  - explicitly: KD_JAX_NUM_PROCESSES > 1, KD_JAX_COORDINATOR = host:port of process 0 and
+    KD_JAX_PROCESS_ID (e.g. two local processes in the tests, or a hand-written launcher);
+  - under SLURM (srun with more than one task) and on multi-host Cloud TPU slices (single or
+    multislice): `jax.distributed.initialize()` without arguments, where jax reads the cluster's
+    own environment (SLURM_* variables, the TPU VM's metadata / TPU_WORKER_HOSTNAMES / MEGASCALE_*).
+
+KD_JAX_NUM_PROCESSES=1 switches the detection off. These are environment variables, not config
+keys, because a launcher sets them per process (the process id differs; the config file is shared).
+On CPU, processes exchange collectives over gloo.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
+from collections.abc import Mapping
 
 import jax
 from jax.experimental import multihost_utils
 
+_TPU_HOSTS = ("TPU_PROCESS_ADDRESSES", "TPU_WORKER_HOSTNAMES")  # comma-separated hosts of the slice (jax reads them)
+
+
+def init_args(env: Mapping[str, str]) -> dict | None:
+    """The `jax.distributed.initialize` keyword arguments this environment asks for ({} = let jax
+    detect the cluster), or None for a single process."""
+    if "KD_JAX_NUM_PROCESSES" in env:
+        n = int(env["KD_JAX_NUM_PROCESSES"])
+        if n <= 1:
+            return None
+        missing = [k for k in ("KD_JAX_COORDINATOR", "KD_JAX_PROCESS_ID") if not env.get(k)]
+        if missing:
+            raise RuntimeError(f"KD_JAX_NUM_PROCESSES={n} but {' and '.join(missing)} is not set; set "
+                               "KD_JAX_COORDINATOR=<host:port of process 0> and KD_JAX_PROCESS_ID=<0..n-1>")
+        return {"coordinator_address": env["KD_JAX_COORDINATOR"], "num_processes": n,
+                "process_id": int(env["KD_JAX_PROCESS_ID"])}
+    # SLURM: only inside a job step (srun sets SLURM_STEP_NODELIST and SLURM_PROCID), not in the
+    # batch script itself, which is one process even when the job has several tasks.
+    if "SLURM_JOB_ID" in env and "SLURM_STEP_NODELIST" in env and "SLURM_PROCID" in env:
+        if int(env.get("SLURM_STEP_NUM_TASKS", env.get("SLURM_NTASKS", "1"))) > 1:
+            return {}
+    platforms = env.get("JAX_PLATFORMS", "")
+    if not platforms or "tpu" in platforms:
+        if env.get("MEGASCALE_COORDINATOR_ADDRESS") or any("," in env.get(k, "") for k in _TPU_HOSTS):
+            return {}  # multislice, or a multi-host slice (GKE; TPU VMs set these for their workers)
+        on_tpu_vm = os.path.exists("/dev/accel0") or os.path.exists("/dev/vfio/0")  # v2-v4 / v5e and later
+        if on_tpu_vm and importlib.util.find_spec("libtpu") is not None:
+            return {}  # a Cloud TPU VM: jax asks its metadata server (one host: a one-process run)
+    return None
+
 
 def maybe_initialize() -> None:
-    """Initialize jax.distributed once when the environment asks for several processes."""
-    n = int(os.environ.get("KD_JAX_NUM_PROCESSES", "1"))
-    if n <= 1 or jax.distributed.is_initialized():
+    """Initialize jax.distributed once when the environment asks for several processes (module doc)."""
+    args = init_args(os.environ)
+    if args is None or jax.distributed.is_initialized():
         return
     if "cpu" in os.environ.get("JAX_PLATFORMS", ""):  # (asking jax for its backend here would start it too early)
         jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU collectives across processes
-    jax.distributed.initialize(coordinator_address=os.environ["KD_JAX_COORDINATOR"], num_processes=n,
-                               process_id=int(os.environ["KD_JAX_PROCESS_ID"]))
+    jax.distributed.initialize(**args)
 
 
 def barrier(name: str) -> None:

@@ -1,0 +1,160 @@
+"""Multi-process runs: `jax.distributed` start-up from the environment, data streams that give the
+same global batches on any process count, and two local processes (4 CPU devices each) that
+train, die by SIGKILL together, resume, and log the losses of one process with 8 devices."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import tiny_kd
+from kd_jax.config import load_config
+from kd_jax.data.pipeline import make_train_iter
+from kd_jax.data.store import KDStore
+from kd_jax.distributed import init_args
+from kd_jax.precompute import run as precompute
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 16  # checkpoints every 4 steps: the kill lands after step 4's, well before the end
+
+
+def test_init_args_from_the_environment():
+    assert init_args({}) is None
+    assert init_args({"KD_JAX_NUM_PROCESSES": "2", "KD_JAX_COORDINATOR": "h0:1234", "KD_JAX_PROCESS_ID": "1"}) == {
+        "coordinator_address": "h0:1234", "num_processes": 2, "process_id": 1}
+    with pytest.raises(RuntimeError, match="KD_JAX_PROCESS_ID"):
+        init_args({"KD_JAX_NUM_PROCESSES": "2", "KD_JAX_COORDINATOR": "h0:1234"})
+    srun = {"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "n[1-2]", "SLURM_PROCID": "1", "SLURM_NTASKS": "2"}
+    assert init_args(srun) == {}  # jax reads SLURM's variables itself
+    assert init_args({**srun, "SLURM_NTASKS": "1"}) is None
+    assert init_args({k: v for k, v in srun.items() if k != "SLURM_STEP_NODELIST"}) is None  # the batch script
+    assert init_args({**srun, "KD_JAX_NUM_PROCESSES": "1"}) is None  # switched off explicitly
+    assert init_args({"TPU_WORKER_HOSTNAMES": "t0,t1,t2,t3"}) == {}
+    assert init_args({"TPU_WORKER_HOSTNAMES": "t0,t1", "JAX_PLATFORMS": "cpu"}) is None
+    assert init_args({"MEGASCALE_COORDINATOR_ADDRESS": "t0:8080", "JAX_PLATFORMS": "tpu"}) == {}
+
+
+def _common(root) -> list[str]:
+    return [f"teacher.hf_path={root}/teacher", "teacher.param_dtype=float32", "teacher.dtype=float32",
+            f"data.traces={root}/traces.jsonl", f"data.store={root}/store", "data.top_k=8", "data.seq_len=128",
+            "precompute.chunk_tokens=256", "precompute.bucket=32", "precompute.batch_tokens=1024"]
+
+
+def _train_args(root, name, **extra) -> list[str]:
+    kw = {"run.output_dir": f"{root}/runs", "run.name": name, "run.log_every": 1, "run.tensorboard": "false",
+          "student.init": "teacher_layers", "student.teacher_layers": "[1]", "student.dtype": "float32",
+          "train.steps": STEPS, "train.global_batch_size": 8, "train.eval_every": 0, "optim.lr": 3e-3,
+          "optim.warmup_steps": 2, "data.eval_fraction": 0.1, "data.streams": 2, "checkpoint.every_steps": 4,
+          "loss.beta": 0.5, "loss.chunk_size": 128, **extra}
+    return _common(root) + [f"{k}={v}" for k, v in kw.items()]
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("multiprocess"))
+    tiny_kd.make(root, n_traces=40)
+    precompute(load_config(None, _common(root) + ["mesh.data=-1", f"run.output_dir={root}/runs"]),
+               show_progress=False)
+    return root
+
+
+def test_streams_give_the_same_batches_on_any_process_count(root):
+    cfg = load_config(None, _train_args(root, "streams"))
+    idx = np.arange(len(KDStore.open(cfg.data.store)))
+    one = make_train_iter(cfg.data.store, idx, cfg.data, global_batch_size=8, seed=0)
+    two = [make_train_iter(cfg.data.store, idx, cfg.data, global_batch_size=8, seed=0, process_index=p,
+                           process_count=2) for p in range(2)]
+    for _ in range(3):
+        batch, halves = next(one), [next(it) for it in two]
+        assert batch["inputs"].shape == (8, 128) and halves[0]["inputs"].shape == (4, 128)
+        for k in batch:
+            np.testing.assert_array_equal(batch[k], np.concatenate([h[k] for h in halves]), err_msg=k)
+    # the two-stream iterator of one process resumes from its saved position
+    again = make_train_iter(cfg.data.store, idx, cfg.data, global_batch_size=8, seed=0)
+    again.set_state(json.loads(json.dumps(one.get_state())))
+    want, got = next(one), next(again)
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def _cli(args, devices: int, env_extra=None) -> subprocess.Popen:
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
+               **(env_extra or {}))
+    return subprocess.Popen([sys.executable, "-m", "kd_jax.train", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def _two_processes(root) -> list[subprocess.Popen]:
+    """Processes 0 and 1 of one run; their run directories differ (the checkpoints are shared) to
+    show which one writes the logs and the config."""
+    port = _free_port()
+    return [_cli(_train_args(root, "two", **{"run.output_dir": f"{root}/runs" if p == 0 else f"{root}/runs_p1",
+                                             "run.tensorboard": "true",
+                                             "checkpoint.dir": f"{root}/runs/two/checkpoints"}),
+                 devices=4, env_extra={"KD_JAX_COORDINATOR": f"localhost:{port}", "KD_JAX_NUM_PROCESSES": "2",
+                                       "KD_JAX_PROCESS_ID": str(p)})
+            for p in range(2)]
+
+
+def _finish(procs) -> None:
+    outs = [p.communicate(timeout=300)[0].decode() for p in procs]
+    assert [p.returncode for p in procs] == [0] * len(procs), "\n".join(o[-3000:] for o in outs)
+
+
+def _rows(root, name) -> list[dict]:
+    with open(f"{root}/runs/{name}/metrics.jsonl") as f:
+        return [row for line in f if (row := json.loads(line))["split"] == "train"]
+
+
+@pytest.mark.slow
+def test_two_processes_killed_and_resumed_match_one_process(root):
+    _finish([_cli(_train_args(root, "one"), devices=8)])  # one process, 8 devices, the same two streams
+    procs = _two_processes(root)
+    ckpts = f"{root}/runs/two/checkpoints"
+    deadline = time.time() + 240
+    while time.time() < deadline and all(p.poll() is None for p in procs):
+        if os.path.isdir(ckpts) and any(d.isdigit() for d in os.listdir(ckpts)):
+            break
+        time.sleep(0.05)
+    assert all(p.poll() is None for p in procs), "a process ended before the kill:\n" + "\n".join(
+        p.communicate()[0].decode()[-3000:] for p in procs)
+    for p in procs:
+        p.send_signal(signal.SIGKILL)
+    for p in procs:
+        p.wait()
+    killed_at = len(_rows(root, "two"))
+    assert 4 <= killed_at < STEPS
+    _finish(_two_processes(root))
+
+    steps = [row["step"] for row in _rows(root, "two")]
+    resumed_at = steps[killed_at] - 1  # the newest checkpoint when both died
+    assert steps == list(range(1, killed_at + 1)) + list(range(resumed_at + 1, STEPS + 1))  # one writer
+    assert resumed_at >= 4 and resumed_at % 4 == 0
+    one = {row["step"]: row["loss"] for row in _rows(root, "one")}
+    two = {row["step"]: row["loss"] for row in _rows(root, "two")}  # after the kill, the resumed run's
+    assert sorted(one) == sorted(two) == list(range(1, STEPS + 1))
+    diff = max(abs(one[s] - two[s]) for s in one)
+    print(f"max |loss(1 process) - loss(2 processes)| = {diff:.3g} over {STEPS} steps (resumed at {resumed_at})")
+    np.testing.assert_allclose([two[s] for s in sorted(two)], [one[s] for s in sorted(one)], rtol=1e-5)
+    assert one[STEPS] < one[1] - 0.3  # it learned: the comparison is not between two idle runs
+    # process 0 wrote the config, metrics and TensorBoard; process 1 none of them
+    assert {"config.yaml", "metrics.jsonl", "tb"} <= set(os.listdir(f"{root}/runs/two"))
+    p1_dir = f"{root}/runs_p1/two"
+    assert not os.path.exists(p1_dir) or not {"config.yaml", "metrics.jsonl", "tb"} & set(os.listdir(p1_dir))
+    # each process saved its own data position in every checkpoint
+    last = f"{ckpts}/{STEPS}/data"
+    assert {"process_0-of-2.json", "process_1-of-2.json"} <= set(os.listdir(last))
