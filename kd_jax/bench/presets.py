@@ -63,7 +63,10 @@ def synthetic_batch(batch: int, seq_len: int, vocab: int, k: int, *, seed: int =
     prime = 7919 if vocab % 7919 else 7927
     base = rng.integers(0, vocab, (B, L, 1))
     topk_ids = ((base + prime * np.arange(K)) % vocab).astype(np.int32)
-    topk_logprobs = (-np.sort(rng.exponential(1.0, (B, L, K)), axis=-1) - 0.1).astype(np.float32)
+    # Decreasing log-probs holding 1 − leftover of the mass, leftover in [5%, 50%].
+    scores = -np.sort(rng.exponential(1.0, (B, L, K)), axis=-1)
+    scores -= np.log(np.exp(scores).sum(-1, keepdims=True))
+    topk_logprobs = (scores + np.log1p(-rng.uniform(0.05, 0.5, (B, L, 1)))).astype(np.float32)
     return {"inputs": tokens[:, :-1], "labels": tokens[:, 1:].copy(), "positions": positions.copy(),
             "segment_ids": segment_ids.copy(), "role": role.copy(), "step": step.copy(),
             "loss_mask": role != 0, "topk_ids": topk_ids, "topk_logprobs": topk_logprobs}

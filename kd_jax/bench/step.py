@@ -96,6 +96,7 @@ class Variant:
     peak_bytes: int | None = None
     times: list = dataclasses.field(default_factory=list)
     device_batches: list = dataclasses.field(default_factory=list)
+    error: str | None = None  # why the variant was not run
 
 
 def _memory(compiled) -> dict:
@@ -178,22 +179,37 @@ def run(args) -> None:
             steps = compile_steps(graphdef, tx, v.loss_cfg, v.grad_accum, mesh, param_sh, opt_sh)
             v.device_batches = [to_device(b) for b in (v.batch if isinstance(v.batch, list) else [v.batch])]
             t0 = time.perf_counter()
-            v.compiled = steps.train.lower(params, opt_state, nonfinite, v.device_batches[0]).compile()
+            try:
+                v.compiled = steps.train.lower(params, opt_state, nonfinite, v.device_batches[0]).compile()
+            except Exception as e:  # noqa: BLE001 — e.g. cuDNN refusing a shape, or out of memory
+                v.error = f"compile: {type(e).__name__}: {str(e).splitlines()[0][:300]}"
+                print(f"skipped {v.name}: {v.error}", flush=True)
+                continue
             v.compile_s = time.perf_counter() - t0
             v.memory = _memory(v.compiled)
+            limit = (jax.devices()[0].memory_stats() or {}).get("bytes_limit")
+            if limit and v.memory.get("total_bytes", 0) > limit:
+                # Running it would fail mid-step, after params and optimizer state were donated.
+                v.error = f"needs {v.memory['total_bytes'] / 2**30:.1f} GiB, the device has {limit / 2**30:.1f}"
+                print(f"skipped {v.name}: {v.error}", flush=True)
+                v.compiled = None
+                continue
             for i in range(args.warmup):
                 params, opt_state, nonfinite, metrics = v.compiled(params, opt_state, nonfinite,
                                                                    v.device_batches[i % len(v.device_batches)])
                 jax.block_until_ready(metrics)
             v.peak_bytes = _peak_bytes()
             print(f"compiled {v.name}: {v.compile_s:.1f} s", flush=True)
+        runnable = [v for v in variants if v.compiled is not None]
         for i in range(args.steps):  # round robin: drift (clocks, other load) hits every variant alike
-            for v in variants:
+            for v in runnable:
                 b = v.device_batches[(args.warmup + i) % len(v.device_batches)]
                 t0 = time.perf_counter()
                 params, opt_state, nonfinite, metrics = v.compiled(params, opt_state, nonfinite, b)
                 jax.block_until_ready(metrics)
                 v.times.append(time.perf_counter() - t0)
+    if metrics is None:
+        raise SystemExit("no variant could be compiled and run; see the messages above")
     final_loss = float(metrics["loss"])
     peak = args.peak_tflops * 1e12 if args.peak_tflops else None
     device = jax.devices()[0]
@@ -205,6 +221,9 @@ def run(args) -> None:
                   peak_flops=peak or flops.peak_flops())
     rows = []
     for v in variants:
+        if v.error:
+            rows.append(dict(name=v.name, error=v.error, **v.memory))
+            continue
         step_s = statistics.median(v.times)
         batches = v.batch if isinstance(v.batch, list) else [v.batch]
         real = statistics.mean(int((b["segment_ids"] > 0).sum()) for b in batches)
@@ -223,7 +242,7 @@ def run(args) -> None:
             peak_bytes_in_use=v.peak_bytes, **v.memory))
     print(" ".join(f"{k}={header[k]}" for k in ("device", "devices", "jax", "preset", "params", "top_k", "xla_flags")))
     print(format_table(rows))
-    if input_tps is not None:
+    if input_tps is not None and "error" not in rows[0]:
         print(f"input pipeline alone: {input_tps:,.0f} tokens/s "
               f"({input_tps / rows[0]['tokens_per_s']:,.1f}x the step's {rows[0]['tokens_per_s']:,.0f})")
     if args.out:
@@ -239,6 +258,9 @@ def format_table(rows) -> str:
     table = [("variant", "B x L", "step ms", "tokens/s", "MFU", "MFU(PaLM)", "TFLOP/s", "compile s",
               "XLA temp GiB", "peak GiB")]
     for r in rows:
+        if "error" in r:
+            table.append((r["name"], "-", "-", "-", "-", "-", "-", "-", _gib(r.get("temp_bytes")), r["error"][:60]))
+            continue
         pct = lambda x: "-" if x is None else f"{x:.1%}"  # noqa: E731
         table.append((r["name"], f"{r['batch']}x{r['seq_len']}", f"{r['step_ms']:,.1f}", f"{r['tokens_per_s']:,.0f}",
                       pct(r["mfu"]), pct(r["mfu_palm"]), f"{r['model_tflops_per_s']:,.3f}", f"{r['compile_s']:.1f}",

@@ -83,7 +83,7 @@ def _losses(torch):
         @staticmethod
         def distillation_loss_fn(student_logits, teacher_logits, target=None, ignore_index=-100, **_):
             K = teacher_logits.shape[-1] // 2
-            ids = teacher_logits[:, :K].round().long()  # exact: fp32 identity product of small integers
+            ids = teacher_logits[:, :K].round().long()  # exact: fp32 identity product of integers < 2^24
             soft = soft_terms(student_logits, ids, teacher_logits[:, K:])
             return soft.masked_fill(target == ignore_index, 0.0).sum()
 
@@ -151,12 +151,12 @@ def run(args) -> None:
     def step():
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "amp"):
             hidden = model.model(input_ids=inputs).last_hidden_state.reshape(B * L, -1).to(torch.bfloat16)
-            weight = model.lm_head.weight.to(torch.bfloat16)  # tied: the input embedding
-            if loss_name == "liger":
-                loss = liger_loss(hidden, weight, ids, lps, labels, chunk_size=args.chunk_size,
-                                  compiled=args.compiled)
-            else:
-                loss = naive_loss(hidden, weight, ids, lps, labels)
+        weight = model.lm_head.weight.to(torch.bfloat16)  # tied: the input embedding
+        # Outside autocast: it would run the fp32 identity product (the top-K ids) in bf16.
+        if loss_name == "liger":
+            loss = liger_loss(hidden, weight, ids, lps, labels, chunk_size=args.chunk_size, compiled=args.compiled)
+        else:
+            loss = naive_loss(hidden, weight, ids, lps, labels)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
