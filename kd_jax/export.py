@@ -1,5 +1,8 @@
 """`python -m kd_jax.export --run RUN_DIR [--step N] [--out DIR] [--dtype bfloat16]`: a trained
-student as a Hugging Face folder (config.json, safetensors, tokenizer) via `save_hf`."""
+student as a Hugging Face folder (config.json, safetensors, tokenizer) via `save_hf`.
+
+One process: it reads the whole checkpoint (whatever the number of processes that wrote it) onto
+this host's devices, so run it on one host, not on every worker of a slice."""
 
 from __future__ import annotations
 

@@ -12,14 +12,17 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 import tiny_kd
 from kd_jax.config import load_config
 from kd_jax.data.pipeline import make_train_iter
 from kd_jax.data.store import KDStore
 from kd_jax.distributed import init_args
+from kd_jax.export import restore_student
 from kd_jax.precompute import run as precompute
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -158,3 +161,11 @@ def test_two_processes_killed_and_resumed_match_one_process(root):
     # each process saved its own data position in every checkpoint
     last = f"{ckpts}/{STEPS}/data"
     assert {"process_0-of-2.json", "process_1-of-2.json"} <= set(os.listdir(last))
+    # export reads the two-process checkpoint in one process: the one-process run's weights
+    (a, step_a, _), (b, step_b, _) = restore_student(f"{root}/runs/one"), restore_student(f"{root}/runs/two")
+    assert step_a == step_b == STEPS
+    leaves_a, leaves_b = jax.tree.leaves(nnx.state(a, nnx.Param)), jax.tree.leaves(nnx.state(b, nnx.Param))
+    print("max |param difference| =", max(float(np.abs(np.asarray(x) - np.asarray(y)).max())
+                                          for x, y in zip(leaves_a, leaves_b)))
+    for x, y in zip(leaves_a, leaves_b):
+        np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-4, atol=1e-5)
