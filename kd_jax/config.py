@@ -105,7 +105,7 @@ class DataConfig:
     tokenizer: str | None = None  # HF tokenizer folder or hub id; None = the teacher's (teacher.hf_path)
     store: str | None = None  # KD store (folder or TensorStore kvstore URL) written by kd_jax.precompute
     allow_incomplete: bool = False  # train on the finished part of an incomplete KD store instead of failing
-    top_k: int = 64  # teacher logits kept per token (count)
+    top_k: int = 64  # teacher logits kept per token (count); 0 = tokens only, no teacher (needs loss.alpha=0)
     seq_len: int = 2048  # packed sequence length in tokens
     step_separator: str = "\n\n"  # text that splits the reasoning into steps
     min_reasoning_tokens: int = 0  # drop examples whose reasoning is shorter than this (tokens)
@@ -122,7 +122,7 @@ class DataConfig:
         _check_choice("format", self.format, ("r1", "messages"))
         _check_choice("overlong", self.overlong, ("drop", "truncate"))
         _check_choice("packing", self.packing, ("first_fit", "best_fit"))
-        _check(self.top_k >= 1, f"top_k={self.top_k} must be >= 1")
+        _check(self.top_k >= 0, f"top_k={self.top_k} must be >= 0 (0 = a tokens-only store, no teacher)")
         _check(self.seq_len >= 1, f"seq_len={self.seq_len} must be >= 1 token")
         _check(0.0 <= self.eval_fraction < 1.0, f"eval_fraction={self.eval_fraction} must be in [0, 1)")
         fraction = self.curriculum_fraction
@@ -246,6 +246,11 @@ class Config:
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)  # step counts and batch sizes
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)  # saving and resuming
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)  # held-out loss and answer accuracy
+
+    def __post_init__(self):
+        if self.data.top_k == 0 and self.loss.alpha > 0:
+            raise ConfigError(f"data.top_k=0 (tokens only, no teacher log-probs) needs loss.alpha=0 (hard labels "
+                              f"only), not {self.loss.alpha}; set loss.alpha=0 or data.top_k >= 1")
 
     @property
     def run_dir(self) -> str:

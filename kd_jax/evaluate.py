@@ -74,7 +74,8 @@ def task_accuracy(model, tokenizer, store: KDStore, indices: np.ndarray, eval_cf
         seconds += time.perf_counter() - t0
         for s, out in zip(seqs, outs):
             new_tokens += len(out)
-            pred = extract_answer(tokenizer.decode(out, skip_special_tokens=True))
+            # Special tokens kept: some tokenizers mark <think> tags special (EOS is dropped).
+            pred = extract_answer(tokenizer.decode([t for t in out if t not in eos]))
             ref = tokenizer.decode([t for t in s["tokens"][s["role"] == 2] if t not in eos],
                                    skip_special_tokens=True).strip()
             ok = bool(match(pred, ref))

@@ -133,7 +133,8 @@ def token_terms(logits_CxV, labels_C, topk_ids_CxK, topk_logprobs_CxK, *, temper
     hard = −log softmax(z)[y] in nats (labels outside [0, V) give a finite, meaningless value:
     their weights must be 0). soft = T²·divergence(teacher ‖ student) in nats, over the teacher's
     valid top-K ids (ids outside [0, V) are dropped and the rest renormalized), or over K+1
-    buckets with `tail`. top1_agree: student argmax equals the teacher's best valid id.
+    buckets with `tail`. top1_agree: student argmax equals the teacher's best valid id. K = 0
+    (no teacher) gives soft = 0 and top1_agree = False.
     """
     C, V = logits_CxV.shape
     T = temperature  # a Python float or a traced scalar (a schedule does not recompile)
@@ -145,6 +146,8 @@ def token_terms(logits_CxV, labels_C, topk_ids_CxK, topk_logprobs_CxK, *, temper
     labels_C = jnp.clip(labels_C, 0, V - 1)
 
     hard_C = jax.nn.logsumexp(z_CxV, axis=-1) - jnp.take_along_axis(z_CxV, labels_C[:, None], axis=-1)[:, 0]
+    if topk_ids_CxK.shape[-1] == 0:  # a tokens-only store: no teacher, so no soft term or agreement
+        return jnp.zeros_like(hard_C), hard_C, jnp.zeros(hard_C.shape, bool)
 
     zt_CxV = z_CxV / T
     lse_t_C = jax.nn.logsumexp(zt_CxV, axis=-1)

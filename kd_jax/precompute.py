@@ -1,7 +1,8 @@
 """`python -m kd_jax.precompute --config X.yaml [key=value ...]`: traces -> KD store.
 
 Process 0 tokenizes the traces into the store (once: a store that exists is reused); then every
-process runs the teacher over its own chunks of the store (kd_jax/teacher.py). Re-running the same
+process runs the teacher over its own chunks of the store (kd_jax/teacher.py). With data.top_k=0
+the store holds tokens only (no teacher is run): for hard-label training, e.g. of a teacher. Re-running the same
 command resumes: only chunks without a completion mark are computed.
 """
 
@@ -58,7 +59,7 @@ def tokenize_to_store(cfg: Config, tokenizer, teacher_vocab: int) -> KDStore:
         k=cfg.data.top_k, vocab_size=stored_vocab_size(cfg, teacher_vocab, tokenizer),
         teacher_vocab_size=teacher_vocab,
         tokenizer=tokenizer.name_or_path, chat_template_hash=template_hash(tokenizer),
-        teacher=cfg.teacher.hf_path or "random", teacher_revision=cfg.teacher.revision,
+        teacher=(cfg.teacher.hf_path or "random") if cfg.data.top_k else "none", teacher_revision=cfg.teacher.revision,
         logprob_dtype=cfg.precompute.logprob_dtype, num_sequences=len(encoded), num_tokens=int(lengths.sum()),
         chunk_tokens=cfg.precompute.chunk_tokens)
     return KDStore.create(cfg.data.store, meta, np.concatenate([e.tokens for e in encoded]).astype(np.int32),
@@ -80,6 +81,14 @@ def run(cfg: Config, *, show_progress: bool = True) -> dict:
         raise StoreError("data.store is not set: the folder or kvstore URL to write the KD store to")
     process, processes = jax.process_index(), jax.process_count()
     tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_path(cfg))
+    if cfg.data.top_k == 0:  # a tokens-only store: no teacher to run (hard-label training)
+        if process == 0:
+            save_config(cfg)
+            store = _open_or_none(cfg.data.store) or tokenize_to_store(cfg, tokenizer, len(tokenizer))
+            store.finalize()
+            print(json.dumps(store.describe(), indent=2), flush=True)
+        distributed.barrier("kd_store_written")
+        return KDStore.open(cfg.data.store).describe() if process == 0 else {}
     mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=jax.local_devices())
     teacher = build_model(cfg.teacher, mesh=mesh, seed=cfg.run.seed)
     if process == 0:

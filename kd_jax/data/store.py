@@ -15,6 +15,9 @@ of every sequence has no prediction: ids -1, log-probs 0 (it is a prompt token, 
 Writers own whole chunks of the token axis (`chunk_tokens`), so processes never write the same
 chunk; a chunk is marked complete by an empty key `progress/<chunk>` once all its rows are in.
 `done[i]` is derived from those marks (all chunks that sequence i touches are complete).
+
+K = 0 is a tokens-only store (`data.top_k=0` in precompute): no teacher arrays, complete at
+creation, for hard-label training (loss.alpha=0), e.g. of the demo's teacher.
 """
 
 from __future__ import annotations
@@ -105,8 +108,9 @@ class KDStore:
         store._create("offsets", "int64", [meta.num_sequences + 1], [max(meta.num_sequences + 1, 1)])[...] = offsets
         for name, values in (("tokens", tokens), ("role", role), ("step", step)):
             store._create(name, str(values.dtype), [n], [c])[...] = values
-        store._create("topk_ids", "int32", [n, k], [c, k], fill=-1)
-        store._create("topk_logprobs", meta.logprob_dtype, [n, k], [c, k], fill=0)
+        if k > 0:  # k = 0: a tokens-only store (hard-label training, no teacher)
+            store._create("topk_ids", "int32", [n, k], [c, k], fill=-1)
+            store._create("topk_logprobs", meta.logprob_dtype, [n, k], [c, k], fill=0)
         store._create("done", "uint8", [meta.num_sequences], [max(meta.num_sequences, 1)])
         # Metadata last: a store without kd_store.json is one whose creation did not finish.
         store._kv().write("kd_store.json", json.dumps(dataclasses.asdict(meta), indent=2).encode()).result()
@@ -159,8 +163,13 @@ class KDStore:
         if not 0 <= i < len(self):
             raise IndexError(f"sequence {i} out of range [0, {len(self)})")
         start, end = int(self.offsets[i]), int(self.offsets[i + 1])
-        futures = {name: self.array(name)[start:end].read() for name in _PER_TOKEN}
-        return {name: f.result() for name, f in futures.items()}
+        names = _PER_TOKEN if self.meta.k > 0 else _PER_TOKEN[:3]
+        futures = {name: self.array(name)[start:end].read() for name in names}
+        out = {name: f.result() for name, f in futures.items()}
+        if self.meta.k == 0:  # tokens only: empty teacher rows keep the batch layout the same
+            out["topk_ids"] = np.zeros((end - start, 0), np.int32)
+            out["topk_logprobs"] = np.zeros((end - start, 0), np.float32)
+        return out
 
     # --- teacher rows and completion -------------------------------------------------------
 
@@ -177,7 +186,7 @@ class KDStore:
 
     def done_chunks(self) -> np.ndarray:
         """Boolean [num_chunks]: chunks whose teacher rows are all written."""
-        done = np.zeros(self.meta.num_chunks, bool)
+        done = np.full(self.meta.num_chunks, self.meta.k == 0)  # a tokens-only store has no teacher rows
         for key in self._kv().list(ts.KvStore.KeyRange("progress/", "progress0")).result():
             done[int(key.decode().split("/")[1])] = True
         return done
