@@ -63,9 +63,10 @@ def _generate(graphdef, state, tokens_BxT, valid_BxT, key, max_new: int, tempera
 
 
 def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, eos_ids: Sequence[int] = (),
-             temperature: float = 0.0, top_p: float = 1.0, seed: int = 0) -> list[list[int]]:
-    """New token ids for each prompt (ids lists), up to and including the first EOS."""
-    T = max(len(p) for p in prompts)
+             temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, bucket: int = 32) -> list[list[int]]:
+    """New token ids for each prompt (ids lists), up to and including the first EOS. Prompts are
+    left-padded to a multiple of `bucket` tokens, so batches of similar prompts share one compile."""
+    T = -(-max(len(p) for p in prompts) // bucket) * bucket
     tokens = np.zeros((len(prompts), T), np.int32)
     valid = np.zeros((len(prompts), T), bool)
     for b, p in enumerate(prompts):  # left padding

@@ -1,0 +1,107 @@
+"""The embedded demo task: multi-step arithmetic word problems with verifiable answers, and a
+tokenizer trained on them (`make demo`, kd_jax/demo.py).
+
+A problem is a starting count and 2 to `max_ops` changes to it (single digits, the count stays
+within 0..40); the reasoning writes one step per paragraph (the start, then one paragraph per
+change with its arithmetic spelled out), and the answer is the final count, so `eval.matcher=numeric` checks it. Numbers are drawn at random, so held-out
+problems are new problems, not repeats.
+
+    python -m kd_jax.data.demo --out runs/demo/data --n 4000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+
+import transformers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+NAMES = ("Ana", "Ben", "Cleo", "Dev", "Eli", "Fay", "Gus", "Hana", "Ivo", "June", "Kai", "Lea", "Milo", "Nia")
+ITEMS = ("apples", "coins", "stamps", "marbles", "books", "shells", "cards", "pens")
+GAIN = ("finds", "buys", "wins")
+LOSE = ("loses", "gives away", "sells")
+
+# ChatML, as Qwen and SmolLM2 use it; kd_jax appends <think>…</think> and the answer itself.
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+THINK_TAGS = ["<think>", "</think>"]  # added tokens, not special ones (as Qwen's): decode() keeps them
+
+
+def problem(rng: random.Random, max_ops: int = 3, max_value: int = 40) -> dict:
+    """One trace: {"prompt", "reasoning", "answer"} (the r1 format of kd_jax.data.traces)."""
+    name, item = rng.choice(NAMES), rng.choice(ITEMS)
+    start = total = rng.randint(1, 20)
+    clauses, steps = [], [f"Start: {start}."]
+    for _ in range(rng.randint(2, max_ops)):
+        if total >= 1 and (total > max_value - 9 or rng.random() < 0.45):
+            n = rng.randint(1, min(9, total))
+            verb, new, sign = rng.choice(LOSE), total - n, "-"
+        else:
+            n = rng.randint(1, 9)
+            verb, new, sign = rng.choice(GAIN), total + n, "+"
+        clauses.append(f"{verb} {n}")
+        steps.append(f"{verb.capitalize()} {n}: {total} {sign} {n} = {new}.")
+        total = new
+    changes = ", ".join(clauses[:-1]) + " and then " + clauses[-1]
+    return {"prompt": f"{name} has {start} {item}, {changes}. How many {item} does {name} have?",
+            "reasoning": "\n\n".join(steps), "answer": str(total)}
+
+
+def problems(n: int, seed: int = 0, max_ops: int = 3) -> list[dict]:
+    rng = random.Random(seed)
+    return [problem(rng, max_ops) for _ in range(n)]
+
+
+def train_tokenizer(corpus: list[str], vocab_size: int = 300,
+                    individual_digits: bool = False) -> transformers.PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on `corpus` with the `tokenizers` library, with a ChatML
+    chat template and <think> tags as special tokens, as an HF fast tokenizer (save_pretrained
+    writes the HF folder). individual_digits: numbers become one token per digit, as Llama 3 and
+    Qwen split them, so arithmetic is learned digit by digit."""
+    tok = Tokenizer(models.BPE())
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+                         if individual_digits else byte_level)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=vocab_size - len(THINK_TAGS), special_tokens=SPECIAL, show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.add_tokens(THINK_TAGS)
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>",
+                                                pad_token="<|endoftext|>", bos_token="<|im_start|>")
+    fast.chat_template = CHATML
+    return fast
+
+
+def write(out: str, n: int, seed: int = 0, max_ops: int = 3, vocab_size: int = 384) -> dict[str, str]:
+    """traces.jsonl and an HF tokenizer folder under `out`; returns their paths."""
+    rows = problems(n, seed, max_ops)
+    os.makedirs(out, exist_ok=True)
+    traces = os.path.join(out, "traces.jsonl")
+    with open(traces, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    corpus = [f"{r['prompt']}\n{r['reasoning']}\n{r['answer']}" for r in rows]
+    tokenizer = os.path.join(out, "tokenizer")
+    train_tokenizer(corpus, vocab_size).save_pretrained(tokenizer)  # counts 0..20 become one token each
+    return {"traces": traces, "tokenizer": tokenizer}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, help="folder for traces.jsonl and tokenizer/")
+    parser.add_argument("--n", type=int, default=4000, help="number of problems")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-ops", type=int, default=3, help="most changes per problem (at least 2)")
+    parser.add_argument("--vocab-size", type=int, default=384, help="BPE vocabulary size")
+    args = parser.parse_args(argv)
+    paths = write(args.out, args.n, args.seed, args.max_ops, args.vocab_size)
+    print(f"wrote {args.n} problems to {paths['traces']} and a tokenizer to {paths['tokenizer']}")
+
+
+if __name__ == "__main__":
+    main()
