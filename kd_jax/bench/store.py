@@ -1,9 +1,10 @@
 """KD store size and precompute speed: bytes per token on disk for several K, teacher tokens/s.
 
-Runs `kd_jax.precompute` end to end (tokenize, teacher top-K, write) on synthetic reasoning traces
-with a real teacher folder, once per K, each into a fresh store; every K runs twice and the second
-run is timed (the first pays for compilation). Bytes per token are for the two teacher arrays,
-beside the uncompressed layout (int32 ids + 16-bit log-probs = 6·K bytes per token).
+Runs `kd_jax.precompute` end to end (tokenize, teacher top-K, write) on the demo's arithmetic traces
+(kd_jax.data.demo) with a real teacher folder, once per K, each into a fresh store; every K runs
+twice and the second run is timed (the first pays for compilation). Bytes per token are for the
+two teacher arrays, beside the uncompressed layout (int32 ids + 16-bit log-probs = 6·K bytes per
+token).
 """
 
 from __future__ import annotations
@@ -17,13 +18,13 @@ import jax
 
 from kd_jax.config import load_config
 from kd_jax import precompute
-from kd_jax.data.synthetic import synthetic_traces
+from kd_jax.data.demo import problems
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--teacher", required=True, help="teacher HF folder (with its tokenizer)")
     parser.add_argument("--ks", default="16,64,128", help="comma-separated top-K values")
-    parser.add_argument("--sequences", type=int, default=48, help="synthetic traces to precompute")
+    parser.add_argument("--sequences", type=int, default=48, help="demo arithmetic traces to precompute")
     parser.add_argument("--dtype", default="bfloat16", help="teacher compute and parameter dtype")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
 
@@ -33,7 +34,7 @@ def run(args) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         traces = os.path.join(tmp, "traces.jsonl")
         with open(traces, "w") as f:
-            for r in synthetic_traces(args.sequences):
+            for r in problems(args.sequences):
                 f.write(json.dumps(r) + "\n")
         for k in map(int, args.ks.split(",")):
             for attempt in range(2):
