@@ -23,7 +23,8 @@ from __future__ import annotations
 import os
 import sys
 
-if "jax" not in sys.modules:  # one CPU device per core (at most 8, a power of two): data parallel on CPU
+# One CPU device per core (at most 8, a power of two): data parallel on CPU. (Before jax starts.)
+if "jax" not in sys.modules and "device_count" not in os.environ.get("XLA_FLAGS", ""):
     _n = 1 << (min(os.cpu_count() or 1, 8).bit_length() - 1)
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={_n}")
 
@@ -32,10 +33,13 @@ import json  # noqa: E402
 import shutil  # noqa: E402
 import time  # noqa: E402
 
+import transformers  # noqa: E402
+
 from kd_jax import evaluate, export, precompute, train  # noqa: E402
 from kd_jax.config import Config, load_config, setup_logging  # noqa: E402
 from kd_jax.data import demo as demo_data  # noqa: E402
 from kd_jax.data.pipeline import split_indices  # noqa: E402
+from kd_jax.data.store import KDStore  # noqa: E402
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo")
 # (name, loss overrides) of the three students: the same budget and model, only the loss differs
@@ -80,18 +84,27 @@ def _timed_train(cfg: Config) -> float:
     return seconds
 
 
-def _hf_answer(folder: str, problem: dict, max_new_tokens: int) -> str:
-    """The exported student, loaded with transformers (PyTorch), answers one problem greedily."""
+def _hf_answer(folder: str, prompt_ids: list[int], max_new_tokens: int) -> str:
+    """The exported student, loaded with transformers (PyTorch), answers one prompt greedily."""
     import torch
     import transformers
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
     model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": problem["prompt"]}],
-                                        add_generation_prompt=True, return_tensors="pt", return_dict=True)
     with torch.no_grad():
-        out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
+        out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens, do_sample=False,
                              eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=False)
+    return tokenizer.decode(out[0, len(prompt_ids):], skip_special_tokens=False)
+
+
+def _held_out_problem(cfg: Config, tokenizer) -> tuple[list[int], str, str]:
+    """(prompt ids, prompt text, reference answer) of the first held-out sequence of the KD store:
+    the prompt as the chat template rendered it, the answer without EOS."""
+    store = KDStore.open(cfg.data.store)
+    usable = store.check()
+    seq = store.read(int(usable[split_indices(len(usable), cfg.data.eval_fraction, cfg.data.shuffle_seed)[1][0]]))
+    prompt = seq["tokens"][seq["role"] == 0].tolist()
+    answer = [t for t in seq["tokens"][seq["role"] == 2].tolist() if t != tokenizer.eos_token_id]
+    return prompt, tokenizer.decode(prompt), tokenizer.decode(answer).strip()
 
 
 COLUMNS = (("model", "{}"), ("loss", "{}"), ("steps", "{}"), ("train_s", "{:.0f}"), ("accuracy", "{:.1%}"),
@@ -159,19 +172,17 @@ def run(out: str = "runs/demo", scale: float = 1.0, problems: int = 8000, max_ex
     _stage(6, f"export the best student ({best['model']}) and load it with transformers",
            f"python -m kd_jax.export --run {best_cfg.run_dir} --out {folder}")
     export.export(best_cfg.run_dir, folder)
-    with open(paths["traces"]) as f:  # every trace fits seq_len, so store sequence i is trace i
-        traces = [json.loads(line) for line in f]
-    problem = traces[int(split_indices(len(traces), first.data.eval_fraction, first.data.shuffle_seed)[1][0])]
-    text = _hf_answer(folder, problem, first.eval.max_new_tokens)
+    prompt_ids, prompt, reference = _held_out_problem(first, transformers.AutoTokenizer.from_pretrained(folder))
+    text = _hf_answer(folder, prompt_ids, first.eval.max_new_tokens)
     answer = evaluate.extract_answer(text.replace("<|im_end|>", ""))
 
-    report = {"rows": rows, "best": best["model"], "export": folder, "problem": problem, "generated": text,
-              "answer": answer, "correct": evaluate.matcher("numeric")(answer, problem["answer"]),
+    report = {"rows": rows, "best": best["model"], "export": folder, "prompt": prompt, "reference": reference,
+              "generated": text, "answer": answer, "correct": evaluate.matcher("numeric")(answer, reference),
               "seconds": time.perf_counter() - t_start}
     with open(os.path.join(out, "demo_report.json"), "w") as f:
         json.dump(report, f, indent=2, default=float)
-    print(f"\n=== transformers loads {folder} and answers a held-out problem:\n{problem['prompt']}\n---\n{text}\n---"
-          f"\nextracted {answer!r}, reference {problem['answer']!r}: {'correct' if report['correct'] else 'wrong'}")
+    print(f"\n=== transformers loads {folder} and answers a held-out problem:\n{prompt}\n---\n{text}\n---"
+          f"\nextracted {answer!r}, reference {reference!r}: {'correct' if report['correct'] else 'wrong'}")
     print(f"\n=== kd_jax demo: {round(problems * scale)} problems, {max_examples} held out for accuracy, "
           f"{time.perf_counter() - t_start:.0f} s in all\n")
     print(format_table(rows))
