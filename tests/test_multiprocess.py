@@ -23,7 +23,6 @@ from kd_jax.data.pipeline import make_train_iter
 from kd_jax.data.store import KDStore
 from kd_jax.distributed import init_args
 from kd_jax.export import restore_student
-from kd_jax.precompute import run as precompute
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 16  # checkpoints every 4 steps: the kill lands after step 4's, well before the end
@@ -45,27 +44,14 @@ def test_init_args_from_the_environment():
     assert init_args({"MEGASCALE_COORDINATOR_ADDRESS": "t0:8080", "JAX_PLATFORMS": "tpu"}) == {}
 
 
-def _common(root) -> list[str]:
-    return [f"teacher.hf_path={root}/teacher", "teacher.param_dtype=float32", "teacher.dtype=float32",
-            f"data.traces={root}/traces.jsonl", f"data.store={root}/store", "data.top_k=8", "data.seq_len=128",
-            "precompute.chunk_tokens=256", "precompute.bucket=32", "precompute.batch_tokens=1024"]
-
-
 def _train_args(root, name, **extra) -> list[str]:
-    kw = {"run.output_dir": f"{root}/runs", "run.name": name, "run.log_every": 1, "run.tensorboard": "false",
-          "student.init": "teacher_layers", "student.teacher_layers": "[1]", "student.dtype": "float32",
-          "train.steps": STEPS, "train.global_batch_size": 8, "train.eval_every": 0, "optim.lr": 3e-3,
-          "optim.warmup_steps": 2, "data.eval_fraction": 0.1, "data.streams": 2, "checkpoint.every_steps": 4,
-          "loss.beta": 0.5, "loss.chunk_size": 128, **extra}
-    return _common(root) + [f"{k}={v}" for k, v in kw.items()]
+    return tiny_kd.train_args(root, name, STEPS, **{"data.streams": 2, **extra})
 
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("multiprocess"))
-    tiny_kd.make(root, n_traces=40)
-    precompute(load_config(None, _common(root) + ["mesh.data=-1", f"run.output_dir={root}/runs"]),
-               show_progress=False)
+    tiny_kd.build_store(root)
     return root
 
 

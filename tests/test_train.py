@@ -26,7 +26,6 @@ from kd_jax.data.pipeline import make_eval_iter, make_train_iter
 from kd_jax.data.store import KDStore
 from kd_jax.export import restore_student
 from kd_jax.models import build_model
-from kd_jax.precompute import run as precompute
 from kd_jax.step import compile_steps, make_optimizer
 from kd_jax.train import init_opt_state, to_global
 
@@ -34,19 +33,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 24  # long enough after the first checkpoint (step 4) for the interrupting signal to land
 
 
-def _common(root) -> list[str]:
-    return [f"teacher.hf_path={root}/teacher", "teacher.param_dtype=float32", "teacher.dtype=float32",
-            f"data.traces={root}/traces.jsonl", f"data.store={root}/store", "data.top_k=8", "data.seq_len=128",
-            "precompute.chunk_tokens=256", "precompute.bucket=32", "precompute.batch_tokens=1024"]
-
-
 def _train_args(root, name, **extra) -> list[str]:
-    kw = {"run.output_dir": f"{root}/runs", "run.name": name, "run.log_every": 1, "run.tensorboard": "false",
-          "student.init": "teacher_layers", "student.teacher_layers": "[1]", "student.dtype": "float32",
-          "train.steps": STEPS, "train.global_batch_size": 8, "train.eval_every": 0, "optim.lr": 3e-3,
-          "optim.warmup_steps": 2, "data.eval_fraction": 0.1, "checkpoint.every_steps": 4, "loss.beta": 0.5,
-          "loss.chunk_size": 128, **extra}
-    return _common(root) + [f"{k}={v}" for k, v in kw.items()]
+    return tiny_kd.train_args(root, name, STEPS, **{**extra})
 
 
 def _cli(module, args, **popen):
@@ -75,9 +63,7 @@ def _losses(root, name) -> dict[int, float]:
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("train"))
-    tiny_kd.make(root, n_traces=40)
-    precompute(load_config(None, _common(root) + ["mesh.data=-1", f"run.output_dir={root}/runs"]),
-               show_progress=False)
+    tiny_kd.build_store(root)
     _run("kd_jax.train", _train_args(root, "reference"))
     return root
 
