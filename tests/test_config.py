@@ -57,6 +57,23 @@ def test_base_yaml_lists_every_field():
     assert not missing, f"configs/base.yaml lacks {missing}"
 
 
+def test_readme_config_reference_is_base_yaml():
+    """The README's config reference is configs/base.yaml verbatim (it cannot drift)."""
+    with open(os.path.join(ROOT, "README.md")) as f:
+        readme = f.read()
+    with open(BASE) as f:
+        base = f.read()
+    section = readme.split("## Config reference", 1)[1]
+    assert "```yaml\n" + base + "```" in section
+
+
+def test_every_shipped_config_loads():
+    for folder, _, files in os.walk(os.path.join(ROOT, "configs")):
+        for name in files:
+            if name.endswith(".yaml"):
+                load_config(os.path.join(folder, name))
+
+
 def test_tiny_llama_loads():
     cfg = load_config(TINY)
     assert cfg.student.init == "random"
