@@ -6,7 +6,7 @@ within 0..40); the reasoning writes one step per paragraph (the start, then one 
 change with its arithmetic spelled out), and the answer is the final count, so `eval.matcher=numeric` checks it. Numbers are drawn at random, so held-out
 problems are new problems, not repeats.
 
-    python -m kd_jax.data.demo --out runs/demo/data --n 4000
+    python -m kd_jax.data.demo --out runs/demo/data --n 8000
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ def write(out: str, n: int, seed: int = 0, max_ops: int = 3, vocab_size: int = 3
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="folder for traces.jsonl and tokenizer/")
-    parser.add_argument("--n", type=int, default=4000, help="number of problems")
+    parser.add_argument("--n", type=int, default=8000, help="number of problems (the demo uses 8000)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-ops", type=int, default=3, help="most changes per problem (at least 2)")
     parser.add_argument("--vocab-size", type=int, default=384, help="BPE vocabulary size")
