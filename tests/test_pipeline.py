@@ -162,7 +162,7 @@ def test_process_shards_are_disjoint_and_cover_an_epoch(store_path, ref, split):
     assert shards[0][:4] == [single[2 * j]["index"] for j in range(4)]
     it = pipeline.make_train_iter(store_path, train, CFG, process_index=1, **kw)
     check_batch(next(it), ref, set(train), B=2)  # process-local batch
-    with pytest.raises(ValueError, match="multiple of the process count"):
+    with pytest.raises(ValueError, match="multiple of the 2 processes"):
         pipeline.make_train_iter(store_path, train, CFG, global_batch_size=5, seed=1, process_count=2)
 
 

@@ -105,9 +105,32 @@ def _cli(args, env_extra=None, **popen):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **popen)
 
 
-@pytest.mark.slow
-def test_sigkill_then_resume_is_identical(built, tmp_path):
+@pytest.fixture(scope="module")
+def one_device(built, tmp_path_factory):
+    """The store an uninterrupted `python -m kd_jax.precompute` on one CPU device writes: what the
+    resumed and the two-process runs (one device each) must reproduce bit for bit."""
     teacher, traces, reference, _ = built
+    path = str(tmp_path_factory.mktemp("one_device") / "store")
+    out, _ = _cli(overrides(teacher, traces, path)).communicate(timeout=300)
+    assert KDStore.open(path).complete, out.decode()[-2000:]
+    return path
+
+
+@pytest.mark.slow
+def test_device_count_changes_only_fp16_rounding(built, one_device):
+    """8 devices (the in-process store) vs 1: per-device batch shapes differ, so XLA's matmuls may
+    round differently; the stored values agree to one fp16 step and the ids to near-ties."""
+    want, got = _arrays(built[2]), _arrays(one_device)
+    for name in ("tokens", "role", "step", "offsets", "done"):
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+    np.testing.assert_allclose(got["topk_logprobs"], want["topk_logprobs"], atol=4e-3, rtol=0)
+    assert (got["topk_ids"] == want["topk_ids"]).mean() > 0.999
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_is_identical(built, one_device, tmp_path):
+    teacher, traces, _, _ = built
+    reference = one_device
     path = str(tmp_path / "store")
     proc = _cli(overrides(teacher, traces, path, **{"precompute.window_chunks": 1}))
     progress = os.path.join(path, "progress")
@@ -132,8 +155,9 @@ def test_sigkill_then_resume_is_identical(built, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_processes_write_the_one_process_store(built, tmp_path):
-    teacher, traces, reference, _ = built
+def test_two_processes_write_the_one_process_store(built, one_device, tmp_path):
+    teacher, traces, _, _ = built
+    reference = one_device  # one device per process: the same per-device batches, bit for bit
     path = str(tmp_path / "store2")
     port = 20000 + os.getpid() % 20000
     procs = [_cli(overrides(teacher, traces, path),
@@ -143,6 +167,6 @@ def test_two_processes_write_the_one_process_store(built, tmp_path):
     assert all(p.returncode == 0 for p in procs), "\n".join(o[-2000:] for o in outs)
     # process 0 alone tokenized and described the store: the two really ran as processes 0 and 1
     assert '"bytes_per_token"' in outs[0] and '"bytes_per_token"' not in outs[1], outs[1][-2000:]
-    want, got = _arrays(reference), _arrays(path)  # the store one process with 8 devices wrote
+    want, got = _arrays(reference), _arrays(path)  # the store one uninterrupted process wrote
     for name in want:
         np.testing.assert_array_equal(got[name], want[name], err_msg=name)
