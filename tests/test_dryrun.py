@@ -79,12 +79,12 @@ def test_tiny_config_compiles_ahead_of_time():
     s = _dry_run("kd_jax.train", config, 8, "train.global_batch_size=8", "mesh.data=2", "mesh.fsdp=4",
                  "mesh.device_memory_gib=1")
     c = s["compiled"]
-    assert c["peak"] == c["arguments"] + c["outputs"] - c["aliased"] + c["temporaries"]
+    assert c["total_bytes"] == c["argument_bytes"] + c["output_bytes"] - c["alias_bytes"] + c["temp_bytes"]
     # arguments: fp32 params + Adam mu, nu, sharded 4 ways like the analytic estimate says (+ batch)
     state = s["analytic"]["params"] + s["analytic"]["optimizer"]
-    assert state <= c["arguments"] <= state + s["analytic"]["batch"] + 4096
-    assert c["aliased"] > 0.9 * state  # params and optimizer state are donated
-    assert 0.3 < s["analytic"]["total"] / c["peak"] < 3
+    assert state <= c["argument_bytes"] <= state + s["analytic"]["batch"] + 4096
+    assert c["alias_bytes"] > 0.9 * state  # params and optimizer state are donated
+    assert 0.3 < s["analytic"]["total"] / c["total_bytes"] < 3
     assert s["fits"] is True
     p = _dry_run("kd_jax.precompute", config, 8)
-    assert p["compiled"]["peak"] > 0 and 0.3 < p["analytic"]["total"] / p["compiled"]["peak"] < 3
+    assert p["compiled"]["total_bytes"] > 0 and 0.3 < p["analytic"]["total"] / p["compiled"]["total_bytes"] < 3

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from kd_jax import losses
+from kd_jax.dryrun import compiled_memory
 
 CPU_SHAPES = "256x64x512,4096x1536x32768"
 GPU_SHAPES = "16384x1536x151936"
@@ -74,16 +75,6 @@ def _compile(loss_fn, inputs, opts):
     return jax.jit(grad).lower(*inputs).compile()
 
 
-def _memory(compiled) -> dict:
-    stats = compiled.memory_analysis()
-    if stats is None:
-        return {}
-    out = dict(temp_bytes=stats.temp_size_in_bytes, output_bytes=stats.output_size_in_bytes,
-               argument_bytes=stats.argument_size_in_bytes)
-    out["total_bytes"] = sum(out.values())
-    return out
-
-
 def _peak_bytes() -> int | None:
     # Process-wide high-water mark (it never resets): the fused loss is measured before the naive
     # one for each shape, so its number is its own as long as shapes grow.
@@ -107,7 +98,7 @@ def measure(N, D, V, args) -> dict:
         for _ in range(args.warmup + 1):
             value = jax.block_until_ready(compiled[name](*inputs))
         result[name] = dict(compile_s=time.perf_counter() - t0, loss=float(value[0]),
-                            **_memory(compiled[name]), peak_bytes_in_use=_peak_bytes())
+                            **compiled_memory(compiled[name]), peak_bytes_in_use=_peak_bytes())
     times = {name: [] for name in names}
     for _ in range(args.repeats):  # alternate, so drift (thermal, other load) hits both alike
         for name in names:
@@ -140,7 +131,7 @@ def measure_memory(N, D, V, args) -> dict:
         t0 = time.perf_counter()
         compiled = _compile(fn, inputs, opts)
         result[name] = dict(compile_s=time.perf_counter() - t0, loss=float("nan"), median_ms=float("nan"),
-                            **_memory(compiled), peak_bytes_in_use=None)
+                            **compiled_memory(compiled), peak_bytes_in_use=None)
     return with_ratios(result)
 
 

@@ -23,6 +23,7 @@ from flax import nnx
 
 from kd_jax import flops, sharding
 from kd_jax.bench.presets import architecture
+from kd_jax.dryrun import compiled_memory
 from kd_jax.config import load_config
 from kd_jax.models import Decoder, build_model
 from kd_jax.teacher import topk_logprobs
@@ -64,10 +65,7 @@ def run(args) -> None:
             t0 = time.perf_counter()
             compiled = fn.lower(state, tokens).compile()
             v = dict(logits_chunk=chunk, compile_s=time.perf_counter() - t0, compiled=compiled, times=[])
-            stats = compiled.memory_analysis()
-            if stats is not None:
-                v.update(temp_bytes=stats.temp_size_in_bytes, argument_bytes=stats.argument_size_in_bytes,
-                         output_bytes=stats.output_size_in_bytes)
+            v.update(compiled_memory(compiled))
             for _ in range(args.warmup):
                 jax.block_until_ready(compiled(state, tokens))
             v["peak_bytes_in_use"] = (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use")

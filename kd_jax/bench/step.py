@@ -38,6 +38,7 @@ from flax import nnx
 
 from kd_jax import flops, sharding
 from kd_jax.bench.presets import architecture, synthetic_batch
+from kd_jax.dryrun import compiled_memory
 from kd_jax.config import load_config
 from kd_jax.models.decoder import Decoder
 from kd_jax.step import compile_steps, make_optimizer
@@ -97,17 +98,6 @@ class Variant:
     times: list = dataclasses.field(default_factory=list)
     device_batches: list = dataclasses.field(default_factory=list)
     error: str | None = None  # why the variant was not run
-
-
-def _memory(compiled) -> dict:
-    stats = compiled.memory_analysis()
-    if stats is None:
-        return {}
-    out = dict(temp_bytes=stats.temp_size_in_bytes, argument_bytes=stats.argument_size_in_bytes,
-               output_bytes=stats.output_size_in_bytes, alias_bytes=stats.alias_size_in_bytes)
-    # Donated arguments alias outputs: count those bytes once.
-    out["total_bytes"] = out["temp_bytes"] + out["argument_bytes"] + out["output_bytes"] - out["alias_bytes"]
-    return out
 
 
 def _peak_bytes() -> int | None:
@@ -186,7 +176,7 @@ def run(args) -> None:
                 print(f"skipped {v.name}: {v.error}", flush=True)
                 continue
             v.compile_s = time.perf_counter() - t0
-            v.memory = _memory(v.compiled)
+            v.memory = compiled_memory(v.compiled)
             limit = (jax.devices()[0].memory_stats() or {}).get("bytes_limit")
             if limit and v.memory.get("total_bytes", 0) > limit:
                 # Running it would fail mid-step, after params and optimizer state were donated.
