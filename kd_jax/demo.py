@@ -29,6 +29,7 @@ if "jax" not in sys.modules and "device_count" not in os.environ.get("XLA_FLAGS"
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={_n}")
 
 import argparse  # noqa: E402
+import dataclasses  # noqa: E402
 import json  # noqa: E402
 import shutil  # noqa: E402
 import time  # noqa: E402
@@ -131,9 +132,8 @@ def run(out: str = "runs/demo", scale: float = 1.0, problems: int = 8000, max_ex
     teacher_cfg, student_cfgs = _configs(out, scale)
 
     _stage(1, "traces and tokenizer", f"python -m kd_jax.data.demo --out {out}/data --n {round(problems * scale)}")
-    paths = {"traces": os.path.join(out, "data", "traces.jsonl"), "tokenizer": os.path.join(out, "data", "tokenizer")}
-    if not os.path.isdir(paths["tokenizer"]):  # (a store made with another tokenizer would not fit)
-        demo_data.write(os.path.join(out, "data"), max(64, round(problems * scale)))
+    if not os.path.isdir(teacher_cfg.data.tokenizer):  # (a store made with another tokenizer would not fit)
+        demo_data.write(os.path.dirname(teacher_cfg.data.tokenizer), max(64, round(problems * scale)))
 
     _stage(2, "teacher: hard labels only, from scratch, then exported",
            "python -m kd_jax.precompute --config configs/demo/teacher.yaml; "
@@ -156,18 +156,16 @@ def run(out: str = "runs/demo", scale: float = 1.0, problems: int = 8000, max_ex
     _stage(5, f"evaluate on {max_examples} held-out problems",
            "python -m kd_jax.evaluate --config configs/demo/student.yaml [--model teacher]")
     # The teacher is scored against the same KD store (its own top-16: KL ~ 0, agreement ~ 100%).
-    teacher_eval_cfg = load_config(os.path.join(CONFIGS, "student.yaml"), [
-        f"run.output_dir={out}", "run.name=teacher", f"data.store={out}/kd_store", f"teacher.hf_path={out}/teacher/hf",
-        f"data.tokenizer={paths['tokenizer']}"])
+    teacher_eval_cfg = dataclasses.replace(first, run=dataclasses.replace(first.run, name=teacher_cfg.run.name))
     rows = [{**evaluate.run(teacher_eval_cfg, "teacher", max_examples), "model": "teacher",
              "loss": "hard (α=0, β=0)", "steps": teacher_cfg.train.steps, "train_s": teacher_s}]
     for name, cfg in student_cfgs.items():
         loss = f"α={cfg.loss.alpha:g}, β={cfg.loss.beta:g}"
         rows.append({**evaluate.run(cfg, "student", max_examples), "model": f"student: {name}", "loss": loss,
-                     "steps": cfg.train.steps, "train_s": train_s[name]})
+                     "steps": cfg.train.steps, "train_s": train_s[name], "variant": name})
 
     best = max(rows[1:], key=lambda r: (r["accuracy"], -r["hard"]))
-    best_cfg = student_cfgs[best["model"].split(": ")[1]]
+    best_cfg = student_cfgs[best["variant"]]
     folder = os.path.join(out, "export")
     _stage(6, f"export the best student ({best['model']}) and load it with transformers",
            f"python -m kd_jax.export --run {best_cfg.run_dir} --out {folder}")
