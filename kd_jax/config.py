@@ -257,6 +257,14 @@ class Config:
         return os.path.join(self.run.output_dir, self.run.name)
 
     @property
+    def tokenizer(self) -> str:
+        """data.tokenizer, or the teacher's folder / hub id when it is not set."""
+        path = self.data.tokenizer or self.teacher.hf_path
+        if not path:
+            raise ConfigError("no tokenizer: set data.tokenizer (a folder or hub id) or teacher.hf_path")
+        return path
+
+    @property
     def checkpoint_dir(self) -> str:
         """checkpoint.dir, or <run_dir>/checkpoints (absolute: Orbax wants one)."""
         return self.checkpoint.dir or os.path.join(os.path.abspath(self.run_dir), "checkpoints")

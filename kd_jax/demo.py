@@ -36,7 +36,8 @@ import time  # noqa: E402
 
 import transformers  # noqa: E402
 
-from kd_jax import evaluate, export, precompute, train  # noqa: E402
+from kd_jax import evaluate, export, train  # noqa: E402
+from kd_jax.teacher import precompute  # noqa: E402
 from kd_jax.config import Config, load_config, setup_logging  # noqa: E402
 from kd_jax.data import demo as demo_data  # noqa: E402
 from kd_jax.data.pipeline import split_indices  # noqa: E402
@@ -138,13 +139,13 @@ def run(out: str = "runs/demo", scale: float = 1.0, problems: int = 8000, max_ex
     _stage(2, "teacher: hard labels only, from scratch, then exported",
            "python -m kd_jax.precompute --config configs/demo/teacher.yaml; "
            "python -m kd_jax.train --config configs/demo/teacher.yaml; python -m kd_jax.export --run runs/demo/teacher")
-    precompute.run(teacher_cfg, show_progress=False)
+    precompute(teacher_cfg, show_progress=False)
     teacher_s = _timed_train(teacher_cfg)
     export.export(teacher_cfg.run_dir, os.path.join(teacher_cfg.run_dir, "hf"))
 
     first = next(iter(student_cfgs.values()))
     _stage(3, "precompute the teacher's top-16 log-probs", "python -m kd_jax.precompute --config configs/demo/student.yaml")
-    precompute.run(first, show_progress=False)
+    precompute(first, show_progress=False)
 
     train_s = {}
     for i, (name, cfg) in enumerate(student_cfgs.items()):

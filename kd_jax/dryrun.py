@@ -328,7 +328,7 @@ def report(cfg: Config, entry: str, *, compile: bool = True, out=sys.stdout) -> 
     if entry == "train":
         model_cfg, where = model_config(cfg.student, "student", cfg.teacher)
         num_devices = jax.device_count()
-    else:  # precompute runs the teacher on each process's own devices (kd_jax.precompute.run)
+    else:  # precompute runs the teacher on each process's own devices (kd_jax.teacher.precompute)
         model_cfg, where = model_config(cfg.teacher, "teacher")
         num_devices = jax.local_device_count()
     mesh = resolve_mesh(cfg, num_devices)

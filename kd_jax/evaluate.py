@@ -18,7 +18,6 @@ import time
 
 import jax
 import numpy as np
-import transformers
 from flax import nnx
 
 from kd_jax import sharding
@@ -28,7 +27,7 @@ from kd_jax.data.store import KDStore
 from kd_jax.data.traces import THINK_CLOSE
 from kd_jax.generate import generate
 from kd_jax.models import build_model, num_params
-from kd_jax.precompute import tokenizer_path
+from kd_jax.models.hf import load_tokenizer
 from kd_jax.step import eval_step
 
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
@@ -110,7 +109,7 @@ def run(cfg: Config, which: str = "student", max_examples: int | None = None) ->
     from kd_jax.train import evaluate as kd_eval  # the train loop's held-out KD losses
     mesh = sharding.mesh_from_config(cfg.mesh)
     model = load_for_eval(cfg, which, mesh)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_path(cfg))
+    tokenizer = load_tokenizer(cfg.tokenizer)
     store = KDStore.open(cfg.data.store)
     usable = store.check(k=cfg.data.top_k, tokenizer=tokenizer, allow_incomplete=cfg.data.allow_incomplete)
     _, eval_pos = split_indices(len(usable), cfg.data.eval_fraction, cfg.data.shuffle_seed)

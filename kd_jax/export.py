@@ -11,15 +11,14 @@ import dataclasses
 import os
 
 import jax
-import transformers
 from flax import nnx
 
 from kd_jax import sharding
 from kd_jax.checkpoint import Checkpointer
 from kd_jax.config import load_config
 from kd_jax.models import Decoder, save_hf
+from kd_jax.models.hf import load_tokenizer
 from kd_jax.models.source import source_config
-from kd_jax.precompute import tokenizer_path
 from kd_jax.step import make_optimizer
 
 
@@ -58,7 +57,7 @@ def export(run_dir: str, out: str | None = None, step: int | None = None, dtype:
     tokenizer to `out` (default: RUN_DIR/hf or RUN_DIR/hf-<step>). Returns the folder."""
     model, restored_step, cfg = restore_student(run_dir, step)
     out = out or os.path.join(run_dir, "hf" if step is None else f"hf-{step}")
-    tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_path(cfg))
+    tokenizer = load_tokenizer(cfg.tokenizer)
     save_hf(model, out, tokenizer=tokenizer, dtype=dtype)
     print(f"exported step {restored_step} of {run_dir} to {out}")
     return out

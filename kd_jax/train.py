@@ -18,7 +18,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import transformers
 from flax import nnx
 from tqdm import tqdm
 
@@ -28,7 +27,7 @@ from kd_jax.config import Config, parse_command, save_config
 from kd_jax.data.pipeline import make_eval_iter, make_train_iter, split_indices
 from kd_jax.data.store import KDStore, StoreError
 from kd_jax.models import build_model, num_params
-from kd_jax.precompute import tokenizer_path
+from kd_jax.models.hf import load_tokenizer
 from kd_jax.step import compile_steps, make_optimizer, summarize
 
 log = logging.getLogger("kd_jax.train")
@@ -136,7 +135,7 @@ def prepare(cfg: Config) -> Run:
         raise StoreError("data.store is not set: build a store with `python -m kd_jax.precompute` first")
     mesh = sharding.mesh_from_config(cfg.mesh)
     store = KDStore.open(cfg.data.store)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_path(cfg))
+    tokenizer = load_tokenizer(cfg.tokenizer)
     teacher = build_model(cfg.teacher, mesh=mesh) if cfg.student.init == "teacher_layers" else None
     student = build_model(cfg.student, mesh=mesh, seed=cfg.run.seed, teacher=teacher)
     del teacher

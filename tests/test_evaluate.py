@@ -10,7 +10,7 @@ import pytest
 import tiny_kd
 from kd_jax.config import load_config
 from kd_jax.evaluate import extract_answer, matcher, run
-from kd_jax.precompute import run as precompute
+from kd_jax.teacher import precompute
 
 
 def always_true(pred, ref):  # a user matcher, named in the config as tests.test_evaluate:always_true

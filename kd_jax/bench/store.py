@@ -17,7 +17,7 @@ import tempfile
 import jax
 
 from kd_jax.config import load_config
-from kd_jax import precompute
+from kd_jax.teacher import precompute
 from kd_jax.data.demo import problems
 
 
@@ -44,7 +44,7 @@ def run(args) -> None:
                     f"teacher.dtype={args.dtype}", f"data.traces={traces}", f"data.store={store}",
                     f"data.top_k={k}", "data.seq_len=4096", "mesh.data=-1", f"run.output_dir={tmp}",
                     "precompute.bucket=64", "precompute.batch_tokens=2048", "precompute.chunk_tokens=8192"])
-                summary = precompute.run(cfg, show_progress=False)
+                summary = precompute(cfg, show_progress=False)
             rows.append(dict(k=k, tokens=summary["tokens"], teacher_bytes_per_token=summary["teacher_bytes_per_token"],
                              uncompressed_bytes_per_token=6 * k, all_bytes_per_token=summary["bytes_per_token"],
                              teacher_tokens_per_s=summary["teacher_tokens_per_s"]))

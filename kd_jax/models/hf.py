@@ -284,6 +284,12 @@ def resolve_path(path: str, revision: str | None = None) -> str:
                             f"hub ({type(e).__name__}: {e}); pass a local HF folder") from e
 
 
+def load_tokenizer(path: str, revision: str | None = None):
+    """transformers' AutoTokenizer from a local folder or hub id (`Config.tokenizer`)."""
+    import transformers
+    return transformers.AutoTokenizer.from_pretrained(resolve_path(path, revision))
+
+
 def read_hf_config(folder: str) -> dict[str, Any]:
     path = os.path.join(folder, "config.json")
     if not os.path.exists(path):
