@@ -17,8 +17,10 @@ import typing
 
 import yaml
 
+from kd_jax.errors import KDJaxError
 
-class ConfigError(ValueError):
+
+class ConfigError(KDJaxError, ValueError):
     """A config file or override that does not fit the schema below."""
 
 

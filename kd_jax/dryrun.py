@@ -34,13 +34,14 @@ from jax.sharding import AbstractMesh
 
 from kd_jax import sharding
 from kd_jax.config import Config, ModelSource
+from kd_jax.errors import KDJaxError
 from kd_jax.models.decoder import Decoder, DecoderConfig
 from kd_jax.models.hf import config_from_hf, read_hf_config
 
 GiB = 2**30
 
 
-class DryRunError(ValueError):
+class DryRunError(KDJaxError, ValueError):
     """A config the dry run cannot size, with what to add."""
 
 

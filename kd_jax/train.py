@@ -26,6 +26,7 @@ from kd_jax.checkpoint import Checkpointer, Preemption
 from kd_jax.config import Config, parse_command, save_config
 from kd_jax.data.pipeline import make_eval_iter, make_train_iter, split_indices
 from kd_jax.data.store import KDStore, StoreError
+from kd_jax.errors import KDJaxError
 from kd_jax.models import build_model, num_params
 from kd_jax.models.hf import load_tokenizer
 from kd_jax.step import compile_steps, make_optimizer, summarize
@@ -33,7 +34,7 @@ from kd_jax.step import compile_steps, make_optimizer, summarize
 log = logging.getLogger("kd_jax.train")
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(KDJaxError, RuntimeError):
     pass
 
 

@@ -31,11 +31,13 @@ from typing import Any
 import numpy as np
 import tensorstore as ts
 
+from kd_jax.errors import KDJaxError
+
 FORMAT_VERSION = 1
 _LOGPROB_DTYPES = ("float16", "bfloat16")
 
 
-class StoreError(ValueError):
+class StoreError(KDJaxError, ValueError):
     """A KD store that cannot be used as asked, with what is wrong and what to do."""
 
 

@@ -25,6 +25,7 @@ import datasets
 import numpy as np
 
 from kd_jax.config import DataConfig
+from kd_jax.errors import KDJaxError
 
 THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"
@@ -33,7 +34,7 @@ PROMPT, REASONING, ANSWER = 0, 1, 2  # values of the per-token `role` array
 _LOCAL_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
 
-class TraceError(ValueError):
+class TraceError(KDJaxError, ValueError):
     """Traces that cannot be read or do not fit the configured format."""
 
 

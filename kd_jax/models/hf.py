@@ -20,6 +20,7 @@ import safetensors.numpy
 from flax import nnx
 
 from kd_jax import sharding
+from kd_jax.errors import KDJaxError
 from kd_jax.models.decoder import Decoder, DecoderConfig
 
 SUPPORTED = {  # model_type -> architecture class name in transformers
@@ -59,7 +60,7 @@ _ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": m
               "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8}
 
 
-class HFFormatError(ValueError):
+class HFFormatError(KDJaxError, ValueError):
     """An HF folder kd_jax cannot read, with what is wrong and how to fix it."""
 
 
