@@ -2,10 +2,11 @@
 
 A step directory `<dir>/<step>/` holds three items, written together as one Orbax Composite:
 
-    state/  the train-state pytree of jax.Arrays (params, optimizer state, step, RNG key data),
-            sharded arrays written in parallel (StandardSave), restored onto any mesh
+    state/  the train-state pytree of jax.Arrays (kd_jax.state: params, optimizer state, the
+            skipped-step count), sharded arrays written in parallel (StandardSave), restored
+            onto any mesh, whole or only some of its subtrees (the parameters, for export)
     data/   the Grain iterator position, one JSON file per process (grain's CheckpointHandler)
-    extra/  a small JSON dict of host-side values (token counters, the config hash, ...)
+    extra/  a small JSON dict of host-side values (the step)
 
 Orbax writes a step into `<step>.orbax-checkpoint-tmp*` and renames it only once every item is
 complete (on gs:// it writes a commit_success.txt instead), and `latest_step()` lists finalized
@@ -25,8 +26,13 @@ from grain import checkpoint as grain_checkpoint
 from jax.experimental import multihost_utils
 
 from kd_jax.config import CheckpointConfig
+from kd_jax.errors import KDJaxError
 
 STATE, DATA, EXTRA = "state", "data", "extra"  # item names inside a step directory
+
+
+class CheckpointError(KDJaxError, FileNotFoundError):
+    """No checkpoint where one is needed, or one that cannot be written (disk full)."""
 
 
 class Checkpointer:
@@ -36,9 +42,10 @@ class Checkpointer:
     def __init__(self, directory: str, cfg: CheckpointConfig):
         self.directory = str(directory)
         self._every_steps = cfg.every_steps
+        # Which steps to save is decided in `save`, not by Orbax's interval policy, which also saves
+        # the first step of a fresh run (InitialSavePolicy): an untrained step 1 is only disk churn.
         options = ocp.CheckpointManagerOptions(
             max_to_keep=cfg.max_to_keep,
-            save_interval_steps=cfg.every_steps,
             enable_async_checkpointing=cfg.async_save,
             # Left-overs of a save that was killed: never listed as steps, but they hold disk space.
             cleanup_tmp_directories=True,
@@ -66,34 +73,41 @@ class Checkpointer:
             # (Orbax would raise StepAlreadyExistsError, and the loop only wants it on disk).
             return False
         if not force and step % self._every_steps:
-            # Decided here, not by Orbax's policy, which also saves the first step of a fresh run
-            # (InitialSavePolicy): a checkpoint of an untrained step 1 is only disk churn.
             return False
         items = {STATE: ocp.args.StandardSave(state), EXTRA: ocp.args.JsonSave(dict(extra or {}))}
         if data_iter is not None:
             items[DATA] = grain_checkpoint.CheckpointSave(data_iter)
         return self._manager.save(step, args=ocp.args.Composite(**items), force=True)
 
-    def restore(self, step: int | None, abstract_state: Any, data_iter=None) -> tuple[Any, dict]:
+    def restore(self, step: int | None, abstract_state: Any, data_iter=None, *,
+                partial: bool = False) -> tuple[Any, dict]:
         """Restores step `step` (None: the latest) and returns `(state, extra)`.
 
         `abstract_state` is the state's pytree of `jax.ShapeDtypeStruct(shape, dtype, sharding=...)`:
         each array lands directly on its target sharding, which may be a different mesh than the
         one it was saved from. `data_iter`, when given, is moved in place to the saved position.
+        partial=True reads only the subtrees `abstract_state` names (e.g. {"params": ...}): the
+        rest of the saved state is never read.
         """
         self._manager.wait_until_finished()  # a save of this process still in flight counts
         steps = self.all_steps()
         if step is None:
             if not steps:
-                raise FileNotFoundError(
+                raise CheckpointError(
                     f"no finalized checkpoint in {self.directory!r} to resume from; point checkpoint.dir "
                     "at a run's checkpoints, or start fresh with checkpoint.resume=false")
             step = steps[-1]
         elif step not in steps:
-            raise FileNotFoundError(
+            raise CheckpointError(
                 f"no finalized checkpoint for step {step} in {self.directory!r}; "
                 f"available steps: {steps or 'none'}")
-        items = {STATE: ocp.args.StandardRestore(abstract_state), EXTRA: ocp.args.JsonRestore()}
+        if partial:
+            state_args = ocp.args.PyTreeRestore(
+                abstract_state, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state),
+                partial_restore=True)
+        else:
+            state_args = ocp.args.StandardRestore(abstract_state)
+        items = {STATE: state_args, EXTRA: ocp.args.JsonRestore()}
         if data_iter is not None:
             if not (self._manager.directory / str(step) / DATA).exists():
                 raise ValueError(
@@ -131,6 +145,8 @@ class Preemption:
     tells every process, and `requested` is JAX's preemption sync point: True on every process at
     the same step. A Python handler is then not installed, since it would replace JAX's. Without
     the service, processes agree by an all-gather of their local flags on every call.
+    Orbax's `CheckpointManager.reached_preemption` is that same JAX sync point only: it needs the
+    preemption service, which a single process never starts, so it cannot see a SIGTERM there.
     """
 
     def __init__(self):

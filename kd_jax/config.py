@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import os
 import re
+import sys
 import types
 import typing
 
@@ -44,7 +45,11 @@ def _check(ok: bool, message: str) -> None:
 
 
 DTYPES = ("float32", "bfloat16", "float16")
+# Names of the per-layer activation checkpointing policies (kd_jax.models.decoder maps them to jax's).
 REMAT_POLICIES = ("none", "nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable", "offload_dots")
+# Dot-product attention implementations of the decoder: "xla" (any backend), "cudnn" (GPU flash attention).
+ATTENTION = ("xla", "cudnn")
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")  # soft-loss divergences (kd_jax.losses)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,7 +72,7 @@ class MeshConfig:
     device_memory_gib: float | None = None  # memory of one device (GiB) that --dry-run checks against; None = the local device's
 
     def __post_init__(self):
-        sizes = {axis: getattr(self, axis) for axis in ("data", "fsdp", "tensor")}
+        sizes = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "device_memory_gib"}
         for axis, size in sizes.items():
             _check(size == -1 or size >= 1, f"{axis}={size} must be a device count >= 1 or -1 (the remaining devices)")
         # Only one axis can absorb "the rest", otherwise the split is ambiguous.
@@ -88,12 +93,19 @@ class ModelSource:
     dtype: str = "bfloat16"  # compute dtype of activations and matmuls
     scan_layers: bool = True  # scan over stacked layers (one compiled layer instead of N)
     remat: str = "nothing_saveable"  # activation rematerialization policy per layer
+    attention: str = "xla"  # dot-product attention: "xla" (any backend) or "cudnn" (flash attention, GPU only)
 
     def __post_init__(self):
         _check_choice("init", self.init, ("hf", "random", "teacher_layers"))
         _check_choice("param_dtype", self.param_dtype, DTYPES)
         _check_choice("dtype", self.dtype, DTYPES)
         _check_choice("remat", self.remat, REMAT_POLICIES)
+        _check_choice("attention", self.attention, ATTENTION)
+
+    def decoder_options(self) -> dict:
+        """The DecoderConfig fields this section sets (the rest come from the model's config.json)."""
+        return dict(param_dtype=self.param_dtype, dtype=self.dtype, scan_layers=self.scan_layers, remat=self.remat,
+                    attention=self.attention)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,7 +163,7 @@ class PrecomputeConfig:
 class LossConfig:
     alpha: float = 0.5  # weight of the soft (distillation) loss; the hard (label) loss gets 1 - alpha
     beta: float = 0.0  # weight of the per-reasoning-step loss added on top
-    temperature: float = 1.0  # softmax temperature applied to teacher and student logits
+    temperature: float = 1.0  # softmax temperature of teacher and student in the soft loss (eval.sampling_temperature is generation's)
     divergence: str = "forward_kl"  # soft loss: "forward_kl", "reverse_kl" or "jsd"
     jsd_beta: float = 0.5  # mixture weight of the generalized JSD (divergence=jsd)
     tail: bool = False  # add the probability mass outside the teacher top-k as one extra bucket
@@ -160,7 +172,7 @@ class LossConfig:
     chunk_size: int = 512  # tokens per chunk of the fused loss, global over devices (bounds its [chunk, vocab] memory)
 
     def __post_init__(self):
-        _check_choice("divergence", self.divergence, ("forward_kl", "reverse_kl", "jsd"))
+        _check_choice("divergence", self.divergence, DIVERGENCES)
         _check(0.0 <= self.alpha <= 1.0, f"alpha={self.alpha} must be in [0, 1]")
         _check(self.temperature > 0.0, f"temperature={self.temperature} must be > 0")
         _check(0.0 <= self.jsd_beta <= 1.0, f"jsd_beta={self.jsd_beta} must be in [0, 1]")
@@ -222,7 +234,7 @@ class EvalConfig:
     batches: int = 8  # held-out batches per evaluation
     max_new_tokens: int = 256  # generation length limit for answer accuracy (tokens)
     matcher: str = "numeric"  # answer check: "exact", "numeric", or "module.path:function"
-    temperature: float = 0.0  # sampling temperature for generation; 0 = greedy
+    sampling_temperature: float = 0.0  # temperature of answer generation; 0 = greedy (loss.temperature is the KD loss's)
     top_p: float = 1.0  # nucleus sampling mass; 1 = off
 
     def __post_init__(self):
@@ -230,7 +242,8 @@ class EvalConfig:
             self.matcher in ("exact", "numeric") or ":" in self.matcher,
             f"matcher={self.matcher!r} is not allowed; use 'exact', 'numeric' or 'module.path:function'",
         )
-        _check(self.temperature >= 0.0, f"temperature={self.temperature} must be >= 0 (0 = greedy)")
+        _check(self.sampling_temperature >= 0.0,
+               f"sampling_temperature={self.sampling_temperature} must be >= 0 (0 = greedy)")
         _check(0.0 < self.top_p <= 1.0, f"top_p={self.top_p} must be in (0, 1]")
 
 
@@ -445,14 +458,15 @@ def setup_logging() -> None:
 
 def parse_args(argv: list[str] | None = None, description: str = "kd_jax") -> Config:
     """`--config file.yaml key=value ...` -> Config, for the entry points (which also get logging
-    set up). Config errors exit with the message, not a traceback."""
+    set up). A config error exits 1 with its one-line message."""
     return parse_command(argv, description)[0]
 
 
-def parse_command(argv: list[str] | None = None, description: str = "kd_jax", *,
-                  dry_run: bool = False) -> tuple[Config, argparse.Namespace]:
-    """`parse_args` plus the parsed flags; dry_run=True adds `--dry-run` and `--no-compile`
-    (kd_jax/dryrun.py) for the entry points that support them."""
+def parse_command(argv: list[str] | None = None, description: str = "kd_jax", *, dry_run: bool = False,
+                  add_arguments=None) -> tuple[Config, argparse.Namespace]:
+    """`parse_args` plus the parsed flags: `--debug` (a traceback instead of the one-line error,
+    kd_jax.errors.reported), with dry_run=True `--dry-run` and `--no-compile` (kd_jax/dryrun.py),
+    and whatever `add_arguments(parser)` adds."""
     setup_logging()
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", help="YAML config file; configs/base.yaml lists every key")
@@ -462,12 +476,18 @@ def parse_command(argv: list[str] | None = None, description: str = "kd_jax", *,
                                  "reads no weights, store or traces")
         parser.add_argument("--no-compile", action="store_true",
                             help="with --dry-run: analytic estimate only, no ahead-of-time compile")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    if add_arguments is not None:
+        add_arguments(parser)
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.steps=10")
     args = parser.parse_intermixed_args(argv)
     try:
         return load_config(args.config, args.overrides), args
     except ConfigError as e:
-        parser.error(str(e))
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":  # python -m kd_jax.config --config X.yaml key=value: check and print the result

@@ -1,7 +1,7 @@
 """`python -m kd_jax.demo` (`make demo`): the R1-style recipe end to end, offline, on CPU.
 
   1. traces      arithmetic word problems with one reasoning step per paragraph, and a BPE
-                 tokenizer trained on them (kd_jax.data.demo)
+                 tokenizer trained on them (kd_jax.data.arithmetic)
   2. teacher     a small llama trained from scratch on a tokens-only store with hard labels only
                  (configs/demo/teacher.yaml: data.top_k=0, loss.alpha=0, loss.beta=0), exported
   3. precompute  the teacher's top-16 next-token log-probs into the KD store
@@ -36,12 +36,15 @@ import time  # noqa: E402
 
 import transformers  # noqa: E402
 
-from kd_jax import evaluate, export, train  # noqa: E402
-from kd_jax.teacher import precompute  # noqa: E402
 from kd_jax.config import Config, load_config, setup_logging  # noqa: E402
-from kd_jax.data import demo as demo_data  # noqa: E402
+from kd_jax.data import arithmetic  # noqa: E402
 from kd_jax.data.pipeline import split_indices  # noqa: E402
+from kd_jax.data.roles import Role  # noqa: E402
 from kd_jax.data.store import KDStore  # noqa: E402
+from kd_jax.evaluation import evaluate, extract_answer, matcher  # noqa: E402
+from kd_jax.loop import train  # noqa: E402
+from kd_jax.runs import export_run  # noqa: E402
+from kd_jax.teacher import precompute  # noqa: E402
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo")
 # (name, loss overrides) of the three students: the same budget and model, only the loss differs
@@ -75,11 +78,11 @@ def _timed_train(cfg: Config) -> float:
     so that a rerun that reuses the finished run reports the time it took."""
     path = os.path.join(cfg.run_dir, "demo_train_seconds.json")
     if os.path.exists(path):
-        train.train(cfg)  # resumes at the last step: nothing left to do
+        train(cfg)  # resumes at the last step: nothing left to do
         with open(path) as f:
             return json.load(f)["seconds"]
     t0 = time.perf_counter()
-    train.train(cfg)
+    train(cfg)
     seconds = time.perf_counter() - t0
     with open(path, "w") as f:
         json.dump({"seconds": seconds}, f)
@@ -104,8 +107,8 @@ def _held_out_problem(cfg: Config, tokenizer) -> tuple[list[int], str, str]:
     store = KDStore.open(cfg.data.store)
     usable = store.check()
     seq = store.read(int(usable[split_indices(len(usable), cfg.data.eval_fraction, cfg.data.shuffle_seed)[1][0]]))
-    prompt = seq["tokens"][seq["role"] == 0].tolist()
-    answer = [t for t in seq["tokens"][seq["role"] == 2].tolist() if t != tokenizer.eos_token_id]
+    prompt = seq["tokens"][seq["role"] == Role.PROMPT].tolist()
+    answer = [t for t in seq["tokens"][seq["role"] == Role.ANSWER].tolist() if t != tokenizer.eos_token_id]
     return prompt, tokenizer.decode(prompt), tokenizer.decode(answer).strip()
 
 
@@ -132,16 +135,16 @@ def run(out: str = "runs/demo", scale: float = 1.0, problems: int = 8000, max_ex
         shutil.rmtree(out)
     teacher_cfg, student_cfgs = _configs(out, scale)
 
-    _stage(1, "traces and tokenizer", f"python -m kd_jax.data.demo --out {out}/data --n {round(problems * scale)}")
+    _stage(1, "traces and tokenizer", f"python -m kd_jax.data.arithmetic --out {out}/data --n {round(problems * scale)}")
     if not os.path.isdir(teacher_cfg.data.tokenizer):  # (a store made with another tokenizer would not fit)
-        demo_data.write(os.path.dirname(teacher_cfg.data.tokenizer), max(64, round(problems * scale)))
+        arithmetic.write(os.path.dirname(teacher_cfg.data.tokenizer), max(64, round(problems * scale)))
 
     _stage(2, "teacher: hard labels only, from scratch, then exported",
            "python -m kd_jax.precompute --config configs/demo/teacher.yaml; "
            "python -m kd_jax.train --config configs/demo/teacher.yaml; python -m kd_jax.export --run runs/demo/teacher")
     precompute(teacher_cfg, show_progress=False)
     teacher_s = _timed_train(teacher_cfg)
-    export.export(teacher_cfg.run_dir, os.path.join(teacher_cfg.run_dir, "hf"))
+    export_run(teacher_cfg.run_dir, os.path.join(teacher_cfg.run_dir, "hf"), overwrite=True)
 
     first = next(iter(student_cfgs.values()))
     _stage(3, "precompute the teacher's top-16 log-probs", "python -m kd_jax.precompute --config configs/demo/student.yaml")
@@ -158,11 +161,11 @@ def run(out: str = "runs/demo", scale: float = 1.0, problems: int = 8000, max_ex
            "python -m kd_jax.evaluate --config configs/demo/student.yaml [--model teacher]")
     # The teacher is scored against the same KD store (its own top-16: KL ~ 0, agreement ~ 100%).
     teacher_eval_cfg = dataclasses.replace(first, run=dataclasses.replace(first.run, name=teacher_cfg.run.name))
-    rows = [{**evaluate.run(teacher_eval_cfg, "teacher", max_examples), "model": "teacher",
+    rows = [{**evaluate(teacher_eval_cfg, "teacher", max_examples), "model": "teacher",
              "loss": "hard (α=0, β=0)", "steps": teacher_cfg.train.steps, "train_s": teacher_s}]
     for name, cfg in student_cfgs.items():
         loss = f"α={cfg.loss.alpha:g}, β={cfg.loss.beta:g}"
-        rows.append({**evaluate.run(cfg, "student", max_examples), "model": f"student: {name}", "loss": loss,
+        rows.append({**evaluate(cfg, "student", max_examples), "model": f"student: {name}", "loss": loss,
                      "steps": cfg.train.steps, "train_s": train_s[name], "variant": name})
 
     best = max(rows[1:], key=lambda r: (r["accuracy"], -r["hard"]))
@@ -170,13 +173,13 @@ def run(out: str = "runs/demo", scale: float = 1.0, problems: int = 8000, max_ex
     folder = os.path.join(out, "export")
     _stage(6, f"export the best student ({best['model']}) and load it with transformers",
            f"python -m kd_jax.export --run {best_cfg.run_dir} --out {folder}")
-    export.export(best_cfg.run_dir, folder)
+    export_run(best_cfg.run_dir, folder, overwrite=True)
     prompt_ids, prompt, reference = _held_out_problem(first, transformers.AutoTokenizer.from_pretrained(folder))
     text = _hf_answer(folder, prompt_ids, first.eval.max_new_tokens)
-    answer = evaluate.extract_answer(text.replace("<|im_end|>", ""))
+    answer = extract_answer(text.replace("<|im_end|>", ""))
 
     report = {"rows": rows, "best": best["model"], "export": folder, "prompt": prompt, "reference": reference,
-              "generated": text, "answer": answer, "correct": evaluate.matcher("numeric")(answer, reference),
+              "generated": text, "answer": answer, "correct": matcher("numeric")(answer, reference),
               "seconds": time.perf_counter() - t_start}
     with open(os.path.join(out, "demo_report.json"), "w") as f:
         json.dump(report, f, indent=2, default=float)

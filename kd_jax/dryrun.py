@@ -36,7 +36,11 @@ from kd_jax import sharding
 from kd_jax.config import Config, ModelSource
 from kd_jax.errors import KDJaxError
 from kd_jax.models.decoder import Decoder, DecoderConfig
-from kd_jax.models.hf import config_from_hf, read_hf_config
+from kd_jax.models.hf import read_hf_config
+from kd_jax.models.source import source_config
+from kd_jax.state import abstract_params, abstract_train_state
+from kd_jax.step import compile_steps
+from kd_jax.teacher import topk_logprobs
 
 GiB = 2**30
 
@@ -83,28 +87,26 @@ def hf_config(src: ModelSource, role: str) -> tuple[dict, str]:
 
 
 def model_config(src: ModelSource, role: str, teacher_src: ModelSource | None = None) -> tuple[DecoderConfig, str]:
-    """The DecoderConfig `build_model` would build for a config section, read offline."""
-    opts = dict(param_dtype=src.param_dtype, dtype=src.dtype, scan_layers=src.scan_layers, remat=src.remat)
+    """The DecoderConfig `build_model` would build for a config section, read offline, and where
+    its config.json came from."""
+    where: dict[str, str] = {}
+
+    def read(section: ModelSource, name: str) -> dict:
+        hf, where[name] = hf_config(section, name)
+        return hf
+
+    model_cfg = source_config(src, teacher_src, read_config=read, role=role)
     if src.init == "teacher_layers":
-        teacher, where = model_config(teacher_src, "teacher")
-        return (dataclasses.replace(teacher, num_layers=len(src.teacher_layers), **opts),
-                f"teacher layers {list(src.teacher_layers)} of {where}")
-    hf, where = hf_config(src, role)
-    return config_from_hf(hf, **opts), where
+        return model_cfg, f"teacher layers {list(src.teacher_layers)} of {where['teacher']}"
+    return model_cfg, where[role]
 
 
 def resolve_mesh(cfg: Config, num_devices: int) -> AbstractMesh:
     """The config's mesh over `num_devices` devices, without needing the devices."""
     try:
-        sizes = sharding.mesh_shape(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, num_devices)
+        return sharding.abstract_mesh(cfg.mesh, num_devices)
     except ValueError as e:
         raise DryRunError(str(e)) from None
-    return AbstractMesh(sizes, sharding.MESH_AXES)
-
-
-def abstract_model(model_cfg: DecoderConfig):
-    """(graphdef, state) of the model with ShapeDtypeStruct leaves: shapes only, nothing allocated."""
-    return nnx.split(nnx.eval_shape(lambda: Decoder(model_cfg, rngs=nnx.Rngs(0))))
 
 
 def _variables(state) -> list[nnx.Variable]:
@@ -131,7 +133,7 @@ class ParamInfo:
 
 
 def param_info(model_cfg: DecoderConfig, mesh) -> ParamInfo:
-    _, state = abstract_model(model_cfg)
+    _, state = nnx.split(nnx.eval_shape(lambda: Decoder(model_cfg, rngs=nnx.Rngs(0))))
     variables = _variables(state)
     count = sum(math.prod(v.shape) for v in variables)
     local = sum(_local_bytes(v, mesh) for v in variables)
@@ -140,7 +142,7 @@ def param_info(model_cfg: DecoderConfig, mesh) -> ParamInfo:
     for v in _variables(state["layers"]):
         names = tuple(n if n != "embed" else None for n in v.get_metadata().get("out_sharding"))
         gathered += _local_bytes(_Stub(v.shape[1:], names[1:], v.dtype), mesh, s)
-    V, D, t = model_cfg.vocab_size, model_cfg.hidden_size, mesh.shape["tensor"]
+    V, D, t = model_cfg.vocab_size, model_cfg.hidden_size, sharding.logical_size(mesh, "vocab")
     out_embed = D * (V // t if V % t == 0 else V) * s
     return ParamInfo(count, V * D, local, gathered, out_embed)
 
@@ -163,13 +165,14 @@ def _per_device(n: int, size: int) -> int:
     return n // size if n % size == 0 else n  # the rules table replicates a dimension the axis does not divide
 
 
-def layer_activation_bytes(c: DecoderConfig, rows: int, T: int, tensor: int) -> tuple[int, int]:
+def layer_activation_bytes(c: DecoderConfig, rows: int, T: int, mesh) -> tuple[int, int]:
     """(saved, full) bytes of one decoder layer on one device for `rows` sequences of T tokens:
     `saved` is what the remat policy keeps for the backward pass, `full` everything the layer
     makes (what the backward pass recomputes, one layer at a time)."""
     s = jnp.dtype(c.dtype).itemsize
     n = rows * T
-    N, K, F = _per_device(c.num_heads, tensor), _per_device(c.num_kv_heads, tensor), _per_device(c.intermediate_size, tensor)
+    heads, mlp = sharding.logical_size(mesh, "heads"), sharding.logical_size(mesh, "mlp")
+    N, K, F = _per_device(c.num_heads, heads), _per_device(c.num_kv_heads, heads), _per_device(c.intermediate_size, mlp)
     x = n * c.hidden_size * s  # residual stream, norm outputs, projections back to D
     qkv = n * (N + 2 * K) * c.head_dim * s
     av = n * N * c.head_dim * s
@@ -188,15 +191,15 @@ def layer_activation_bytes(c: DecoderConfig, rows: int, T: int, tensor: int) -> 
 
 def train_estimate(cfg: Config, model_cfg: DecoderConfig, mesh) -> dict:
     """Analytic per-device bytes of one train step, by component."""
-    batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    batch_shards = sharding.logical_size(mesh, "batch")
     micro = cfg.train.global_batch_size // cfg.train.grad_accum
     if micro % batch_shards:
         raise DryRunError(f"train.global_batch_size / train.grad_accum = {micro} sequences per micro-batch do not "
                           f"split over data x fsdp = {batch_shards} devices; make it a multiple")
-    rows, T, t = micro // batch_shards, cfg.data.seq_len, mesh.shape["tensor"]
+    rows, T, t = micro // batch_shards, cfg.data.seq_len, sharding.logical_size(mesh, "vocab")
     info = param_info(model_cfg, mesh)
     s = jnp.dtype(model_cfg.dtype).itemsize
-    saved, full = layer_activation_bytes(model_cfg, rows, T, t)
+    saved, full = layer_activation_bytes(model_cfg, rows, T, mesh)
     n = rows * T
     V, D = model_cfg.vocab_size, model_cfg.hidden_size
     transient = full if model_cfg.remat == "none" else 2 * full  # one layer's gradients (+ its recompute)
@@ -219,13 +222,13 @@ def train_estimate(cfg: Config, model_cfg: DecoderConfig, mesh) -> dict:
 
 def precompute_estimate(cfg: Config, model_cfg: DecoderConfig, mesh) -> dict:
     """Analytic per-device bytes of the teacher's top-K pass on its longest batch."""
-    batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    pre, t = cfg.precompute, mesh.shape["tensor"]
+    batch_shards = sharding.logical_size(mesh, "batch")
+    pre, t = cfg.precompute, sharding.logical_size(mesh, "vocab")
     T = -(-cfg.data.seq_len // pre.bucket) * pre.bucket  # the longest bucket
     total_rows = max(batch_shards, (pre.batch_tokens // T) // batch_shards * batch_shards)  # teacher._batches
     rows = total_rows // batch_shards
     info = param_info(model_cfg, mesh)
-    _, full = layer_activation_bytes(model_cfg, rows, T, t)
+    _, full = layer_activation_bytes(model_cfg, rows, T, mesh)
     n, D, s, K = rows * T, model_cfg.hidden_size, jnp.dtype(model_cfg.dtype).itemsize, cfg.data.top_k
     activations = full + rows * T * T + 2 * n * D * s  # forward only: one layer live; mask; hidden states
     Vt = _per_device(model_cfg.vocab_size, t)
@@ -251,46 +254,26 @@ def compiled_memory(compiled) -> dict[str, int]:
     return out
 
 
-def _sharded_abstract(model_cfg: DecoderConfig, mesh):
-    graphdef, state = abstract_model(model_cfg)
-    shardings = sharding.state_shardings(state, mesh)
-    params = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), state, shardings)
-    return graphdef, params, shardings
-
-
 def compile_train(cfg: Config, model_cfg: DecoderConfig, mesh) -> dict:
-    """memory_analysis() of the real train step (kd_jax.step.compile_steps) on abstract arrays."""
-    from kd_jax.step import compile_steps, make_optimizer
-    graphdef, params, param_shardings = _sharded_abstract(model_cfg, mesh)
-    tx, _ = make_optimizer(cfg.optim, cfg.train.steps)
-    replicated = sharding.named_sharding(mesh, None)
-    # As train.init_opt_state: each Adam moment shares its parameter's sharding, scalars are replicated.
-    by_path = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(params)}
-
-    def moment(path, leaf):
-        key = jax.tree_util.keystr(path)
-        match = max((k for k, v in by_path.items() if key.endswith(k) and v.shape == leaf.shape), key=len, default=None)
-        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=by_path[match].sharding if match else replicated)
-
-    opt_state = jax.tree_util.tree_map_with_path(moment, jax.eval_shape(tx.init, params))
-    opt_shardings = jax.tree.map(lambda x: x.sharding, opt_state)
+    """memory_analysis() of the real train step (kd_jax.step.compile_steps) on the abstract train state."""
+    spec = abstract_train_state(model_cfg, cfg.optim, cfg.train.steps, mesh)
     with jax.set_mesh(mesh):
-        steps = compile_steps(graphdef, tx, cfg.loss, cfg.train.grad_accum, mesh, param_shardings, opt_shardings)
+        steps = compile_steps(spec, cfg.loss, cfg.train.grad_accum, mesh)
         B, T, K = cfg.train.global_batch_size, cfg.data.seq_len, cfg.data.top_k
         shapes = dict(inputs=(B, T), labels=(B, T), positions=(B, T), segment_ids=(B, T), role=(B, T),
-                      step=(B, T), loss_mask=(B, T), topk_ids=(B, T, K), topk_logprobs=(B, T, K))
+                      reasoning_step=(B, T), loss_mask=(B, T), topk_ids=(B, T, K), topk_logprobs=(B, T, K))
         dtypes = dict(loss_mask=jnp.bool_, topk_logprobs=jnp.float32)
         batch = {k: jax.ShapeDtypeStruct(v, dtypes.get(k, jnp.int32), sharding=sharding.batch_sharding(mesh, len(v)))
                  for k, v in shapes.items()}
-        nonfinite = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
-        return compiled_memory(steps.train.lower(params, opt_state, nonfinite, batch).compile())
+        state = spec.abstract
+        return compiled_memory(steps.train.lower(state["params"], state["opt_state"], state["nonfinite"],
+                                                 batch).compile())
 
 
 def compile_precompute(cfg: Config, model_cfg: DecoderConfig, mesh, rows: int, T: int) -> dict:
     """memory_analysis() of the teacher's top-K pass (kd_jax.teacher.topk_logprobs) on its longest batch."""
-    from kd_jax.teacher import topk_logprobs
-    graphdef, params, _ = _sharded_abstract(model_cfg, mesh)
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    graphdef, params = abstract_params(model_cfg, mesh)
+    shards = sharding.logical_size(mesh, "batch")
     tokens = jax.ShapeDtypeStruct((rows * shards, T), jnp.int32, sharding=sharding.batch_sharding(mesh, 2))
     fn = jax.jit(lambda p, x: topk_logprobs(nnx.merge(graphdef, p), x, k=cfg.data.top_k,
                                             vocab_size=model_cfg.vocab_size,
@@ -344,7 +327,7 @@ def report(cfg: Config, entry: str, *, compile: bool = True, out=sys.stdout) -> 
     p(f"{role}: {model_cfg.model_type}, {info.count:,} parameters ({info.count / 1e9:.2f}B; "
       f"{(info.count - info.embedding) / 1e9:.2f}B without the input embedding); config from {where}")
     sizes = dict(mesh.shape)
-    p(f"mesh: data={sizes['data']} fsdp={sizes['fsdp']} tensor={sizes['tensor']} ({mesh.size} devices); "
+    p(f"mesh: {sharding.describe(mesh)} ({mesh.size} devices); "
       f"per device {est['_rows']} x {T} tokens per (micro-)batch; dtype {model_cfg.dtype}, params "
       f"{model_cfg.param_dtype}, remat {model_cfg.remat if entry == 'train' else 'n/a (forward only)'}"
       + (f"; loss chunk {est['_chunk']} rows x {model_cfg.vocab_size} vocab" if entry == "train" else ""))
@@ -359,7 +342,7 @@ def report(cfg: Config, entry: str, *, compile: bool = True, out=sys.stdout) -> 
     checked = total
     if compile and mesh.size == num_devices:
         devices = jax.devices() if entry == "train" else jax.local_devices()
-        real = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=devices)
+        real = sharding.mesh_from_config(cfg.mesh, devices=devices)
         c = (compile_train(cfg, model_cfg, real) if entry == "train"
              else compile_precompute(cfg, model_cfg, real, est["_rows"], T))
         p(f"per-device memory, compiled ahead of time on {devices[0].platform} (XLA memory_analysis, GiB):")

@@ -1,6 +1,6 @@
 """The distillation objective: per-token weights from the batch, and the fused chunked loss.
 
-The objective (DESIGN.md "Losses") is linear in per-token terms, L = Σ_t a_t·soft_t + b_t·hard_t,
+The objective (docs/architecture.md, "The loss") is linear in per-token terms, L = Σ_t a_t·soft_t + b_t·hard_t,
 with a_t, b_t depending only on roles, steps and masks. `token_weights` computes a and b;
 `kd_loss` walks the tokens in chunks, turns each chunk's hidden states into logits, reduces them to
 the weighted terms and their gradient in the same pass, and never holds [tokens × vocab] logits.
@@ -15,10 +15,10 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from kd_jax.config import DIVERGENCES, LossConfig
+from kd_jax.data.roles import Role
 from kd_jax.sharding import constrain
 
-DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
-ROLE_PROMPT, ROLE_REASONING, ROLE_ANSWER = 0, 1, 2
 # Floor for the teacher's leftover mass 1 − Σ_k p_k: fp32 rounding can make it 0 or negative.
 _TAIL_FLOOR = float(jnp.finfo(jnp.float32).tiny)
 
@@ -32,16 +32,16 @@ def _step_groups(role_BxT, step_BxT, segment_ids_BxT, loss_mask_BxT, step_weight
     group), w_G (the group's weight w_s) and w_BxT (each token's role weight).
     """
     B, T = role_BxT.shape
-    supervised_BxT = (role_BxT != ROLE_PROMPT) & loss_mask_BxT.astype(bool) & (segment_ids_BxT != 0)
+    supervised_BxT = (role_BxT != Role.PROMPT) & loss_mask_BxT.astype(bool) & (segment_ids_BxT != 0)
     # An answer is identified by (row, segment) alone: its step index does not split it.
-    step_key_BxT = jnp.where(role_BxT == ROLE_REASONING, step_BxT, -1)
+    step_key_BxT = jnp.where(role_BxT == Role.REASONING, step_BxT, -1)
     differs_BxT1 = ((role_BxT[:, 1:] != role_BxT[:, :-1]) | (step_key_BxT[:, 1:] != step_key_BxT[:, :-1])
                     | (segment_ids_BxT[:, 1:] != segment_ids_BxT[:, :-1]))
     # Every row starts a group, so a step never crosses rows (n_s is local to the row).
     change_BxT = jnp.concatenate([jnp.ones((B, 1), bool), differs_BxT1], axis=1)
     group_BxT = (jnp.cumsum(change_BxT.reshape(-1)) - 1).reshape(B, T)
-    w_BxT = jnp.where(role_BxT == ROLE_REASONING, jnp.float32(step_weight),
-                      jnp.where(role_BxT == ROLE_ANSWER, jnp.float32(answer_weight), jnp.float32(0.0)))
+    w_BxT = jnp.where(role_BxT == Role.REASONING, jnp.float32(step_weight),
+                      jnp.where(role_BxT == Role.ANSWER, jnp.float32(answer_weight), jnp.float32(0.0)))
     n_G = jax.ops.segment_sum(supervised_BxT.reshape(-1).astype(jnp.float32), group_BxT.reshape(-1),
                               num_segments=B * T)
     # A group's weight is read off its first token (all its tokens share the role).
@@ -190,23 +190,14 @@ def token_terms(logits_CxV, labels_C, topk_ids_CxK, topk_logprobs_CxK, *, temper
 
 # --- The fused, chunked loss -----------------------------------------------------------------
 
-@dataclasses.dataclass(frozen=True)
-class _Spec:
-    """Static (hashable) loss options, a non-differentiable argument of the custom VJP."""
-    divergence: str
-    jsd_beta: float
-    tail: bool
-    chunk_size: int
-
-
 _METRICS = ("soft_sum", "hard_sum", "num_tokens", "top1_agree")
 
 
-def _chunk_loss(logits_CxV, labels_C, ids_CxK, logprobs_CxK, a_C, b_C, temperature, spec):
+def _chunk_loss(logits_CxV, labels_C, ids_CxK, logprobs_CxK, a_C, b_C, temperature, cfg: LossConfig):
     """Σ_t a·soft + b·hard over one chunk, and the chunk's metric sums."""
     soft_C, hard_C, agree_C = token_terms(logits_CxV, labels_C, ids_CxK, logprobs_CxK,
-                                          temperature=temperature, divergence=spec.divergence,
-                                          jsd_beta=spec.jsd_beta, tail=spec.tail)
+                                          temperature=temperature, divergence=cfg.divergence,
+                                          jsd_beta=cfg.jsd_beta, tail=cfg.tail)
     used_C = (a_C != 0) | (b_C != 0)
     # `where`, not a·soft: a padded token's garbage must not reach the sum even as 0·inf.
     loss = jnp.where(used_C, a_C * soft_C + b_C * hard_C, 0.0).sum()
@@ -242,10 +233,10 @@ def _from_chunks(x_GxC, N):
 
 
 def _scan_chunks(hidden_NxD, out_embed_DxV, labels_N, topk_ids_NxK, topk_logprobs_NxK, a_N, b_N,
-                 temperature, spec, with_grad):
+                 temperature, cfg: LossConfig, with_grad):
     N, D = hidden_NxD.shape
     V = out_embed_DxV.shape[1]
-    C = min(spec.chunk_size, N)
+    C = min(cfg.chunk_size, N)
     dtype = hidden_NxD.dtype
     w_DxV = out_embed_DxV.astype(dtype)  # compute dtype = hidden's; cast once, not per chunk
     xs = tuple(_to_chunks(x, C) for x in (hidden_NxD, labels_N, topk_ids_NxK, topk_logprobs_NxK,
@@ -258,7 +249,7 @@ def _scan_chunks(hidden_NxD, out_embed_DxV, labels_N, topk_ids_NxK, topk_logprob
         logits_CxV = jnp.dot(h_CxD, w_DxV, preferred_element_type=jnp.float32)
         logits_CxV = constrain(logits_CxV, ("act_batch", "act_vocab"))
         f = functools.partial(_chunk_loss, labels_C=labels_C, ids_CxK=ids_CxK, logprobs_CxK=lps_CxK,
-                              a_C=a_C, b_C=b_C, temperature=temperature, spec=spec)
+                              a_C=a_C, b_C=b_C, temperature=temperature, cfg=cfg)
         if not with_grad:
             loss, metrics = f(logits_CxV)
             return (carry[0] + loss, jax.tree.map(jnp.add, carry[1], metrics)), None
@@ -279,23 +270,21 @@ def _scan_chunks(hidden_NxD, out_embed_DxV, labels_N, topk_ids_NxK, topk_logprob
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(8,))
-def _fused(hidden_NxD, out_embed_DxV, labels_N, topk_ids_NxK, topk_logprobs_NxK, a_N, b_N, temperature,
-           spec):
+def _fused(hidden_NxD, out_embed_DxV, labels_N, topk_ids_NxK, topk_logprobs_NxK, a_N, b_N, temperature, cfg):
     # Primal without differentiation (evaluation): values only, no gradient work.
     return _scan_chunks(hidden_NxD, out_embed_DxV, labels_N, topk_ids_NxK, topk_logprobs_NxK, a_N, b_N,
-                        temperature, spec, with_grad=False)
+                        temperature, cfg, with_grad=False)
 
 
-def _fused_fwd(hidden_NxD, out_embed_DxV, labels_N, topk_ids_NxK, topk_logprobs_NxK, a_N, b_N,
-               temperature, spec):
+def _fused_fwd(hidden_NxD, out_embed_DxV, labels_N, topk_ids_NxK, topk_logprobs_NxK, a_N, b_N, temperature,
+               cfg):
     loss, metrics, dh_NxD, dw_DxV = _scan_chunks(hidden_NxD, out_embed_DxV, labels_N, topk_ids_NxK,
-                                                 topk_logprobs_NxK, a_N, b_N, temperature, spec,
-                                                 with_grad=True)
+                                                 topk_logprobs_NxK, a_N, b_N, temperature, cfg, with_grad=True)
     # Kept in the primals' dtypes (gradients must match them); g is 1 in training anyway.
     return (loss, metrics), (dh_NxD.astype(hidden_NxD.dtype), dw_DxV.astype(out_embed_DxV.dtype))
 
 
-def _fused_bwd(spec, residuals, cotangents):
+def _fused_bwd(cfg, residuals, cotangents):
     # The gradients were computed in the forward pass; the loss is a scalar, so the backward rule
     # only scales them. Metrics are not differentiable; a, b, labels, teacher arrays and the
     # temperature are data.
@@ -308,21 +297,23 @@ def _fused_bwd(spec, residuals, cotangents):
 _fused.defvjp(_fused_fwd, _fused_bwd)
 
 
-def kd_loss(hidden_NxD, out_embed_DxV, labels_N, topk_ids_NxK, topk_logprobs_NxK, a_N, b_N, *,
-            temperature=1.0, divergence="forward_kl", jsd_beta=0.5, tail=False, chunk_size=512):
+def kd_loss(hidden_NxD, out_embed_DxV, labels_N, topk_ids_NxK, topk_logprobs_NxK, a_N, b_N,
+            cfg: LossConfig | None = None, *, temperature=None, **overrides):
     """Fused distillation loss Σ_t a_t·soft_t + b_t·hard_t (nats) and its metrics.
 
     hidden_NxD: final hidden states (their dtype is the compute dtype); out_embed_DxV: the output
     projection; labels_N: next-token ids; topk_ids_NxK / topk_logprobs_NxK: the teacher's top-K
     (log-probs at T = 1; ids outside [0, V) are dropped); a_N, b_N: from `token_weights`.
+    `cfg` (the run's LossConfig, default LossConfig(); `overrides` replace its fields, e.g.
+    chunk_size=8) is the static argument (divergence, jsd_beta, tail, chunk_size); the temperature
+    is data: cfg.temperature, or `temperature` (a float or a traced scalar: a schedule does not
+    recompile).
     Walks `chunk_size` tokens at a time (global, over all devices): peak extra memory is
     O(chunk_size × V). Gradients w.r.t. hidden and out_embed come from the same pass (custom VJP).
     Returns (loss, metrics): fp32 sums soft_sum, hard_sum, num_tokens, top1_agree over the tokens
     with a ≠ 0 or b ≠ 0.
     """
-    if divergence not in DIVERGENCES:
-        raise ValueError(f"divergence={divergence!r}; expected one of {DIVERGENCES}")
-    spec = _Spec(divergence, float(jsd_beta), bool(tail), int(chunk_size))
-    temperature = jnp.asarray(temperature, jnp.float32)
-    return _fused(hidden_NxD, out_embed_DxV, labels_N, topk_ids_NxK, topk_logprobs_NxK, a_N, b_N,
-                  temperature, spec)
+    cfg = dataclasses.replace(cfg or LossConfig(), **overrides)
+    temperature = jnp.asarray(cfg.temperature if temperature is None else temperature, jnp.float32)
+    return _fused(hidden_NxD, out_embed_DxV, labels_N, topk_ids_NxK, topk_logprobs_NxK, a_N, b_N, temperature,
+                  cfg)

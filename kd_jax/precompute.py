@@ -1,29 +1,28 @@
 """`python -m kd_jax.precompute --config X.yaml [key=value ...]`: traces -> KD store.
 
-Process 0 tokenizes the traces into the store (once: a store that exists is reused); then every
-process runs the teacher over its own chunks of the store (`kd_jax.teacher.precompute`). With
-data.top_k=0 the store holds tokens only (no teacher is run): for hard-label training, e.g. of a
-teacher. Re-running the same command resumes: only chunks without a completion mark are computed.
+Process 0 tokenizes the traces into the store (once: a store that exists is reused when it was
+made from the same inputs); then every process runs the teacher over its own chunks of the store
+(`kd_jax.teacher.precompute`). With data.top_k=0 the store holds tokens only (no teacher is run):
+for hard-label training, e.g. of a teacher. Re-running the same command resumes: only chunks
+without a completion mark are computed. `--dry-run` sizes the teacher pass instead.
 """
 
 from __future__ import annotations
 
 from kd_jax import distributed, dryrun
 from kd_jax.config import parse_command
-from kd_jax.data.store import StoreError
+from kd_jax.errors import reported
 from kd_jax.teacher import precompute
 
 
 def main(argv=None) -> None:
     cfg, flags = parse_command(argv, description="Tokenize traces and store the teacher's top-K next-token log-probs",
                                dry_run=True)
-    if flags.dry_run:  # size the run on abstract arrays, check it fits, exit (kd_jax/dryrun.py)
-        return dryrun.main(cfg, "precompute", compile=not flags.no_compile)
-    distributed.maybe_initialize()
-    try:
+    with reported(flags.debug):
+        if flags.dry_run:  # size the run on abstract arrays, check it fits, exit
+            return dryrun.main(cfg, "precompute", compile=not flags.no_compile)
+        distributed.maybe_initialize()
         precompute(cfg)
-    except StoreError as e:
-        raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":

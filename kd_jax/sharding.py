@@ -65,9 +65,27 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[
                          axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
 
 
-def mesh_from_config(mesh_cfg) -> Mesh:
+def mesh_from_config(mesh_cfg, devices: Sequence[Any] | None = None) -> Mesh:
     """`make_mesh` from a config section with `data`, `fsdp`, `tensor` fields."""
-    return make_mesh(mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor)
+    return make_mesh(mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor, devices=devices)
+
+
+def abstract_mesh(mesh_cfg, num_devices: int) -> jax.sharding.AbstractMesh:
+    """The config's mesh over `num_devices` devices, without needing the devices (the dry run)."""
+    return jax.sharding.AbstractMesh(mesh_shape(mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor, num_devices),
+                                     MESH_AXES)
+
+
+def logical_size(mesh, name: str) -> int:
+    """How many shards the rules table splits logical axis `name` into on `mesh` (e.g. "batch":
+    data x fsdp, "vocab": tensor)."""
+    axes = _RULES[name]
+    return math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes or ()))
+
+
+def describe(mesh) -> str:
+    """`data=2 fsdp=4 tensor=1` for logs and reports."""
+    return " ".join(f"{axis}={size}" for axis, size in mesh.shape.items())
 
 
 def logical_to_spec(names: Sequence[str | None] | None, shape: Sequence[int] | None = None,

@@ -1,4 +1,4 @@
-"""The sharded train step (the loop that drives it is kd_jax/train.py).
+"""The sharded train step (the loop that drives it is kd_jax/loop.py).
 
 One optimizer step = one `jax.jit` over the global batch: the batch's totals for the global loss
 normalizers first, then a scan over `grad_accum` micro-batches (fused KD loss, summed gradients),
@@ -64,33 +64,33 @@ def _micro_batches(x, n: int):
     return jnp.swapaxes(x.reshape((B // n, n) + x.shape[1:]), 0, 1)
 
 
-def batch_loss(graphdef, params, batch: dict[str, jax.Array], loss_cfg: LossConfig, totals, *,
-               step_only: bool = False):
-    """(loss, metrics) of one (micro-)batch with the global normalizers `totals`.
-    step_only: the pure step loss L_step (coefficients with β = 1 minus those with β = 0)."""
-    model = nnx.merge(graphdef, params)
-    h_BxLxD = model.hidden_states(batch["inputs"], batch["positions"], batch["segment_ids"])
-    B, L, D = h_BxLxD.shape
-    weights = functools.partial(losses.token_weights, batch["role"], batch["step"], batch["segment_ids"],
-                                batch["loss_mask"], alpha=loss_cfg.alpha, step_weight=loss_cfg.step_weight,
+def _weights(batch, loss_cfg: LossConfig, totals, beta: float):
+    """Per-token (a, b) of the objective for this (micro-)batch, with the global normalizers `totals`."""
+    return losses.token_weights(batch["role"], batch["reasoning_step"], batch["segment_ids"], batch["loss_mask"],
+                                alpha=loss_cfg.alpha, beta=beta, step_weight=loss_cfg.step_weight,
                                 answer_weight=loss_cfg.answer_weight, num_supervised=totals[0],
                                 step_weight_sum=totals[1])
-    a_BxL, b_BxL = weights(beta=loss_cfg.beta)
-    if step_only:
-        a0, b0 = weights(beta=0.0)
-        a1, b1 = weights(beta=1.0)
-        a_BxL, b_BxL = a1 - a0, b1 - b0
+
+
+def _fused_loss(model, h_BxLxD, batch, a_BxL, b_BxL, loss_cfg: LossConfig):
+    B, L, D = h_BxLxD.shape
     K = batch["topk_ids"].shape[-1]
     return losses.kd_loss(
         h_BxLxD.reshape(B * L, D), model.output_embedding(), batch["labels"].reshape(B * L),
         batch["topk_ids"].reshape(B * L, K), batch["topk_logprobs"].reshape(B * L, K),
-        a_BxL.reshape(B * L), b_BxL.reshape(B * L), temperature=loss_cfg.temperature,
-        divergence=loss_cfg.divergence, jsd_beta=loss_cfg.jsd_beta, tail=loss_cfg.tail,
-        chunk_size=loss_cfg.chunk_size)
+        a_BxL.reshape(B * L), b_BxL.reshape(B * L), loss_cfg)
+
+
+def batch_loss(graphdef, params, batch: dict[str, jax.Array], loss_cfg: LossConfig, totals):
+    """(loss, metrics) of one (micro-)batch with the global normalizers `totals`."""
+    model = nnx.merge(graphdef, params)
+    h_BxLxD = model.hidden_states(batch["inputs"], batch["positions"], batch["segment_ids"])
+    a_BxL, b_BxL = _weights(batch, loss_cfg, totals, loss_cfg.beta)
+    return _fused_loss(model, h_BxLxD, batch, a_BxL, b_BxL, loss_cfg)
 
 
 def batch_totals(batch, loss_cfg: LossConfig):
-    return losses.weight_totals(batch["role"], batch["step"], batch["segment_ids"], batch["loss_mask"],
+    return losses.weight_totals(batch["role"], batch["reasoning_step"], batch["segment_ids"], batch["loss_mask"],
                                 step_weight=loss_cfg.step_weight, answer_weight=loss_cfg.answer_weight)
 
 
@@ -116,10 +116,15 @@ def train_step(graphdef, tx, loss_cfg: LossConfig, grad_accum: int, params, opt_
 
 
 def eval_step(graphdef, loss_cfg: LossConfig, params, batch):
-    """Held-out sums for one batch: the fused metrics, the batch's total loss and its step loss."""
+    """Held-out sums for one batch: the fused metrics, the batch's total loss and its step loss.
+    One forward pass; the loss head runs twice on its hidden states, the second time with the
+    pure step loss's coefficients (those with β = 1 minus those with β = 0)."""
     totals = batch_totals(batch, loss_cfg)
-    loss, metrics = batch_loss(graphdef, params, batch, loss_cfg, totals)
-    step_loss, _ = batch_loss(graphdef, params, batch, loss_cfg, totals, step_only=True)
+    model = nnx.merge(graphdef, params)
+    h_BxLxD = model.hidden_states(batch["inputs"], batch["positions"], batch["segment_ids"])
+    loss, metrics = _fused_loss(model, h_BxLxD, batch, *_weights(batch, loss_cfg, totals, loss_cfg.beta), loss_cfg)
+    (a1, b1), (a0, b0) = _weights(batch, loss_cfg, totals, 1.0), _weights(batch, loss_cfg, totals, 0.0)
+    step_loss, _ = _fused_loss(model, h_BxLxD, batch, a1 - a0, b1 - b0, loss_cfg)
     return dict(metrics, loss=loss, step_loss=step_loss)
 
 
@@ -130,11 +135,14 @@ class Steps:
     eval: Any
 
 
-def compile_steps(graphdef, tx, loss_cfg: LossConfig, grad_accum: int, mesh, param_shardings, opt_shardings) -> Steps:
+def compile_steps(spec, loss_cfg: LossConfig, grad_accum: int, mesh) -> Steps:
+    """The jitted steps for a train state's structure (`kd_jax.state.TrainSpec`): its graphdef,
+    optimizer and shardings; params and optimizer state are donated to the train step."""
     replicated = NamedSharding(mesh, P())
-    train = jax.jit(functools.partial(train_step, graphdef, tx, loss_cfg, grad_accum), donate_argnums=(0, 1),
-                    out_shardings=(param_shardings, opt_shardings, replicated, replicated))
-    evaluate = jax.jit(functools.partial(eval_step, graphdef, loss_cfg), out_shardings=replicated)
+    shardings = spec.shardings
+    train = jax.jit(functools.partial(train_step, spec.graphdef, spec.tx, loss_cfg, grad_accum), donate_argnums=(0, 1),
+                    out_shardings=(shardings["params"], shardings["opt_state"], replicated, replicated))
+    evaluate = jax.jit(functools.partial(eval_step, spec.graphdef, loss_cfg), out_shardings=replicated)
     return Steps(train, evaluate)
 
 

@@ -128,7 +128,7 @@ def test_torch_loss_matches_kd_jax():
     _, naive = _losses(torch)
     t = lambda x: torch.from_numpy(np.ascontiguousarray(x))  # noqa: E731
     torch_loss = float(naive(t(hidden), t(weight_VxD), t(ids).long(), t(lps), t(np.where(mask, labels, -100)).long()))
-    a, b_ = losses.token_weights(b["role"], b["step"], b["segment_ids"], b["loss_mask"], alpha=ALPHA, beta=0.0,
+    a, b_ = losses.token_weights(b["role"], b["reasoning_step"], b["segment_ids"], b["loss_mask"], alpha=ALPHA, beta=0.0,
                                  step_weight=1.0, answer_weight=1.0)
     jax_loss, _ = losses.kd_loss(jnp.asarray(hidden), jnp.asarray(weight_VxD.T), jnp.asarray(labels),
                                  jnp.asarray(ids), jnp.asarray(lps), a.reshape(-1), b_.reshape(-1), chunk_size=8)

@@ -9,7 +9,7 @@ import pytest
 
 import tiny_kd
 from kd_jax.config import load_config
-from kd_jax.evaluate import extract_answer, matcher, run
+from kd_jax.evaluation import evaluate as run, extract_answer, matcher
 from kd_jax.teacher import precompute
 
 

@@ -22,7 +22,7 @@ from kd_jax.config import load_config
 from kd_jax.data.pipeline import make_train_iter
 from kd_jax.data.store import KDStore
 from kd_jax.distributed import init_args
-from kd_jax.export import restore_student
+from kd_jax.runs import load_run_config, restore_student
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 16  # checkpoints every 4 steps: the kill lands after step 4's, well before the end
@@ -148,7 +148,7 @@ def test_two_processes_killed_and_resumed_match_one_process(root):
     last = f"{ckpts}/{STEPS}/data"
     assert {"process_0-of-2.json", "process_1-of-2.json"} <= set(os.listdir(last))
     # export reads the two-process checkpoint in one process: the one-process run's weights
-    (a, step_a, _), (b, step_b, _) = restore_student(f"{root}/runs/one"), restore_student(f"{root}/runs/two")
+    (a, step_a), (b, step_b) = (restore_student(load_run_config(f"{root}/runs/{name}")) for name in ("one", "two"))
     assert step_a == step_b == STEPS
     leaves_a, leaves_b = jax.tree.leaves(nnx.state(a, nnx.Param)), jax.tree.leaves(nnx.state(b, nnx.Param))
     print("max |param difference| =", max(float(np.abs(np.asarray(x) - np.asarray(y)).max())

@@ -53,11 +53,11 @@ def check_batch(batch, ref, allowed, B):
     """Asserts the batch contract against the store; returns the store index of every segment."""
     seqs, by_inputs = ref
     shapes = {k: v.shape for k, v in batch.items()}
-    assert shapes == {**{k: (B, L) for k in ("inputs", "labels", "positions", "segment_ids", "role", "step",
-                                             "loss_mask")}, "topk_ids": (B, L, K), "topk_logprobs": (B, L, K)}
+    assert shapes == {**{k: (B, L) for k in ("inputs", "labels", "positions", "segment_ids", "role",
+                                             "reasoning_step", "loss_mask")}, "topk_ids": (B, L, K), "topk_logprobs": (B, L, K)}
     assert batch["topk_logprobs"].dtype == np.float32 and batch["loss_mask"].dtype == bool
     assert all(batch[k].dtype == np.int32 for k in ("inputs", "labels", "positions", "segment_ids", "role",
-                                                    "step", "topk_ids"))
+                                                    "reasoning_step", "topk_ids"))
     seg = batch["segment_ids"]
     pad = seg == 0
     for name, value in dict(inputs=0, labels=0, positions=0, role=0, step=-1, loss_mask=False).items():
@@ -84,7 +84,7 @@ def check_batch(batch, ref, allowed, B):
             # labels[t] is the token after inputs[t]; everything else describes that label token.
             np.testing.assert_array_equal(batch["labels"][b, t], x["tokens"][1:])
             np.testing.assert_array_equal(batch["role"][b, t], x["role"][1:])
-            np.testing.assert_array_equal(batch["step"][b, t], x["step"][1:])
+            np.testing.assert_array_equal(batch["reasoning_step"][b, t], x["step"][1:])
             np.testing.assert_array_equal(batch["topk_ids"][b, t], x["topk_ids"][1:])
             np.testing.assert_array_equal(batch["topk_logprobs"][b, t], x["topk_logprobs"][1:].astype(np.float32))
             np.testing.assert_array_equal(batch["loss_mask"][b, t], x["role"][1:] != 0)

@@ -17,17 +17,17 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from flax import nnx
 
 import tiny_kd
 from kd_jax import sharding
 from kd_jax.config import load_config
 from kd_jax.data.pipeline import make_eval_iter, make_train_iter
 from kd_jax.data.store import KDStore
-from kd_jax.export import restore_student
+from kd_jax.loop import to_global
 from kd_jax.models import build_model
-from kd_jax.step import compile_steps, make_optimizer
-from kd_jax.train import init_opt_state, to_global
+from kd_jax.runs import load_run_config, restore_student
+from kd_jax.state import abstract_train_state, init_train_state
+from kd_jax.step import compile_steps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 24  # long enough after the first checkpoint (step 4) for the interrupting signal to land
@@ -77,7 +77,7 @@ def test_train_loss_falls_and_export_loads_in_transformers(root):
     hf = transformers.AutoModelForCausalLM.from_pretrained(f"{root}/export", dtype=torch.float32).eval()
     tok = transformers.AutoTokenizer.from_pretrained(f"{root}/export")
     assert len(tok) == len(transformers.AutoTokenizer.from_pretrained(f"{root}/teacher"))
-    student, step, _ = restore_student(f"{root}/runs/reference")
+    student, step = restore_student(load_run_config(f"{root}/runs/reference"))
     assert step == STEPS
     tokens = np.asarray(KDStore.open(f"{root}/store").read(0)["tokens"])[None]
     with torch.no_grad():
@@ -126,23 +126,21 @@ def _setup(root, **overrides):
     cfg = load_config(None, _train_args(root, "inproc", **overrides))
     mesh = sharding.mesh_from_config(cfg.mesh)
     teacher = build_model(cfg.teacher, mesh=mesh)
-    graphdef, params = nnx.split(build_model(cfg.student, mesh=mesh, teacher=teacher))
-    return cfg, mesh, graphdef, params
+    student = build_model(cfg.student, mesh=mesh, teacher=teacher)
+    spec = abstract_train_state(student.cfg, cfg.optim, cfg.train.steps, mesh)
+    return cfg, mesh, spec, init_train_state(student, spec)
 
 
 def test_gradient_accumulation_gives_the_same_update(root):
-    cfg, mesh, graphdef, params = _setup(root)
+    cfg, mesh, spec, state = _setup(root)
     store = KDStore.open(cfg.data.store)
     batch = next(make_train_iter(cfg.data.store, np.arange(len(store)), cfg.data, global_batch_size=8, seed=0))
-    tx, _ = make_optimizer(cfg.optim, cfg.train.steps)
     results = []
     for accum in (1, 4):
-        opt_state = init_opt_state(tx, params, mesh)
-        steps = compile_steps(graphdef, tx, cfg.loss, accum, mesh, jax.tree.map(lambda x: x.sharding, params),
-                              jax.tree.map(lambda x: x.sharding, opt_state))
-        p = jax.tree.map(jnp.copy, params)  # the step donates its inputs
+        steps = compile_steps(spec, cfg.loss, accum, mesh)
+        p, o = jax.tree.map(jnp.copy, (state["params"], state["opt_state"]))  # the step donates its inputs
         with jax.set_mesh(mesh):
-            new, _, _, metrics = steps.train(p, opt_state, jnp.zeros((), jnp.int32), to_global(batch, mesh))
+            new, _, _, metrics = steps.train(p, o, jnp.zeros((), jnp.int32), to_global(batch, mesh))
         results.append((jax.device_get(new), jax.device_get(metrics)))
     (p1, m1), (p4, m4) = results
     np.testing.assert_allclose(m4["loss"], m1["loss"], rtol=1e-5)
@@ -153,16 +151,14 @@ def test_gradient_accumulation_gives_the_same_update(root):
 def test_packing_keeps_documents_apart(root):
     """Losses of a packed batch equal the sums over its documents evaluated one per row: any
     attention or loss term crossing a segment boundary would change them."""
-    cfg, mesh, graphdef, params = _setup(root)
+    cfg, mesh, spec, state = _setup(root)
+    params = state["params"]
     store = KDStore.open(cfg.data.store)
-    tx, _ = make_optimizer(cfg.optim, cfg.train.steps)
-    opt_state = init_opt_state(tx, params, mesh)
-    steps = compile_steps(graphdef, tx, cfg.loss, 1, mesh, jax.tree.map(lambda x: x.sharding, params),
-                          jax.tree.map(lambda x: x.sharding, opt_state))
+    steps = compile_steps(spec, cfg.loss, 1, mesh)
     packed = next(make_eval_iter(cfg.data.store, np.arange(len(store)), cfg.data, batch_size=8))
     assert (packed["segment_ids"].max(axis=1) > 1).any(), "the batch must actually pack documents"
     alone = {k: np.zeros_like(v[:1]).repeat(8 * 8, axis=0) for k, v in packed.items()}
-    for k, fill in (("topk_ids", -1), ("step", -1)):
+    for k, fill in (("topk_ids", -1), ("reasoning_step", -1)):
         alone[k][...] = fill
     row = 0
     for b in range(8):

@@ -1,5 +1,5 @@
 """A tiny teacher folder for store/precompute tests: the demo's byte-level BPE tokenizer with a
-ChatML template (kd_jax.data.demo) trained in-process, a random llama teacher whose vocab is
+ChatML template (kd_jax.data.arithmetic) trained in-process, a random llama teacher whose vocab is
 padded past the tokenizer's (as Qwen's is), and a JSONL of R1-style traces (test support)."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import json
 import os
 
 import hf_tiny
-from kd_jax.data.demo import train_tokenizer
+from kd_jax.data.arithmetic import train_tokenizer
 
 
 def traces(n: int = 12) -> list[dict]:

@@ -22,6 +22,7 @@ import numpy as np
 
 from kd_jax.config import DataConfig
 from kd_jax.data import pipeline
+from kd_jax.data.roles import Role
 from kd_jax.data.store import KDStore, StoreMeta
 
 
@@ -47,8 +48,8 @@ def synthetic_store(path: str, sequences: int, seq_len: int, k: int, vocab: int,
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     n = int(offsets[-1])
     pos = np.arange(n) - np.repeat(offsets[:-1], lengths)
-    role = np.where(pos < np.repeat(lengths // 10, lengths), 0, 1).astype(np.uint8)
-    step = np.where(role == 1, pos // 64, -1).astype(np.int32)
+    role = np.where(pos < np.repeat(lengths // 10, lengths), Role.PROMPT, Role.REASONING).astype(np.uint8)
+    step = np.where(role == Role.REASONING, pos // 64, -1).astype(np.int32)
     meta = StoreMeta(k=k, vocab_size=vocab, teacher_vocab_size=vocab, tokenizer="synthetic", chat_template_hash="",
                      teacher="synthetic", teacher_revision=None, logprob_dtype="float16", num_sequences=sequences,
                      num_tokens=n, chunk_tokens=65536)

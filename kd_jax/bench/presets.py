@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from kd_jax.data.roles import Role
+
 _QWEN2 = dict(model_type="qwen2", hidden_act="silu", rms_norm_eps=1e-6, rope_theta=1000000.0,
               max_position_embeddings=32768)
 
@@ -40,7 +42,7 @@ def synthetic_batch(batch: int, seq_len: int, vocab: int, k: int, *, seed: int =
     at 0); each document is a prompt (`prompt_fraction` of it, role 0, unsupervised), reasoning in
     steps of `step_tokens` (role 1) and a last step as the answer (role 2). Teacher top-K: K
     distinct ids per token with decreasing log-probs that leave some mass outside the K, as a
-    real teacher's do. Returns inputs, labels, positions, segment_ids, role, step (int32 [B, L]),
+    real teacher's do. Returns inputs, labels, positions, segment_ids, role, reasoning_step (int32 [B, L]),
     loss_mask (bool [B, L]), topk_ids (int32 [B, L, K]), topk_logprobs (float32 [B, L, K]).
     """
     if seq_len % docs_per_row:
@@ -55,8 +57,8 @@ def synthetic_batch(batch: int, seq_len: int, vocab: int, k: int, *, seed: int =
     prompt = max(1, int(doc * prompt_fraction))
     step_1d = np.where(pos_in_doc < prompt, -1, (pos_in_doc - prompt) // step_tokens)
     last_step = (doc - 1 - prompt) // step_tokens
-    role_1d = np.where(pos_in_doc < prompt, 0, np.where(step_1d == last_step, 2, 1))
-    step_1d = np.where(role_1d == 1, step_1d, -1)
+    role_1d = np.where(pos_in_doc < prompt, Role.PROMPT, np.where(step_1d == last_step, Role.ANSWER, Role.REASONING))
+    step_1d = np.where(role_1d == Role.REASONING, step_1d, -1)
     role = np.broadcast_to(role_1d, (B, L)).astype(np.int32)
     step = np.broadcast_to(step_1d, (B, L)).astype(np.int32)
     # base + j·p mod V with p a prime that does not divide V: K distinct ids per row.
@@ -68,5 +70,5 @@ def synthetic_batch(batch: int, seq_len: int, vocab: int, k: int, *, seed: int =
     scores -= np.log(np.exp(scores).sum(-1, keepdims=True))
     topk_logprobs = (scores + np.log1p(-rng.uniform(0.05, 0.5, (B, L, 1)))).astype(np.float32)
     return {"inputs": tokens[:, :-1], "labels": tokens[:, 1:].copy(), "positions": positions.copy(),
-            "segment_ids": segment_ids.copy(), "role": role.copy(), "step": step.copy(),
-            "loss_mask": role != 0, "topk_ids": topk_ids, "topk_logprobs": topk_logprobs}
+            "segment_ids": segment_ids.copy(), "role": role.copy(),
+            "reasoning_step": step.copy(), "loss_mask": role != Role.PROMPT, "topk_ids": topk_ids, "topk_logprobs": topk_logprobs}

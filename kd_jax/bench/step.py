@@ -33,15 +33,17 @@ import statistics
 import time
 
 import jax
-import numpy as np
 from flax import nnx
 
 from kd_jax import flops, sharding
 from kd_jax.bench.presets import architecture, synthetic_batch
 from kd_jax.dryrun import compiled_memory
 from kd_jax.config import load_config
+from kd_jax.loop import prepare
+from kd_jax.models import build_model
 from kd_jax.models.decoder import Decoder
-from kd_jax.step import compile_steps, make_optimizer
+from kd_jax.state import abstract_train_state, init_train_state
+from kd_jax.step import compile_steps
 
 VARIANT_KEYS = ("name", "remat", "scan", "attention", "chunk", "dtype", "accum", "batch", "seq", "docs")
 
@@ -105,15 +107,12 @@ def _peak_bytes() -> int | None:
 
 
 def _build(cfg, mesh):
-    """Student, its parameters and optimizer state; from the store's `prepare` when one is used."""
-    from kd_jax.models import build_model
-    from kd_jax.train import init_opt_state
+    """Student config, train-state spec and fresh state (without a store; with one, `prepare`)."""
     teacher = build_model(cfg.teacher, mesh=mesh) if cfg.student.init == "teacher_layers" else None
     student = build_model(cfg.student, mesh=mesh, seed=cfg.run.seed, teacher=teacher)
     del teacher
-    _, params = nnx.split(student)
-    tx, _ = make_optimizer(cfg.optim, max(cfg.train.steps, 1))
-    return student.cfg, params, tx, init_opt_state(tx, params, mesh)
+    spec = abstract_train_state(student.cfg, cfg.optim, max(cfg.train.steps, 1), mesh)
+    return student.cfg, spec, init_train_state(student, spec)
 
 
 def _variants(args, cfg, base_model_cfg, store_batches):
@@ -145,28 +144,24 @@ def run(args) -> None:
     use_store = bool(cfg.data.store) and not args.preset
     input_tps = None
     if use_store:
-        from kd_jax.train import prepare
         r = prepare(cfg)
-        base_model_cfg, params, opt_state = r.student.cfg, r.params, r.opt_state
-        tx, _ = make_optimizer(cfg.optim, cfg.train.steps)
+        base_model_cfg, spec, state = r.student.cfg, r.spec, r.state
         host_batches = [next(r.data_iter) for _ in range(args.warmup + args.steps)]
         t0 = time.perf_counter()  # the input pipeline alone, over as many fresh batches
         input_tokens = sum(int((next(r.data_iter)["segment_ids"] > 0).sum()) for _ in range(args.steps))
         input_tps = input_tokens / (time.perf_counter() - t0)
     else:
-        base_model_cfg, params, tx, opt_state = _build(cfg, mesh)
+        base_model_cfg, spec, state = _build(cfg, mesh)
         host_batches = None
     variants = _variants(args, cfg, base_model_cfg, host_batches)
-    param_sh = jax.tree.map(lambda x: x.sharding, params)
-    opt_sh = jax.tree.map(lambda x: x.sharding, opt_state)
-    nonfinite = jax.device_put(np.zeros((), np.int32), sharding.named_sharding(mesh, None))
+    params, opt_state, nonfinite = state["params"], state["opt_state"], state["nonfinite"]
     to_device = lambda b: sharding.shard_batch(b, mesh)  # noqa: E731
     metrics = None
     # A variant's structure (no values, no mesh: the logical names need no axes to be recorded).
     graphdefs = [nnx.graphdef(nnx.eval_shape(lambda: Decoder(v.model_cfg, rngs=nnx.Rngs(0)))) for v in variants]
     with jax.set_mesh(mesh):
         for v, graphdef in zip(variants, graphdefs):
-            steps = compile_steps(graphdef, tx, v.loss_cfg, v.grad_accum, mesh, param_sh, opt_sh)
+            steps = compile_steps(dataclasses.replace(spec, graphdef=graphdef), v.loss_cfg, v.grad_accum, mesh)
             v.device_batches = [to_device(b) for b in (v.batch if isinstance(v.batch, list) else [v.batch])]
             t0 = time.perf_counter()
             try:

@@ -1,7 +1,7 @@
 """KD store size and precompute speed: bytes per token on disk for several K, teacher tokens/s.
 
 Runs `kd_jax.precompute` end to end (tokenize, teacher top-K, write) on the demo's arithmetic traces
-(kd_jax.data.demo) with a real teacher folder, once per K, each into a fresh store; every K runs
+(kd_jax.data.arithmetic) with a real teacher folder, once per K, each into a fresh store; every K runs
 twice and the second run is timed (the first pays for compilation). Bytes per token are for the
 two teacher arrays, beside the uncompressed layout (int32 ids + 16-bit log-probs = 6·K bytes per
 token).
@@ -18,7 +18,7 @@ import jax
 
 from kd_jax.config import load_config
 from kd_jax.teacher import precompute
-from kd_jax.data.demo import problems
+from kd_jax.data.arithmetic import problems
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -11,10 +11,12 @@ and everything about label token t+1 (label, role, step, teacher top-K). Packing
 whole examples, so no packing boundary can put a label next to the wrong input.
 
 Batch (numpy, B = process-local batch, L = data.seq_len, K = store top-K):
-  inputs, labels, positions, segment_ids, role, step: int32 [B, L]; loss_mask: bool [B, L];
+  inputs, labels, positions, segment_ids, role, reasoning_step: int32 [B, L]; loss_mask: bool [B, L];
   topk_ids: int32 [B, L, K]; topk_logprobs: float32 [B, L, K].
 segment_ids are 1.. per packed sequence in a row and 0 on padding; positions restart at 0 per
-segment. Padding: inputs/labels 0, role 0, step -1, topk_ids -1, topk_logprobs 0, loss_mask False.
+segment. Padding: inputs/labels 0, role 0, reasoning_step -1, topk_ids -1, topk_logprobs 0, loss_mask
+False. role is a `Role` (kd_jax.data.roles); reasoning_step the index of the label's reasoning step
+(-1 outside the reasoning).
 
 Iterators are Grain DatasetIterators: `it.get_state()` / `it.set_state(state)` give the exact
 position (JSON-serializable), and Orbax saves them with `grain.checkpoint.CheckpointSave(it)`.
@@ -31,10 +33,11 @@ from absl import flags
 from grain.experimental import BestFitPackIterDataset, FirstFitPackIterDataset, ZipIterDataset
 
 from kd_jax.config import DataConfig
+from kd_jax.data.roles import Role
 from kd_jax.data.store import KDStore, StoreError
 
 # Per-token features that are packed, with the value that fills padding.
-_PAD = {"inputs": 0, "labels": 0, "role": 0, "step": -1, "topk_ids": -1, "topk_logprobs": 0}
+_PAD = {"inputs": 0, "labels": 0, "role": 0, "reasoning_step": -1, "topk_ids": -1, "topk_logprobs": 0}
 _PACKERS = {"first_fit": FirstFitPackIterDataset, "best_fit": BestFitPackIterDataset}
 # Sequences read ahead by threads (per process): enough to pack a few batches, while bounding
 # host memory (~0.8 MB per 2048-token sequence at K = 64).
@@ -77,14 +80,14 @@ class StoreSource:
 
 def shift_example(seq: dict[str, np.ndarray], seq_len: int) -> dict[str, np.ndarray]:
     """Target-aligned sequence (length n) -> next-token example (length n - 1): at position t the
-    input is token t and labels/role/step/topk describe token t + 1, the one being predicted."""
+    input is token t and labels/role/reasoning_step/topk describe token t + 1, the one being predicted."""
     n = len(seq["tokens"])
     if n - 1 > seq_len:
         raise StoreError(f"sequence {seq.get('index')} has {n} tokens, more than data.seq_len + 1 = "
                          f"{seq_len + 1}; rebuild the store with this seq_len (precompute drops or "
                          f"truncates longer ones, data.overlong) or raise data.seq_len")
     return {"inputs": seq["tokens"][:-1], "labels": seq["tokens"][1:], "role": seq["role"][1:],
-            "step": seq["step"][1:], "topk_ids": seq["topk_ids"][1:],
+            "reasoning_step": seq["step"][1:], "topk_ids": seq["topk_ids"][1:],
             "topk_logprobs": seq["topk_logprobs"][1:], "index": seq["index"]}
 
 
@@ -102,7 +105,7 @@ def split_indices(num_sequences: int, eval_fraction: float, seed: int) -> tuple[
 def reasoning_lengths(store: KDStore) -> np.ndarray:
     """int64 [N_seq]: role == 1 (reasoning) tokens per sequence, the default curriculum difficulty.
     Reads the whole role array once (1 byte per token)."""
-    is_reasoning = np.concatenate([[0], np.cumsum(store.array("role").read().result() == 1)])
+    is_reasoning = np.concatenate([[0], np.cumsum(store.array("role").read().result() == Role.REASONING)])
     return is_reasoning[store.offsets[1:]] - is_reasoning[store.offsets[:-1]]
 
 
@@ -130,11 +133,11 @@ def _finish(batch: dict[str, np.ndarray], batch_size: int) -> dict[str, np.ndarr
     out = {"inputs": batch["inputs"].astype(np.int32), "labels": batch["labels"].astype(np.int32),
            "positions": batch["inputs_positions"].astype(np.int32),
            "segment_ids": segment_ids_BxL.astype(np.int32),
-           "role": batch["role"].astype(np.int32), "step": batch["step"].astype(np.int32),
+           "role": batch["role"].astype(np.int32), "reasoning_step": batch["reasoning_step"].astype(np.int32),
            "topk_ids": batch["topk_ids"].astype(np.int32),
            "topk_logprobs": batch["topk_logprobs"].astype(np.float32)}
     # Prompt labels (role 0) are never supervised; padding has role 0 too, but say it explicitly.
-    out["loss_mask"] = (segment_ids_BxL > 0) & (out["role"] != 0)
+    out["loss_mask"] = (segment_ids_BxL > 0) & (out["role"] != Role.PROMPT)
     missing = batch_size - len(segment_ids_BxL)
     if missing > 0:
         pad = dict(_PAD, positions=0, segment_ids=0, loss_mask=False)

@@ -19,17 +19,18 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from kd_jax.config import ATTENTION, REMAT_POLICIES
 from kd_jax.sharding import constrain, create_sharded
 
-REMAT_POLICIES = {
-    "none": None,
-    "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
-    "dots_saveable": jax.checkpoint_policies.dots_saveable,
-    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    "offload_dots": jax.checkpoint_policies.offload_dot_with_no_batch_dims("device", "pinned_host"),
-}
 
-ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")
+
+def remat_policy(name: str):
+    """jax's checkpoint policy for a name of kd_jax.config.REMAT_POLICIES ("none": no remat)."""
+    if name == "none":
+        return None
+    if name == "offload_dots":  # the saved projections go to host memory instead of staying on device
+        return jax.checkpoint_policies.offload_dot_with_no_batch_dims("device", "pinned_host")
+    return getattr(jax.checkpoint_policies, name)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,14 +58,14 @@ class DecoderConfig:
     param_dtype: str = "float32"  # storage dtype of the parameters (fp32 master weights)
     dtype: str = "float32"  # compute dtype of activations and matmuls
     scan_layers: bool = True  # one jax.lax.scan over layers (fast compile) vs a Python loop
-    remat: str = "none"  # rematerialization policy, a key of REMAT_POLICIES
+    remat: str = "none"  # rematerialization policy, one of kd_jax.config.REMAT_POLICIES
     attention: str = "xla"  # dot-product attention: "xla" (any backend) or "cudnn" (flash; GPU only)
 
     def __post_init__(self):
         if self.remat not in REMAT_POLICIES:
-            raise ValueError(f"remat={self.remat!r}; choose one of {sorted(REMAT_POLICIES)}")
-        if self.attention not in ATTENTION_IMPLEMENTATIONS:
-            raise ValueError(f"attention={self.attention!r}; choose one of {ATTENTION_IMPLEMENTATIONS}")
+            raise ValueError(f"remat={self.remat!r}; choose one of {REMAT_POLICIES}")
+        if self.attention not in ATTENTION:
+            raise ValueError(f"attention={self.attention!r}; choose one of {ATTENTION}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
 
@@ -256,7 +257,7 @@ class Decoder(nnx.Module):
         def body(x, p):
             return layer(cfg, p, x, positions_BxT, mask, inv_freq), None
 
-        policy = REMAT_POLICIES[cfg.remat]
+        policy = remat_policy(cfg.remat)
         if cfg.remat != "none":
             body = jax.checkpoint(body, policy=policy, prevent_cse=not cfg.scan_layers)
         if cfg.scan_layers:

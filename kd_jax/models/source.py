@@ -35,7 +35,7 @@ def build_model(src, *, mesh=None, seed: int = 0, teacher: Decoder | None = None
 
     init=hf loads `hf_path`; init=random builds `architecture` (an HF config.json-style dict);
     init=teacher_layers copies `teacher_layers` of `teacher`."""
-    opts = dict(param_dtype=src.param_dtype, dtype=src.dtype, scan_layers=src.scan_layers, remat=src.remat)
+    opts = src.decoder_options()
     if src.init == "hf":
         if not src.hf_path:
             raise ValueError("init=hf needs hf_path: a local Hugging Face folder or a hub id")
@@ -52,12 +52,17 @@ def build_model(src, *, mesh=None, seed: int = 0, teacher: Decoder | None = None
     raise ValueError(f"init={src.init!r}; choose hf, random or teacher_layers")
 
 
-def source_config(src, teacher_src=None) -> DecoderConfig:
-    """The DecoderConfig `build_model(src, teacher=...)` would build, without reading weights."""
-    opts = dict(param_dtype=src.param_dtype, dtype=src.dtype, scan_layers=src.scan_layers, remat=src.remat)
-    if src.init == "hf":
-        return config_from_hf(read_hf_config(resolve_path(src.hf_path, src.revision)), **opts)
+def _read_config(src, role: str) -> dict:
+    """The HF config.json dict of an init=hf (its folder or hub id) or init=random section."""
     if src.init == "random":
-        return config_from_hf(src.architecture, **opts)
-    teacher = source_config(teacher_src)
-    return dataclasses.replace(teacher, num_layers=len(src.teacher_layers), **opts)
+        return src.architecture
+    return read_hf_config(resolve_path(src.hf_path, src.revision))
+
+
+def source_config(src, teacher_src=None, *, read_config=_read_config, role: str = "student") -> DecoderConfig:
+    """The DecoderConfig `build_model(src, teacher=...)` would build, without reading weights.
+    `read_config(section, role)` gives a section's config.json dict (the dry run reads offline)."""
+    if src.init == "teacher_layers":
+        teacher = source_config(teacher_src, read_config=read_config, role="teacher")
+        return dataclasses.replace(teacher, num_layers=len(src.teacher_layers), **src.decoder_options())
+    return config_from_hf(read_config(src, role), **src.decoder_options())

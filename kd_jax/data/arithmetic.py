@@ -6,7 +6,7 @@ within 0..40); the reasoning writes one step per paragraph (the start, then one 
 change with its arithmetic spelled out), and the answer is the final count, so `eval.matcher=numeric` checks it. Numbers are drawn at random, so held-out
 problems are new problems, not repeats.
 
-    python -m kd_jax.data.demo --out runs/demo/data --n 8000
+    python -m kd_jax.data.arithmetic --out runs/demo/data --n 8000
 """
 
 from __future__ import annotations

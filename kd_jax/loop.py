@@ -1,0 +1,269 @@
+"""The training loop behind `python -m kd_jax.train`: `prepare` builds the pieces (mesh, store
+check, Grain pipeline, student, train state, jitted steps), `train` runs or resumes the loop: one
+jitted step per global batch (kd_jax/step.py), logging, held-out evaluation, checkpoints.
+
+Started again with the same config, it resumes from the newest complete checkpoint, data order
+included. SIGTERM saves at the current step and returns. The run directory is locked for the
+life of the loop and its config is checked against the one its checkpoints were trained with
+(kd_jax/runs.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import json
+import logging
+import os
+import time
+from typing import Any
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from kd_jax import flops, sharding
+from kd_jax.checkpoint import Checkpointer, CheckpointError, Preemption
+from kd_jax.config import Config, DataConfig, LossConfig, RunConfig
+from kd_jax.data.pipeline import make_eval_iter, make_train_iter, split_indices
+from kd_jax.data.store import KDStore, StoreError
+from kd_jax.errors import KDJaxError
+from kd_jax.models import build_model, num_params
+from kd_jax.models.hf import load_tokenizer
+from kd_jax.progress import bar
+from kd_jax.runs import RunLock, check_and_save_config
+from kd_jax.state import TrainSpec, abstract_train_state, init_train_state
+from kd_jax.step import Steps, compile_steps, summarize
+
+log = logging.getLogger("kd_jax.train")
+
+
+class NonFiniteError(KDJaxError, RuntimeError):
+    """Too many steps in a row with a non-finite loss or gradient."""
+
+
+def to_global(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
+    """This process's share of the batch -> global arrays sharded over the batch axes."""
+    return {k: jax.make_array_from_process_local_data(sharding.batch_sharding(mesh, v.ndim), v)
+            for k, v in batch.items()}
+
+
+class Logger:
+    """Console + TensorBoard + metrics.jsonl, on process 0 only. Resuming at `start`, lines of
+    metrics.jsonl past `start` (logged after the checkpoint, by the run that was stopped) are
+    dropped, so each step appears once."""
+
+    def __init__(self, run_dir: str, run_cfg: RunConfig, start: int = 0):
+        self.on = jax.process_index() == 0
+        self.writer = None
+        self.jsonl = None
+        if not self.on:
+            return
+        if run_cfg.tensorboard:
+            from tensorboardX import SummaryWriter
+            self.writer = SummaryWriter(os.path.join(run_dir, "tb"))
+        path = os.path.join(run_dir, "metrics.jsonl")
+        if os.path.exists(path):
+            with open(path) as f:
+                kept = [line for line in f if line.strip() and json.loads(line)["step"] <= start]
+            with open(path, "w") as f:
+                f.writelines(kept)
+        self.jsonl = open(path, "a")
+
+    def write(self, step: int, prefix: str, values: dict[str, float]) -> None:
+        if not self.on:
+            return
+        self.jsonl.write(json.dumps({"step": step, "split": prefix, **values}) + "\n")
+        self.jsonl.flush()
+        if self.writer is not None:
+            for k, v in values.items():
+                if v is not None:
+                    self.writer.add_scalar(f"{prefix}/{k}", v, step)
+        text = " ".join(f"{k}={v:.4g}" for k, v in values.items() if v is not None)
+        tqdm.write(f"[{prefix} step {step}] {text}")
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        if self.jsonl is not None:
+            self.jsonl.close()
+
+
+def evaluate_losses(eval_fn, params, store_path: str, eval_idx: np.ndarray, data_cfg: DataConfig,
+                    loss_cfg: LossConfig, *, batches: int, batch_size: int, mesh) -> dict[str, float] | None:
+    """Held-out losses over up to `batches` batches: soft, hard, step, perplexity, top-1.
+    eval_fn(params, batch) -> metric sums: the jitted `step.eval_step`."""
+    if len(eval_idx) == 0:
+        return None
+    sums: dict[str, float] = {}
+    done = 0
+    for batch in make_eval_iter(store_path, eval_idx, data_cfg, batch_size=batch_size):
+        if done == batches:
+            break
+        if jax.process_count() > 1:  # every process reads the same eval batch; keep its share
+            share = len(batch["inputs"]) // jax.process_count()
+            batch = {k: v[jax.process_index() * share:(jax.process_index() + 1) * share] for k, v in batch.items()}
+        out = jax.device_get(eval_fn(params, to_global(batch, mesh)))
+        for k, v in out.items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+        done += 1
+    # loss and step loss are per-batch means: average them; the other sums are per token
+    sums["loss"] /= done
+    sums["step_loss"] /= done
+    out = summarize(sums, loss_cfg)
+    out["perplexity"] = float(np.exp(out["hard"]))
+    return out
+
+
+def usable_sequences(store: KDStore, cfg: Config, vocab_size: int | None = None) -> np.ndarray:
+    """Store checks for this config (vocab, tokenizer, completeness; K comes from the store and
+    must be > 0 when the soft loss is on); the usable sequence indices."""
+    if store.meta.k == 0 and cfg.loss.alpha > 0:
+        raise StoreError(f"store {store.path} holds tokens only (built with data.top_k=0, no teacher log-probs), so "
+                         f"loss.alpha={cfg.loss.alpha} has no soft targets; set loss.alpha=0 (hard labels only) or "
+                         f"build a store with data.top_k >= 1")
+    return store.check(vocab_size=vocab_size, tokenizer=load_tokenizer(cfg.tokenizer),
+                       allow_incomplete=cfg.data.allow_incomplete)
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything the loop (or a benchmark) needs, built from the config."""
+    cfg: Config
+    mesh: Any
+    student: Any
+    spec: TrainSpec
+    state: dict[str, Any]  # {"params", "opt_state", "nonfinite"}: a fresh train state
+    steps: Steps
+    data_iter: Any
+    train_idx: np.ndarray
+    eval_idx: np.ndarray
+
+
+def prepare(cfg: Config) -> Run:
+    """Mesh, store checks, student, train state, jitted steps and the train iterator (fresh state)."""
+    if not cfg.data.store:
+        raise StoreError("data.store is not set: build a store with `python -m kd_jax.precompute` first")
+    mesh = sharding.mesh_from_config(cfg.mesh)
+    store = KDStore.open(cfg.data.store)
+    teacher = build_model(cfg.teacher, mesh=mesh) if cfg.student.init == "teacher_layers" else None
+    student = build_model(cfg.student, mesh=mesh, seed=cfg.run.seed, teacher=teacher)
+    del teacher
+    usable = usable_sequences(store, cfg, student.cfg.vocab_size)
+    train_pos, eval_pos = split_indices(len(usable), cfg.data.eval_fraction, cfg.data.shuffle_seed)
+    spec = abstract_train_state(student.cfg, cfg.optim, cfg.train.steps, mesh)
+    state = init_train_state(student, spec)
+    steps = compile_steps(spec, cfg.loss, cfg.train.grad_accum, mesh)
+    data_iter = make_train_iter(cfg.data.store, usable[train_pos], cfg.data,
+                                global_batch_size=cfg.train.global_batch_size, seed=cfg.data.shuffle_seed,
+                                process_index=jax.process_index(), process_count=jax.process_count(),
+                                steps=cfg.train.steps)
+    return Run(cfg, mesh, student, spec, state, steps, data_iter, usable[train_pos], usable[eval_pos])
+
+
+def _disk_full(e: BaseException) -> bool:
+    while e is not None:
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def train(cfg: Config) -> dict[str, float]:
+    """Run (or resume) training; returns the last logged train metrics."""
+    lock = RunLock(cfg.run_dir) if jax.process_index() == 0 else None
+    if lock is not None:
+        lock.acquire()
+    ckpt = None
+    try:
+        if jax.process_index() == 0:
+            check_and_save_config(cfg)
+        ckpt = Checkpointer(cfg.checkpoint_dir, cfg.checkpoint)
+        return _loop(cfg, ckpt)
+    except BaseException as e:
+        if _disk_full(e):
+            last = ckpt.latest_step() if ckpt is not None else None
+            raise CheckpointError(f"disk full writing to {cfg.run_dir} (checkpoints in {cfg.checkpoint_dir}); the "
+                                  f"last good checkpoint is step {last}; free space there and run the same "
+                                  f"command again to resume from it") from None
+        raise
+    finally:
+        if ckpt is not None:
+            try:
+                ckpt.close()
+            except OSError:
+                pass  # a failed save in flight: reported above
+        if lock is not None:
+            lock.release()
+
+
+def _loop(cfg: Config, ckpt: Checkpointer) -> dict[str, float]:
+    run = prepare(cfg)
+    mesh, student, steps, data_iter, spec = run.mesh, run.student, run.steps, run.data_iter, run.spec
+    state = run.state
+    start = 0
+    if cfg.checkpoint.resume and ckpt.latest_step() is not None:
+        state, extra = ckpt.restore(None, spec.abstract, data_iter)
+        start = int(extra["step"])
+        log.info("resumed from step %d in %s", start, ckpt.directory)
+
+    logger = Logger(cfg.run_dir, cfg.run, start)
+    if logger.on:
+        log.info("student: %s, %.2fM parameters; %d train / %d eval sequences; mesh %s",
+                 student.cfg.model_type, num_params(student) / 1e6, len(run.train_idx), len(run.eval_idx),
+                 dict(mesh.shape))
+    preemption = Preemption()
+    progress = bar(total=cfg.train.steps, initial=start, disable=not logger.on, desc="train", unit="step")
+    tokens, t0, last = 0, time.perf_counter(), {}
+    step = start
+    previous = None  # the skipped-in-a-row count of the step before: read one step late, so no stall
+
+    def check_nonfinite(count: jax.Array, at: int) -> None:
+        if int(count) >= cfg.train.max_nonfinite:
+            raise NonFiniteError(
+                f"{int(count)} steps in a row had a non-finite loss or gradient (updates skipped) up to step {at}; "
+                f"lower optim.lr, check the store for NaN log-probs, or use student.dtype=float32 to rule out "
+                f"overflow")
+
+    try:
+        with jax.set_mesh(mesh):
+            while step < cfg.train.steps:
+                batch = next(data_iter)
+                tokens += int((batch["segment_ids"] > 0).sum()) * jax.process_count()
+                params, opt_state, nonfinite, metrics = steps.train(
+                    state["params"], state["opt_state"], state["nonfinite"], to_global(batch, mesh))
+                state = {"params": params, "opt_state": opt_state, "nonfinite": nonfinite}
+                step += 1
+                progress.update(1)
+                if previous is not None:
+                    check_nonfinite(*previous)
+                previous = (nonfinite, step)
+                if step % cfg.run.log_every == 0 or step == cfg.train.steps:
+                    m = jax.device_get(metrics)
+                    elapsed = time.perf_counter() - t0
+                    last = summarize({k: float(v) for k, v in m.items()}, cfg.loss)
+                    last.update(grad_norm=float(m["grad_norm"]), skipped=float(m["skipped"]),
+                                lr=float(spec.schedule(step - 1)), tokens_per_s=tokens / elapsed,
+                                mfu=flops.mfu(student.cfg, cfg.data.seq_len, tokens / elapsed))
+                    logger.write(step, "train", last)
+                    progress.set_postfix(loss=f"{last['loss']:.4f}")
+                    tokens, t0 = 0, time.perf_counter()
+                if cfg.train.eval_every and step % cfg.train.eval_every == 0:
+                    result = evaluate_losses(steps.eval, params, cfg.data.store, run.eval_idx, cfg.data, cfg.loss,
+                                             batches=cfg.eval.batches, batch_size=cfg.train.global_batch_size,
+                                             mesh=mesh)
+                    if result:
+                        logger.write(step, "eval", result)
+                if preemption.requested(step):
+                    ckpt.save(step, state, data_iter, extra={"step": step}, force=True)
+                    ckpt.wait()
+                    log.info("SIGTERM: saved step %d in %s; exiting", step, ckpt.directory)
+                    return last
+                ckpt.save(step, state, data_iter, extra={"step": step}, force=step == cfg.train.steps)
+            if previous is not None:
+                check_nonfinite(*previous)
+    finally:
+        progress.close()
+        preemption.close()
+        logger.close()
+    return last

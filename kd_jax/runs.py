@@ -1,0 +1,180 @@
+"""A run directory (`run.output_dir/run.name`): its config, its owner, and the student it holds.
+
+    config.yaml      the resolved config the run was trained with (written once checks pass)
+    run.lock         the trainer that owns the directory now: host and pid (removed on exit)
+    checkpoints/     Orbax steps (kd_jax.checkpoint), metrics.jsonl, tb/, eval_*.json
+
+Nothing here overwrites what a run already holds: a rerun with a config that changes what the
+checkpoints contain is refused with the keys that differ, a second trainer on the same directory
+is refused while the first lives, and export does not write over a folder unless told to.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import socket
+
+from kd_jax import sharding
+from kd_jax.checkpoint import Checkpointer, CheckpointError
+from kd_jax.config import Config, ConfigError, load_config, save_config, to_dict
+from kd_jax.errors import KDJaxError
+from kd_jax.models.hf import load_tokenizer, save_hf
+from kd_jax.models.source import source_config
+from kd_jax.state import restore_params
+
+log = logging.getLogger("kd_jax.runs")
+
+# Sections and keys a resumed run may change: they do not alter what the checkpoints hold or how
+# the next step is computed from them (train.steps moves the end, and with it the schedule's tail).
+RESUMABLE_CHANGES = ("run.log_every", "run.tensorboard", "mesh", "precompute", "train.steps", "train.eval_every",
+                     "train.max_nonfinite", "checkpoint", "eval", "data.num_workers")
+
+
+class RunDirError(KDJaxError):
+    """A run directory that cannot be used as asked: owned by another trainer, or trained differently."""
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict) and v and k != "architecture":
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def config_changes(old: Config, new: Config) -> dict[str, tuple]:
+    """{dotted key: (old value, new value)} for every key that differs."""
+    a, b = _flatten(to_dict(old)), _flatten(to_dict(new))
+    return {k: (a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)}
+
+
+def has_checkpoints(cfg: Config) -> bool:
+    d = cfg.checkpoint_dir
+    return "://" in d or (os.path.isdir(d) and any(n.isdigit() for n in os.listdir(d)))
+
+
+def check_and_save_config(cfg: Config) -> None:
+    """Write config.yaml for a fresh run; on a run that has checkpoints, refuse a config whose
+    changes would not fit them (the diff, and the saved config.yaml left as it was)."""
+    path = os.path.join(cfg.run_dir, "config.yaml")
+    if os.path.exists(path) and has_checkpoints(cfg):
+        if not cfg.checkpoint.resume:
+            raise RunDirError(f"{cfg.run_dir} already holds checkpoints and checkpoint.resume=false would write a "
+                              f"second run over them; pick a new run.name, or delete {cfg.checkpoint_dir}")
+        try:
+            old = load_config(path)
+        except ConfigError as e:
+            raise RunDirError(f"{path} cannot be read ({e}); restore it, or pick a new run.name") from None
+        changed = {k: v for k, v in config_changes(old, cfg).items()
+                   if not any(k == p or k.startswith(p + ".") for p in RESUMABLE_CHANGES)}
+        if changed:
+            diff = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
+            raise RunDirError(f"{cfg.run_dir} was trained with another config and its checkpoints do not fit this "
+                              f"one ({diff}); resume with the saved config ({path}), or pick a new run.name")
+    save_config(cfg)
+
+
+class RunLock:
+    """`run.lock` in the run directory, for the life of a trainer (process 0 of a run). A lock
+    whose process is gone (killed, preempted) is taken over; one whose process lives, refused.
+    A lock from another host cannot be checked: it is refused with the file to delete."""
+
+    def __init__(self, run_dir: str):
+        self.path = os.path.join(run_dir, "run.lock")
+        self.held = False
+
+    def acquire(self) -> "RunLock":
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        me = {"host": socket.gethostname(), "pid": os.getpid()}
+        while True:
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                owner = self._owner()
+                if owner is not None and self._alive(owner):
+                    raise RunDirError(
+                        f"{os.path.dirname(self.path)} is in use by another trainer (host {owner.get('host')}, "
+                        f"pid {owner.get('pid')}); wait for it to finish, or pick another run.name. If that "
+                        f"process is gone, delete {self.path}") from None
+                log.warning("taking over %s from a trainer that is no longer running (%s)", self.path, owner)
+                try:
+                    os.remove(self.path)
+                except FileNotFoundError:
+                    pass
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            self.held = True
+            return self
+
+    def _owner(self) -> dict | None:
+        try:
+            with open(self.path) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return None  # half-written or unreadable: its writer died before finishing it
+
+    @staticmethod
+    def _alive(owner: dict) -> bool:
+        if owner.get("host") != socket.gethostname():
+            return True  # another machine's process: it cannot be checked from here
+        try:
+            os.kill(int(owner["pid"]), 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            try:
+                os.remove(self.path)
+            except FileNotFoundError:
+                pass
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def load_run_config(run_dir: str) -> Config:
+    """The config a run was trained with, its paths pointed at where `run_dir` is now."""
+    path = os.path.join(run_dir, "config.yaml")
+    if not os.path.exists(path):
+        raise RunDirError(f"{run_dir} has no config.yaml: pass the run directory that kd_jax.train wrote")
+    cfg = load_config(path)
+    run_dir = os.path.abspath(run_dir)  # the run may have moved since it was trained
+    run = dataclasses.replace(cfg.run, output_dir=os.path.dirname(run_dir), name=os.path.basename(run_dir))
+    return dataclasses.replace(cfg, run=run)
+
+
+def restore_student(cfg: Config, step: int | None = None, mesh=None):
+    """(student, its step) from the run's checkpoint `step` (None: the latest), parameters only,
+    onto `mesh` (default: every local device, data parallel)."""
+    if not has_checkpoints(cfg):
+        raise CheckpointError(f"{cfg.run_dir} has no checkpoint ({cfg.checkpoint_dir} holds no step); train it "
+                              f"first with `python -m kd_jax.train --config ...`")
+    mesh = mesh if mesh is not None else sharding.make_mesh()
+    with Checkpointer(cfg.checkpoint_dir, cfg.checkpoint) as ckpt:
+        return restore_params(ckpt, step, source_config(cfg.student, cfg.teacher), mesh)
+
+
+def export_run(run_dir: str, out: str | None = None, step: int | None = None, dtype: str | None = None, *,
+               overwrite: bool = False) -> str:
+    """Write the student of `run_dir` at `step` (default: latest) as an HF folder with the
+    tokenizer to `out` (default: RUN_DIR/hf or RUN_DIR/hf-<step>). Returns the folder."""
+    cfg = load_run_config(run_dir)
+    model, restored_step = restore_student(cfg, step)
+    out = out or os.path.join(run_dir, "hf" if step is None else f"hf-{step}")
+    save_hf(model, out, tokenizer=load_tokenizer(cfg.tokenizer), dtype=dtype, overwrite=overwrite)
+    log.info("exported step %d of %s to %s", restored_step, run_dir, out)
+    return out
