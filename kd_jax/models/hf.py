@@ -165,7 +165,7 @@ def config_to_hf(cfg: DecoderConfig, dtype: str) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------
-# layout conversion (numpy views: slicing a converted memmap view reads only that slice)
+# layout conversion (loading reads only the HF rows and columns of each device's block)
 
 
 def _hf_shape(kind: str, kd_shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -381,8 +381,8 @@ def load_hf(path: str, *, mesh: jax.sharding.Mesh | None = None, param_dtype: st
 
 def save_hf(model: Decoder, path: str, tokenizer=None, *, dtype: str | None = None,
             max_shard_size: int | str = 5 * 2**30, overwrite: bool = False) -> str:
-    """Write `model` as an HF folder: config.json, safetensors (split above `max_shard_size` bytes,
-    with model.safetensors.index.json) and the tokenizer's files if one is given.
+    """Write `model` as an HF folder: config.json, safetensors (split above `max_shard_size`, bytes
+    or "5GB", with model.safetensors.index.json) and the tokenizer's files if one is given.
     dtype: saved dtype (default: the parameters' dtype). A folder that already holds files (say, the
     teacher's) is refused unless `overwrite`, which also removes an earlier export's safetensors."""
     if os.path.isfile(path):
