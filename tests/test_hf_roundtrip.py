@@ -13,6 +13,7 @@ import transformers
 
 import hf_tiny
 from kd_jax.models import load_hf, save_hf
+from kd_jax.models.hf import _read_kd, _to_hf
 
 
 def _assert_same_weights(a: torch.nn.Module, b: torch.nn.Module):
@@ -47,7 +48,7 @@ def test_sharded_files_with_index(tmp_path):
     _assert_same_weights(hf_model, transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32))
     # and kd_jax reads its own sharded export back; a re-export unsharded leaves no stale shard
     again = load_hf(out)
-    save_hf(again, out)
+    save_hf(again, out, overwrite=True)
     assert sorted(f for f in os.listdir(out) if f.endswith(".safetensors")) == ["model.safetensors"]
     _assert_same_weights(hf_model, transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32))
 
@@ -65,3 +66,24 @@ def test_bf16_export(tmp_path):
     loaded = load_hf(out)
     np.testing.assert_array_equal(np.asarray(loaded.embed[...]),
                                   want["model.embed_tokens.weight"].float().numpy())
+
+
+@pytest.mark.parametrize("kind,shape", [("copy", (6, 5)), ("transpose", (6, 5)), ("in_heads", (6, 4, 3)),
+                                        ("out_heads", (4, 3, 6)), ("bias_heads", (4, 3))])
+def test_each_block_read_from_safetensors_equals_that_block(kind, shape, tmp_path):
+    """A device reads its block of a kd-layout tensor straight from the HF file, whatever the block."""
+    import safetensors
+    import safetensors.numpy
+    kd = np.random.RandomState(0).randn(*shape).astype(np.float32)
+    safetensors.numpy.save_file({"w": np.ascontiguousarray(_to_hf(kd, kind))}, str(tmp_path / "w.safetensors"))
+    rng = np.random.RandomState(1)
+    with safetensors.safe_open(str(tmp_path / "w.safetensors"), framework="numpy") as f:
+        hf = f.get_slice("w")
+        for _ in range(20):
+            index = []
+            for n in shape:
+                a, b = sorted(rng.choice(n + 1, 2, replace=False))
+                index.append(slice(a, b))
+            index = tuple(index)
+            np.testing.assert_array_equal(_read_kd(hf, kind, shape, index), kd[index])
+        np.testing.assert_array_equal(_read_kd(hf, kind, shape, (slice(None),) * len(shape)), kd)

@@ -1,21 +1,23 @@
 """Hugging Face interop: `load_hf` reads a local HF folder (or a hub id) straight into a sharded
 Decoder; `save_hf` writes config.json + safetensors (+ tokenizer) that transformers loads.
 
-Loading memory-maps each safetensors file and lets every device read only its own slice of every
-tensor (`jax.make_array_from_callback`), so no device, and no host, ever holds a full copy of the
-model beyond the page cache.
+Loading opens each safetensors file with `safetensors.safe_open` and lets every device read only
+its own slice of every tensor (`get_slice` inside `jax.make_array_from_callback`), so no device, and
+no host, ever holds a full copy of the model beyond the page cache.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from typing import Any
 
+import huggingface_hub
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
+import safetensors
 import safetensors.numpy
 from flax import nnx
 
@@ -29,6 +31,8 @@ SUPPORTED = {  # model_type -> architecture class name in transformers
     "qwen3": "Qwen3ForCausalLM",
     "mistral": "MistralForCausalLM",
 }
+# config.json keys without a default
+_REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 
 # Per-layer kd parameter -> (HF name under model.layers.{i}., layout conversion).
 _LAYER_MAP = {
@@ -56,12 +60,14 @@ _TOP_MAP = {
     "final_norm": ("model.norm.weight", "copy"),
     "lm_head": ("lm_head.weight", "transpose"),
 }
-_ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-              "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8}
 
 
 class HFFormatError(KDJaxError, ValueError):
     """An HF folder kd_jax cannot read, with what is wrong and how to fix it."""
+
+
+class FolderNotEmptyError(KDJaxError, FileExistsError):
+    """`save_hf` refused to write into a folder that already holds files (e.g. the teacher's)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -72,14 +78,19 @@ def config_from_hf(hf: dict[str, Any], **overrides) -> DecoderConfig:
     """DecoderConfig from an HF config.json dict, either generation: transformers 4.x top-level
     `rope_theta`/`rope_scaling` or the 5.x `rope_parameters` block."""
     model_type = hf.get("model_type")
-    if model_type not in SUPPORTED:
+    architectures = hf.get("architectures") or []
+    if model_type not in SUPPORTED or (architectures and not set(architectures) & set(SUPPORTED.values())):
         raise HFFormatError(
-            f"unsupported architecture model_type={model_type!r} (architectures={hf.get('architectures')}); "
+            f"unsupported architecture model_type={model_type!r} (architectures={architectures}); "
             f"kd_jax supports {', '.join(f'{v} ({k})' for k, v in SUPPORTED.items())}")
     if any(t != "full_attention" for t in hf.get("layer_types") or ()) or (
             model_type != "mistral" and hf.get("use_sliding_window")):
         raise HFFormatError(f"{model_type} with per-layer sliding-window attention (layer_types="
                             f"{hf.get('layer_types')}) is not supported; use a full-attention checkpoint")
+    missing = [k for k in _REQUIRED if k not in hf]
+    if missing:
+        raise HFFormatError(f"config.json of this {model_type} model lacks {', '.join(missing)}; use the "
+                            f"config.json saved with the weights")
     heads = hf["num_attention_heads"]
     rope_params = hf.get("rope_parameters")
     if rope_params:
@@ -154,22 +165,51 @@ def config_to_hf(cfg: DecoderConfig, dtype: str) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------
-# layout conversion (numpy views: slicing a converted memmap view reads only that slice)
+# layout conversion (loading reads only the HF rows and columns of each device's block)
 
 
-def _to_kd(hf_arr: np.ndarray, kind: str, kd_shape: tuple[int, ...]) -> np.ndarray:
+def _hf_shape(kind: str, kd_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Shape of the HF tensor behind a kd tensor of `kd_shape`."""
     if kind == "copy":
-        return hf_arr
+        return kd_shape
     if kind == "transpose":
-        return hf_arr.T
-    if kind == "in_heads":  # HF [N*H, D] -> [D, N, H]
+        return kd_shape[::-1]
+    if kind == "in_heads":  # kd [D, N, H] <- HF [N*H, D]
         D, N, H = kd_shape
-        return hf_arr.reshape(N, H, D).transpose(2, 0, 1)
-    if kind == "out_heads":  # HF [D, N*H] -> [N, H, D]
+        return (N * H, D)
+    if kind == "out_heads":  # kd [N, H, D] <- HF [D, N*H]
         N, H, D = kd_shape
-        return hf_arr.reshape(D, N, H).transpose(1, 2, 0)
-    if kind == "bias_heads":  # HF [N*H] -> [N, H]
-        return hf_arr.reshape(kd_shape)
+        return (D, N * H)
+    if kind == "bias_heads":  # kd [N, H] <- HF [N*H]
+        N, H = kd_shape
+        return (N * H,)
+    raise AssertionError(kind)
+
+
+def _head_rows(n: slice, H: int) -> slice:
+    """HF rows (columns for o_proj) of heads n.start..n.stop-1 of size H."""
+    return slice(n.start * H, n.stop * H)
+
+
+def _read_kd(hf: Any, kind: str, kd_shape: tuple[int, ...], index: tuple[slice, ...]) -> np.ndarray:
+    """Block `index` of the kd-layout tensor of `kd_shape` behind the safetensors slice `hf`,
+    reading only the HF rows and columns that block covers."""
+    index = tuple(slice(*s.indices(size)) for s, size in zip(index, kd_shape))
+    if kind == "copy":
+        return hf[index]
+    if kind == "transpose":
+        return hf[index[::-1]].T
+    if kind == "in_heads":  # HF [nn*H, dd] -> [dd, nn, hh]
+        d, n, h = index
+        block = hf[_head_rows(n, kd_shape[2]), d]
+        return block.reshape(n.stop - n.start, kd_shape[2], -1)[:, h].transpose(2, 0, 1)
+    if kind == "out_heads":  # HF [dd, nn*H] -> [nn, hh, dd]
+        n, h, d = index
+        block = hf[d, _head_rows(n, kd_shape[1])]
+        return block.reshape(-1, n.stop - n.start, kd_shape[1])[:, :, h].transpose(1, 2, 0)
+    if kind == "bias_heads":  # HF [nn*H] -> [nn, hh]
+        n, h = index
+        return hf[(_head_rows(n, kd_shape[1]),)].reshape(-1, kd_shape[1])[:, h]
     raise AssertionError(kind)
 
 
@@ -189,10 +229,13 @@ def _to_hf(kd_arr: np.ndarray, kind: str) -> np.ndarray:
     raise AssertionError(kind)
 
 
-class _Weights:
-    """Memory-mapped views of every tensor in a folder's safetensors files, by HF name."""
+class _Weights(contextlib.ExitStack):
+    """Every tensor in a folder's safetensors files, by HF name, as a safetensors slice: indexing one
+    reads only those bytes (bfloat16 too, as ml_dtypes' numpy dtype, which jax registers)."""
 
     def __init__(self, folder: str):
+        super().__init__()
+        self.folder = folder
         index = os.path.join(folder, "model.safetensors.index.json")
         if os.path.exists(index):
             with open(index) as f:
@@ -200,31 +243,30 @@ class _Weights:
         else:
             files = sorted(n for n in os.listdir(folder) if n.endswith(".safetensors"))
         if not files:
-            hint = " (found PyTorch .bin weights: re-save with transformers' save_pretrained, " \
-                   "which writes safetensors)" if any(n.endswith(".bin") for n in os.listdir(folder)) else ""
-            raise HFFormatError(f"no *.safetensors weights in {folder}{hint}")
-        self.views: dict[str, np.ndarray] = {}
+            if any(n.endswith(".bin") for n in os.listdir(folder)):
+                raise HFFormatError(
+                    f"{folder} holds PyTorch .bin weights but no *.safetensors, and kd_jax reads safetensors only; "
+                    f"convert with transformers: AutoModelForCausalLM.from_pretrained(folder)"
+                    f".save_pretrained(out, safe_serialization=True)")
+            raise HFFormatError(f"no *.safetensors weights in {folder}; pass the Hugging Face folder with its weights")
+        self.slices: dict[str, Any] = {}
         for name in files:
             path = os.path.join(folder, name)
-            with open(path, "rb") as f:
-                header_len = int.from_bytes(f.read(8), "little")
-                header = json.loads(f.read(header_len))
-            header.pop("__metadata__", None)
-            for key, info in header.items():
-                start, end = info["data_offsets"]
-                dtype = np.dtype(_ST_DTYPES[info["dtype"]])
-                shape = tuple(info["shape"])
-                if end == start:
-                    self.views[key] = np.zeros(shape, dtype)
-                else:
-                    self.views[key] = np.memmap(path, dtype=dtype, mode="r", offset=8 + header_len + start,
-                                                shape=shape)
+            if not os.path.exists(path):
+                raise HFFormatError(f"{name}, listed in {index}, is missing: the checkpoint is incomplete; "
+                                    f"download the folder again")
+            try:
+                f = self.enter_context(safetensors.safe_open(path, framework="numpy"))
+            except safetensors.SafetensorError as e:
+                raise HFFormatError(f"{path} is not a safetensors file ({e}); download it again (a git-lfs "
+                                    f"pointer is not the weights: run `git lfs pull`)") from e
+            self.slices.update({key: f.get_slice(key) for key in f.keys()})
 
-    def get(self, name: str, folder: str) -> np.ndarray:
-        if name not in self.views:
-            raise HFFormatError(f"weight {name!r} is missing from {folder}: the checkpoint is incomplete or "
+    def get(self, name: str) -> Any:
+        if name not in self.slices:
+            raise HFFormatError(f"weight {name!r} is missing from {self.folder}: the checkpoint is incomplete or "
                                 f"does not match its config.json")
-        return self.views[name]
+        return self.slices[name]
 
 
 def _param_sources(cfg: DecoderConfig, names: list[str]):
@@ -240,21 +282,17 @@ def _param_sources(cfg: DecoderConfig, names: list[str]):
     return out
 
 
-def _kd_views(weights: _Weights, folder: str, name: str, shape: tuple[int, ...], hf_names: list[str],
-              kind: str, stacked: bool) -> list[np.ndarray]:
-    """Lazy kd-layout views of the HF tensors behind parameter `name`, shapes checked."""
-    inner = shape[1:] if stacked else shape
+def _hf_slices(weights: _Weights, name: str, shape: tuple[int, ...], hf_names: list[str], kind: str,
+               stacked: bool) -> list[Any]:
+    """The safetensors slices behind parameter `name` of kd `shape`, their HF shapes checked."""
+    want = _hf_shape(kind, shape[1:] if stacked else shape)
     out = []
     for n in hf_names:
-        hf_arr = weights.get(n, folder)
-        try:
-            view = _to_kd(hf_arr, kind, inner)
-        except ValueError:
-            view = None
-        if view is None or view.shape != inner:
-            raise HFFormatError(f"weight {n!r} in {folder} has shape {hf_arr.shape}, which does not fit "
-                                f"{name}{inner} from config.json")
-        out.append(view)
+        hf = weights.get(n)
+        if tuple(hf.get_shape()) != want:
+            raise HFFormatError(f"weight {n!r} in {weights.folder} has shape {tuple(hf.get_shape())}, which does "
+                                f"not fit the {want} that config.json implies; use the config.json saved with it")
+        out.append(hf)
     return out
 
 
@@ -281,8 +319,9 @@ def resolve_path(path: str, revision: str | None = None) -> str:
         return snapshot_download(repo_id=path, revision=revision, allow_patterns=[
             "*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"])
     except Exception as e:  # noqa: BLE001 - report every hub failure the same way
+        reason = " ".join(str(e).split())  # hub errors span lines; the message is one
         raise HFFormatError(f"{path!r} is not a local folder and could not be fetched from the Hugging Face "
-                            f"hub ({type(e).__name__}: {e}); pass a local HF folder") from e
+                            f"hub ({type(e).__name__}: {reason}); pass a local HF folder") from e
 
 
 def load_tokenizer(path: str, revision: str | None = None):
@@ -296,7 +335,10 @@ def read_hf_config(folder: str) -> dict[str, Any]:
     if not os.path.exists(path):
         raise HFFormatError(f"{folder} has no config.json; is it a Hugging Face model folder?")
     with open(path) as f:
-        return json.load(f)
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise HFFormatError(f"{path} is not valid JSON ({e}); download it again") from e
 
 
 def load_hf(path: str, *, mesh: jax.sharding.Mesh | None = None, param_dtype: str = "float32",
@@ -311,35 +353,44 @@ def load_hf(path: str, *, mesh: jax.sharding.Mesh | None = None, param_dtype: st
     abstract = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0)))
     graphdef, abs_state = nnx.split(abstract)
     if mesh is None:
-        mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), sharding.MESH_AXES)
+        mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
     shardings = sharding.state_shardings(abs_state, mesh)
-    weights = _Weights(folder)
     flat_abs, flat_sh = _flat_params(abs_state), _flat_params(shardings)
-    views = {name: _kd_views(weights, folder, name, flat_abs[name].shape, *src)  # validate all first
-             for name, src in _param_sources(cfg, list(flat_abs)).items()}
     target = jnp.dtype(param_dtype)
+    with _Weights(folder) as weights:
+        params = _param_sources(cfg, list(flat_abs))
+        sources = {name: _hf_slices(weights, name, flat_abs[name].shape, *src)  # validate all first
+                   for name, src in params.items()}
 
-    def load_one(name):
-        var, per_layer = flat_abs[name], views[name]
-        stacked = name in _LAYER_MAP
+        def load_one(name):
+            var, per_layer, (_, kind, stacked) = flat_abs[name], sources[name], params[name]
+            inner = var.shape[1:] if stacked else var.shape
 
-        def read(index):  # called once per device with that device's slice of the array
-            if stacked:
-                return np.stack([per_layer[i][index[1:]] for i in range(var.shape[0])[index[0]]]).astype(target)
-            return np.asarray(per_layer[0][index]).astype(target)
+            def read(index):  # called once per device with that device's slice of the array
+                if stacked:
+                    return np.stack([_read_kd(per_layer[i], kind, inner, index[1:])
+                                     for i in range(var.shape[0])[index[0]]]).astype(target)
+                return _read_kd(per_layer[0], kind, inner, index).astype(target)
 
-        return jax.make_array_from_callback(var.shape, flat_sh[name].get_value(), read)
+            return jax.make_array_from_callback(var.shape, flat_sh[name].get_value(), read)
 
-    for path_, v in nnx.to_flat_state(abs_state):
-        v.set_value(load_one(str(path_[-1])))
+        for path_, v in nnx.to_flat_state(abs_state):
+            v.set_value(load_one(str(path_[-1])))
     return nnx.merge(graphdef, abs_state)
 
 
 def save_hf(model: Decoder, path: str, tokenizer=None, *, dtype: str | None = None,
-            max_shard_size: int = 5 * 2**30) -> str:
-    """Write `model` as an HF folder: config.json, safetensors (split above `max_shard_size` bytes,
-    with model.safetensors.index.json) and the tokenizer's files if one is given.
-    dtype: saved dtype (default: the parameters' dtype)."""
+            max_shard_size: int | str = 5 * 2**30, overwrite: bool = False) -> str:
+    """Write `model` as an HF folder: config.json, safetensors (split above `max_shard_size`, bytes
+    or "5GB", with model.safetensors.index.json) and the tokenizer's files if one is given.
+    dtype: saved dtype (default: the parameters' dtype). A folder that already holds files (say, the
+    teacher's) is refused unless `overwrite`, which also removes an earlier export's safetensors."""
+    if os.path.isfile(path):
+        raise FolderNotEmptyError(f"{path} is a file; choose a folder to export to")
+    if os.path.isdir(path) and os.listdir(path) and not overwrite:
+        held = sorted(os.listdir(path))
+        raise FolderNotEmptyError(f"{path} is not empty ({len(held)} files, e.g. {held[0]}); pass --overwrite "
+                                  f"(overwrite=True) to replace the model in it, or choose another folder")
     cfg = model.cfg
     dtype = dtype or cfg.param_dtype
     np_dtype = np.dtype(jnp.dtype(dtype))
@@ -351,29 +402,19 @@ def save_hf(model: Decoder, path: str, tokenizer=None, *, dtype: str | None = No
         for i, hf_name in enumerate(hf_names):
             tensors[hf_name] = np.ascontiguousarray(_to_hf(host[i] if stacked else host, kind))
 
-    shards: list[dict[str, np.ndarray]] = [{}]
-    size = 0
-    for name in sorted(tensors):
-        nbytes = tensors[name].nbytes
-        if shards[-1] and size + nbytes > max_shard_size:
-            shards.append({})
-            size = 0
-        shards[-1][name] = tensors[name]
-        size += nbytes
-    for stale in os.listdir(path):  # a previous export with another shard count must not linger
+    split = huggingface_hub.split_state_dict_into_shards_factory(
+        dict(sorted(tensors.items())), get_storage_size=lambda t: t.nbytes,
+        filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_size)
+    for stale in os.listdir(path):  # an earlier export with another shard count must not linger
         if stale.endswith(".safetensors") or stale == "model.safetensors.index.json":
             os.remove(os.path.join(path, stale))
-    if len(shards) == 1:
-        safetensors.numpy.save_file(shards[0], os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
-    else:
-        weight_map = {}
-        for k, shard in enumerate(shards):
-            fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
-            safetensors.numpy.save_file(shard, os.path.join(path, fname), metadata={"format": "pt"})
-            weight_map.update({n: fname for n in shard})
-        index = {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())}, "weight_map": weight_map}
+    for fname, names in split.filename_to_tensors.items():
+        safetensors.numpy.save_file({n: tensors[n] for n in names}, os.path.join(path, fname),
+                                    metadata={"format": "pt"})
+    if split.is_sharded:
         with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
-            json.dump(index, f, indent=2, sort_keys=True)
+            json.dump({"metadata": split.metadata, "weight_map": split.tensor_to_filename}, f, indent=2,
+                      sort_keys=True)
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(config_to_hf(cfg, dtype), f, indent=2)
     if tokenizer is not None:
