@@ -104,6 +104,16 @@ def traces_fingerprint(data_cfg: DataConfig, dataset: datasets.Dataset) -> str:
     return digest.hexdigest()
 
 
+def tokenization_inputs(data_cfg: DataConfig, dataset: datasets.Dataset) -> dict:
+    """Everything the tokenized store depends on besides the tokenizer: the traces' content hash
+    and the data.* settings that read, filter, cut and label them (KD store identity)."""
+    fields = {"r1": ("prompt_field", "reasoning_field", "answer_field"), "messages": ("messages_field",),
+              "sharegpt": ("conversations_field",)}[data_cfg.format]
+    keys = ("format", *fields, "think_open", "think_close", "answer_open", "answer_close", "step_separator",
+            "seq_len", "overlong", "min_reasoning_tokens", "max_reasoning_tokens")
+    return {"traces": traces_fingerprint(data_cfg, dataset), **{f"data.{k}": getattr(data_cfg, k) for k in keys}}
+
+
 def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [""])[0][:300]
 
