@@ -71,7 +71,7 @@ class StoreMeta:
     alignment: str = "target"  # row t of topk_* is the teacher's distribution of token t (see module doc)
     version: int = FORMAT_VERSION
     tokenizer_fingerprint: str = ""  # sha256 of the tokenizer's vocab, merges and normalization ("" in v1)
-    inputs: dict = dataclasses.field(default_factory=dict)  # what the tokens came from: {"traces": sha256, "data.seq_len": ..}
+    inputs: dict = dataclasses.field(default_factory=dict)  # what the tokens came from: traces hash, data.* settings
 
     @property
     def num_chunks(self) -> int:
@@ -111,11 +111,13 @@ def identity_changes(meta: StoreMeta, wanted: dict[str, Any]) -> list[str]:
     for key in sorted(set(meta.inputs) | set(wanted["inputs"])):
         old, new = meta.inputs.get(key), wanted["inputs"].get(key)
         if old != new:
-            changes.append("traces changed (content hash)" if key == "traces" else f"{key} {_shown(old)} -> {_shown(new)}")
+            changes.append("traces changed (content hash)" if key == "traces"
+                           else f"{key} {_shown(old)} -> {_shown(new)}")
     if meta.tokenizer_fingerprint != wanted["tokenizer_fingerprint"]:
         changes.append(f"tokenizer {meta.tokenizer!r} -> {wanted['tokenizer']!r} (other vocab/merges)")
     if (meta.teacher, meta.teacher_revision) != (wanted["teacher"], wanted["teacher_revision"]):
-        changes.append(f"teacher {meta.teacher}@{meta.teacher_revision} -> {wanted['teacher']}@{wanted['teacher_revision']}")
+        changes.append(f"teacher {meta.teacher}@{meta.teacher_revision} -> "
+                       f"{wanted['teacher']}@{wanted['teacher_revision']}")
     if meta.k != wanted["k"]:
         changes.append(f"data.top_k {meta.k} -> {wanted['k']}")
     if meta.k and meta.logprob_dtype != wanted["logprob_dtype"]:
@@ -376,7 +378,8 @@ class KDStore:
         if k is not None and k != m.k:
             raise StoreError(f"store {self.path} holds top-{m.k} teacher ids but the config asks for data.top_k={k}; "
                              f"set data.top_k={m.k} or rebuild the store")
-        if tokenizer is not None and m.tokenizer_fingerprint and tokenizer_fingerprint(tokenizer) != m.tokenizer_fingerprint:
+        fingerprint = m.tokenizer_fingerprint
+        if tokenizer is not None and fingerprint and tokenizer_fingerprint(tokenizer) != fingerprint:
             raise StoreError(f"store {self.path} was tokenized with tokenizer {m.tokenizer!r} (fingerprint "
                              f"{m.tokenizer_fingerprint[:12]}), but this run's tokenizer "
                              f"{getattr(tokenizer, 'name_or_path', '')!r} has other vocab/merges; set data.tokenizer "
