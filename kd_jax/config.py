@@ -111,11 +111,16 @@ class ModelSource:
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     traces: str | None = None  # teacher traces: JSONL/Parquet file, folder of them, or hub dataset id
-    format: str = "r1"  # trace layout: "r1" (prompt/reasoning/answer fields) or "messages" (chat list)
+    format: str = "r1"  # trace layout: "r1" (prompt/reasoning/answer fields), "messages" (role/content chat list) or "sharegpt" (from/value chat list)
     prompt_field: str = "prompt"  # field holding the prompt (format=r1)
     reasoning_field: str = "reasoning"  # field holding the reasoning trace (format=r1)
     answer_field: str = "answer"  # field holding the final answer (format=r1)
     messages_field: str = "messages"  # field holding the chat messages (format=messages)
+    conversations_field: str = "conversations"  # field holding the from/value turns (format=sharegpt)
+    think_open: str = "<think>"  # tag opening the reasoning in the traces as read, e.g. "<|begin_of_thought|>"
+    think_close: str = "</think>"  # tag closing the reasoning in the traces as read, e.g. "<|end_of_thought|>"
+    answer_open: str = ""  # tag stripped from the start of the answer, e.g. "<|begin_of_solution|>"; "" = none
+    answer_close: str = ""  # tag stripped from the end of the answer, e.g. "<|end_of_solution|>"; "" = none
     tokenizer: str | None = None  # HF tokenizer folder or hub id; None = the teacher's (teacher.hf_path)
     store: str | None = None  # KD store (folder or TensorStore kvstore URL) written by kd_jax.precompute
     allow_incomplete: bool = False  # train on the finished part of an incomplete KD store instead of failing
@@ -133,7 +138,10 @@ class DataConfig:
     shuffle_seed: int = 0  # seed of the example shuffle
 
     def __post_init__(self):
-        _check_choice("format", self.format, ("r1", "messages"))
+        _check_choice("format", self.format, ("r1", "messages", "sharegpt"))
+        _check(bool(self.think_open) and bool(self.think_close),
+               f"think_open={self.think_open!r} / think_close={self.think_close!r} must both be set (the tags "
+               f"around the reasoning in the traces, default <think> / </think>)")
         _check_choice("overlong", self.overlong, ("drop", "truncate"))
         _check_choice("packing", self.packing, ("first_fit", "best_fit"))
         _check(self.top_k >= 0, f"top_k={self.top_k} must be >= 0 (0 = a tokens-only store, no teacher)")

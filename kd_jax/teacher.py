@@ -25,8 +25,9 @@ from tqdm import tqdm
 
 from kd_jax import distributed, sharding
 from kd_jax.config import Config, save_config
-from kd_jax.data.store import KDStore, StoreError, StoreMeta, template_hash
-from kd_jax.data.traces import encode_traces, load_traces
+from kd_jax.data.store import (KDStore, StoreError, StoreMeta, identity_changes, template_hash,
+                                tokenizer_fingerprint)
+from kd_jax.data.traces import encode_traces, load_traces, tokenization_inputs
 from kd_jax.models import build_model
 from kd_jax.models.hf import load_tokenizer, read_hf_config, resolve_path
 
@@ -112,7 +113,7 @@ def run_teacher(store: KDStore, model, mesh, pre_cfg, *, process: int = 0, proce
                 if in_window[max(offsets[s], lo) - lo:min(offsets[s + 1], hi) - lo].any()]
         order = np.array(sorted(seqs, key=lambda s: (lengths[s], s)), dtype=np.int64)
         base = int(offsets[first])  # one read of every token the window's sequences hold
-        window_tokens = store.array("tokens")[base:int(offsets[last])].read().result()
+        window_tokens = store.read_range("tokens", base, int(offsets[last]))
         for length, batch, rows in _batches(lengths, order, pre_cfg.bucket, pre_cfg.batch_tokens, multiple):
             tokens = np.zeros((rows, length), np.int32)
             for r, s in enumerate(batch):
@@ -132,8 +133,7 @@ def run_teacher(store: KDStore, model, mesh, pre_cfg, *, process: int = 0, proce
                 progress.tokens += n
         for c in window:
             a, b = c * C, min((c + 1) * C, meta.num_tokens)
-            store.write_rows(a, ids_buf[a - lo:b - lo], lp_buf[a - lo:b - lo].astype(_np_dtype(meta.logprob_dtype)))
-            store.mark_chunk(c)  # only after the chunk's rows are durably written
+            store.write_chunk(c, ids_buf[a - lo:b - lo], lp_buf[a - lo:b - lo].astype(_np_dtype(meta.logprob_dtype)))
             progress.chunks += 1
             bar.update(b - a)
         bar.set_postfix(tok_s=f"{progress.tokens / (time.perf_counter() - t0):.0f}")
@@ -164,33 +164,45 @@ def stored_vocab_size(cfg: Config, teacher_vocab: int, tokenizer) -> int:
     return min(student, teacher_vocab)
 
 
+def store_identity(cfg: Config, tokenizer, dataset) -> dict:
+    """The StoreMeta fields that say what a store is built from: tokenizer, teacher, K, log-prob
+    dtype and the tokenization inputs (traces content hash, data.* settings)."""
+    return dict(tokenizer=tokenizer.name_or_path, chat_template_hash=template_hash(tokenizer),
+                tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
+                teacher=(cfg.teacher.hf_path or "random") if cfg.data.top_k else "none",
+                teacher_revision=cfg.teacher.revision, k=cfg.data.top_k, logprob_dtype=cfg.precompute.logprob_dtype,
+                inputs=tokenization_inputs(cfg.data, dataset))
+
+
 def tokenize_to_store(cfg: Config, tokenizer, teacher_vocab: int) -> KDStore:
     """Encode and filter the traces, then create the store's arrays (process 0 only)."""
-    if not cfg.data.traces:
-        raise StoreError("data.traces is not set: point it at a JSONL/Parquet file, a folder or a hub dataset")
-    encoded, report = encode_traces(load_traces(cfg.data), tokenizer, cfg.data)
+    dataset = load_traces(cfg.data)
+    encoded, report = encode_traces(dataset, tokenizer, cfg.data)
     print(report, flush=True)
     if not encoded:
         raise StoreError(f"no trace survived the filters ({report.read} read); see the counts above")
     lengths = np.array([len(e) for e in encoded], np.int64)
     meta = StoreMeta(
-        k=cfg.data.top_k, vocab_size=stored_vocab_size(cfg, teacher_vocab, tokenizer),
-        teacher_vocab_size=teacher_vocab,
-        tokenizer=tokenizer.name_or_path, chat_template_hash=template_hash(tokenizer),
-        teacher=(cfg.teacher.hf_path or "random") if cfg.data.top_k else "none", teacher_revision=cfg.teacher.revision,
-        logprob_dtype=cfg.precompute.logprob_dtype, num_sequences=len(encoded), num_tokens=int(lengths.sum()),
-        chunk_tokens=cfg.precompute.chunk_tokens)
+        vocab_size=stored_vocab_size(cfg, teacher_vocab, tokenizer), teacher_vocab_size=teacher_vocab,
+        num_sequences=len(encoded), num_tokens=int(lengths.sum()), chunk_tokens=cfg.precompute.chunk_tokens,
+        **store_identity(cfg, tokenizer, dataset))
     return KDStore.create(cfg.data.store, meta, np.concatenate([e.tokens for e in encoded]).astype(np.int32),
                           np.concatenate([e.role for e in encoded]).astype(np.uint8),
                           np.concatenate([e.step for e in encoded]).astype(np.int32),
                           np.concatenate([[0], np.cumsum(lengths)]))
 
 
-def _open_or_none(path: str) -> KDStore | None:
-    try:
-        return KDStore.open(path)
-    except StoreError:
-        return None
+def open_or_tokenize(cfg: Config, tokenizer, teacher_vocab: int) -> KDStore:
+    """The store at data.store when it was built from this config's inputs (resume), else a new
+    one; a store built from other inputs is an error that names what changed (process 0 only)."""
+    if not KDStore.exists(cfg.data.store):
+        return tokenize_to_store(cfg, tokenizer, teacher_vocab)
+    store = KDStore.open(cfg.data.store)
+    changes = identity_changes(store.meta, store_identity(cfg, tokenizer, load_traces(cfg.data)))
+    if changes:
+        raise StoreError(f"store {cfg.data.store} was built from other inputs ({'; '.join(changes)}); set "
+                         f"data.store to a new path, or delete the old store to rebuild it there")
+    return store
 
 
 def precompute(cfg: Config, *, show_progress: bool = True) -> dict:
@@ -202,17 +214,14 @@ def precompute(cfg: Config, *, show_progress: bool = True) -> dict:
     if cfg.data.top_k == 0:  # a tokens-only store: no teacher to run (hard-label training)
         if process == 0:
             save_config(cfg)
-            store = _open_or_none(cfg.data.store) or tokenize_to_store(cfg, tokenizer, len(tokenizer))
-            store.finalize()
-            print(json.dumps(store.describe(), indent=2), flush=True)
+            print(json.dumps(open_or_tokenize(cfg, tokenizer, len(tokenizer)).describe(), indent=2), flush=True)
         distributed.barrier("kd_store_written")
         return KDStore.open(cfg.data.store).describe() if process == 0 else {}
     mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=jax.local_devices())
     teacher = build_model(cfg.teacher, mesh=mesh, seed=cfg.run.seed)
     if process == 0:
         save_config(cfg)
-        if _open_or_none(cfg.data.store) is None:
-            tokenize_to_store(cfg, tokenizer, teacher.cfg.vocab_size)
+        open_or_tokenize(cfg, tokenizer, teacher.cfg.vocab_size)
     distributed.barrier("kd_store_created")
     store = KDStore.open(cfg.data.store)
     store.check(k=cfg.data.top_k, tokenizer=tokenizer, allow_incomplete=True)
@@ -228,7 +237,6 @@ def precompute(cfg: Config, *, show_progress: bool = True) -> dict:
     distributed.barrier("kd_store_written")
     summary = {"teacher_tokens_per_s": progress.tokens / max(progress.seconds, 1e-9)}
     if process == 0:  # one process stats the files; the others' share is in the same store
-        store.finalize()
         summary = {**store.describe(), **summary}
         print(json.dumps(summary, indent=2), flush=True)
     return summary

@@ -43,7 +43,7 @@ def built(tmp_path_factory):
 def _arrays(path):
     store = KDStore.open(path)
     return {n: store.array(n).read().result() for n in
-            ("tokens", "role", "step", "offsets", "topk_ids", "topk_logprobs", "done")}
+            ("tokens", "role", "step", "offsets", "topk_ids", "topk_logprobs")}
 
 
 def test_stored_topk_equals_transformers(built):
@@ -76,7 +76,7 @@ def test_stored_topk_equals_transformers(built):
 def test_roles_steps_and_done(built):
     _, _, path, _ = built
     a = _arrays(path)
-    assert a["done"].all() and a["offsets"][-1] == len(a["tokens"])
+    assert KDStore.open(path).done_sequences().all() and a["offsets"][-1] == len(a["tokens"])
     assert set(np.unique(a["role"])) == {0, 1, 2}
     assert (a["step"][a["role"] != 1] == -1).all()
 
@@ -121,7 +121,7 @@ def test_device_count_changes_only_fp16_rounding(built, one_device):
     """8 devices (the in-process store) vs 1: per-device batch shapes differ, so XLA's matmuls may
     round differently; the stored values agree to one fp16 step and the ids to near-ties."""
     want, got = _arrays(built[2]), _arrays(one_device)
-    for name in ("tokens", "role", "step", "offsets", "done"):
+    for name in ("tokens", "role", "step", "offsets"):
         np.testing.assert_array_equal(got[name], want[name], err_msg=name)
     np.testing.assert_allclose(got["topk_logprobs"], want["topk_logprobs"], atol=4e-3, rtol=0)
     assert (got["topk_ids"] == want["topk_ids"]).mean() > 0.999

@@ -245,3 +245,97 @@ def test_real_smollm2_tokenizer(smollm2_dir):
     tokenizer = transformers.AutoTokenizer.from_pretrained(smollm2_dir)
     example = assert_three_steps(tokenizer, "The answer is 42.", tokenizer.eos_token)
     assert example.tokens[-1] == tokenizer.eos_token_id
+
+
+# ---------------------------------------------------------------- real R1-distillation formats
+
+STRATOS = DataConfig(format="sharegpt", think_open="<|begin_of_thought|>", think_close="<|end_of_thought|>",
+                     answer_open="<|begin_of_solution|>", answer_close="<|end_of_solution|>")
+
+
+def test_sharegpt_bespoke_stratos_tags(tokenizer):
+    """Bespoke-Stratos / OpenThoughts rows: from/value turns, their own thought and solution tags;
+    the stored sequence is kd_jax's <think> layout, the same as the r1 row would give."""
+    value = (f"<|begin_of_thought|>\n\n{THREE_STEPS}\n\n<|end_of_thought|>\n\n"
+             "<|begin_of_solution|>\n\n42\n\n<|end_of_solution|>")
+    system = {"from": "system", "value": "Think first."}
+    rows = [{"conversations": [system, {"from": "human", "value": QUESTION[0]["content"]},
+                               {"from": "gpt", "value": value}]}]
+    (example,), report = encode_traces(datasets.Dataset.from_list(rows), tokenizer, STRATOS)
+    assert report.kept == 1
+    prompt = [{"role": "system", "content": "Think first."}] + QUESTION
+    expected = encode_example(tokenizer, prompt, THREE_STEPS, "42")
+    np.testing.assert_array_equal(example.tokens, expected.tokens)
+    np.testing.assert_array_equal(example.role, expected.role)
+    np.testing.assert_array_equal(example.step, expected.step)
+
+
+def test_messages_reasoning_content(tokenizer):
+    """DeepSeek API / OpenAI-style turns: `reasoning_content` is the reasoning, `content` the answer."""
+    rows = [{"messages": QUESTION + [{"role": "assistant", "content": " 42 ", "reasoning_content": THREE_STEPS}]},
+            {"messages": QUESTION + [{"role": "assistant", "content": f"<think>{THREE_STEPS}</think>42"}]}]
+    encoded, report = encode_traces(datasets.Dataset.from_list(rows), tokenizer, DataConfig(format="messages"))
+    assert report.duplicate == 1 and len(encoded) == 1  # the two rows are the same trace
+    expected = encode_example(tokenizer, QUESTION, THREE_STEPS, "42")
+    np.testing.assert_array_equal(encoded[0].tokens, expected.tokens)
+
+
+def test_r1_configurable_think_tags(tokenizer):
+    rows = [{"prompt": QUESTION[0]["content"], "reasoning": f"[think]{THREE_STEPS}[/think]", "answer": "42"}]
+    cfg = DataConfig(think_open="[think]", think_close="[/think]")
+    (example,), _ = encode_traces(datasets.Dataset.from_list(rows), tokenizer, cfg)
+    np.testing.assert_array_equal(example.tokens, encode_example(tokenizer, QUESTION, THREE_STEPS, "42").tokens)
+
+
+# ---------------------------------------------------------------- one-line errors for bad traces
+
+
+def one_line_error(call, *needles) -> str:
+    with pytest.raises(TraceError) as error:
+        call()
+    message = str(error.value)
+    assert "\n" not in message and error.value.__cause__ is None, message
+    for needle in needles:
+        assert needle in message, message
+    return message
+
+
+def test_missing_traces_path_without_suffix(tmp_path):
+    missing = str(tmp_path / "data" / "traces")  # no suffix: once taken for a hub id
+    one_line_error(lambda: load_traces(DataConfig(traces=missing)), "does not exist", missing)
+
+
+def test_wrong_field_names_name_the_data_key(tmp_path):
+    rows = [{"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "42"}]}]
+    jsonl = tmp_path / "sharegpt.jsonl"
+    jsonl.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    one_line_error(lambda: load_traces(DataConfig(traces=str(jsonl), format="sharegpt", conversations_field="turns")),
+                   "'turns'", "data.conversations_field")
+    # ShareGPT turns read as messages: the error names the format to set.
+    cfg = DataConfig(traces=str(jsonl), format="messages", messages_field="conversations")
+    one_line_error(lambda: encode_traces(load_traces(cfg), None, cfg), "trace row 0", "data.format=sharegpt")
+
+
+def test_chat_row_without_assistant_turn_names_the_row(tokenizer):
+    rows = [{"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "42"}]},
+            {"conversations": [{"from": "human", "value": "hi again"}]}]
+    one_line_error(lambda: encode_traces(datasets.Dataset.from_list(rows), tokenizer, STRATOS),
+                   "trace row 1", "no assistant turn")
+
+
+def test_empty_traces_file(tmp_path):
+    empty = tmp_path / "traces.jsonl"
+    empty.write_text("\n")
+    one_line_error(lambda: load_traces(DataConfig(traces=str(empty))), str(empty), "is empty")
+
+
+def test_non_utf8_line_names_file_and_line(tmp_path):
+    bad = tmp_path / "traces.jsonl"
+    bad.write_bytes(json.dumps(ROWS[0]).encode() + b"\n" + b'{"prompt": "caf\xe9", "reasoning": "r", "answer": "a"}\n')
+    one_line_error(lambda: load_traces(DataConfig(traces=str(bad))), f"{bad}:2", "not UTF-8")
+
+
+def test_malformed_json_line_names_file_and_line(tmp_path):
+    bad = tmp_path / "traces.jsonl"
+    bad.write_text("".join(json.dumps(row) + "\n" for row in ROWS) + '{"prompt": "x",, "answer": "a"}\n')
+    one_line_error(lambda: load_traces(DataConfig(traces=str(bad))), f"{bad}:3", "malformed JSON")

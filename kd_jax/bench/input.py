@@ -58,9 +58,7 @@ def synthetic_store(path: str, sequences: int, seq_len: int, k: int, vocab: int,
         a, b = c * meta.chunk_tokens, min((c + 1) * meta.chunk_tokens, n)
         ids = ((rng.integers(0, vocab, (b - a, 1)) + 7919 * np.arange(k)) % vocab).astype(np.int32)
         lps = -np.sort(rng.exponential(1.0, (b - a, k)), axis=-1).astype(np.float16)
-        store.write_rows(a, ids, lps)
-        store.mark_chunk(c)
-    store.finalize()
+        store.write_chunk(c, ids, lps)
 
 
 def run(args) -> None:

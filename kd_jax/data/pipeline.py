@@ -105,7 +105,7 @@ def split_indices(num_sequences: int, eval_fraction: float, seed: int) -> tuple[
 def reasoning_lengths(store: KDStore) -> np.ndarray:
     """int64 [N_seq]: role == 1 (reasoning) tokens per sequence, the default curriculum difficulty.
     Reads the whole role array once (1 byte per token)."""
-    is_reasoning = np.concatenate([[0], np.cumsum(store.array("role").read().result() == Role.REASONING)])
+    is_reasoning = np.concatenate([[0], np.cumsum(store.read_range("role", 0, store.meta.num_tokens) == Role.REASONING)])
     return is_reasoning[store.offsets[1:]] - is_reasoning[store.offsets[:-1]]
 
 

@@ -4,7 +4,7 @@ through TensorStore, at any kvstore path (a local folder, gs://bucket/path, memo
 Ragged layout: sequences are concatenated on the token axis and `offsets` says where each begins.
 
   tokens [N_tok] int32, role [N_tok] uint8, step [N_tok] int32, offsets [N_seq + 1] int64,
-  topk_ids [N_tok, K] int32, topk_logprobs [N_tok, K] float16|bfloat16, done [N_seq] uint8
+  topk_ids [N_tok, K] int32, topk_logprobs [N_tok, K] float16|bfloat16
 
 Alignment ("target"): every per-token array describes the token at its own index. Row t of
 `topk_*` is the teacher's distribution OF token t given the tokens before it in its sequence,
@@ -13,8 +13,17 @@ shifts all of them together; nothing can be off by one relative to anything else
 of every sequence has no prediction: ids -1, log-probs 0 (it is a prompt token, never supervised).
 
 Writers own whole chunks of the token axis (`chunk_tokens`), so processes never write the same
-chunk; a chunk is marked complete by an empty key `progress/<chunk>` once all its rows are in.
-`done[i]` is derived from those marks (all chunks that sequence i touches are complete).
+chunk; a chunk is marked complete by the key `progress/<chunk>` once all its rows are in. A
+sequence is done when every chunk it touches is complete.
+
+Nothing lost, nothing silent (format version 2): the mark holds the crc32 of the chunk's teacher
+rows as written, and `checksums.json` those of the token-side arrays (complete at creation). The
+first time a process reads from a chunk it reads the whole chunk of each array once and checks it,
+so a missing (read back as the fill value), altered or undecodable chunk file fails with the
+array, chunk and sequences concerned. kd_store.json also records what the store was built from:
+the tokenizer's fingerprint (vocab, merges, normalization) and the inputs (the traces' content
+hash and every data.* setting that changes the tokens), so a store is never reused for other ones.
+Version-1 stores (no checksums, no fingerprints) still open and train, without those checks.
 
 K = 0 is a tokens-only store (`data.top_k=0` in precompute): no teacher arrays, complete at
 creation, for hard-label training (loss.alpha=0), e.g. of the demo's teacher.
@@ -25,7 +34,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
+import zlib
 from typing import Any
 
 import numpy as np
@@ -33,8 +44,10 @@ import tensorstore as ts
 
 from kd_jax.errors import KDJaxError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+_READABLE_VERSIONS = (1, 2)  # 1: no checksums or fingerprints; read without those checks
 _LOGPROB_DTYPES = ("float16", "bfloat16")
+log = logging.getLogger("kd_jax.store")
 
 
 class StoreError(KDJaxError, ValueError):
@@ -57,6 +70,8 @@ class StoreMeta:
     chunk_tokens: int  # rows per chunk on the token axis: the unit of writing and of completion
     alignment: str = "target"  # row t of topk_* is the teacher's distribution of token t (see module doc)
     version: int = FORMAT_VERSION
+    tokenizer_fingerprint: str = ""  # sha256 of the tokenizer's vocab, merges and normalization ("" in v1)
+    inputs: dict = dataclasses.field(default_factory=dict)  # what the tokens came from: traces hash, data.* settings
 
     @property
     def num_chunks(self) -> int:
@@ -66,6 +81,52 @@ class StoreMeta:
 def template_hash(tokenizer) -> str:
     template = getattr(tokenizer, "chat_template", None) or ""
     return hashlib.sha256(template.encode()).hexdigest() if template else ""
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """sha256 of what maps text to ids: a fast tokenizer's backend JSON (vocab, merges, added tokens,
+    normalizer, pre-tokenizer) without the per-call truncation/padding settings, else the vocab."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        spec = json.loads(backend.to_str())
+        spec.pop("truncation", None)
+        spec.pop("padding", None)
+    else:
+        spec = sorted(tokenizer.get_vocab().items())
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+
+
+def _shown(value) -> str:
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def identity_changes(meta: StoreMeta, wanted: dict[str, Any]) -> list[str]:
+    """What differs between what a store was built from (`meta`) and what a precompute run would
+    build (`wanted`: the StoreMeta fields tokenizer, tokenizer_fingerprint, teacher,
+    teacher_revision, k, logprob_dtype, inputs), as `key old -> new` texts; [] for a version-1
+    store, which records none of it."""
+    if meta.version < 2:
+        return []
+    changes = []
+    for key in sorted(set(meta.inputs) | set(wanted["inputs"])):
+        old, new = meta.inputs.get(key), wanted["inputs"].get(key)
+        if old != new:
+            changes.append("traces changed (content hash)" if key == "traces"
+                           else f"{key} {_shown(old)} -> {_shown(new)}")
+    if meta.tokenizer_fingerprint != wanted["tokenizer_fingerprint"]:
+        changes.append(f"tokenizer {meta.tokenizer!r} -> {wanted['tokenizer']!r} (other vocab/merges)")
+    if (meta.teacher, meta.teacher_revision) != (wanted["teacher"], wanted["teacher_revision"]):
+        changes.append(f"teacher {meta.teacher}@{meta.teacher_revision} -> "
+                       f"{wanted['teacher']}@{wanted['teacher_revision']}")
+    if meta.k != wanted["k"]:
+        changes.append(f"data.top_k {meta.k} -> {wanted['k']}")
+    if meta.k and meta.logprob_dtype != wanted["logprob_dtype"]:
+        changes.append(f"precompute.logprob_dtype {meta.logprob_dtype} -> {wanted['logprob_dtype']}")
+    return changes
+
+
+def _crc(values: np.ndarray) -> int:
+    return zlib.crc32(np.ascontiguousarray(values).tobytes())
 
 
 def kvstore_url(path: str) -> str:
@@ -85,38 +146,63 @@ def _codecs(typesize: int) -> list[dict[str, Any]]:
 
 
 _PER_TOKEN = ("tokens", "role", "step", "topk_ids", "topk_logprobs")
+_TEACHER = ("topk_ids", "topk_logprobs")  # complete when their chunk's progress mark is written
+# (store url, array, chunk) whose bytes this process has checked against their checksum.
+_VERIFIED: set[tuple[str, str, int]] = set()
+_WARNED_V1: set[str] = set()
 
 
 class KDStore:
     """Reader and writer of one KD store. Arrays are opened lazily on first use, so an instance can
-    be built in a parent process and used in forked workers (TensorStore is not fork-safe)."""
+    be built in a parent process and used in forked workers (TensorStore is not fork-safe).
+
+    Reads are verified (version 2): the first read from a chunk in a process reads that chunk of
+    every array read whole and checks its crc32, i.e. each chunk is read in full once per process
+    (Grain worker processes each verify the chunks they touch); later reads cost nothing extra."""
 
     def __init__(self, path: str, meta: StoreMeta):
         self.path, self.url, self.meta = path, kvstore_url(path), meta
         self._arrays: dict[str, ts.TensorStore] = {}
         self._offsets: np.ndarray | None = None
+        self._sums: dict[str, list[int]] | None = None  # token-side chunk checksums (checksums.json)
+        self._marks: dict[int, dict[str, int]] = {}  # teacher chunk checksums (progress marks) read so far
         self._pid = os.getpid()
+
+    @property
+    def verified(self) -> bool:
+        """Whether reads are checked against chunk checksums (stores of format version 2)."""
+        return self.meta.version >= 2
 
     # --- creating and opening --------------------------------------------------------------
 
     @classmethod
     def create(cls, path: str, meta: StoreMeta, tokens: np.ndarray, role: np.ndarray, step: np.ndarray,
                offsets: np.ndarray) -> "KDStore":
-        """Write the token-side arrays and create empty teacher arrays (process 0 only)."""
+        """Write the token-side arrays and their checksums, create empty teacher arrays (process 0)."""
         if meta.logprob_dtype not in _LOGPROB_DTYPES:
             raise StoreError(f"logprob_dtype={meta.logprob_dtype!r}; use one of {_LOGPROB_DTYPES}")
         store = cls(path, meta)
+        _VERIFIED.difference_update({v for v in _VERIFIED if v[0] == store.url})  # a store rebuilt here
         n, k, c = meta.num_tokens, meta.k, meta.chunk_tokens
+        offsets = np.asarray(offsets, np.int64)
         store._create("offsets", "int64", [meta.num_sequences + 1], [max(meta.num_sequences + 1, 1)])[...] = offsets
+        sums = {"offsets": [_crc(offsets)]}
         for name, values in (("tokens", tokens), ("role", role), ("step", step)):
             store._create(name, str(values.dtype), [n], [c])[...] = values
+            sums[name] = [_crc(values[i:i + c]) for i in range(0, n, c)]
         if k > 0:  # k = 0: a tokens-only store (hard-label training, no teacher)
             store._create("topk_ids", "int32", [n, k], [c, k], fill=-1)
             store._create("topk_logprobs", meta.logprob_dtype, [n, k], [c, k], fill=0)
-        store._create("done", "uint8", [meta.num_sequences], [max(meta.num_sequences, 1)])
+        kv = store._kv()
+        kv.write("checksums.json", json.dumps(sums).encode()).result()
         # Metadata last: a store without kd_store.json is one whose creation did not finish.
-        store._kv().write("kd_store.json", json.dumps(dataclasses.asdict(meta), indent=2).encode()).result()
+        kv.write("kd_store.json", json.dumps(dataclasses.asdict(meta), indent=2).encode()).result()
         return store
+
+    @staticmethod
+    def exists(path: str) -> bool:
+        """Whether a store's creation finished at `path` (its kd_store.json is written last)."""
+        return ts.KvStore.open(kvstore_url(path)).result().read("kd_store.json").result().state == "value"
 
     @classmethod
     def open(cls, path: str) -> "KDStore":
@@ -125,10 +211,16 @@ class KDStore:
             raise StoreError(f"no KD store at {path} (kd_store.json missing); build one with "
                              f"`python -m kd_jax.precompute --config X.yaml` and set data.store to it")
         fields = json.loads(raw.value)
-        if fields.get("version") != FORMAT_VERSION:
+        if fields.get("version") not in _READABLE_VERSIONS:
             raise StoreError(f"{path}: store format version {fields.get('version')}, this kd_jax reads "
-                             f"{FORMAT_VERSION}; rebuild it with this version's precompute")
-        return cls(path, StoreMeta(**fields))
+                             f"{', '.join(map(str, _READABLE_VERSIONS))}; rebuild it with this version's precompute")
+        store = cls(path, StoreMeta(**fields))
+        if not store.verified and store.url not in _WARNED_V1:
+            _WARNED_V1.add(store.url)
+            log.warning("KD store %s is format version %d: no chunk checksums, tokenizer or input fingerprints, "
+                        "so its reads are not verified and a changed tokenizer/traces go unnoticed; rebuilding it "
+                        "with this precompute adds them", path, store.meta.version)
+        return store
 
     def _kv(self) -> ts.KvStore:
         return ts.KvStore.open(self.url).result()
@@ -143,6 +235,7 @@ class KDStore:
         return self._arrays[name]
 
     def array(self, name: str) -> ts.TensorStore:
+        """The raw TensorStore array (unverified reads: use read / read_range to read data)."""
         if self._pid != os.getpid():  # forked: handles from the parent must not be used
             self._arrays, self._pid = {}, os.getpid()
         if name not in self._arrays:
@@ -152,20 +245,86 @@ class KDStore:
     @property
     def offsets(self) -> np.ndarray:
         if self._offsets is None:
-            self._offsets = self.array("offsets").read().result()
+            offsets = self._read_whole("offsets", 0, slice(None))
+            if self.verified and _crc(offsets) != self._token_sums()["offsets"][0]:
+                raise StoreError(f"store {self.path}: array 'offsets' does not match its checksum (chunk file "
+                                 f"missing or altered); rebuild the store (delete it, re-run precompute)")
+            self._offsets = offsets
         return self._offsets
+
+    # --- verification ----------------------------------------------------------------------
+
+    def _token_sums(self) -> dict[str, list[int]]:
+        if self._sums is None:
+            raw = self._kv().read("checksums.json").result()
+            if raw.state != "value":
+                raise StoreError(f"store {self.path}: checksums.json is missing (format version 2 writes it at "
+                                 f"creation); rebuild the store (delete it, re-run precompute)")
+            self._sums = json.loads(raw.value)
+        return self._sums
+
+    def _expected(self, name: str, chunk: int) -> int:
+        if name not in _TEACHER:
+            return self._token_sums()[name][chunk]
+        if chunk not in self._marks:
+            raw = self._kv().read(f"progress/{chunk:09d}").result()
+            if raw.state != "value":
+                raise self._chunk_error(name, chunk, "has no completion mark (its teacher rows were never "
+                                                     "written)")
+            self._marks[chunk] = json.loads(raw.value)
+        return self._marks[chunk][name]
+
+    def _chunk_error(self, name: str, chunk: int, problem: str) -> StoreError:
+        lo, hi = chunk * self.meta.chunk_tokens, min((chunk + 1) * self.meta.chunk_tokens, self.meta.num_tokens)
+        first = int(np.searchsorted(self.offsets, lo, side="right")) - 1
+        last = int(np.searchsorted(self.offsets, hi, side="left")) - 1
+        fix = (f"delete the mark {self.path}/progress/{chunk:09d} and re-run precompute with the same config to "
+               f"rewrite that chunk, or rebuild the store" if name in _TEACHER else
+               "rebuild the store (delete it and re-run precompute)")
+        return StoreError(f"store {self.path}: array {name!r} chunk {chunk} (tokens {lo}..{hi - 1}, sequences "
+                          f"{first}..{last}) {problem}; {fix}")
+
+    def _read_whole(self, name: str, chunk: int, rows: slice) -> np.ndarray:
+        try:
+            return self.array(name)[rows].read().result()
+        except ValueError as e:  # TensorStore's decode errors (corrupt blosc, truncated file)
+            if name == "offsets":
+                raise StoreError(f"store {self.path}: array 'offsets' cannot be decoded ({str(e).splitlines()[0]}); "
+                                 f"rebuild the store (delete it, re-run precompute)") from None
+            raise self._chunk_error(name, chunk, f"cannot be decoded ({str(e).splitlines()[0][:200]})") from None
+
+    def _verify(self, name: str, start: int, end: int) -> None:
+        """Check every chunk of `name` that rows [start, end) touch, once per process."""
+        c = self.meta.chunk_tokens
+        for chunk in range(start // c, (max(end, start + 1) - 1) // c + 1):
+            if (self.url, name, chunk) in _VERIFIED:
+                continue
+            expected = self._expected(name, chunk)
+            values = self._read_whole(name, chunk, slice(chunk * c, min((chunk + 1) * c, self.meta.num_tokens)))
+            if _crc(values) != expected:
+                raise self._chunk_error(name, chunk, "does not match its checksum (chunk file missing or altered)")
+            _VERIFIED.add((self.url, name, chunk))
 
     # --- reading ---------------------------------------------------------------------------
 
     def __len__(self) -> int:
         return self.meta.num_sequences
 
+    def read_range(self, name: str, start: int, end: int) -> np.ndarray:
+        """Rows [start, end) of per-token array `name`, verified (see the class doc)."""
+        if self.verified and end > start:
+            self._verify(name, start, end)
+        return self.array(name)[start:end].read().result()
+
     def read(self, i: int) -> dict[str, np.ndarray]:
-        """Sequence i: tokens, role, step [n] and topk_ids, topk_logprobs [n, K], target-aligned."""
+        """Sequence i: tokens, role, step [n] and topk_ids, topk_logprobs [n, K], target-aligned, verified."""
         if not 0 <= i < len(self):
             raise IndexError(f"sequence {i} out of range [0, {len(self)})")
         start, end = int(self.offsets[i]), int(self.offsets[i + 1])
         names = _PER_TOKEN if self.meta.k > 0 else _PER_TOKEN[:3]
+        if self.verified and end > start:
+            for name in names:
+                self._verify(name, start, end)
         futures = {name: self.array(name)[start:end].read() for name in names}
         out = {name: f.result() for name, f in futures.items()}
         if self.meta.k == 0:  # tokens only: empty teacher rows keep the batch layout the same
@@ -175,16 +334,19 @@ class KDStore:
 
     # --- teacher rows and completion -------------------------------------------------------
 
-    def write_rows(self, start: int, ids_NxK: np.ndarray, logprobs_NxK: np.ndarray) -> None:
-        """Write teacher rows [start, start + N) (synchronously: completion marks follow writes)."""
+    def write_chunk(self, chunk: int, ids_NxK: np.ndarray, logprobs_NxK: np.ndarray) -> None:
+        """Write chunk `chunk`'s teacher rows (all of them), then its completion mark with their
+        checksums: the mark follows the durable writes, so a marked chunk is a complete one."""
+        start = chunk * self.meta.chunk_tokens
+        ids_NxK = np.asarray(ids_NxK, np.int32)
+        logprobs_NxK = np.asarray(logprobs_NxK, ts.dtype(self.meta.logprob_dtype).numpy_dtype)
         end = start + len(ids_NxK)
         a = self.array("topk_ids")[start:end].write(ids_NxK)
         b = self.array("topk_logprobs")[start:end].write(logprobs_NxK)
         a.result()
         b.result()
-
-    def mark_chunk(self, chunk: int) -> None:
-        self._kv().write(f"progress/{chunk:09d}", b"").result()
+        sums = {"topk_ids": _crc(ids_NxK), "topk_logprobs": _crc(logprobs_NxK)}
+        self._kv().write(f"progress/{chunk:09d}", json.dumps(sums).encode()).result()
 
     def done_chunks(self) -> np.ndarray:
         """Boolean [num_chunks]: chunks whose teacher rows are all written."""
@@ -201,10 +363,6 @@ class KDStore:
         bad = np.concatenate([[0], np.cumsum(~chunks_done)])  # prefix count of incomplete chunks
         return (bad[last + 1] - bad[first]) == 0
 
-    def finalize(self) -> None:
-        """Write `done` from the chunk marks (process 0, after every writer finished)."""
-        self.array("done")[...] = self.done_sequences().astype(np.uint8)
-
     @property
     def complete(self) -> bool:
         return bool(self.done_chunks().all())
@@ -220,14 +378,20 @@ class KDStore:
         if k is not None and k != m.k:
             raise StoreError(f"store {self.path} holds top-{m.k} teacher ids but the config asks for data.top_k={k}; "
                              f"set data.top_k={m.k} or rebuild the store")
+        fingerprint = m.tokenizer_fingerprint
+        if tokenizer is not None and fingerprint and tokenizer_fingerprint(tokenizer) != fingerprint:
+            raise StoreError(f"store {self.path} was tokenized with tokenizer {m.tokenizer!r} (fingerprint "
+                             f"{m.tokenizer_fingerprint[:12]}), but this run's tokenizer "
+                             f"{getattr(tokenizer, 'name_or_path', '')!r} has other vocab/merges; set data.tokenizer "
+                             f"to {m.tokenizer!r} or rebuild the store with this one")
         if tokenizer is not None and template_hash(tokenizer) != m.chat_template_hash:
             raise StoreError(f"store {self.path} was tokenized with a different chat template (tokenizer "
                              f"{m.tokenizer!r}); use that tokenizer or rebuild the store")
         done = self.done_sequences()
         if not done.all() and not allow_incomplete:
             raise StoreError(f"store {self.path} is incomplete: {int(done.sum())} of {len(done)} sequences have "
-                             f"teacher rows. Resume `python -m kd_jax.precompute` with the same config, or pass "
-                             f"allow_incomplete to train on the done part")
+                             f"teacher rows. Resume `python -m kd_jax.precompute` with the same config, or set "
+                             f"data.allow_incomplete=true to train on the done part")
         return np.flatnonzero(done)
 
     def describe(self) -> dict[str, Any]:

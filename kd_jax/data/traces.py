@@ -12,13 +12,21 @@ targets: several (DeepSeek-R1-Distill's among them) strip `<think>...</think>` o
 turns, which would silently drop the very reasoning we distill. Prompt and target are then
 tokenized as one string, and each token is labelled from the character span its first character
 falls in, so BPE merges across piece boundaries never shift a label.
+
+Traces are read as r1 rows (prompt / reasoning / answer fields), `messages` chats (the last
+assistant turn's think block, or its `reasoning_content`) or `sharegpt` chats (from/value turns,
+as Bespoke-Stratos and OpenThoughts ship them). The tags that mark the reasoning (and optionally
+the answer) in the traces are configurable (data.think_*, data.answer_*); the stored layout above
+always uses kd_jax's own `<think>` tags, so training and evaluation do not depend on the source.
 """
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import glob
 import hashlib
+import json
 import os
 
 import datasets
@@ -43,28 +51,71 @@ class TraceError(KDJaxError, ValueError):
 
 def load_traces(data_cfg: DataConfig) -> datasets.Dataset:
     """Reads `data_cfg.traces`: a JSONL/JSON/Parquet file, a folder of them, or a hub dataset id."""
-    source = data_cfg.traces
+    files = trace_files(data_cfg.traces)
+    if files is not None:
+        dataset = _load_files(files)
+    else:
+        try:
+            dataset = datasets.load_dataset(data_cfg.traces, split="train")
+        except Exception as e:  # the hub client raises many types; all mean "cannot get it"
+            raise TraceError(f"data.traces={data_cfg.traces!r} is neither a local file or folder nor a reachable "
+                             f"hub dataset ({type(e).__name__}: {_first_line(e)}); pass an existing path, or a hub "
+                             "id with network access") from None
+    if dataset.num_rows == 0:
+        raise TraceError(f"data.traces={data_cfg.traces!r} has no rows; point it at traces with at least one")
+    check_fields(dataset, data_cfg)
+    return dataset
+
+
+def trace_files(source: str | None) -> list[str] | None:
+    """The local files `data.traces` names (sorted), or None for a hub dataset id."""
     if not source:
         raise TraceError("data.traces is not set; point it at a JSONL/Parquet file, a folder of them or a hub dataset")
     if os.path.isfile(source):
-        dataset = _load_files([source])
-    elif os.path.isdir(source):
+        return [source]
+    if os.path.isdir(source):
         files = sorted(f for suffix in _LOCAL_SUFFIXES for f in glob.glob(os.path.join(source, "**", "*" + suffix),
                                                                          recursive=True))
         if not files:
             raise TraceError(f"data.traces={source!r} is a folder with no *.jsonl, *.json or *.parquet files in it")
-        dataset = _load_files(files)
-    elif os.path.splitext(source)[1] in _LOCAL_SUFFIXES or source.startswith((".", "/", "~")):
+        return files
+    # A hub id is `name` or `owner/name`: anything else that is not on disk is a missing path.
+    if (os.path.splitext(source)[1] in _LOCAL_SUFFIXES or source.startswith((".", "/", "~"))
+            or source.count("/") > 1):
         raise TraceError(f"data.traces={source!r} does not exist; check the path")
-    else:
-        try:
-            dataset = datasets.load_dataset(source, split="train")
-        except Exception as e:  # the hub client raises many types; all mean "cannot get it"
-            raise TraceError(f"data.traces={source!r} is neither a local file or folder nor a reachable hub "
-                             f"dataset ({type(e).__name__}: {e}); pass an existing path, or a hub id with network "
-                             "access") from e
-    check_fields(dataset, data_cfg)
-    return dataset
+    return None
+
+
+def traces_fingerprint(data_cfg: DataConfig, dataset: datasets.Dataset) -> str:
+    """sha256 of the traces as read: the bytes of the local files (with their names), or every row
+    of a hub dataset; what the KD store records so that changed traces are never mistaken for it."""
+    digest = hashlib.sha256()
+    files = trace_files(data_cfg.traces)
+    if files is None:
+        for batch in dataset.iter(batch_size=1024):
+            digest.update(json.dumps(batch, sort_keys=True, default=str).encode())
+        return digest.hexdigest()
+    root = data_cfg.traces if os.path.isdir(data_cfg.traces) else os.path.dirname(data_cfg.traces)
+    for path in files:
+        digest.update(os.path.relpath(path, root).encode() + b"\0")
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def tokenization_inputs(data_cfg: DataConfig, dataset: datasets.Dataset) -> dict:
+    """Everything the tokenized store depends on besides the tokenizer: the traces' content hash
+    and the data.* settings that read, filter, cut and label them (KD store identity)."""
+    fields = {"r1": ("prompt_field", "reasoning_field", "answer_field"), "messages": ("messages_field",),
+              "sharegpt": ("conversations_field",)}[data_cfg.format]
+    keys = ("format", *fields, "think_open", "think_close", "answer_open", "answer_close", "step_separator",
+            "seq_len", "overlong", "min_reasoning_tokens", "max_reasoning_tokens")
+    return {"traces": traces_fingerprint(data_cfg, dataset), **{f"data.{k}": getattr(data_cfg, k) for k in keys}}
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [""])[0][:300]
 
 
 def _load_files(files: list[str]) -> datasets.Dataset:
@@ -74,11 +125,61 @@ def _load_files(files: list[str]) -> datasets.Dataset:
         if builder is None:
             raise TraceError(f"{path!r}: unsupported trace file type; use .jsonl, .json or .parquet")
         by_builder.setdefault(builder, []).append(path)
-    parts = [datasets.load_dataset(builder, data_files=paths, split="train") for builder, paths in by_builder.items()]
+    parts = []
+    for builder, paths in by_builder.items():
+        if builder == "json":  # Arrow keeps invalid UTF-8 and fails only when the row is read
+            for path in paths:
+                _check_utf8(path)
+        try:
+            parts.append(datasets.load_dataset(builder, data_files=paths, split="train"))
+        except Exception as e:  # Arrow, UnicodeDecodeError, StopIteration (empty file): find the bad line
+            if builder == "json":
+                for path in paths:
+                    _check_json_lines(path)
+            raise TraceError(f"cannot read the traces {', '.join(paths)} ({type(e).__name__}: {_first_line(e)}); "
+                             f"check that they are valid {builder.upper()}") from None
     try:
         return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
     except ValueError as e:
-        raise TraceError(f"the JSON and Parquet trace files have different columns ({e}); keep one schema") from e
+        raise TraceError(f"the JSON and Parquet trace files have different columns ({_first_line(e)}); keep one "
+                         "schema") from None
+
+
+def _check_utf8(path: str) -> None:
+    """Streams `path` through a UTF-8 decoder (GB/s); on a bad byte, finds its line."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    with open(path, "rb") as f:
+        try:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                decoder.decode(block)
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            _check_json_lines(path)
+
+
+def _check_json_lines(path: str) -> None:
+    """Raises TraceError naming the file and line when `path` is empty, not UTF-8 or not JSON (lines)."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    if not raw.strip():
+        raise TraceError(f"trace file {path} is empty; remove it or fill it with one JSON object per line")
+    try:
+        json.loads(raw)
+        return  # one JSON document (a .json list of rows): valid
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        pass
+    for number, line in enumerate(raw.splitlines(), start=1):
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise TraceError(f"{path}:{number}: not UTF-8 text (byte {line[e.start]:#04x} at column {e.start + 1}); "
+                             f"re-encode the file as UTF-8 or remove that line") from None
+        if text.strip():
+            try:
+                json.loads(text)
+            except json.JSONDecodeError as e:
+                raise TraceError(f"{path}:{number}: malformed JSON ({e.msg} at column {e.colno}); fix or remove "
+                                 f"that line (one JSON object per line)") from None
 
 
 def check_fields(dataset: datasets.Dataset, data_cfg: DataConfig) -> None:
@@ -86,29 +187,43 @@ def check_fields(dataset: datasets.Dataset, data_cfg: DataConfig) -> None:
     if data_cfg.format == "r1":
         wanted = {"prompt_field": data_cfg.prompt_field, "reasoning_field": data_cfg.reasoning_field,
                   "answer_field": data_cfg.answer_field}
+    elif data_cfg.format == "sharegpt":
+        wanted = {"conversations_field": data_cfg.conversations_field}
     else:
         wanted = {"messages_field": data_cfg.messages_field}
     for key, field in wanted.items():
         if field not in dataset.column_names:
             raise TraceError(f"traces have no field {field!r} (format={data_cfg.format}); available columns: "
-                             f"{', '.join(dataset.column_names)}; set data.{key} to one of them")
+                             f"{', '.join(dataset.column_names)}; set data.{key} to one of them (or data.format)")
 
 
 # ---------------------------------------------------------------- row formats
 
 
 def parse_row(row: dict, data_cfg: DataConfig) -> tuple[list[dict], str, str]:
-    """One dataset row -> (prompt messages, reasoning, answer), reasoning and answer stripped."""
+    """One dataset row -> (prompt messages, reasoning, answer), reasoning and answer stripped, the
+    configured think/answer tags (data.think_*, data.answer_*) removed."""
+    tags = dict(think_open=data_cfg.think_open, think_close=data_cfg.think_close)
     if data_cfg.format == "messages":
-        return split_messages(_as_messages(row[data_cfg.messages_field], data_cfg.messages_field))
-    prompt = row[data_cfg.prompt_field]
-    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else _as_messages(
-        prompt, data_cfg.prompt_field)
-    reasoning = _text(row[data_cfg.reasoning_field])
-    # Some dumps keep the tags in the reasoning field; they are added back once by encode_example.
-    if reasoning.startswith(THINK_OPEN) and reasoning.endswith(THINK_CLOSE):
-        reasoning = reasoning[len(THINK_OPEN):-len(THINK_CLOSE)].strip()
-    return messages, reasoning, _text(row[data_cfg.answer_field])
+        prompt, reasoning, answer = split_messages(_as_messages(row[data_cfg.messages_field],
+                                                                data_cfg.messages_field), **tags)
+    elif data_cfg.format == "sharegpt":
+        prompt, reasoning, answer = split_messages(_sharegpt_messages(row[data_cfg.conversations_field],
+                                                                      data_cfg.conversations_field), **tags)
+    else:
+        value = row[data_cfg.prompt_field]
+        prompt = [{"role": "user", "content": value}] if isinstance(value, str) else _as_messages(
+            value, data_cfg.prompt_field)
+        reasoning = _text(row[data_cfg.reasoning_field])
+        # Some dumps keep the tags in the reasoning field; they are added back once by encode_example.
+        if reasoning.startswith(data_cfg.think_open) and reasoning.endswith(data_cfg.think_close):
+            reasoning = reasoning[len(data_cfg.think_open):-len(data_cfg.think_close)].strip()
+        answer = _text(row[data_cfg.answer_field])
+    if data_cfg.answer_open and answer.startswith(data_cfg.answer_open):
+        answer = answer[len(data_cfg.answer_open):].strip()
+    if data_cfg.answer_close and answer.endswith(data_cfg.answer_close):
+        answer = answer[:-len(data_cfg.answer_close)].strip()
+    return prompt, reasoning, answer
 
 
 def _text(value) -> str:
@@ -116,29 +231,63 @@ def _text(value) -> str:
     return "" if value is None else str(value).strip()
 
 
-def split_messages(messages: list[dict]) -> tuple[list[dict], str, str]:
-    """Chat turns -> (turns before the last assistant turn, reasoning, answer) of that last turn."""
+def split_messages(messages: list[dict], *, think_open: str = THINK_OPEN,
+                   think_close: str = THINK_CLOSE) -> tuple[list[dict], str, str]:
+    """Chat turns -> (turns before the last assistant turn, reasoning, answer) of that last turn.
+
+    The reasoning is the turn's `reasoning_content` when it has one (DeepSeek API / OpenAI-style
+    messages; `content` is then the answer), else the text between the think tags of `content`."""
     last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
     if last is None:
-        raise TraceError(f"a messages row has no assistant turn to learn from (roles: "
-                         f"{[m['role'] for m in messages]}); each row needs one")
-    content = messages[last]["content"]
-    if THINK_CLOSE not in content:
-        if THINK_OPEN in content:  # reasoning cut off before its end: no answer, dropped as empty_answer
-            return messages[:last], content.split(THINK_OPEN, 1)[1].strip(), ""
-        return messages[:last], "", content.strip()
-    # R1 outputs may lack the opening tag when the template wrote it; text before </think> is reasoning.
-    reasoning, answer = content.split(THINK_CLOSE, 1)
-    return messages[:last], reasoning.split(THINK_OPEN, 1)[-1].strip(), answer.strip()
+        raise TraceError(f"a chat row has no assistant turn to learn from (roles: "
+                         f"{[m['role'] for m in messages]}); each row needs one (or check data.format)")
+    turn = messages[last]
+    prompt = [{"role": m["role"], "content": m["content"]} for m in messages[:last]]
+    content = turn["content"]
+    if turn.get("reasoning_content") is not None:
+        return prompt, turn["reasoning_content"].strip(), content.strip()
+    if think_close not in content:
+        if think_open in content:  # reasoning cut off before its end: no answer, dropped as empty_answer
+            return prompt, content.split(think_open, 1)[1].strip(), ""
+        return prompt, "", content.strip()
+    # R1 outputs may lack the opening tag when the template wrote it; text before the close is reasoning.
+    reasoning, answer = content.split(think_close, 1)
+    return prompt, reasoning.split(think_open, 1)[-1].strip(), answer.strip()
 
 
 def _as_messages(value, field: str) -> list[dict]:
+    """role/content turns (plus an assistant turn's `reasoning_content` when it is a string)."""
     def is_turn(m) -> bool:
         return isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
     if not isinstance(value, list) or not all(is_turn(m) for m in value):
+        hint = ("; these are from/value turns: set data.format=sharegpt"
+                if isinstance(value, list) and value and isinstance(value[0], dict) and "from" in value[0]
+                else "")
         raise TraceError(f"field {field!r} must be a list of {{'role': str, 'content': str}} turns, got "
-                         f"{str(value)[:200]!r}")
-    return [{"role": m["role"], "content": m["content"]} for m in value]
+                         f"{str(value)[:200]!r}{hint}")
+    turns = []
+    for m in value:
+        turn = {"role": m["role"], "content": m["content"]}
+        if isinstance(m.get("reasoning_content"), str):
+            turn["reasoning_content"] = m["reasoning_content"]
+        turns.append(turn)
+    return turns
+
+
+_SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                   "system": "system"}
+
+
+def _sharegpt_messages(value, field: str) -> list[dict]:
+    """ShareGPT turns ({"from": human|gpt|system, "value": str}) -> role/content turns."""
+    def is_turn(m) -> bool:
+        return isinstance(m, dict) and m.get("from") in _SHAREGPT_ROLES and isinstance(m.get("value"), str)
+    if not isinstance(value, list) or not all(is_turn(m) for m in value):
+        hint = ("; these are role/content turns: set data.format=messages"
+                if isinstance(value, list) and value and isinstance(value[0], dict) and "role" in value[0] else "")
+        raise TraceError(f"field {field!r} must be a list of {{'from': human|gpt|system, 'value': str}} turns, "
+                         f"got {str(value)[:200]!r}{hint}")
+    return [{"role": _SHAREGPT_ROLES[m["from"]], "content": m["value"]} for m in value]
 
 
 # ---------------------------------------------------------------- encoding

@@ -1,0 +1,184 @@
+"""Nothing lost, nothing silent in the KD store: per-chunk checksums verified on read (missing,
+altered and undecodable chunk files), store identity (tokenizer and input fingerprints; precompute
+never reuses a store built from other inputs), the incomplete-store message, version-1 stores."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+
+import numpy as np
+import pytest
+import transformers
+
+import tiny_kd
+from kd_jax.config import DataConfig, load_config
+from kd_jax.data import pipeline
+from kd_jax.data.demo import train_tokenizer
+from kd_jax.data.store import KDStore, StoreError
+from kd_jax.teacher import precompute
+
+C = 64  # chunk_tokens
+
+
+def overrides(root, **extra):
+    kw = {"teacher.hf_path": f"{root}/teacher", "teacher.param_dtype": "float32", "teacher.dtype": "float32",
+          "data.traces": f"{root}/traces.jsonl", "data.store": f"{root}/store", "data.top_k": 4,
+          "data.seq_len": 512, "precompute.chunk_tokens": C, "precompute.window_chunks": 4,
+          "precompute.bucket": 16, "precompute.batch_tokens": 512, "mesh.data": -1, "run.output_dir": str(root),
+          **extra}
+    return load_config(None, [f"{k}={v}" for k, v in kw.items()])
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    root = tmp_path_factory.mktemp("store")
+    tiny_kd.make(str(root), n_traces=8)
+    precompute(overrides(root), show_progress=False)
+    return root
+
+
+@pytest.fixture
+def copy(built, tmp_path):
+    """A private copy of the built store (a new path: nothing of it verified in this process yet)."""
+    path = str(tmp_path / "store")
+    shutil.copytree(built / "store", path)
+    return path
+
+
+def read_all(path):
+    store = KDStore.open(path)
+    return [store.read(i) for i in range(len(store))]
+
+
+def test_store_has_checksums_fingerprints_and_no_done_array(built):
+    store = KDStore.open(str(built / "store"))
+    assert store.meta.version == 2 and store.verified and len(store.meta.tokenizer_fingerprint) == 64
+    assert store.meta.inputs["data.seq_len"] == 512 and len(store.meta.inputs["traces"]) == 64
+    assert not os.path.exists(built / "store" / "done")
+    marks = sorted(os.listdir(built / "store" / "progress"))
+    assert len(marks) == store.meta.num_chunks
+    assert set(json.loads((built / "store" / "progress" / marks[0]).read_text())) == {"topk_ids", "topk_logprobs"}
+    assert len(read_all(str(built / "store"))) == 8
+
+
+def chunk_of(path, sequence):
+    offsets = KDStore.open(path).offsets
+    return int(offsets[sequence]) // C
+
+
+def test_missing_chunk_file_names_array_chunk_and_sequences(copy):
+    chunk = chunk_of(copy, 3)
+    os.remove(os.path.join(copy, "topk_ids", "c", str(chunk), "0"))  # read back as the fill value -1
+    with pytest.raises(StoreError) as error:
+        read_all(copy)
+    message = str(error.value)
+    assert f"array 'topk_ids' chunk {chunk} " in message and "sequences " in message and "\n" not in message
+    assert f"progress/{chunk:09d}" in message and "re-run precompute" in message
+
+
+def test_missing_token_chunk_says_rebuild(copy):
+    os.remove(os.path.join(copy, "tokens", "c", "1"))
+    with pytest.raises(StoreError, match=r"array 'tokens' chunk 1 \(tokens 64\.\.127, sequences .*rebuild the store"):
+        read_all(copy)
+
+
+def test_altered_chunk_bytes_fail_checksum(copy):
+    store = KDStore.open(copy)
+    row = int(store.offsets[5]) + 2
+    values = store.array("topk_logprobs")[row].read().result()
+    store.array("topk_logprobs")[row].write(values - 1).result()  # validly encoded, different values
+    with pytest.raises(StoreError, match=rf"'topk_logprobs' chunk {row // C} .*does not match its checksum"):
+        read_all(copy)
+
+
+def test_corrupt_blosc_chunk_is_a_store_error(copy):
+    chunk_file = os.path.join(copy, "topk_logprobs", "c", "2", "0")
+    with open(chunk_file, "r+b") as f:
+        f.seek(20)
+        f.write(b"\xde\xad\xbe\xef" * 8)
+    with pytest.raises(StoreError, match=r"'topk_logprobs' chunk 2 .*cannot be decoded"):
+        read_all(copy)
+
+
+def test_pipeline_reads_are_verified(copy):
+    os.remove(os.path.join(copy, "step", "c", "0"))
+    store = KDStore.open(copy)
+    it = pipeline.make_eval_iter(copy, np.arange(len(store)), DataConfig(seq_len=512), batch_size=2)
+    with pytest.raises(StoreError, match="array 'step' chunk 0"):
+        next(it)
+
+
+def test_incomplete_store_names_allow_incomplete(copy):
+    os.remove(os.path.join(copy, "progress", f"{1:09d}"))
+    store = KDStore.open(copy)
+    with pytest.raises(StoreError, match="data.allow_incomplete=true"):
+        store.check()
+    usable = store.check(allow_incomplete=True)
+    assert 0 < len(usable) < len(store)
+    with pytest.raises(StoreError, match="has no completion mark"):  # a read past check() is refused too
+        read_all(copy)
+
+
+def test_check_compares_the_tokenizer_fingerprint(built):
+    store = KDStore.open(str(built / "store"))
+    stored = transformers.AutoTokenizer.from_pretrained(built / "teacher")
+    store.check(tokenizer=stored)
+    other = train_tokenizer(["some other corpus entirely, with other merges"] * 4, vocab_size=300)
+    other.chat_template = stored.chat_template  # same template: only the vocab/merges differ
+    with pytest.raises(StoreError) as error:
+        store.check(tokenizer=other)
+    assert repr(store.meta.tokenizer) in str(error.value) and "data.tokenizer" in str(error.value)
+
+
+def test_rerun_same_config_resumes(built):
+    before = (built / "store" / "kd_store.json").read_text()
+    summary = precompute(overrides(built), show_progress=False)
+    assert summary["complete"] and (built / "store" / "kd_store.json").read_text() == before
+
+
+def test_rerun_with_other_seq_len_names_the_change(built):
+    before = (built / "store" / "kd_store.json").read_text()
+    with pytest.raises(StoreError) as error:
+        precompute(overrides(built, **{"data.seq_len": 256}), show_progress=False)
+    message = str(error.value)
+    assert "data.seq_len 512 -> 256" in message and "data.store" in message and "delete" in message
+    assert (built / "store" / "kd_store.json").read_text() == before  # neither reused nor deleted
+
+
+def test_rerun_with_changed_traces_names_the_change(built, tmp_path):
+    traces = tmp_path / "traces.jsonl"
+    lines = (built / "traces.jsonl").read_text().splitlines()
+    traces.write_text("\n".join(lines[:-1] + [lines[-1].replace("The answer", "So the answer")]) + "\n")
+    with pytest.raises(StoreError, match=r"traces changed.*data\.store"):
+        precompute(overrides(built, **{"data.traces": traces}), show_progress=False)
+    assert KDStore.open(str(built / "store")).complete
+
+
+def test_version_1_store_opens_and_reads(built, copy, caplog):
+    """A store written before checksums and fingerprints: its kd_store.json fields, empty progress
+    marks, no checksums.json. It opens, checks and feeds the pipeline, unverified, with one warning."""
+    meta = json.loads(open(os.path.join(copy, "kd_store.json")).read())
+    del meta["tokenizer_fingerprint"], meta["inputs"]
+    meta["version"] = 1
+    with open(os.path.join(copy, "kd_store.json"), "w") as f:
+        json.dump(meta, f)
+    os.remove(os.path.join(copy, "checksums.json"))
+    for mark in os.listdir(os.path.join(copy, "progress")):
+        open(os.path.join(copy, "progress", mark), "wb").close()
+    want = read_all(copy)
+    os.remove(os.path.join(copy, "step", "c", "0"))  # not detected: v1 has no checksums
+    with caplog.at_level(logging.WARNING, logger="kd_jax.store"):
+        store = KDStore.open(copy)
+        KDStore.open(copy)
+    warnings = [r for r in caplog.records if "version 1" in r.getMessage()]
+    assert len(warnings) == 1 and "rebuilding" in warnings[0].getMessage()
+    assert not store.verified and store.meta.version == 1
+    other = train_tokenizer(["some other corpus entirely, with other merges"] * 4, vocab_size=300)
+    other.chat_template = transformers.AutoTokenizer.from_pretrained(built / "teacher").chat_template
+    assert len(store.check(k=4, tokenizer=other)) == len(store)  # no fingerprint recorded: not compared
+    np.testing.assert_array_equal(store.read(0)["tokens"], want[0]["tokens"])
+    it = pipeline.make_eval_iter(copy, store.check(), DataConfig(seq_len=512), batch_size=2)
+    assert next(it)["inputs"].shape == (2, 512)
