@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from kd_jax import distributed, dryrun, flops, sharding
+from kd_jax import distributed, dryrun, flops, progress, sharding
 from kd_jax.checkpoint import Checkpointer, Preemption
 from kd_jax.config import Config, parse_command, save_config
 from kd_jax.data.pipeline import make_eval_iter, make_train_iter, split_indices
@@ -179,7 +179,7 @@ def train(cfg: Config) -> dict[str, float]:
         log.info("student: %s, %.2fM parameters; %d train / %d eval sequences; mesh %s",
                  student.cfg.model_type, n_params / 1e6, len(run.train_idx), len(eval_idx), dict(mesh.shape))
     preemption = Preemption()
-    bar = tqdm(total=cfg.train.steps, initial=start, disable=not logger.on, desc="train", unit="step")
+    bar = progress.bar(total=cfg.train.steps, initial=start, disable=not logger.on, desc="train", unit="step")
     tokens, t0, last = 0, time.perf_counter(), {}
     step = start
     try:
