@@ -470,11 +470,11 @@ def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def save_config(cfg: Config, run_dir: str | None = None) -> str:
-    """Writes the resolved config to run_dir/config.yaml (run_dir defaults to cfg.run_dir); returns the path."""
+def save_config(cfg: Config, run_dir: str | None = None, filename: str = "config.yaml") -> str:
+    """Writes the resolved config to run_dir/filename (run_dir defaults to cfg.run_dir); returns the path."""
     run_dir = cfg.run_dir if run_dir is None else run_dir
     os.makedirs(run_dir, exist_ok=True)
-    path = os.path.join(run_dir, "config.yaml")
+    path = os.path.join(run_dir, filename)
     with open(path, "w") as f:
         yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
     return path

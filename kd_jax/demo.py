@@ -41,6 +41,7 @@ from kd_jax.data import arithmetic  # noqa: E402
 from kd_jax.data.pipeline import split_indices  # noqa: E402
 from kd_jax.data.roles import Role  # noqa: E402
 from kd_jax.data.store import KDStore  # noqa: E402
+from kd_jax.errors import reported  # noqa: E402
 from kd_jax.evaluation import evaluate, extract_answer, matcher  # noqa: E402
 from kd_jax.loop import train  # noqa: E402
 from kd_jax.runs import export_run  # noqa: E402
@@ -201,8 +202,10 @@ def main(argv=None) -> None:
     parser.add_argument("--problems", type=int, default=8000, help="number of generated problems (before --scale)")
     parser.add_argument("--max-examples", type=int, default=128, help="held-out problems generated for accuracy")
     parser.add_argument("--fresh", action="store_true", help="delete --out first (else finished stages are reused)")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = parser.parse_args(argv)
-    run(args.out, args.scale, args.problems, args.max_examples, args.fresh)
+    with reported(args.debug):
+        run(args.out, args.scale, args.problems, args.max_examples, args.fresh)
 
 
 if __name__ == "__main__":

@@ -89,7 +89,7 @@ def run_teacher(store: KDStore, model, mesh, pre_cfg, *, process: int = 0, proce
     meta, offsets = store.meta, store.offsets
     C, K = meta.chunk_tokens, meta.k
     batch_sharding = sharding.batch_sharding(mesh, 2)
-    multiple = int(np.prod([mesh.shape[a] for a in ("data", "fsdp")]))
+    multiple = sharding.logical_size(mesh, "batch")
     mine = process_chunks(meta.num_chunks, process, processes)
     done = store.done_chunks()
     todo = [c for c in mine if not done[c]]
@@ -149,6 +149,9 @@ def _np_dtype(name: str):
 # ---------------------------------------------------------------- traces -> store -> teacher rows
 
 log = logging.getLogger("kd_jax.teacher")
+# The config precompute ran with, in the run directory; apart from the trainer's config.yaml, which
+# a precompute must never replace (a run's checkpoints are read with it).
+PRECOMPUTE_CONFIG = "precompute.yaml"
 
 
 def stored_vocab_size(cfg: Config, teacher_vocab: int, tokenizer) -> int:
@@ -213,14 +216,14 @@ def precompute(cfg: Config, *, show_progress: bool = True) -> dict:
     tokenizer = load_tokenizer(cfg.tokenizer)
     if cfg.data.top_k == 0:  # a tokens-only store: no teacher to run (hard-label training)
         if process == 0:
-            save_config(cfg)
+            save_config(cfg, filename=PRECOMPUTE_CONFIG)
             print(json.dumps(open_or_tokenize(cfg, tokenizer, len(tokenizer)).describe(), indent=2), flush=True)
         distributed.barrier("kd_store_written")
         return KDStore.open(cfg.data.store).describe() if process == 0 else {}
     mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=jax.local_devices())
     teacher = build_model(cfg.teacher, mesh=mesh, seed=cfg.run.seed)
     if process == 0:
-        save_config(cfg)
+        save_config(cfg, filename=PRECOMPUTE_CONFIG)
         open_or_tokenize(cfg, tokenizer, teacher.cfg.vocab_size)
     distributed.barrier("kd_store_created")
     store = KDStore.open(cfg.data.store)
