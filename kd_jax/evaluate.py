@@ -4,14 +4,14 @@ Three axes, on the held-out split of the KD store: the KD losses and top-1 agree
 teacher, task accuracy by generation (the text after `</think>` is compared with the reference
 answer by `eval.matcher`), and cost: generation tokens/s and the parameters' memory. The student is
 read from the run's latest checkpoint (`--untrained`: the student as initialized, a baseline).
-Writes `<run_dir>/eval_<model>.json` and prints a table (kd_jax/evaluation.py).
+Writes `<run_dir>/eval_<model>.json` and prints a table (kd_jax/core/evaluation.py).
 """
 
 from __future__ import annotations
 
-from kd_jax.config import parse_command
-from kd_jax.errors import reported
-from kd_jax.evaluation import evaluate, format_report
+from kd_jax.core.config import parse_command
+from kd_jax.core.errors import reported
+from kd_jax.core.evaluation import evaluate, format_report
 
 
 def _arguments(parser) -> None:

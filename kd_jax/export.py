@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import argparse
 
-from kd_jax.config import setup_logging
-from kd_jax.errors import reported
-from kd_jax.runs import export_run
+from kd_jax.core.config import setup_logging
+from kd_jax.core.errors import reported
+from kd_jax.core.runs import export_run
 
 
 def main(argv=None) -> None:

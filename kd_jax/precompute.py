@@ -2,17 +2,17 @@
 
 Process 0 tokenizes the traces into the store (once: a store that exists is reused when it was
 made from the same inputs); then every process runs the teacher over its own chunks of the store
-(`kd_jax.teacher.precompute`). With data.top_k=0 the store holds tokens only (no teacher is run):
+(`kd_jax.core.teacher.precompute`). With data.top_k=0 the store holds tokens only (no teacher is run):
 for hard-label training, e.g. of a teacher. Re-running the same command resumes: only chunks
 without a completion mark are computed. `--dry-run` sizes the teacher pass instead.
 """
 
 from __future__ import annotations
 
-from kd_jax import distributed, dryrun
-from kd_jax.config import parse_command
-from kd_jax.errors import reported
-from kd_jax.teacher import precompute
+from kd_jax.core import distributed, dryrun
+from kd_jax.core.config import parse_command
+from kd_jax.core.errors import reported
+from kd_jax.core.teacher import precompute
 
 
 def main(argv=None) -> None:

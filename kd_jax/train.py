@@ -2,15 +2,15 @@
 
 Run again with the same command, it resumes from the newest complete checkpoint, data order
 included; SIGTERM saves at the current step and exits 0. `--dry-run` sizes the run instead
-(kd_jax/dryrun.py). The loop is kd_jax/loop.py.
+(kd_jax/core/dryrun.py). The loop is kd_jax/core/loop.py.
 """
 
 from __future__ import annotations
 
-from kd_jax import distributed, dryrun
-from kd_jax.config import parse_command
-from kd_jax.errors import reported
-from kd_jax.loop import train
+from kd_jax.core import distributed, dryrun
+from kd_jax.core.config import parse_command
+from kd_jax.core.errors import reported
+from kd_jax.core.loop import train
 
 
 def main(argv=None) -> None:

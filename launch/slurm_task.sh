@@ -2,7 +2,7 @@
 # One SLURM task = one kd_jax process driving one GPU. launch/slurm.sbatch runs it under srun:
 #   launch/slurm_task.sh train --config configs/recipes/X.yaml [key=value ...]
 # It checks the task's SLURM variables, sets the XLA/NCCL environment, then execs
-# `python -m kd_jax.<module> ...`. kd_jax.distributed sees SLURM_NTASKS > 1 and calls
+# `python -m kd_jax.<module> ...`. kd_jax.core.distributed sees SLURM_NTASKS > 1 and calls
 # jax.distributed.initialize(), which reads SLURM_* and gives task SLURM_LOCALID the GPU of that index.
 # On CPU, with fake SLURM variables, it runs as is (tests/test_launch.py does, with --dry-run).
 set -euo pipefail

@@ -1,4 +1,4 @@
-"""kd_jax.checkpoint: one Orbax step with state, data position and extras; restore onto another
+"""kd_jax.core.checkpoint: one Orbax step with state, data position and extras; restore onto another
 mesh; a save killed half-way leaves the previous step intact; SIGTERM saves the current step, the
 same step on every process.
 
@@ -26,11 +26,11 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from kd_jax import distributed
-from kd_jax.checkpoint import Checkpointer, Preemption
-from kd_jax.config import CheckpointConfig
+from kd_jax.core import distributed
+from kd_jax.core.checkpoint import Checkpointer, Preemption
+from kd_jax.core.config import CheckpointConfig
 from kd_jax.models.decoder import DecoderConfig, init_decoder
-from kd_jax.sharding import make_mesh, state_shardings
+from kd_jax.core.sharding import make_mesh, state_shardings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = DecoderConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=8,

@@ -7,7 +7,7 @@ import typing
 import pytest
 import yaml
 
-from kd_jax.config import (
+from kd_jax.core.config import (
     Config,
     ConfigError,
     MeshConfig,

@@ -12,11 +12,11 @@ import sys
 import numpy as np
 import pytest
 
-from kd_jax import losses
-from kd_jax.config import ConfigError, load_config
+from kd_jax.core import losses
+from kd_jax.core.config import ConfigError, load_config
 from kd_jax.data import arithmetic as demo
 from kd_jax.data.store import KDStore
-from kd_jax.evaluation import extract_answer
+from kd_jax.core.evaluation import extract_answer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _OPS = {"finds": 1, "buys": 1, "wins": 1, "loses": -1, "gives away": -1, "sells": -1}

@@ -8,9 +8,9 @@ import os
 import pytest
 
 import tiny_kd
-from kd_jax.config import load_config
-from kd_jax.evaluation import evaluate as run, extract_answer, matcher
-from kd_jax.teacher import precompute
+from kd_jax.core.config import load_config
+from kd_jax.core.evaluation import evaluate as run, extract_answer, matcher
+from kd_jax.core.teacher import precompute
 
 
 def always_true(pred, ref):  # a user matcher, named in the config as tests.test_evaluate:always_true

@@ -8,7 +8,7 @@ import torch
 import transformers
 
 import hf_tiny
-from kd_jax.generate import generate
+from kd_jax.core.generate import generate
 from kd_jax.models import load_hf
 
 

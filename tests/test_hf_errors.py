@@ -11,7 +11,7 @@ import pytest
 import safetensors.numpy
 
 import hf_tiny
-from kd_jax.errors import KDJaxError
+from kd_jax.core.errors import KDJaxError
 from kd_jax.models import HFFormatError, load_hf, save_hf
 from kd_jax.models.hf import FolderNotEmptyError
 

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kd_jax import losses, sharding
+from kd_jax.core import losses, sharding
 
 f32 = jnp.float32
 # XLA:CPU compile time dominates these tiny cases; LLVM's backend optimizations halve it and do

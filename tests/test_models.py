@@ -150,7 +150,7 @@ def test_keep_layers_equals_transformers_with_those_layers(tmp_path):
 
 
 def test_build_model_from_config_sections(folders):
-    from kd_jax.config import ModelSource, load_config
+    from kd_jax.core.config import ModelSource, load_config
     cfg = load_config("configs/tiny_llama.yaml")
     student = build_model(cfg.student, seed=1)
     assert student.cfg.num_layers == 2 and student.cfg.vocab_size == 256
@@ -165,7 +165,7 @@ def test_build_model_from_config_sections(folders):
 
 
 def test_every_remat_policy_name_is_a_jax_policy():
-    from kd_jax import config
+    from kd_jax.core import config
     from kd_jax.models.decoder import remat_policy
     assert [remat_policy(name) is None for name in config.REMAT_POLICIES] == [
         name == "none" for name in config.REMAT_POLICIES]

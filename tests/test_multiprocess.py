@@ -18,11 +18,11 @@ import pytest
 from flax import nnx
 
 import tiny_kd
-from kd_jax.config import load_config
+from kd_jax.core.config import load_config
 from kd_jax.data.pipeline import make_train_iter
 from kd_jax.data.store import KDStore
-from kd_jax.distributed import init_args
-from kd_jax.runs import load_run_config, restore_student
+from kd_jax.core.distributed import init_args
+from kd_jax.core.runs import load_run_config, restore_student
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 16  # checkpoints every 4 steps: the kill lands after step 4's, well before the end

@@ -15,9 +15,9 @@ import torch
 import transformers
 
 import tiny_kd
-from kd_jax.config import load_config
+from kd_jax.core.config import load_config
 from kd_jax.data.store import KDStore, StoreError
-from kd_jax.teacher import precompute as run
+from kd_jax.core.teacher import precompute as run
 
 K = 8
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from kd_jax.config import load_config
+from kd_jax.core.config import load_config
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 CONFIG = str(ROOT / "configs" / "smollm2" / "distill.yaml")

@@ -14,11 +14,11 @@ import pytest
 import transformers
 
 import tiny_kd
-from kd_jax.config import DataConfig, load_config
+from kd_jax.core.config import DataConfig, load_config
 from kd_jax.data import pipeline
 from kd_jax.data.demo import train_tokenizer
 from kd_jax.data.store import KDStore, StoreError
-from kd_jax.teacher import precompute
+from kd_jax.core.teacher import precompute
 
 C = 64  # chunk_tokens
 

@@ -13,7 +13,7 @@ import pytest
 import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from kd_jax.config import DataConfig
+from kd_jax.core.config import DataConfig
 from kd_jax.data.traces import (TraceError, encode_example, encode_traces, load_traces, render_prompt,
                                 split_messages)
 

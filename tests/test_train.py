@@ -19,15 +19,15 @@ import torch
 import transformers
 
 import tiny_kd
-from kd_jax import sharding
-from kd_jax.config import load_config
+from kd_jax.core import sharding
+from kd_jax.core.config import load_config
 from kd_jax.data.pipeline import make_eval_iter, make_train_iter
 from kd_jax.data.store import KDStore
-from kd_jax.loop import to_global
+from kd_jax.core.loop import to_global
 from kd_jax.models import build_model
-from kd_jax.runs import load_run_config, restore_student
-from kd_jax.state import abstract_train_state, init_train_state
-from kd_jax.step import compile_steps
+from kd_jax.core.runs import load_run_config, restore_student
+from kd_jax.core.state import abstract_train_state, init_train_state
+from kd_jax.core.step import compile_steps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 24  # long enough after the first checkpoint (step 4) for the interrupting signal to land

@@ -45,8 +45,8 @@ def store_args(root: str) -> list[str]:
 
 def build_store(root: str) -> None:
     """`make(root)` with 40 traces, then its KD store on this process's devices."""
-    from kd_jax.config import load_config
-    from kd_jax.teacher import precompute
+    from kd_jax.core.config import load_config
+    from kd_jax.core.teacher import precompute
     make(root, n_traces=40)
     precompute(load_config(None, store_args(root) + ["mesh.data=-1", f"run.output_dir={root}/runs"]),
                show_progress=False)

@@ -20,7 +20,7 @@ import time
 
 import numpy as np
 
-from kd_jax.config import DataConfig
+from kd_jax.core.config import DataConfig
 from kd_jax.data import pipeline
 from kd_jax.data.roles import Role
 from kd_jax.data.store import KDStore, StoreMeta

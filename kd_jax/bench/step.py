@@ -15,7 +15,7 @@ remat=POLICY, scan=true|false, attention=xla|cudnn, chunk=TOKENS (loss.chunk_siz
 dtype=bfloat16|float32, accum=N (train.grad_accum), batch=ROWS, seq=TOKENS, docs=PER_ROW, name=LABEL.
 XLA flags are per process: compare them across two runs (kd_jax/bench/h100.sh does).
 
-MFU (kd_jax/flops.py): training FLOPs per token = 6·P + 3·A, P the matmul parameters (output
+MFU (kd_jax/core/flops.py): training FLOPs per token = 6·P + 3·A, P the matmul parameters (output
 projection in, input embedding out), A attention's causal forward FLOPs; MFU = that × tokens/s /
 (peak bf16 FLOP/s × devices). `mfu_palm` counts full (non-causal) attention, PaLM's 6P + 12·L·N·H·T.
 Tokens are real (non-padding) tokens. Memory: XLA's accounting of the compiled step (temporaries,
@@ -35,15 +35,15 @@ import time
 import jax
 from flax import nnx
 
-from kd_jax import flops, sharding
+from kd_jax.core import flops, sharding
 from kd_jax.bench.presets import architecture, synthetic_batch
-from kd_jax.dryrun import compiled_memory
-from kd_jax.config import load_config
-from kd_jax.loop import prepare
+from kd_jax.core.dryrun import compiled_memory
+from kd_jax.core.config import load_config
+from kd_jax.core.loop import prepare
 from kd_jax.models import build_model
 from kd_jax.models.decoder import Decoder
-from kd_jax.state import abstract_train_state, init_train_state
-from kd_jax.step import compile_steps
+from kd_jax.core.state import abstract_train_state, init_train_state
+from kd_jax.core.step import compile_steps
 
 VARIANT_KEYS = ("name", "remat", "scan", "attention", "chunk", "dtype", "accum", "batch", "seq", "docs")
 

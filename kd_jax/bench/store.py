@@ -16,8 +16,8 @@ import tempfile
 
 import jax
 
-from kd_jax.config import load_config
-from kd_jax.teacher import precompute
+from kd_jax.core.config import load_config
+from kd_jax.core.teacher import precompute
 from kd_jax.data.arithmetic import problems
 
 

@@ -1,5 +1,5 @@
 """The embedded demo task: multi-step arithmetic word problems with verifiable answers, and a
-tokenizer trained on them (`make demo`, kd_jax/demo.py).
+tokenizer trained on them (`make demo`, kd_jax/core/recipe.py).
 
 A problem is a starting count and 2 to `max_ops` changes to it (single digits, the count stays
 within 0..40); the reasoning writes one step per paragraph (the start, then one paragraph per

@@ -32,7 +32,7 @@ import numpy as np
 from absl import flags
 from grain.experimental import BestFitPackIterDataset, FirstFitPackIterDataset, ZipIterDataset
 
-from kd_jax.config import DataConfig
+from kd_jax.core.config import DataConfig
 from kd_jax.data.roles import Role
 from kd_jax.data.store import KDStore, StoreError
 

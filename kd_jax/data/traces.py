@@ -32,8 +32,8 @@ import os
 import datasets
 import numpy as np
 
-from kd_jax.config import DataConfig
-from kd_jax.errors import KDJaxError
+from kd_jax.core.config import DataConfig
+from kd_jax.core.errors import KDJaxError
 
 THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"

@@ -19,13 +19,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from kd_jax.config import ATTENTION, REMAT_POLICIES
-from kd_jax.sharding import constrain, create_sharded
+from kd_jax.core.config import ATTENTION, REMAT_POLICIES
+from kd_jax.core.sharding import constrain, create_sharded
 
 
 
 def remat_policy(name: str):
-    """jax's checkpoint policy for a name of kd_jax.config.REMAT_POLICIES ("none": no remat)."""
+    """jax's checkpoint policy for a name of kd_jax.core.config.REMAT_POLICIES ("none": no remat)."""
     if name == "none":
         return None
     if name == "offload_dots":  # the saved projections go to host memory instead of staying on device
@@ -58,7 +58,7 @@ class DecoderConfig:
     param_dtype: str = "float32"  # storage dtype of the parameters (fp32 master weights)
     dtype: str = "float32"  # compute dtype of activations and matmuls
     scan_layers: bool = True  # one jax.lax.scan over layers (fast compile) vs a Python loop
-    remat: str = "none"  # rematerialization policy, one of kd_jax.config.REMAT_POLICIES
+    remat: str = "none"  # rematerialization policy, one of kd_jax.core.config.REMAT_POLICIES
     attention: str = "xla"  # dot-product attention: "xla" (any backend) or "cudnn" (flash; GPU only)
 
     def __post_init__(self):

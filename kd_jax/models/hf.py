@@ -21,8 +21,8 @@ import safetensors
 import safetensors.numpy
 from flax import nnx
 
-from kd_jax import sharding
-from kd_jax.errors import KDJaxError
+from kd_jax.core import sharding
+from kd_jax.core.errors import KDJaxError
 from kd_jax.models.decoder import Decoder, DecoderConfig
 
 SUPPORTED = {  # model_type -> architecture class name in transformers

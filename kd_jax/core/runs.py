@@ -2,7 +2,7 @@
 
     config.yaml      the resolved config the run was trained with (written once checks pass)
     run.lock         the trainer that owns the directory now: host and pid (removed on exit)
-    checkpoints/     Orbax steps (kd_jax.checkpoint), metrics.jsonl, tb/, eval_*.json
+    checkpoints/     Orbax steps (kd_jax.core.checkpoint), metrics.jsonl, tb/, eval_*.json
 
 Nothing here overwrites what a run already holds: a rerun with a config that changes what the
 checkpoints contain is refused with the keys that differ, a second trainer on the same directory
@@ -17,15 +17,15 @@ import logging
 import os
 import socket
 
-from kd_jax import sharding
-from kd_jax.checkpoint import Checkpointer, CheckpointError
-from kd_jax.config import Config, ConfigError, load_config, save_config, to_dict
-from kd_jax.errors import KDJaxError
+from kd_jax.core import sharding
+from kd_jax.core.checkpoint import Checkpointer, CheckpointError
+from kd_jax.core.config import Config, ConfigError, load_config, save_config, to_dict
+from kd_jax.core.errors import KDJaxError
 from kd_jax.models.hf import load_tokenizer, save_hf
 from kd_jax.models.source import source_config
-from kd_jax.state import restore_params
+from kd_jax.core.state import restore_params
 
-log = logging.getLogger("kd_jax.runs")
+log = logging.getLogger("kd_jax.core.runs")
 
 # Sections and keys a resumed run may change: they do not alter what the checkpoints hold or how
 # the next step is computed from them (train.steps moves the end, and with it the schedule's tail).

@@ -100,7 +100,7 @@ def logical_to_spec(names: Sequence[str | None] | None, shape: Sequence[int] | N
     for i, name in enumerate(names):
         axes = _RULES.get(name) if name is not None else None
         if name is not None and name not in _RULES:
-            raise KeyError(f"logical axis {name!r} has no rule in kd_jax.sharding.RULES")
+            raise KeyError(f"logical axis {name!r} has no rule in kd_jax.core.sharding.RULES")
         axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
         kept = []
         for ax in axes:

@@ -2,7 +2,7 @@
 
 A step directory `<dir>/<step>/` holds three items, written together as one Orbax Composite:
 
-    state/  the train-state pytree of jax.Arrays (kd_jax.state: params, optimizer state, the
+    state/  the train-state pytree of jax.Arrays (kd_jax.core.state: params, optimizer state, the
             skipped-step count), sharded arrays written in parallel (StandardSave), restored
             onto any mesh, whole or only some of its subtrees (the parameters, for export)
     data/   the Grain iterator position, one JSON file per process (grain's CheckpointHandler)
@@ -25,8 +25,8 @@ import orbax.checkpoint as ocp
 from grain import checkpoint as grain_checkpoint
 from jax.experimental import multihost_utils
 
-from kd_jax.config import CheckpointConfig
-from kd_jax.errors import KDJaxError
+from kd_jax.core.config import CheckpointConfig
+from kd_jax.core.errors import KDJaxError
 
 STATE, DATA, EXTRA = "state", "data", "extra"  # item names inside a step directory
 

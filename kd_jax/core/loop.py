@@ -1,11 +1,11 @@
 """The training loop behind `python -m kd_jax.train`: `prepare` builds the pieces (mesh, store
 check, Grain pipeline, student, train state, jitted steps), `train` runs or resumes the loop: one
-jitted step per global batch (kd_jax/step.py), logging, held-out evaluation, checkpoints.
+jitted step per global batch (kd_jax/core/step.py), logging, held-out evaluation, checkpoints.
 
 Started again with the same config, it resumes from the newest complete checkpoint, data order
 included. SIGTERM saves at the current step and returns. The run directory is locked for the
 life of the loop and its config is checked against the one its checkpoints were trained with
-(kd_jax/runs.py).
+(kd_jax/core/runs.py).
 """
 
 from __future__ import annotations
@@ -22,18 +22,18 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from kd_jax import flops, sharding
-from kd_jax.checkpoint import Checkpointer, CheckpointError, Preemption
-from kd_jax.config import Config, DataConfig, LossConfig, RunConfig
+from kd_jax.core import flops, sharding
+from kd_jax.core.checkpoint import Checkpointer, CheckpointError, Preemption
+from kd_jax.core.config import Config, DataConfig, LossConfig, RunConfig
 from kd_jax.data.pipeline import make_eval_iter, make_train_iter, split_indices
 from kd_jax.data.store import KDStore, StoreError
-from kd_jax.errors import KDJaxError
+from kd_jax.core.errors import KDJaxError
 from kd_jax.models import build_model, num_params
 from kd_jax.models.hf import load_tokenizer
-from kd_jax.progress import bar
-from kd_jax.runs import RunLock, check_and_save_config
-from kd_jax.state import TrainSpec, abstract_train_state, init_train_state
-from kd_jax.step import Steps, compile_steps, summarize
+from kd_jax.core.progress import bar
+from kd_jax.core.runs import RunLock, check_and_save_config
+from kd_jax.core.state import TrainSpec, abstract_train_state, init_train_state
+from kd_jax.core.step import Steps, compile_steps, summarize
 
 log = logging.getLogger("kd_jax.train")
 

@@ -18,11 +18,11 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from kd_jax import sharding
-from kd_jax.checkpoint import Checkpointer
-from kd_jax.config import OptimConfig
+from kd_jax.core import sharding
+from kd_jax.core.checkpoint import Checkpointer
+from kd_jax.core.config import OptimConfig
 from kd_jax.models.decoder import Decoder, DecoderConfig
-from kd_jax.step import make_optimizer
+from kd_jax.core.step import make_optimizer
 
 
 def _with_shardings(tree, shardings):

@@ -32,15 +32,15 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AbstractMesh
 
-from kd_jax import sharding
-from kd_jax.config import Config, ModelSource
-from kd_jax.errors import KDJaxError
+from kd_jax.core import sharding
+from kd_jax.core.config import Config, ModelSource
+from kd_jax.core.errors import KDJaxError
 from kd_jax.models.decoder import Decoder, DecoderConfig
 from kd_jax.models.hf import read_hf_config
 from kd_jax.models.source import source_config
-from kd_jax.state import abstract_params, abstract_train_state
-from kd_jax.step import compile_steps
-from kd_jax.teacher import topk_logprobs
+from kd_jax.core.state import abstract_params, abstract_train_state
+from kd_jax.core.step import compile_steps
+from kd_jax.core.teacher import topk_logprobs
 
 GiB = 2**30
 
@@ -255,7 +255,7 @@ def compiled_memory(compiled) -> dict[str, int]:
 
 
 def compile_train(cfg: Config, model_cfg: DecoderConfig, mesh) -> dict:
-    """memory_analysis() of the real train step (kd_jax.step.compile_steps) on the abstract train state."""
+    """memory_analysis() of the real train step (kd_jax.core.step.compile_steps) on the abstract train state."""
     spec = abstract_train_state(model_cfg, cfg.optim, cfg.train.steps, mesh)
     with jax.set_mesh(mesh):
         steps = compile_steps(spec, cfg.loss, cfg.train.grad_accum, mesh)
@@ -271,7 +271,7 @@ def compile_train(cfg: Config, model_cfg: DecoderConfig, mesh) -> dict:
 
 
 def compile_precompute(cfg: Config, model_cfg: DecoderConfig, mesh, rows: int, T: int) -> dict:
-    """memory_analysis() of the teacher's top-K pass (kd_jax.teacher.topk_logprobs) on its longest batch."""
+    """memory_analysis() of the teacher's top-K pass (kd_jax.core.teacher.topk_logprobs) on its longest batch."""
     graphdef, params = abstract_params(model_cfg, mesh)
     shards = sharding.logical_size(mesh, "batch")
     tokens = jax.ShapeDtypeStruct((rows * shards, T), jnp.int32, sharding=sharding.batch_sharding(mesh, 2))
@@ -312,7 +312,7 @@ def report(cfg: Config, entry: str, *, compile: bool = True, out=sys.stdout) -> 
     if entry == "train":
         model_cfg, where = model_config(cfg.student, "student", cfg.teacher)
         num_devices = jax.device_count()
-    else:  # precompute runs the teacher on each process's own devices (kd_jax.teacher.precompute)
+    else:  # precompute runs the teacher on each process's own devices (kd_jax.core.teacher.precompute)
         model_cfg, where = model_config(cfg.teacher, "teacher")
         num_devices = jax.local_device_count()
     mesh = resolve_mesh(cfg, num_devices)

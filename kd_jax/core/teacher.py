@@ -22,14 +22,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from kd_jax import distributed, sharding
-from kd_jax.config import Config, save_config
+from kd_jax.core import distributed, sharding
+from kd_jax.core.config import Config, save_config
 from kd_jax.data.store import (KDStore, StoreError, StoreMeta, identity_changes, template_hash,
                                 tokenizer_fingerprint)
 from kd_jax.data.traces import encode_traces, load_traces, tokenization_inputs
 from kd_jax.models import build_model
 from kd_jax.models.hf import load_tokenizer, read_hf_config, resolve_path
-from kd_jax.progress import bar as progress_bar
+from kd_jax.core.progress import bar as progress_bar
 
 
 def topk_logprobs(model, tokens_BxT: jax.Array, *, k: int, vocab_size: int, logits_chunk: int):
@@ -148,7 +148,7 @@ def _np_dtype(name: str):
 
 # ---------------------------------------------------------------- traces -> store -> teacher rows
 
-log = logging.getLogger("kd_jax.teacher")
+log = logging.getLogger("kd_jax.core.teacher")
 # The config precompute ran with, in the run directory; apart from the trainer's config.yaml, which
 # a precompute must never replace (a run's checkpoints are read with it).
 PRECOMPUTE_CONFIG = "precompute.yaml"

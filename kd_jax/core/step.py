@@ -1,4 +1,4 @@
-"""The sharded train step (the loop that drives it is kd_jax/loop.py).
+"""The sharded train step (the loop that drives it is kd_jax/core/loop.py).
 
 One optimizer step = one `jax.jit` over the global batch: the batch's totals for the global loss
 normalizers first, then a scan over `grad_accum` micro-batches (fused KD loss, summed gradients),
@@ -18,8 +18,8 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from kd_jax import losses
-from kd_jax.config import LossConfig, OptimConfig
+from kd_jax.core import losses
+from kd_jax.core.config import LossConfig, OptimConfig
 
 # Parameters that get weight decay: the matrices. Norm scales and biases do not (as in most LLM recipes).
 DECAYED = frozenset({"embed", "lm_head", "wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"})
@@ -136,7 +136,7 @@ class Steps:
 
 
 def compile_steps(spec, loss_cfg: LossConfig, grad_accum: int, mesh) -> Steps:
-    """The jitted steps for a train state's structure (`kd_jax.state.TrainSpec`): its graphdef,
+    """The jitted steps for a train state's structure (`kd_jax.core.state.TrainSpec`): its graphdef,
     optimizer and shardings; params and optimizer state are donated to the train step."""
     replicated = NamedSharding(mesh, P())
     shardings = spec.shardings

@@ -1,0 +1,526 @@
+"""Run configuration: typed, frozen dataclasses that mirror the YAML file.
+
+A run is described by one YAML file (`--config`) plus dotted command-line overrides
+(`train.steps=10 loss.temperature=2`). `configs/base.yaml` lists every key with its default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import difflib
+import os
+import re
+import sys
+import types
+import typing
+
+import yaml
+
+from kd_jax.core.errors import KDJaxError
+
+
+class ConfigError(KDJaxError, ValueError):
+    """A config file or override that does not fit the schema below."""
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads `1e-4` as a float; plain PyYAML (YAML 1.1) wants `1.0e-4`."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789")
+)
+
+
+def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{name}={value!r} is not allowed; use one of {', '.join(map(repr, allowed))}")
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+DTYPES = ("float32", "bfloat16", "float16")
+# Names of the per-layer activation checkpointing policies (kd_jax.models.decoder maps them to jax's).
+REMAT_POLICIES = ("none", "nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable", "offload_dots")
+# Dot-product attention implementations of the decoder: "xla" (any backend), "cudnn" (GPU flash attention).
+ATTENTION = ("xla", "cudnn")
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")  # soft-loss divergences (kd_jax.core.losses)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    name: str = "kd"  # run name; the run directory is output_dir/name
+    output_dir: str = "runs"  # parent folder of all run directories
+    seed: int = 0  # seed for random parameter init, data order and sampling
+    log_every: int = 10  # steps between metric logs
+    tensorboard: bool = True  # also write TensorBoard event files into the run directory
+
+    def __post_init__(self):
+        # run_dir = output_dir/name is written to (config, logs, checkpoints): it must stay inside output_dir.
+        name = os.path.normpath(self.name) if self.name else ""
+        _check(
+            name not in ("", ".") and not os.path.isabs(name) and name.split(os.sep)[0] != "..",
+            f"name={self.name!r} must be a plain folder name inside output_dir (e.g. 'kd' or 'exp/a'): "
+            f"not empty, not absolute, no '..' leading out of it",
+        )
+        _check(self.seed >= 0, f"seed={self.seed} must be >= 0")
+        _check(self.log_every >= 1, f"log_every={self.log_every} must be >= 1 (steps between logs)")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    data: int = -1  # data-parallel axis size in devices; -1 = the remaining devices
+    fsdp: int = 1  # fully-sharded (parameter-sharding) axis size in devices; -1 = the remaining devices
+    tensor: int = 1  # tensor-parallel axis size in devices; -1 = the remaining devices
+    device_memory_gib: float | None = None  # memory of one device (GiB) that --dry-run checks against; None = the local device's
+
+    def __post_init__(self):
+        sizes = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "device_memory_gib"}
+        for axis, size in sizes.items():
+            _check(size == -1 or size >= 1, f"{axis}={size} must be a device count >= 1 or -1 (the remaining devices)")
+        # Only one axis can absorb "the rest", otherwise the split is ambiguous.
+        wild = [axis for axis, size in sizes.items() if size == -1]
+        _check(len(wild) <= 1, f"axes {', '.join(wild)} are all -1; at most one may be -1, set the others to device counts")
+        memory = self.device_memory_gib
+        _check(memory is None or memory > 0, f"device_memory_gib={memory} must be > 0 (GiB) or null")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSource:
+    hf_path: str | None = None  # local Hugging Face folder or hub id to load config/weights/tokenizer from
+    revision: str | None = None  # hub revision (branch, tag or commit) for hf_path; None = default branch
+    init: str = "hf"  # weight init: "hf" (load hf_path), "random", or "teacher_layers" (copy chosen teacher layers)
+    teacher_layers: list[int] | None = None  # teacher layer indices to keep when init=teacher_layers
+    architecture: dict | None = None  # HF config.json-style dict for init=random, e.g. {"model_type": "llama", ...}
+    param_dtype: str = "float32"  # dtype the parameters are stored in
+    dtype: str = "bfloat16"  # compute dtype of activations and matmuls
+    scan_layers: bool = True  # scan over stacked layers (one compiled layer instead of N)
+    remat: str = "nothing_saveable"  # activation rematerialization policy per layer
+    attention: str = "xla"  # dot-product attention: "xla" (any backend) or "cudnn" (flash attention, GPU only)
+
+    def __post_init__(self):
+        _check_choice("init", self.init, ("hf", "random", "teacher_layers"))
+        _check_choice("param_dtype", self.param_dtype, DTYPES)
+        _check_choice("dtype", self.dtype, DTYPES)
+        _check_choice("remat", self.remat, REMAT_POLICIES)
+        _check_choice("attention", self.attention, ATTENTION)
+        layers = self.teacher_layers or []
+        _check(all(i >= 0 for i in layers), f"teacher_layers={layers} must be layer indices >= 0")
+
+    def decoder_options(self) -> dict:
+        """The DecoderConfig fields this section sets (the rest come from the model's config.json)."""
+        return dict(param_dtype=self.param_dtype, dtype=self.dtype, scan_layers=self.scan_layers, remat=self.remat,
+                    attention=self.attention)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    traces: str | None = None  # teacher traces: JSONL/Parquet file, folder of them, or hub dataset id
+    format: str = "r1"  # trace layout: "r1" (prompt/reasoning/answer fields), "messages" (role/content chat list) or "sharegpt" (from/value chat list)
+    prompt_field: str = "prompt"  # field holding the prompt (format=r1)
+    reasoning_field: str = "reasoning"  # field holding the reasoning trace (format=r1)
+    answer_field: str = "answer"  # field holding the final answer (format=r1)
+    messages_field: str = "messages"  # field holding the chat messages (format=messages)
+    conversations_field: str = "conversations"  # field holding the from/value turns (format=sharegpt)
+    think_open: str = "<think>"  # tag opening the reasoning in the traces as read, e.g. "<|begin_of_thought|>"
+    think_close: str = "</think>"  # tag closing the reasoning in the traces as read, e.g. "<|end_of_thought|>"
+    answer_open: str = ""  # tag stripped from the start of the answer, e.g. "<|begin_of_solution|>"; "" = none
+    answer_close: str = ""  # tag stripped from the end of the answer, e.g. "<|end_of_solution|>"; "" = none
+    tokenizer: str | None = None  # HF tokenizer folder or hub id; None = the teacher's (teacher.hf_path)
+    store: str | None = None  # KD store (folder or TensorStore kvstore URL) written by kd_jax.precompute
+    allow_incomplete: bool = False  # train on the finished part of an incomplete KD store instead of failing
+    top_k: int = 64  # teacher logits kept per token (count); 0 = tokens only, no teacher (needs loss.alpha=0)
+    seq_len: int = 2048  # packed sequence length in tokens
+    step_separator: str = "\n\n"  # text that splits the reasoning into steps
+    min_reasoning_tokens: int = 0  # drop examples whose reasoning is shorter than this (tokens)
+    max_reasoning_tokens: int | None = None  # drop traces whose reasoning is longer than this (tokens); None = no limit
+    overlong: str = "drop"  # what to do with examples longer than seq_len: "drop" or "truncate"
+    eval_fraction: float = 0.02  # fraction of examples held out for evaluation
+    packing: str = "first_fit"  # sequence packing: "first_fit" or "best_fit"
+    num_workers: int = 0  # data loader worker processes; 0 = load in the main process
+    streams: int = 0  # example streams packed apart, side by side in a batch; 0 = one per process (fix: same batches at any process count)
+    curriculum_fraction: float = 0.0  # first fraction of training steps fed easiest-first; 0 = plain shuffle
+    shuffle_seed: int = 0  # seed of the example shuffle
+
+    def __post_init__(self):
+        _check_choice("format", self.format, ("r1", "messages", "sharegpt"))
+        _check(bool(self.think_open) and bool(self.think_close),
+               f"think_open={self.think_open!r} / think_close={self.think_close!r} must both be set (the tags "
+               f"around the reasoning in the traces, default <think> / </think>)")
+        _check_choice("overlong", self.overlong, ("drop", "truncate"))
+        _check_choice("packing", self.packing, ("first_fit", "best_fit"))
+        _check(self.top_k >= 0, f"top_k={self.top_k} must be >= 0 (0 = a tokens-only store, no teacher)")
+        _check(self.seq_len >= 1, f"seq_len={self.seq_len} must be >= 1 token")
+        _check(0.0 <= self.eval_fraction < 1.0, f"eval_fraction={self.eval_fraction} must be in [0, 1)")
+        fraction = self.curriculum_fraction
+        _check(0.0 <= fraction <= 1.0, f"curriculum_fraction={fraction} must be in [0, 1]")
+        _check(self.streams >= 0, f"streams={self.streams} must be >= 0 (0 = one stream per process)")
+        _check(self.num_workers >= 0, f"num_workers={self.num_workers} must be >= 0 (0 = the main process)")
+        _check(self.shuffle_seed >= 0, f"shuffle_seed={self.shuffle_seed} must be >= 0")
+        low, high = self.min_reasoning_tokens, self.max_reasoning_tokens
+        _check(low >= 0, f"min_reasoning_tokens={low} must be >= 0 (0 = no minimum)")
+        _check(high is None or high >= max(low, 1),
+               f"max_reasoning_tokens={high} must be null (no limit) or >= 1 and >= min_reasoning_tokens={low}")
+
+
+@dataclasses.dataclass(frozen=True)
+class PrecomputeConfig:
+    batch_tokens: int = 65536  # tokens (padding included) per teacher batch; rows per batch = batch_tokens // length
+    bucket: int = 128  # sequences are right-padded to a multiple of this (one compile per padded length)
+    logits_chunk: int = 512  # positions per slice of teacher logits (bounds the [rows, chunk, vocab] buffer)
+    chunk_tokens: int = 65536  # store chunk length on the token axis: the unit of writing and of resuming
+    window_chunks: int = 8  # chunks computed and written together; host memory ~ window * chunk * 6 * top_k bytes
+    logprob_dtype: str = "float16"  # stored teacher log-prob dtype: float16 or bfloat16
+
+    def __post_init__(self):
+        _check_choice("logprob_dtype", self.logprob_dtype, ("float16", "bfloat16"))
+        for name in ("batch_tokens", "bucket", "logits_chunk", "chunk_tokens", "window_chunks"):
+            _check(getattr(self, name) >= 1, f"{name}={getattr(self, name)} must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    alpha: float = 0.5  # weight of the soft (distillation) loss; the hard (label) loss gets 1 - alpha
+    beta: float = 0.0  # weight of the per-reasoning-step loss added on top
+    temperature: float = 1.0  # softmax temperature of teacher and student in the soft loss (eval.sampling_temperature is generation's)
+    divergence: str = "forward_kl"  # soft loss: "forward_kl", "reverse_kl" or "jsd"
+    jsd_beta: float = 0.5  # mixture weight of the generalized JSD (divergence=jsd)
+    tail: bool = False  # add the probability mass outside the teacher top-k as one extra bucket
+    step_weight: float = 1.0  # weight w_s of each reasoning step in the step loss
+    answer_weight: float = 1.0  # weight w_s of each answer in the step loss
+    chunk_size: int = 512  # tokens per chunk of the fused loss, global over devices (bounds its [chunk, vocab] memory)
+
+    def __post_init__(self):
+        _check_choice("divergence", self.divergence, DIVERGENCES)
+        _check(0.0 <= self.alpha <= 1.0, f"alpha={self.alpha} must be in [0, 1]")
+        _check(self.temperature > 0.0, f"temperature={self.temperature} must be > 0")
+        _check(0.0 <= self.jsd_beta <= 1.0, f"jsd_beta={self.jsd_beta} must be in [0, 1]")
+        _check(self.chunk_size >= 1, f"chunk_size={self.chunk_size} must be >= 1 token")
+        for name in ("beta", "step_weight", "answer_weight"):
+            _check(getattr(self, name) >= 0.0, f"{name}={getattr(self, name)} must be >= 0 (a loss weight)")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 1e-4  # peak learning rate
+    schedule: str = "cosine"  # decay after warmup: "cosine", "linear" or "constant"
+    warmup_steps: int = 100  # linear warmup length in steps
+    min_lr_ratio: float = 0.1  # final learning rate as a fraction of lr
+    weight_decay: float = 0.01  # AdamW decoupled weight decay
+    b1: float = 0.9  # Adam first-moment decay
+    b2: float = 0.95  # Adam second-moment decay
+    eps: float = 1e-8  # Adam denominator epsilon
+    clip_norm: float = 1.0  # global gradient-norm clip; 0 disables clipping
+
+    def __post_init__(self):
+        _check_choice("schedule", self.schedule, ("cosine", "linear", "constant"))
+        _check(self.warmup_steps >= 0, f"warmup_steps={self.warmup_steps} must be >= 0")
+        _check(0.0 <= self.min_lr_ratio <= 1.0, f"min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
+        _check(self.clip_norm >= 0.0, f"clip_norm={self.clip_norm} must be >= 0 (0 disables clipping)")
+        _check(self.lr > 0.0, f"lr={self.lr} must be > 0")
+        _check(self.weight_decay >= 0.0, f"weight_decay={self.weight_decay} must be >= 0 (0 = none)")
+        for name in ("b1", "b2"):
+            _check(0.0 <= getattr(self, name) < 1.0, f"{name}={getattr(self, name)} must be in [0, 1)")
+        _check(self.eps > 0.0, f"eps={self.eps} must be > 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 1000  # optimizer steps to train for
+    global_batch_size: int = 8  # packed sequences per optimizer step, across all devices
+    grad_accum: int = 1  # micro-batches accumulated per optimizer step
+    eval_every: int = 200  # steps between evaluations; 0 disables
+    max_nonfinite: int = 10  # consecutive non-finite-loss steps (skipped) before training stops
+
+    def __post_init__(self):
+        _check(self.steps >= 0, f"steps={self.steps} must be >= 0")
+        _check(self.grad_accum >= 1, f"grad_accum={self.grad_accum} must be >= 1")
+        # Each micro-batch must hold a whole number of sequences.
+        _check(
+            self.global_batch_size >= 1 and self.global_batch_size % self.grad_accum == 0,
+            f"global_batch_size={self.global_batch_size} must be a positive multiple of grad_accum={self.grad_accum}",
+        )
+        _check(self.eval_every >= 0, f"eval_every={self.eval_every} must be >= 0 (0 disables evaluation)")
+        # 0 would stop a healthy run at its first step.
+        _check(self.max_nonfinite >= 1, f"max_nonfinite={self.max_nonfinite} must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    dir: str | None = None  # checkpoint folder (local or gs://); None = <run_dir>/checkpoints
+    every_steps: int = 500  # steps between checkpoints
+    max_to_keep: int = 3  # most recent checkpoints kept on disk
+    async_save: bool = True  # write checkpoints in the background while training continues
+    resume: bool = True  # resume from the latest checkpoint in dir if there is one
+
+    def __post_init__(self):
+        _check(self.every_steps >= 1, f"every_steps={self.every_steps} must be >= 1")
+        _check(self.max_to_keep >= 1, f"max_to_keep={self.max_to_keep} must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    batches: int = 8  # held-out batches per evaluation
+    max_new_tokens: int = 256  # generation length limit for answer accuracy (tokens)
+    matcher: str = "numeric"  # answer check: "exact", "numeric", or "module.path:function"
+    sampling_temperature: float = 0.0  # temperature of answer generation; 0 = greedy (loss.temperature is the KD loss's)
+    top_p: float = 1.0  # nucleus sampling mass; 1 = off
+
+    def __post_init__(self):
+        _check(self.batches >= 1, f"batches={self.batches} must be >= 1")
+        _check(self.max_new_tokens >= 1, f"max_new_tokens={self.max_new_tokens} must be >= 1 token")
+        _check(
+            self.matcher in ("exact", "numeric") or ":" in self.matcher,
+            f"matcher={self.matcher!r} is not allowed; use 'exact', 'numeric' or 'module.path:function'",
+        )
+        _check(self.sampling_temperature >= 0.0,
+               f"sampling_temperature={self.sampling_temperature} must be >= 0 (0 = greedy)")
+        _check(0.0 < self.top_p <= 1.0, f"top_p={self.top_p} must be in (0, 1]")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    run: RunConfig = dataclasses.field(default_factory=RunConfig)  # naming, output folder, seed, logging
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)  # device mesh axis sizes
+    student: ModelSource = dataclasses.field(default_factory=ModelSource)  # the model being trained
+    # The teacher is only run forward, so it is kept in bfloat16 by default.
+    teacher: ModelSource = dataclasses.field(default_factory=lambda: ModelSource(param_dtype="bfloat16"))
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)  # traces, tokenization and packing
+    precompute: PrecomputeConfig = dataclasses.field(default_factory=PrecomputeConfig)  # teacher top-K pass
+    loss: LossConfig = dataclasses.field(default_factory=LossConfig)  # distillation loss
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)  # AdamW and learning-rate schedule
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)  # step counts and batch sizes
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)  # saving and resuming
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)  # held-out loss and answer accuracy
+
+    def __post_init__(self):
+        if self.data.top_k == 0 and self.loss.alpha > 0:
+            raise ConfigError(f"data.top_k=0 (tokens only, no teacher log-probs) needs loss.alpha=0 (hard labels "
+                              f"only), not {self.loss.alpha}; set loss.alpha=0 or data.top_k >= 1")
+
+    @property
+    def run_dir(self) -> str:
+        return os.path.join(self.run.output_dir, self.run.name)
+
+    @property
+    def tokenizer(self) -> str:
+        """data.tokenizer, or the teacher's folder / hub id when it is not set."""
+        path = self.data.tokenizer or self.teacher.hf_path
+        if not path:
+            raise ConfigError("no tokenizer: set data.tokenizer (a folder or hub id) or teacher.hf_path")
+        return path
+
+    @property
+    def checkpoint_dir(self) -> str:
+        """checkpoint.dir, or <run_dir>/checkpoints (absolute: Orbax wants one)."""
+        return self.checkpoint.dir or os.path.join(os.path.abspath(self.run_dir), "checkpoints")
+
+
+# ---------------------------------------------------------------- building from dicts
+
+
+def _type_name(tp) -> str:
+    if tp is type(None):
+        return "None"
+    if tp is typing.Any:
+        return "any"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping of keys"
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(arg) for arg in typing.get_args(tp))
+    if origin is not None:
+        return f"{origin.__name__}[{', '.join(_type_name(arg) for arg in typing.get_args(tp))}]"
+    return tp.__name__
+
+
+def _convert(value, tp, path: str):
+    """Checks `value` against the annotation `tp` and returns it (int -> float where a float is expected)."""
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, path)
+    if tp is typing.Any:
+        return value
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _convert(value, arg, path)
+            except ConfigError:
+                pass
+    elif tp is type(None):
+        if value is None:
+            return None
+    elif tp is float:
+        # bool is an int subclass, but `true` for a float is almost surely a mistake.
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp in (int, str, bool):
+        if isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
+            return value
+    elif origin is list or tp is list:
+        (item_type,) = typing.get_args(tp) or (typing.Any,)
+        if isinstance(value, (list, tuple)):
+            return [_convert(item, item_type, f"{path}[{i}]") for i, item in enumerate(value)]
+    elif origin is dict or tp is dict:
+        if isinstance(value, dict):
+            return copy.deepcopy(value)
+    else:
+        raise TypeError(f"config field {path!r} has an unsupported annotation {tp!r}")
+    hint = ""
+    if str in (typing.get_args(tp) or (tp,)) and isinstance(value, (int, float, bool)):
+        hint = f"; quote it to pass text, e.g. {path}='\"{value}\"'"  # YAML read the bare value as a number/bool
+    raise ConfigError(f"{path!r} expects {_type_name(tp)}, got {value!r} ({type(value).__name__}){hint}")
+
+
+def _dotted_keys(cls, prefix: str = "") -> list[str]:
+    """All keys under a dataclass, sections included: ["run", "run.name", ...]."""
+    keys = []
+    for name, field_type in typing.get_type_hints(cls).items():
+        keys.append(prefix + name)
+        if dataclasses.is_dataclass(field_type):
+            keys += _dotted_keys(field_type, f"{prefix}{name}.")
+    return keys
+
+
+def _unknown_key_error(cls, key, path: str) -> ConfigError:
+    prefix = f"{path}." if path else ""
+    names = [f.name for f in dataclasses.fields(cls)]
+    all_keys = _dotted_keys(cls, prefix)
+    # Close to a key of this section or below (`temperature` -> `loss.temperature`), or a leaf name in the wrong place.
+    guesses = [prefix + k for k in difflib.get_close_matches(str(key), _dotted_keys(cls), n=3)]
+    guesses += [k for k in all_keys if difflib.get_close_matches(str(key), [k.rsplit(".", 1)[-1]], cutoff=0.8)]
+    guesses = list(dict.fromkeys(guesses))[:3]
+    hint = f"did you mean {' or '.join(map(repr, guesses))}? " if guesses else ""
+    where = f"in {path!r}" if path else "at the top level"
+    return ConfigError(f"unknown config key {prefix + str(key)!r}; {hint}valid keys {where}: {', '.join(names)}")
+
+
+def from_dict(cls, data: dict | None, path: str = ""):
+    """Builds dataclass `cls` from a nested dict, checking every key and type. None means all defaults."""
+    if data is None:  # a YAML section whose keys are all commented out
+        data = {}
+    if not isinstance(data, dict):
+        where = repr(path) if path else "the config"
+        raise ConfigError(f"{where} is a section and expects a mapping of keys, got {data!r} ({type(data).__name__})")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            raise _unknown_key_error(cls, key, path)
+        kwargs[key] = _convert(value, hints[key], f"{path}.{key}" if path else key)
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:  # __post_init__ checks know the field, not where the section sits
+        raise ConfigError(f"{path}: {e}" if path else str(e)) from None
+
+
+# ---------------------------------------------------------------- files and command line
+
+
+def apply_overrides(data: dict, overrides: typing.Iterable[str]) -> dict:
+    """Returns a copy of `data` with each `dotted.key=value` set; values are YAML (2 int, 2.0 float, null None)."""
+    data = copy.deepcopy(data)
+    for override in overrides:
+        key, sep, raw = override.partition("=")
+        parts = key.strip().split(".")
+        if not sep or not all(parts):
+            raise ConfigError(f"override {override!r} is not dotted.key=value; write e.g. train.steps=10")
+        try:
+            value = yaml.load(raw, Loader=_Loader)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {override!r}: the value is not valid YAML ({e}); quote it if it is text") from None
+        node = data
+        for i, part in enumerate(parts[:-1]):
+            if node.get(part) is None:
+                node[part] = {}
+            node = node[part]
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {override!r}: {'.'.join(parts[: i + 1])!r} is a value, not a section")
+        node[parts[-1]] = value
+    return data
+
+
+def load_config(path: str | None, overrides: typing.Iterable[str] = ()) -> Config:
+    """Reads a YAML config (None = all defaults), applies dotted overrides and builds a checked Config."""
+    data = {}
+    if path is not None:
+        if not os.path.isfile(path):
+            raise ConfigError(f"config file {path!r} not found; pass an existing YAML file (see configs/base.yaml)")
+        with open(path) as f:
+            try:
+                data = yaml.load(f, Loader=_Loader)
+            except yaml.YAMLError as e:
+                raise ConfigError(f"config file {path!r} is not valid YAML: {e}") from None
+        if data is None:  # an empty file means all defaults
+            data = {}
+        if not isinstance(data, dict):
+            kind = type(data).__name__
+            raise ConfigError(f"config file {path!r} must hold a mapping of sections (run:, train:, ...), got a {kind}")
+    return from_dict(Config, apply_overrides(data, overrides))
+
+
+def to_dict(cfg) -> dict:
+    """The config as plain nested dicts, in field order, ready for YAML."""
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, run_dir: str | None = None, filename: str = "config.yaml") -> str:
+    """Writes the resolved config to run_dir/filename (run_dir defaults to cfg.run_dir); returns the path."""
+    run_dir = cfg.run_dir if run_dir is None else run_dir
+    os.makedirs(run_dir, exist_ok=True)
+    path = os.path.join(run_dir, filename)
+    with open(path, "w") as f:
+        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+    return path
+
+
+def setup_logging() -> None:
+    """INFO lines of kd_jax on stdout for the entry points. `force`: grain and absl install root
+    handlers at import, which would swallow them; jax's backend probing and Orbax's save chatter
+    stay at WARNING."""
+    import logging
+    import sys
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stdout,
+                        force=True)
+    for noisy in ("jax", "absl"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def parse_args(argv: list[str] | None = None, description: str = "kd_jax") -> Config:
+    """`--config file.yaml key=value ...` -> Config, for the entry points (which also get logging
+    set up). A config error exits 1 with its one-line message."""
+    return parse_command(argv, description)[0]
+
+
+def parse_command(argv: list[str] | None = None, description: str = "kd_jax", *, dry_run: bool = False,
+                  add_arguments=None) -> tuple[Config, argparse.Namespace]:
+    """`parse_args` plus the parsed flags: `--debug` (a traceback instead of the one-line error,
+    kd_jax.core.errors.reported), with dry_run=True `--dry-run` and `--no-compile` (kd_jax/core/dryrun.py),
+    and whatever `add_arguments(parser)` adds."""
+    setup_logging()
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", help="YAML config file; configs/base.yaml lists every key")
+    if dry_run:
+        parser.add_argument("--dry-run", action="store_true",
+                            help="print parameter counts and per-device memory, check the fit, and exit; "
+                                 "reads no weights, store or traces")
+        parser.add_argument("--no-compile", action="store_true",
+                            help="with --dry-run: analytic estimate only, no ahead-of-time compile")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    if add_arguments is not None:
+        add_arguments(parser)
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.steps=10")
+    args = parser.parse_intermixed_args(argv)
+    try:
+        return load_config(args.config, args.overrides), args
+    except ConfigError as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
