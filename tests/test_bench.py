@@ -9,9 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kd_jax.core import flops, losses
 from kd_jax.bench.__main__ import main
 from kd_jax.bench.presets import PRESETS, synthetic_batch
+from kd_jax.core import flops, losses
 from kd_jax.models import DecoderConfig, config_from_hf
 
 

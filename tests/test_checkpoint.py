@@ -29,8 +29,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 from kd_jax.core import distributed
 from kd_jax.core.checkpoint import Checkpointer, Preemption
 from kd_jax.core.config import CheckpointConfig
-from kd_jax.models.decoder import DecoderConfig, init_decoder
 from kd_jax.core.sharding import make_mesh, state_shardings
+from kd_jax.models.decoder import DecoderConfig, init_decoder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = DecoderConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=8,

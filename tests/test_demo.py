@@ -14,9 +14,9 @@ import pytest
 
 from kd_jax.core import losses
 from kd_jax.core.config import ConfigError, load_config
+from kd_jax.core.evaluation import extract_answer
 from kd_jax.data import arithmetic as demo
 from kd_jax.data.store import KDStore
-from kd_jax.core.evaluation import extract_answer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _OPS = {"finds": 1, "buys": 1, "wins": 1, "loses": -1, "gives away": -1, "sells": -1}

@@ -6,10 +6,11 @@ import json
 import os
 
 import pytest
-
 import tiny_kd
+
 from kd_jax.core.config import load_config
-from kd_jax.core.evaluation import evaluate as run, extract_answer, matcher
+from kd_jax.core.evaluation import evaluate as run
+from kd_jax.core.evaluation import extract_answer, matcher
 from kd_jax.core.teacher import precompute
 
 

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import hf_tiny
 import numpy as np
 import pytest
 import torch
 import transformers
 
-import hf_tiny
 from kd_jax.core.generate import generate
 from kd_jax.models import load_hf
 

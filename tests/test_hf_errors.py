@@ -7,10 +7,10 @@ import json
 import os
 import shutil
 
+import hf_tiny
 import pytest
 import safetensors.numpy
 
-import hf_tiny
 from kd_jax.core.errors import KDJaxError
 from kd_jax.models import HFFormatError, load_hf, save_hf
 from kd_jax.models.hf import FolderNotEmptyError

@@ -6,12 +6,12 @@ import filecmp
 import json
 import os
 
+import hf_tiny
 import numpy as np
 import pytest
 import torch
 import transformers
 
-import hf_tiny
 from kd_jax.models import load_hf, save_hf
 from kd_jax.models.hf import _read_kd, _to_hf
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 import os
 
+import hf_tiny
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 
-import hf_tiny
 from kd_jax.models import build_model, config_from_hf, keep_layers, load_hf
 from kd_jax.models.decoder import rope_inv_freq
 

@@ -15,14 +15,14 @@ import time
 import jax
 import numpy as np
 import pytest
+import tiny_kd
 from flax import nnx
 
-import tiny_kd
 from kd_jax.core.config import load_config
-from kd_jax.data.pipeline import make_train_iter
-from kd_jax.data.store import KDStore
 from kd_jax.core.distributed import init_args
 from kd_jax.core.runs import load_run_config, restore_student
+from kd_jax.data.pipeline import make_train_iter
+from kd_jax.data.store import KDStore
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 16  # checkpoints every 4 steps: the kill lands after step 4's, well before the end

@@ -10,12 +10,12 @@ import os
 
 import numpy as np
 import pytest
-
 import tiny_kd
+
 from kd_jax.core.config import DataConfig, load_config
+from kd_jax.core.teacher import precompute as run
 from kd_jax.data import pipeline
 from kd_jax.data.store import KDStore, StoreError
-from kd_jax.core.teacher import precompute as run
 
 L, K, N_SEQ = 256, 8, 24  # packed length; store top-K; sequences (53..219 tokens each)
 CFG = DataConfig(seq_len=L)

@@ -11,13 +11,13 @@ import time
 
 import numpy as np
 import pytest
+import tiny_kd
 import torch
 import transformers
 
-import tiny_kd
 from kd_jax.core.config import load_config
-from kd_jax.data.store import KDStore, StoreError
 from kd_jax.core.teacher import precompute as run
+from kd_jax.data.store import KDStore, StoreError
 
 K = 8
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hf_tiny
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,7 +10,6 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-import hf_tiny
 from kd_jax.core import sharding
 from kd_jax.models import DecoderConfig, init_decoder, load_hf
 

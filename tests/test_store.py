@@ -11,14 +11,14 @@ import shutil
 
 import numpy as np
 import pytest
+import tiny_kd
 import transformers
 
-import tiny_kd
 from kd_jax.core.config import DataConfig, load_config
-from kd_jax.data import pipeline
-from kd_jax.data.demo import train_tokenizer
-from kd_jax.data.store import KDStore, StoreError
 from kd_jax.core.teacher import precompute
+from kd_jax.data import pipeline
+from kd_jax.data.arithmetic import train_tokenizer
+from kd_jax.data.store import KDStore, StoreError
 
 C = 64  # chunk_tokens
 

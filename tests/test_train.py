@@ -3,10 +3,13 @@ transformers, exact resume after SIGKILL and SIGTERM, gradient accumulation, pac
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -15,19 +18,28 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tiny_kd
 import torch
 import transformers
 
-import tiny_kd
 from kd_jax.core import sharding
-from kd_jax.core.config import load_config
-from kd_jax.data.pipeline import make_eval_iter, make_train_iter
-from kd_jax.data.store import KDStore
-from kd_jax.core.loop import to_global
-from kd_jax.models import build_model
-from kd_jax.core.runs import load_run_config, restore_student
+from kd_jax.core.checkpoint import Checkpointer, CheckpointError
+from kd_jax.core.config import RunConfig, load_config, save_config
+from kd_jax.core.evaluation import evaluate
+from kd_jax.core.loop import Logger, NonFiniteError, to_global, train
+from kd_jax.core.runs import (
+    RunDirError,
+    RunLock,
+    export_run,
+    load_run_config,
+    restore_student,
+)
 from kd_jax.core.state import abstract_train_state, init_train_state
 from kd_jax.core.step import compile_steps
+from kd_jax.data.pipeline import make_eval_iter, make_train_iter
+from kd_jax.data.store import KDStore
+from kd_jax.models import build_model
+from kd_jax.models.hf import FolderNotEmptyError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 24  # long enough after the first checkpoint (step 4) for the interrupting signal to land
@@ -174,3 +186,95 @@ def test_packing_keeps_documents_apart(root):
         b = jax.device_get(steps.eval(params, to_global(alone, mesh)))
     for key in ("soft_sum", "hard_sum", "num_tokens", "top1_agree", "loss"):
         np.testing.assert_allclose(a[key], b[key], rtol=2e-5, err_msg=key)
+
+
+# ---------------------------------------------------------------- nothing lost, nothing silent
+
+
+def _cfg(root, name, **extra):
+    return load_config(None, _train_args(root, name, **extra))
+
+
+def test_changed_config_on_resume_is_refused_with_a_diff(root):
+    path = f"{root}/runs/reference/config.yaml"
+    before = open(path, "rb").read()
+    with pytest.raises(RunDirError, match=r"student\.teacher_layers: \[1\] -> \[0, 1\]") as e:
+        train(_cfg(root, "reference", **{"student.teacher_layers": "[0,1]"}))
+    assert "\n" not in str(e.value)
+    assert open(path, "rb").read() == before  # the run's own config is untouched
+    with pytest.raises(RunDirError, match="checkpoint.resume=false"):
+        train(_cfg(root, "reference", **{"checkpoint.resume": "false"}))
+
+
+def test_second_trainer_on_a_locked_run_dir_is_refused(root):
+    run_dir = f"{root}/runs/reference"
+    with RunLock(run_dir):  # a live trainer (this process) holds the directory
+        with pytest.raises(RunDirError, match="in use by another trainer"):
+            train(_cfg(root, "reference"))
+    assert not os.path.exists(f"{run_dir}/run.lock")
+
+
+def test_stale_lock_from_a_killed_trainer_is_taken_over(root):
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    run_dir = f"{root}/runs/reference"
+    with open(f"{run_dir}/run.lock", "w") as f:
+        json.dump({"host": socket.gethostname(), "pid": dead.pid}, f)
+    train(_cfg(root, "reference"))  # finished run: resumes at its last step, nothing to do
+    assert not os.path.exists(f"{run_dir}/run.lock")
+
+
+def test_evaluate_and_export_without_a_checkpoint_are_refused_and_leave_nothing(root):
+    cfg = _cfg(root, "never_trained")
+    save_config(cfg)
+    with pytest.raises(CheckpointError, match="has no checkpoint"):
+        evaluate(cfg, "student", max_examples=1)
+    proc = _cli("kd_jax.export", ["--run", cfg.run_dir])
+    out = proc.communicate(timeout=120)[0].decode()
+    assert proc.returncode == 1 and out.strip().splitlines()[-1].startswith("error: ")
+    assert "Traceback" not in out and "has no checkpoint" in out
+    assert not os.path.exists(cfg.checkpoint_dir)  # no empty checkpoints/ left behind
+    proc = _cli("kd_jax.export", ["--run", cfg.run_dir, "--debug"])
+    assert "Traceback" in proc.communicate(timeout=120)[0].decode() and proc.returncode == 1
+
+
+def test_export_refuses_a_non_empty_folder_without_overwrite(root):
+    teacher = f"{root}/teacher"
+    before = {n: open(f"{teacher}/{n}", "rb").read() for n in os.listdir(teacher)}
+    with pytest.raises(FolderNotEmptyError, match="--overwrite"):
+        export_run(f"{root}/runs/reference", teacher)
+    assert {n: open(f"{teacher}/{n}", "rb").read() for n in os.listdir(teacher)} == before
+
+
+def test_metrics_jsonl_has_each_step_once_after_a_resume(tmp_path):
+    with open(tmp_path / "metrics.jsonl", "w") as f:
+        for step in range(1, 7):  # logged up to 6; the checkpoint it resumes from is step 4
+            f.write(json.dumps({"step": step, "split": "train", "loss": 1.0}) + "\n")
+    logger = Logger(str(tmp_path), RunConfig(tensorboard=False), start=4)
+    logger.write(5, "train", {"loss": 0.5})
+    logger.close()
+    steps = [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")]
+    assert steps == [1, 2, 3, 4, 5]
+
+
+def test_nonfinite_stop_is_checked_every_step_not_only_when_logging(root):
+    cfg = _cfg(root, "diverges", **{"optim.lr": 1e30, "optim.warmup_steps": 0, "optim.clip_norm": 0,
+                                    "train.max_nonfinite": 2, "run.log_every": 50, "train.steps": 12})
+    with pytest.raises(NonFiniteError, match=r"up to step (\d+)") as e:
+        train(cfg)
+    assert int(re.search(r"up to step (\d+)", str(e.value)).group(1)) < 12
+
+
+def test_disk_full_names_the_folder_and_the_last_good_step(root, monkeypatch):
+    save = Checkpointer.save
+
+    def full_at_8(self, step, *args, **kwargs):
+        if step == 8:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return save(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(Checkpointer, "save", full_at_8)
+    cfg = _cfg(root, "disk_full", **{"train.steps": 10})
+    with pytest.raises(CheckpointError, match="disk full") as e:
+        train(cfg)
+    assert cfg.checkpoint_dir in str(e.value) and "last good checkpoint is step 4" in str(e.value)

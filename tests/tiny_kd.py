@@ -8,6 +8,7 @@ import json
 import os
 
 import hf_tiny
+
 from kd_jax.data.arithmetic import train_tokenizer
 
 

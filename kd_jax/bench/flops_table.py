@@ -11,8 +11,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from kd_jax.core import flops
 from kd_jax.bench.presets import PRESETS
+from kd_jax.core import flops
 from kd_jax.models import config_from_hf
 
 

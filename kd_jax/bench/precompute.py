@@ -21,12 +21,12 @@ import jax
 import numpy as np
 from flax import nnx
 
-from kd_jax.core import flops, sharding
 from kd_jax.bench.presets import architecture
-from kd_jax.core.dryrun import compiled_memory
+from kd_jax.core import flops, sharding
 from kd_jax.core.config import load_config
-from kd_jax.models import Decoder, build_model
+from kd_jax.core.dryrun import compiled_memory
 from kd_jax.core.teacher import topk_logprobs
+from kd_jax.models import Decoder, build_model
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -75,7 +75,9 @@ def _losses(torch):
         return ALPHA * soft + (1 - ALPHA) * hard
 
     try:
-        from liger_kernel.chunked_loss.fused_linear_distillation import LigerFusedLinearDistillationBase
+        from liger_kernel.chunked_loss.fused_linear_distillation import (
+            LigerFusedLinearDistillationBase,
+        )
     except ImportError:
         return None, naive
 

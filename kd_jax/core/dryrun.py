@@ -35,12 +35,12 @@ from jax.sharding import AbstractMesh
 from kd_jax.core import sharding
 from kd_jax.core.config import Config, ModelSource
 from kd_jax.core.errors import KDJaxError
-from kd_jax.models.decoder import Decoder, DecoderConfig
-from kd_jax.models.hf import read_hf_config
-from kd_jax.models.source import source_config
 from kd_jax.core.state import abstract_params, abstract_train_state
 from kd_jax.core.step import compile_steps
 from kd_jax.core.teacher import topk_logprobs
+from kd_jax.models.decoder import Decoder, DecoderConfig
+from kd_jax.models.hf import read_hf_config
+from kd_jax.models.source import source_config
 
 GiB = 2**30
 

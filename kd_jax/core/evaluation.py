@@ -19,16 +19,16 @@ from flax import nnx
 
 from kd_jax.core import sharding
 from kd_jax.core.config import Config, ConfigError, EvalConfig
+from kd_jax.core.generate import generate
+from kd_jax.core.loop import evaluate_losses, usable_sequences
+from kd_jax.core.runs import restore_student
+from kd_jax.core.step import eval_step
 from kd_jax.data.pipeline import split_indices
 from kd_jax.data.roles import Role
 from kd_jax.data.store import KDStore
 from kd_jax.data.traces import THINK_CLOSE
-from kd_jax.core.generate import generate
-from kd_jax.core.loop import evaluate_losses, usable_sequences
 from kd_jax.models import build_model, num_params
 from kd_jax.models.hf import load_tokenizer
-from kd_jax.core.runs import restore_student
-from kd_jax.core.step import eval_step
 
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 

@@ -25,15 +25,15 @@ from tqdm import tqdm
 from kd_jax.core import flops, sharding
 from kd_jax.core.checkpoint import Checkpointer, CheckpointError, Preemption
 from kd_jax.core.config import Config, DataConfig, LossConfig, RunConfig
-from kd_jax.data.pipeline import make_eval_iter, make_train_iter, split_indices
-from kd_jax.data.store import KDStore, StoreError
 from kd_jax.core.errors import KDJaxError
-from kd_jax.models import build_model, num_params
-from kd_jax.models.hf import load_tokenizer
 from kd_jax.core.progress import bar
 from kd_jax.core.runs import RunLock, check_and_save_config
 from kd_jax.core.state import TrainSpec, abstract_train_state, init_train_state
 from kd_jax.core.step import Steps, compile_steps, summarize
+from kd_jax.data.pipeline import make_eval_iter, make_train_iter, split_indices
+from kd_jax.data.store import KDStore, StoreError
+from kd_jax.models import build_model, num_params
+from kd_jax.models.hf import load_tokenizer
 
 log = logging.getLogger("kd_jax.train")
 
@@ -182,7 +182,13 @@ def train(cfg: Config) -> dict[str, float]:
         return _loop(cfg, ckpt)
     except BaseException as e:
         if _disk_full(e):
-            last = ckpt.latest_step() if ckpt is not None else None
+            last = None
+            if ckpt is not None:
+                try:
+                    ckpt.wait()  # an earlier save still in flight may finish: it is the last good step
+                except OSError:
+                    pass
+                last = ckpt.latest_step()
             raise CheckpointError(f"disk full writing to {cfg.run_dir} (checkpoints in {cfg.checkpoint_dir}); the "
                                   f"last good checkpoint is step {last}; free space there and run the same "
                                   f"command again to resume from it") from None

@@ -16,8 +16,8 @@ import jax
 import jax.numpy as jnp
 
 from kd_jax.core.config import DIVERGENCES, LossConfig
-from kd_jax.data.roles import Role
 from kd_jax.core.sharding import constrain
+from kd_jax.data.roles import Role
 
 # Floor for the teacher's leftover mass 1 − Σ_k p_k: fp32 rounding can make it 0 or negative.
 _TAIL_FLOOR = float(jnp.finfo(jnp.float32).tiny)

@@ -30,14 +30,14 @@ import time
 import transformers
 
 from kd_jax.core.config import Config, load_config
-from kd_jax.data import arithmetic
-from kd_jax.data.pipeline import split_indices
-from kd_jax.data.roles import Role
-from kd_jax.data.store import KDStore
 from kd_jax.core.evaluation import evaluate, extract_answer, matcher
 from kd_jax.core.loop import train
 from kd_jax.core.runs import export_run
 from kd_jax.core.teacher import precompute
+from kd_jax.data import arithmetic
+from kd_jax.data.pipeline import split_indices
+from kd_jax.data.roles import Role
+from kd_jax.data.store import KDStore
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs", "demo")
 # (name, loss overrides) of the three students: the same budget and model, only the loss differs

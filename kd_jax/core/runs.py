@@ -21,9 +21,9 @@ from kd_jax.core import sharding
 from kd_jax.core.checkpoint import Checkpointer, CheckpointError
 from kd_jax.core.config import Config, ConfigError, load_config, save_config, to_dict
 from kd_jax.core.errors import KDJaxError
+from kd_jax.core.state import restore_params
 from kd_jax.models.hf import load_tokenizer, save_hf
 from kd_jax.models.source import source_config
-from kd_jax.core.state import restore_params
 
 log = logging.getLogger("kd_jax.core.runs")
 

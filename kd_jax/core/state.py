@@ -21,8 +21,8 @@ from flax import nnx
 from kd_jax.core import sharding
 from kd_jax.core.checkpoint import Checkpointer
 from kd_jax.core.config import OptimConfig
-from kd_jax.models.decoder import Decoder, DecoderConfig
 from kd_jax.core.step import make_optimizer
+from kd_jax.models.decoder import Decoder, DecoderConfig
 
 
 def _with_shardings(tree, shardings):

@@ -16,7 +16,8 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from kd_jax.core import losses
 from kd_jax.core.config import LossConfig, OptimConfig

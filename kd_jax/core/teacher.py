@@ -24,12 +24,18 @@ from flax import nnx
 
 from kd_jax.core import distributed, sharding
 from kd_jax.core.config import Config, save_config
-from kd_jax.data.store import (KDStore, StoreError, StoreMeta, identity_changes, template_hash,
-                                tokenizer_fingerprint)
+from kd_jax.core.progress import bar as progress_bar
+from kd_jax.data.store import (
+    KDStore,
+    StoreError,
+    StoreMeta,
+    identity_changes,
+    template_hash,
+    tokenizer_fingerprint,
+)
 from kd_jax.data.traces import encode_traces, load_traces, tokenization_inputs
 from kd_jax.models import build_model
 from kd_jax.models.hf import load_tokenizer, read_hf_config, resolve_path
-from kd_jax.core.progress import bar as progress_bar
 
 
 def topk_logprobs(model, tokens_BxT: jax.Array, *, k: int, vocab_size: int, logits_chunk: int):

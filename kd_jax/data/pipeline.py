@@ -30,7 +30,11 @@ import os
 import grain
 import numpy as np
 from absl import flags
-from grain.experimental import BestFitPackIterDataset, FirstFitPackIterDataset, ZipIterDataset
+from grain.experimental import (
+    BestFitPackIterDataset,
+    FirstFitPackIterDataset,
+    ZipIterDataset,
+)
 
 from kd_jax.core.config import DataConfig
 from kd_jax.data.roles import Role

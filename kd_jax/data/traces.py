@@ -34,11 +34,11 @@ import numpy as np
 
 from kd_jax.core.config import DataConfig
 from kd_jax.core.errors import KDJaxError
+from kd_jax.data.roles import Role
 
 THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"
 CLOSE_TEXT = "\n" + THINK_CLOSE + "\n\n"  # between the reasoning and the answer
-PROMPT, REASONING, ANSWER = 0, 1, 2  # values of the per-token `role` array
 _LOCAL_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
 
@@ -346,9 +346,9 @@ def _encode_rendered(tokenizer, prompt_text: str, reasoning: str, answer: str, s
     # Character spans in token order: (text, role, step). Pieces 2 .. len-3 are the paragraphs.
     paragraphs = reasoning.split(step_separator) if step_separator else [reasoning]
     last_step = len(paragraphs) - 1
-    pieces = [(prompt_text, PROMPT, -1), (opening, REASONING, 0)]
-    pieces += [(p + (step_separator if k < last_step else ""), REASONING, k) for k, p in enumerate(paragraphs)]
-    pieces += [(CLOSE_TEXT, REASONING, last_step), (answer, ANSWER, -1)]
+    pieces = [(prompt_text, Role.PROMPT, -1), (opening, Role.REASONING, 0)]
+    pieces += [(p + (step_separator if k < last_step else ""), Role.REASONING, k) for k, p in enumerate(paragraphs)]
+    pieces += [(CLOSE_TEXT, Role.REASONING, last_step), (answer, Role.ANSWER, -1)]
     text = "".join(piece for piece, _, _ in pieces)
     piece_ends = np.cumsum([len(piece) for piece, _, _ in pieces])
 
@@ -365,7 +365,7 @@ def _encode_rendered(tokenizer, prompt_text: str, reasoning: str, answer: str, s
     reasoning_span = (int(np.searchsorted(piece_N, 2)), int(np.searchsorted(piece_N, len(pieces) - 2)))
 
     tokens = np.append(np.asarray(encoding["input_ids"], dtype=np.int32), np.int32(tokenizer.eos_token_id))
-    return Encoded(tokens=tokens, role=np.append(roles[piece_N], np.uint8(ANSWER)),
+    return Encoded(tokens=tokens, role=np.append(roles[piece_N], np.uint8(Role.ANSWER)),
                    step=np.append(steps[piece_N], np.int32(-1)), reasoning_span=reasoning_span)
 
 
@@ -383,7 +383,7 @@ def truncate_reasoning(example: Encoded, seq_len: int) -> Encoded | None:
     kept_N = np.r_[0:start + keep, end:len(example)]
     step = example.step[kept_N].copy()
     # The closing tag belonged to the last step, which may be cut: it closes the last step kept.
-    close_N = np.flatnonzero(example.role[kept_N[start + keep:]] == REASONING) + start + keep
+    close_N = np.flatnonzero(example.role[kept_N[start + keep:]] == Role.REASONING) + start + keep
     step[close_N] = step[start + keep - 1] if keep else 0
     return Encoded(tokens=example.tokens[kept_N], role=example.role[kept_N], step=step,
                    reasoning_span=(start, start + keep))

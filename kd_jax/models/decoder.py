@@ -23,7 +23,6 @@ from kd_jax.core.config import ATTENTION, REMAT_POLICIES
 from kd_jax.core.sharding import constrain, create_sharded
 
 
-
 def remat_policy(name: str):
     """jax's checkpoint policy for a name of kd_jax.core.config.REMAT_POLICIES ("none": no remat)."""
     if name == "none":
