@@ -60,7 +60,7 @@ def check_batch(batch, ref, allowed, B):
                                                     "reasoning_step", "topk_ids"))
     seg = batch["segment_ids"]
     pad = seg == 0
-    for name, value in dict(inputs=0, labels=0, positions=0, role=0, step=-1, loss_mask=False).items():
+    for name, value in dict(inputs=0, labels=0, positions=0, role=0, reasoning_step=-1, loss_mask=False).items():
         assert (batch[name][pad] == value).all(), name
     assert (batch["topk_ids"][pad] == -1).all() and (batch["topk_logprobs"][pad] == 0).all()
     # Row 0 of a sequence has no teacher prediction (ids -1); an off-by-one would pack it in.

@@ -123,13 +123,18 @@ class RunLock:
     def _alive(owner: dict) -> bool:
         if owner.get("host") != socket.gethostname():
             return True  # another machine's process: it cannot be checked from here
+        pid = int(owner["pid"])
         try:
-            os.kill(int(owner["pid"]), 0)
+            os.kill(pid, 0)
         except ProcessLookupError:
             return False
         except PermissionError:
             return True
-        return True
+        try:  # a killed process its parent has not reaped yet is a zombie: gone all the same
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return True
 
     def release(self) -> None:
         if self.held:
