@@ -161,12 +161,26 @@ def prepare(cfg: Config) -> Run:
     return Run(cfg, mesh, student, spec, state, steps, data_iter, usable[train_pos], usable[eval_pos])
 
 
-def _disk_full(e: BaseException) -> bool:
-    while e is not None:
+def _disk_full(e: BaseException | None) -> bool:
+    """An OSError ENOSPC anywhere in the chain, or TensorStore's RESOURCE_EXHAUSTED for it (Orbax
+    writes through TensorStore, which raises ValueError with the OS error code in the text)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
         if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            return True
+        if "No space left on device" in str(e) or f"os_error_code='{errno.ENOSPC}'" in str(e):
             return True
         e = e.__cause__ or e.__context__
     return False
+
+
+class _QuietDiskFull(logging.Filter):
+    """Drops Orbax's logged tracebacks of a failed save when the disk is full: `train` reports that
+    in one line (folder, last good step) instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and _disk_full(record.exc_info[1]))
 
 
 def train(cfg: Config) -> dict[str, float]:
@@ -175,6 +189,8 @@ def train(cfg: Config) -> dict[str, float]:
     if lock is not None:
         lock.acquire()
     ckpt = None
+    quiet = _QuietDiskFull()
+    logging.getLogger("absl").addFilter(quiet)  # Orbax logs through absl
     try:
         if jax.process_index() == 0:
             check_and_save_config(cfg)
@@ -201,6 +217,7 @@ def train(cfg: Config) -> dict[str, float]:
                 pass  # a failed save in flight: reported above
         if lock is not None:
             lock.release()
+        logging.getLogger("absl").removeFilter(quiet)
 
 
 def _loop(cfg: Config, ckpt: Checkpointer) -> dict[str, float]:
