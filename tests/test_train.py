@@ -278,3 +278,12 @@ def test_disk_full_names_the_folder_and_the_last_good_step(root, monkeypatch):
     with pytest.raises(CheckpointError, match="disk full") as e:
         train(cfg)
     assert cfg.checkpoint_dir in str(e.value) and "last good checkpoint is step 4" in str(e.value)
+
+
+def test_precompute_bad_traces_is_one_line_exit_1(root):
+    args = [a for a in tiny_kd.store_args(root) if not a.startswith(("data.traces=", "data.store="))]
+    proc = _cli("kd_jax.precompute", args + [f"data.traces={root}/missing.jsonl", f"data.store={root}/other_store",
+                                            f"run.output_dir={root}/runs"])
+    out = proc.communicate(timeout=120)[0].decode()
+    assert proc.returncode == 1 and "Traceback" not in out, out[-2000:]
+    assert out.strip().splitlines()[-1].startswith("error: ") and "missing.jsonl" in out.strip().splitlines()[-1]
