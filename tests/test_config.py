@@ -219,3 +219,14 @@ def test_rejects_run_name_outside_output_dir(name):
 def test_run_name_may_have_subfolders():
     assert load_config(None, ["run.name=exp/a"]).run_dir == os.path.join("runs", "exp", "a")
     assert load_config(None, ["run.name=exp/../b"]).run.name == "exp/../b"  # normalizes to b, still inside
+
+
+def test_a_saved_config_with_a_renamed_key_still_loads(tmp_path):
+    """A run's config.yaml written before eval.temperature became eval.sampling_temperature."""
+    from kd_jax.core.config import to_dict
+    data = to_dict(load_config(None))
+    data["eval"]["temperature"] = 0.7
+    del data["eval"]["sampling_temperature"]
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert load_config(str(path)).eval.sampling_temperature == 0.7

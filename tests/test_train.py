@@ -9,7 +9,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -211,17 +210,21 @@ def test_second_trainer_on_a_locked_run_dir_is_refused(root):
     with RunLock(run_dir):  # a live trainer (this process) holds the directory
         with pytest.raises(RunDirError, match="in use by another trainer"):
             train(_cfg(root, "reference"))
-    assert not os.path.exists(f"{run_dir}/run.lock")
+    RunLock(run_dir).acquire().release()  # free again once its holder let go
 
 
 def test_stale_lock_from_a_killed_trainer_is_taken_over(root):
-    dead = subprocess.Popen(["true"])
-    dead.wait()
     run_dir = f"{root}/runs/reference"
-    with open(f"{run_dir}/run.lock", "w") as f:
-        json.dump({"host": socket.gethostname(), "pid": dead.pid}, f)
+    holder = subprocess.Popen([sys.executable, "-c", "import sys; from kd_jax.core.runs import RunLock; "
+                               f"RunLock({run_dir!r}).acquire(); print('held', flush=True); sys.stdin.read()"],
+                              cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert holder.stdout.readline().strip() == b"held"
+    with pytest.raises(RunDirError, match=f"pid {holder.pid}"):
+        RunLock(run_dir).acquire()
+    holder.kill()  # SIGKILL: no cleanup runs, the lock file stays
+    holder.wait()
+    assert os.path.exists(f"{run_dir}/run.lock")
     train(_cfg(root, "reference"))  # finished run: resumes at its last step, nothing to do
-    assert not os.path.exists(f"{run_dir}/run.lock")
 
 
 def test_evaluate_and_export_without_a_checkpoint_are_refused_and_leave_nothing(root):

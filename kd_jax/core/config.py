@@ -446,6 +446,23 @@ def apply_overrides(data: dict, overrides: typing.Iterable[str]) -> dict:
     return data
 
 
+# Keys renamed since a config could have been written (a run's saved config.yaml among them): old -> new.
+RENAMED = {("eval", "temperature"): ("eval", "sampling_temperature")}
+
+
+def _renamed(data: dict, path: str | None) -> dict:
+    """`data` with the keys of RENAMED moved to their new names (a warning says so)."""
+    import logging
+    for (section, old), (new_section, new) in RENAMED.items():
+        if isinstance(data.get(section), dict) and old in data[section]:
+            data = copy.deepcopy(data)
+            value = data[section].pop(old)
+            data.setdefault(new_section, {}).setdefault(new, value)
+            logging.getLogger("kd_jax.config").warning("%s: %s.%s is now %s.%s; read as such", path or "config",
+                                                       section, old, new_section, new)
+    return data
+
+
 def load_config(path: str | None, overrides: typing.Iterable[str] = ()) -> Config:
     """Reads a YAML config (None = all defaults), applies dotted overrides and builds a checked Config."""
     data = {}
@@ -462,7 +479,7 @@ def load_config(path: str | None, overrides: typing.Iterable[str] = ()) -> Confi
         if not isinstance(data, dict):
             kind = type(data).__name__
             raise ConfigError(f"config file {path!r} must hold a mapping of sections (run:, train:, ...), got a {kind}")
-    return from_dict(Config, apply_overrides(data, overrides))
+    return from_dict(Config, apply_overrides(_renamed(data, path), overrides))
 
 
 def to_dict(cfg) -> dict:

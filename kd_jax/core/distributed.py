@@ -18,10 +18,14 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
+import numpy as np
 from jax.experimental import multihost_utils
+
+from kd_jax.core.errors import KDJaxError
 
 _TPU_HOSTS = ("TPU_PROCESS_ADDRESSES", "TPU_WORKER_HOSTNAMES")  # comma-separated hosts of the slice (jax reads them)
 
@@ -68,3 +72,23 @@ def barrier(name: str) -> None:
     """All processes wait here (a no-op for one process)."""
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices(name)
+
+
+def on_process_0(fn: Callable[[], Any]) -> Any:
+    """`fn()` on process 0 only (checks and writes one process does for all), then every process
+    learns whether it succeeded: a KDJaxError there is raised on process 0 as it is and on the
+    others as a pointer to it, so no process is left waiting in a collective. Returns fn's result
+    on process 0, None elsewhere."""
+    error, result = None, None
+    if jax.process_index() == 0:
+        try:
+            result = fn()
+        except KDJaxError as e:
+            error = e
+    if jax.process_count() > 1:
+        failed = int(multihost_utils.broadcast_one_to_all(np.int32(error is not None)))
+        if failed and error is None:
+            raise KDJaxError("process 0 stopped the run; its output says why")
+    if error is not None:
+        raise error
+    return result

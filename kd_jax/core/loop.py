@@ -22,7 +22,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from kd_jax.core import flops, sharding
+from kd_jax.core import distributed, flops, sharding
 from kd_jax.core.checkpoint import Checkpointer, CheckpointError, Preemption
 from kd_jax.core.config import Config, DataConfig, LossConfig, RunConfig
 from kd_jax.core.errors import KDJaxError
@@ -48,6 +48,14 @@ def to_global(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
             for k, v in batch.items()}
 
 
+def _logged_step(line: str) -> float:
+    """The step of a metrics.jsonl line; inf for a blank or cut line (a run killed mid-write)."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
+
+
 class Logger:
     """Console + TensorBoard + metrics.jsonl, on process 0 only. Resuming at `start`, lines of
     metrics.jsonl past `start` (logged after the checkpoint, by the run that was stopped) are
@@ -65,7 +73,7 @@ class Logger:
         path = os.path.join(run_dir, "metrics.jsonl")
         if os.path.exists(path):
             with open(path) as f:
-                kept = [line for line in f if line.strip() and json.loads(line)["step"] <= start]
+                kept = [line for line in f if _logged_step(line) <= start]
             with open(path, "w") as f:
                 f.writelines(kept)
         self.jsonl = open(path, "a")
@@ -185,15 +193,17 @@ class _QuietDiskFull(logging.Filter):
 
 def train(cfg: Config) -> dict[str, float]:
     """Run (or resume) training; returns the last logged train metrics."""
-    lock = RunLock(cfg.run_dir) if jax.process_index() == 0 else None
-    if lock is not None:
+    lock = RunLock(cfg.run_dir)
+
+    def claim() -> None:  # process 0 owns the run directory for all processes
         lock.acquire()
+        check_and_save_config(cfg)
+
     ckpt = None
     quiet = _QuietDiskFull()
     logging.getLogger("absl").addFilter(quiet)  # Orbax logs through absl
     try:
-        if jax.process_index() == 0:
-            check_and_save_config(cfg)
+        distributed.on_process_0(claim)
         ckpt = Checkpointer(cfg.checkpoint_dir, cfg.checkpoint)
         return _loop(cfg, ckpt)
     except BaseException as e:
@@ -202,8 +212,9 @@ def train(cfg: Config) -> dict[str, float]:
             if ckpt is not None:
                 try:
                     ckpt.wait()  # an earlier save still in flight may finish: it is the last good step
-                except OSError:
-                    pass
+                except Exception as again:  # noqa: BLE001 - the same full disk, raised again
+                    if not _disk_full(again):
+                        raise
                 last = ckpt.latest_step()
             raise CheckpointError(f"disk full writing to {cfg.run_dir} (checkpoints in {cfg.checkpoint_dir}); the "
                                   f"last good checkpoint is step {last}; free space there and run the same "
@@ -213,10 +224,10 @@ def train(cfg: Config) -> dict[str, float]:
         if ckpt is not None:
             try:
                 ckpt.close()
-            except OSError:
-                pass  # a failed save in flight: reported above
-        if lock is not None:
-            lock.release()
+            except Exception as again:  # noqa: BLE001 - a failed save in flight: reported above
+                if not _disk_full(again):
+                    raise
+        lock.release()
         logging.getLogger("absl").removeFilter(quiet)
 
 

@@ -1,7 +1,7 @@
 """A run directory (`run.output_dir/run.name`): its config, its owner, and the student it holds.
 
     config.yaml      the resolved config the run was trained with (written once checks pass)
-    run.lock         the trainer that owns the directory now: host and pid (removed on exit)
+    run.lock         flock'ed by the trainer that owns the directory now (host and pid inside)
     checkpoints/     Orbax steps (kd_jax.core.checkpoint), metrics.jsonl, tb/, eval_*.json
 
 Nothing here overwrites what a run already holds: a rerun with a config that changes what the
@@ -12,6 +12,7 @@ is refused while the first lives, and export does not write over a folder unless
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import logging
 import os
@@ -22,15 +23,16 @@ from kd_jax.core.checkpoint import Checkpointer, CheckpointError
 from kd_jax.core.config import Config, ConfigError, load_config, save_config, to_dict
 from kd_jax.core.errors import KDJaxError
 from kd_jax.core.state import restore_params
-from kd_jax.models.hf import load_tokenizer, save_hf
+from kd_jax.models.hf import check_export_folder, load_tokenizer, save_hf
 from kd_jax.models.source import source_config
 
 log = logging.getLogger("kd_jax.core.runs")
 
 # Sections and keys a resumed run may change: they do not alter what the checkpoints hold or how
 # the next step is computed from them (train.steps moves the end, and with it the schedule's tail).
-RESUMABLE_CHANGES = ("run.log_every", "run.tensorboard", "mesh", "precompute", "train.steps", "train.eval_every",
-                     "train.max_nonfinite", "checkpoint", "eval", "data.num_workers")
+RESUMABLE_CHANGES = ("run.name", "run.output_dir", "run.log_every", "run.tensorboard", "mesh", "precompute",
+                     "train.steps", "train.eval_every", "train.max_nonfinite", "checkpoint", "eval", "data.num_workers",
+                     "data.traces")
 
 
 class RunDirError(KDJaxError):
@@ -54,18 +56,22 @@ def config_changes(old: Config, new: Config) -> dict[str, tuple]:
 
 
 def has_checkpoints(cfg: Config) -> bool:
+    """Whether checkpoint_dir holds a step (a local folder is listed without creating it)."""
     d = cfg.checkpoint_dir
-    return "://" in d or (os.path.isdir(d) and any(n.isdigit() for n in os.listdir(d)))
+    if "://" in d:
+        with Checkpointer(d, cfg.checkpoint) as ckpt:
+            return ckpt.latest_step() is not None
+    return os.path.isdir(d) and any(n.isdigit() for n in os.listdir(d))
 
 
 def check_and_save_config(cfg: Config) -> None:
     """Write config.yaml for a fresh run; on a run that has checkpoints, refuse a config whose
     changes would not fit them (the diff, and the saved config.yaml left as it was)."""
     path = os.path.join(cfg.run_dir, "config.yaml")
+    if has_checkpoints(cfg) and not cfg.checkpoint.resume:
+        raise RunDirError(f"{cfg.checkpoint_dir} already holds checkpoints and checkpoint.resume=false would write "
+                          f"a second run over them; pick a new run.name, or delete {cfg.checkpoint_dir}")
     if os.path.exists(path) and has_checkpoints(cfg):
-        if not cfg.checkpoint.resume:
-            raise RunDirError(f"{cfg.run_dir} already holds checkpoints and checkpoint.resume=false would write a "
-                              f"second run over them; pick a new run.name, or delete {cfg.checkpoint_dir}")
         try:
             old = load_config(path)
         except ConfigError as e:
@@ -80,69 +86,43 @@ def check_and_save_config(cfg: Config) -> None:
 
 
 class RunLock:
-    """`run.lock` in the run directory, for the life of a trainer (process 0 of a run). A lock
-    whose process is gone (killed, preempted) is taken over; one whose process lives, refused.
-    A lock from another host cannot be checked: it is refused with the file to delete."""
+    """`run.lock` in the run directory, held for the life of a trainer (process 0 of a run) with an
+    exclusive `flock`: the kernel releases it when the holder exits or is killed, so a lock left by
+    a dead trainer (SIGKILL, preemption, a requeued job) is simply taken, and one held by a live
+    trainer is refused. The file says who holds it, for the message; it is never deleted."""
 
     def __init__(self, run_dir: str):
         self.path = os.path.join(run_dir, "run.lock")
-        self.held = False
+        self._fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
 
     def acquire(self) -> "RunLock":
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        me = {"host": socket.gethostname(), "pid": os.getpid()}
-        while True:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                owner = self._owner()
-                if owner is not None and self._alive(owner):
-                    raise RunDirError(
-                        f"{os.path.dirname(self.path)} is in use by another trainer (host {owner.get('host')}, "
-                        f"pid {owner.get('pid')}); wait for it to finish, or pick another run.name. If that "
-                        f"process is gone, delete {self.path}") from None
-                log.warning("taking over %s from a trainer that is no longer running (%s)", self.path, owner)
-                try:
-                    os.remove(self.path)
-                except FileNotFoundError:
-                    pass
-                continue
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
-            self.held = True
-            return self
-
-    def _owner(self) -> dict | None:
-        try:
-            with open(self.path) as f:
-                return json.load(f)
-        except (OSError, ValueError):
-            return None  # half-written or unreadable: its writer died before finishing it
-
-    @staticmethod
-    def _alive(owner: dict) -> bool:
-        if owner.get("host") != socket.gethostname():
-            return True  # another machine's process: it cannot be checked from here
-        pid = int(owner["pid"])
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        try:  # a killed process its parent has not reaped yet is a zombie: gone all the same
-            with open(f"/proc/{pid}/stat") as f:
-                return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-        except OSError:
-            return True
+                holder = json.loads(os.read(fd, 4096))
+                owner = f"host {holder['host']}, pid {holder['pid']}"
+            except (ValueError, KeyError, TypeError):
+                owner = "its owner did not say who it is"
+            os.close(fd)
+            raise RunDirError(f"{os.path.dirname(self.path)} is in use by another trainer ({owner}); wait for it to "
+                              f"finish, or pick another run.name") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps({"host": socket.gethostname(), "pid": os.getpid()}).encode())
+        self._fd = fd
+        return self
 
     def release(self) -> None:
-        if self.held:
-            self.held = False
-            try:
-                os.remove(self.path)
-            except FileNotFoundError:
-                pass
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
 
     def __enter__(self) -> "RunLock":
         return self.acquire()
@@ -178,8 +158,9 @@ def export_run(run_dir: str, out: str | None = None, step: int | None = None, dt
     """Write the student of `run_dir` at `step` (default: latest) as an HF folder with the
     tokenizer to `out` (default: RUN_DIR/hf or RUN_DIR/hf-<step>). Returns the folder."""
     cfg = load_run_config(run_dir)
-    model, restored_step = restore_student(cfg, step)
     out = out or os.path.join(run_dir, "hf" if step is None else f"hf-{step}")
+    check_export_folder(out, overwrite)  # before reading the checkpoint
+    model, restored_step = restore_student(cfg, step)
     save_hf(model, out, tokenizer=load_tokenizer(cfg.tokenizer), dtype=dtype, overwrite=overwrite)
     log.info("exported step %d of %s to %s", restored_step, run_dir, out)
     return out

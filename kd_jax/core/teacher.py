@@ -214,6 +214,13 @@ def open_or_tokenize(cfg: Config, tokenizer, teacher_vocab: int) -> KDStore:
     return store
 
 
+def _create_or_resume(cfg: Config, tokenizer, teacher_vocab: int, show: bool = False) -> None:
+    store = open_or_tokenize(cfg, tokenizer, teacher_vocab)
+    save_config(cfg, filename=PRECOMPUTE_CONFIG)  # once the store is known to be this config's
+    if show:
+        print(json.dumps(store.describe(), indent=2), flush=True)
+
+
 def precompute(cfg: Config, *, show_progress: bool = True) -> dict:
     """Tokenize (if needed) and fill the store; returns `describe()` (process 0) plus teacher tokens/s."""
     if not cfg.data.store:
@@ -221,17 +228,11 @@ def precompute(cfg: Config, *, show_progress: bool = True) -> dict:
     process, processes = jax.process_index(), jax.process_count()
     tokenizer = load_tokenizer(cfg.tokenizer)
     if cfg.data.top_k == 0:  # a tokens-only store: no teacher to run (hard-label training)
-        if process == 0:
-            save_config(cfg, filename=PRECOMPUTE_CONFIG)
-            print(json.dumps(open_or_tokenize(cfg, tokenizer, len(tokenizer)).describe(), indent=2), flush=True)
-        distributed.barrier("kd_store_written")
+        distributed.on_process_0(lambda: _create_or_resume(cfg, tokenizer, len(tokenizer), show=True))
         return KDStore.open(cfg.data.store).describe() if process == 0 else {}
     mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=jax.local_devices())
     teacher = build_model(cfg.teacher, mesh=mesh, seed=cfg.run.seed)
-    if process == 0:
-        save_config(cfg, filename=PRECOMPUTE_CONFIG)
-        open_or_tokenize(cfg, tokenizer, teacher.cfg.vocab_size)
-    distributed.barrier("kd_store_created")
+    distributed.on_process_0(lambda: _create_or_resume(cfg, tokenizer, teacher.cfg.vocab_size))
     store = KDStore.open(cfg.data.store)
     store.check(k=cfg.data.top_k, tokenizer=tokenizer, allow_incomplete=True)
     if store.meta.teacher_vocab_size != teacher.cfg.vocab_size:

@@ -36,6 +36,7 @@ import hashlib
 import json
 import logging
 import os
+import threading
 import zlib
 from typing import Any
 
@@ -149,6 +150,8 @@ _PER_TOKEN = ("tokens", "role", "step", "topk_ids", "topk_logprobs")
 _TEACHER = ("topk_ids", "topk_logprobs")  # complete when their chunk's progress mark is written
 # (store url, array, chunk) whose bytes this process has checked against their checksum.
 _VERIFIED: set[tuple[str, str, int]] = set()
+_VERIFYING: dict[tuple[str, str, int], threading.Lock] = {}  # one lock per chunk being verified
+os.register_at_fork(after_in_child=_VERIFYING.clear)  # a lock held at fork time would never be released
 _WARNED_V1: set[str] = set()
 
 
@@ -297,13 +300,17 @@ class KDStore:
         """Check every chunk of `name` that rows [start, end) touch, once per process."""
         c = self.meta.chunk_tokens
         for chunk in range(start // c, (max(end, start + 1) - 1) // c + 1):
-            if (self.url, name, chunk) in _VERIFIED:
+            key = (self.url, name, chunk)
+            if key in _VERIFIED:
                 continue
-            expected = self._expected(name, chunk)
-            values = self._read_whole(name, chunk, slice(chunk * c, min((chunk + 1) * c, self.meta.num_tokens)))
-            if _crc(values) != expected:
-                raise self._chunk_error(name, chunk, "does not match its checksum (chunk file missing or altered)")
-            _VERIFIED.add((self.url, name, chunk))
+            with _VERIFYING.setdefault(key, threading.Lock()):  # Grain's reader threads: one reads it whole
+                if key in _VERIFIED:
+                    continue
+                expected = self._expected(name, chunk)
+                values = self._read_whole(name, chunk, slice(chunk * c, min((chunk + 1) * c, self.meta.num_tokens)))
+                if _crc(values) != expected:
+                    raise self._chunk_error(name, chunk, "does not match its checksum (chunk file missing or altered)")
+                _VERIFIED.add(key)
 
     # --- reading ---------------------------------------------------------------------------
 

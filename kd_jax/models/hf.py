@@ -379,18 +379,23 @@ def load_hf(path: str, *, mesh: jax.sharding.Mesh | None = None, param_dtype: st
     return nnx.merge(graphdef, abs_state)
 
 
-def save_hf(model: Decoder, path: str, tokenizer=None, *, dtype: str | None = None,
-            max_shard_size: int | str = 5 * 2**30, overwrite: bool = False) -> str:
-    """Write `model` as an HF folder: config.json, safetensors (split above `max_shard_size`, bytes
-    or "5GB", with model.safetensors.index.json) and the tokenizer's files if one is given.
-    dtype: saved dtype (default: the parameters' dtype). A folder that already holds files (say, the
-    teacher's) is refused unless `overwrite`, which also removes an earlier export's safetensors."""
+def check_export_folder(path: str, overwrite: bool) -> None:
+    """Raises FolderNotEmptyError unless `path` is absent, an empty folder, or `overwrite` is set."""
     if os.path.isfile(path):
         raise FolderNotEmptyError(f"{path} is a file; choose a folder to export to")
     if os.path.isdir(path) and os.listdir(path) and not overwrite:
         held = sorted(os.listdir(path))
         raise FolderNotEmptyError(f"{path} is not empty ({len(held)} files, e.g. {held[0]}); pass --overwrite "
                                   f"(overwrite=True) to replace the model in it, or choose another folder")
+
+
+def save_hf(model: Decoder, path: str, tokenizer=None, *, dtype: str | None = None,
+            max_shard_size: int | str = 5 * 2**30, overwrite: bool = False) -> str:
+    """Write `model` as an HF folder: config.json, safetensors (split above `max_shard_size`, bytes
+    or "5GB", with model.safetensors.index.json) and the tokenizer's files if one is given.
+    dtype: saved dtype (default: the parameters' dtype). A folder that already holds files (say, the
+    teacher's) is refused unless `overwrite`, which also removes an earlier export's safetensors."""
+    check_export_folder(path, overwrite)
     cfg = model.cfg
     dtype = dtype or cfg.param_dtype
     np_dtype = np.dtype(jnp.dtype(dtype))
