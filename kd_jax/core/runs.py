@@ -68,10 +68,11 @@ def check_and_save_config(cfg: Config) -> None:
     """Write config.yaml for a fresh run; on a run that has checkpoints, refuse a config whose
     changes would not fit them (the diff, and the saved config.yaml left as it was)."""
     path = os.path.join(cfg.run_dir, "config.yaml")
-    if has_checkpoints(cfg) and not cfg.checkpoint.resume:
+    trained = has_checkpoints(cfg)  # listed once (on gs:// it is a request)
+    if trained and not cfg.checkpoint.resume:
         raise RunDirError(f"{cfg.checkpoint_dir} already holds checkpoints and checkpoint.resume=false would write "
                           f"a second run over them; pick a new run.name, or delete {cfg.checkpoint_dir}")
-    if os.path.exists(path) and has_checkpoints(cfg):
+    if trained and os.path.exists(path):
         try:
             old = load_config(path)
         except ConfigError as e:
