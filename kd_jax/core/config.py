@@ -50,6 +50,9 @@ REMAT_POLICIES = ("none", "nothing_saveable", "dots_saveable", "dots_with_no_bat
 # Dot-product attention implementations of the decoder: "xla" (any backend), "cudnn" (GPU flash attention).
 ATTENTION = ("xla", "cudnn")
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")  # soft-loss divergences (kd_jax.core.losses)
+TEACHER_MODES = ("offline", "online")  # where the teacher's distribution comes from: the KD store, or the train step
+SCHEDULES = ("constant", "linear", "cosine")  # shapes of a loss weight's path over training (kd_jax.core.step)
+HIDDEN_DISTANCES = ("mse", "cosine")  # intermediate-layer alignment distances (kd_jax.core.losses)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,6 +122,16 @@ class ModelSource:
 
 
 @dataclasses.dataclass(frozen=True)
+class TeacherSource(ModelSource):
+    param_dtype: str = "bfloat16"  # the teacher only runs forward: bfloat16 storage by default
+    mode: str = "offline"  # "offline": its top-K from the KD store; "online": run in the train step (full vocabulary)
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_choice("mode", self.mode, TEACHER_MODES)
+
+
+@dataclasses.dataclass(frozen=True)
 class DataConfig:
     traces: str | None = None  # teacher traces: JSONL/Parquet file, folder of them, or hub dataset id
     format: str = "r1"  # trace layout: "r1" (prompt/reasoning/answer fields), "messages" (role/content chat list) or "sharegpt" (from/value chat list)
@@ -184,6 +197,41 @@ class PrecomputeConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class ScheduleConfig:
+    kind: str = "constant"  # "constant", "linear" or "cosine": from the section's value at step 0 to `end` at train.steps
+    end: float | None = None  # value at the last step (linear, cosine); None = no change
+
+    def __post_init__(self):
+        _check_choice("kind", self.kind, SCHEDULES)
+        _check(self.kind == "constant" or self.end is not None,
+               f"kind={self.kind!r} needs end: the value at the last step (or kind='constant')")
+
+
+@dataclasses.dataclass(frozen=True)
+class HiddenConfig:
+    weight: float = 0.0  # γ: weight of the intermediate-layer alignment loss; 0 = off (needs teacher.mode=online)
+    weight_schedule: ScheduleConfig = dataclasses.field(default_factory=ScheduleConfig)  # γ over training
+    layers: dict | None = None  # {student layer: teacher layer}; None = every student layer, evenly spaced, last to last
+    distance: str = "mse"  # "mse" (mean squared error per dimension) or "cosine" (1 - cosine similarity)
+
+    def __post_init__(self):
+        _check(self.weight >= 0.0, f"weight={self.weight} must be >= 0 (0 = no hidden alignment)")
+        _check_choice("distance", self.distance, HIDDEN_DISTANCES)
+        pairs = self.layers or {}
+        _check(all(isinstance(k, int) and isinstance(v, int) and k >= 0 and v >= 0 for k, v in pairs.items()),
+               f"layers={self.layers!r} must map student layer indices to teacher layer indices (ints >= 0), "
+               f"e.g. {{5: 13, 11: 27}}")
+        _check(self.layers is None or bool(self.layers), "layers={} maps no layer; use null for the default map")
+
+    def __hash__(self):  # `layers` is a dict; the loss config is a static (hashed) argument of the step
+        return hash((self.weight, self.weight_schedule, tuple(sorted((self.layers or {}).items())), self.distance))
+
+    @property
+    def on(self) -> bool:
+        return self.weight > 0 or bool(self.weight_schedule.end)
+
+
+@dataclasses.dataclass(frozen=True)
 class LossConfig:
     alpha: float = 0.5  # weight of the soft (distillation) loss; the hard (label) loss gets 1 - alpha
     beta: float = 0.0  # weight of the per-reasoning-step loss added on top
@@ -194,9 +242,18 @@ class LossConfig:
     step_weight: float = 1.0  # weight w_s of each reasoning step in the step loss
     answer_weight: float = 1.0  # weight w_s of each answer in the step loss
     chunk_size: int = 512  # tokens per chunk of the fused loss, global over devices (bounds its [chunk, vocab] memory)
+    online_top_k: int = 0  # teacher.mode=online: 0 = divergence over the full vocabulary; K = over the teacher's top-K only
+    alpha_schedule: ScheduleConfig = dataclasses.field(default_factory=ScheduleConfig)  # alpha over training
+    temperature_schedule: ScheduleConfig = dataclasses.field(default_factory=ScheduleConfig)  # temperature over training
+    hidden: HiddenConfig = dataclasses.field(default_factory=HiddenConfig)  # intermediate-layer alignment (online teacher)
 
     def __post_init__(self):
         _check_choice("divergence", self.divergence, DIVERGENCES)
+        _check(self.online_top_k >= 0, f"online_top_k={self.online_top_k} must be >= 0 (0 = the full vocabulary)")
+        end = self.alpha_schedule.end
+        _check(end is None or 0.0 <= end <= 1.0, f"alpha_schedule.end={end} must be in [0, 1]")
+        end = self.temperature_schedule.end
+        _check(end is None or end > 0.0, f"temperature_schedule.end={end} must be > 0")
         _check(0.0 <= self.alpha <= 1.0, f"alpha={self.alpha} must be in [0, 1]")
         _check(self.temperature > 0.0, f"temperature={self.temperature} must be > 0")
         _check(0.0 <= self.jsd_beta <= 1.0, f"jsd_beta={self.jsd_beta} must be in [0, 1]")
@@ -289,7 +346,7 @@ class Config:
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)  # device mesh axis sizes
     student: ModelSource = dataclasses.field(default_factory=ModelSource)  # the model being trained
     # The teacher is only run forward, so it is kept in bfloat16 by default.
-    teacher: ModelSource = dataclasses.field(default_factory=lambda: ModelSource(param_dtype="bfloat16"))
+    teacher: TeacherSource = dataclasses.field(default_factory=TeacherSource)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)  # traces, tokenization and packing
     precompute: PrecomputeConfig = dataclasses.field(default_factory=PrecomputeConfig)  # teacher top-K pass
     loss: LossConfig = dataclasses.field(default_factory=LossConfig)  # distillation loss
@@ -299,9 +356,18 @@ class Config:
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)  # held-out loss and answer accuracy
 
     def __post_init__(self):
-        if self.data.top_k == 0 and self.loss.alpha > 0:
+        online = self.teacher.mode == "online"
+        soft = self.loss.alpha > 0 or bool(self.loss.alpha_schedule.end)
+        if self.data.top_k == 0 and soft and not online:
             raise ConfigError(f"data.top_k=0 (tokens only, no teacher log-probs) needs loss.alpha=0 (hard labels "
-                              f"only), not {self.loss.alpha}; set loss.alpha=0 or data.top_k >= 1")
+                              f"only), not {self.loss.alpha}; set loss.alpha=0, data.top_k >= 1, or "
+                              f"teacher.mode=online (the teacher runs in the train step)")
+        if not online and self.loss.hidden.on:
+            raise ConfigError("loss.hidden.weight > 0 aligns the student's hidden states to the teacher's, which "
+                              "needs the teacher in the train step: set teacher.mode=online (or loss.hidden.weight=0)")
+        if not online and self.loss.online_top_k:
+            raise ConfigError(f"loss.online_top_k={self.loss.online_top_k} is for teacher.mode=online; offline, K is "
+                              f"the store's (data.top_k at precompute)")
 
     @property
     def run_dir(self) -> str:
