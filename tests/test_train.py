@@ -34,7 +34,7 @@ from kd_jax.core.runs import (
     restore_student,
 )
 from kd_jax.core.state import abstract_train_state, init_train_state
-from kd_jax.core.step import compile_steps
+from kd_jax.core.step import compile_steps, default_hyper
 from kd_jax.data.pipeline import make_eval_iter, make_train_iter
 from kd_jax.data.store import KDStore
 from kd_jax.models import build_model
@@ -149,10 +149,10 @@ def test_gradient_accumulation_gives_the_same_update(root):
     results = []
     for accum in (1, 4):
         steps = compile_steps(spec, cfg.loss, accum, mesh)
-        p, o = jax.tree.map(jnp.copy, (state["params"], state["opt_state"]))  # the step donates its inputs
+        fresh = jax.tree.map(jnp.copy, state)  # the step donates its inputs
         with jax.set_mesh(mesh):
-            new, _, _, metrics = steps.train(p, o, jnp.zeros((), jnp.int32), to_global(batch, mesh))
-        results.append((jax.device_get(new), jax.device_get(metrics)))
+            new, metrics = steps.train(fresh, to_global(batch, mesh), default_hyper(cfg.loss), None)
+        results.append((jax.device_get(new["params"]), jax.device_get(metrics)))
     (p1, m1), (p4, m4) = results
     np.testing.assert_allclose(m4["loss"], m1["loss"], rtol=1e-5)
     for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p4)):
@@ -181,8 +181,8 @@ def test_packing_keeps_documents_apart(root):
             row += 1
     assert row <= 64
     with jax.set_mesh(mesh):
-        a = jax.device_get(steps.eval(params, to_global(packed, mesh)))
-        b = jax.device_get(steps.eval(params, to_global(alone, mesh)))
+        a = jax.device_get(steps.eval({"params": params}, to_global(packed, mesh), default_hyper(cfg.loss), None))
+        b = jax.device_get(steps.eval({"params": params}, to_global(alone, mesh), default_hyper(cfg.loss), None))
     for key in ("soft_sum", "hard_sum", "num_tokens", "top1_agree", "loss"):
         np.testing.assert_allclose(a[key], b[key], rtol=2e-5, err_msg=key)
 

@@ -41,7 +41,7 @@ from kd_jax.core.config import load_config
 from kd_jax.core.dryrun import compiled_memory
 from kd_jax.core.loop import prepare
 from kd_jax.core.state import abstract_train_state, init_train_state
-from kd_jax.core.step import compile_steps
+from kd_jax.core.step import compile_steps, default_hyper
 from kd_jax.models import build_model
 from kd_jax.models.decoder import Decoder
 
@@ -154,7 +154,6 @@ def run(args) -> None:
         base_model_cfg, spec, state = _build(cfg, mesh)
         host_batches = None
     variants = _variants(args, cfg, base_model_cfg, host_batches)
-    params, opt_state, nonfinite = state["params"], state["opt_state"], state["nonfinite"]
     to_device = lambda b: sharding.shard_batch(b, mesh)  # noqa: E731
     metrics = None
     # A variant's structure (no values, no mesh: the logical names need no axes to be recorded).
@@ -165,7 +164,8 @@ def run(args) -> None:
             v.device_batches = [to_device(b) for b in (v.batch if isinstance(v.batch, list) else [v.batch])]
             t0 = time.perf_counter()
             try:
-                v.compiled = steps.train.lower(params, opt_state, nonfinite, v.device_batches[0]).compile()
+                hyper = default_hyper(v.loss_cfg)
+                v.compiled = steps.train.lower(state, v.device_batches[0], hyper, None).compile()
             except Exception as e:  # noqa: BLE001 — e.g. cuDNN refusing a shape, or out of memory
                 v.error = f"compile: {type(e).__name__}: {str(e).splitlines()[0][:300]}"
                 print(f"skipped {v.name}: {v.error}", flush=True)
@@ -180,8 +180,7 @@ def run(args) -> None:
                 v.compiled = None
                 continue
             for i in range(args.warmup):
-                params, opt_state, nonfinite, metrics = v.compiled(params, opt_state, nonfinite,
-                                                                   v.device_batches[i % len(v.device_batches)])
+                state, metrics = v.compiled(state, v.device_batches[i % len(v.device_batches)], hyper, None)
                 jax.block_until_ready(metrics)
             v.peak_bytes = _peak_bytes()
             print(f"compiled {v.name}: {v.compile_s:.1f} s", flush=True)
@@ -190,7 +189,7 @@ def run(args) -> None:
             for v in runnable:
                 b = v.device_batches[(args.warmup + i) % len(v.device_batches)]
                 t0 = time.perf_counter()
-                params, opt_state, nonfinite, metrics = v.compiled(params, opt_state, nonfinite, b)
+                state, metrics = v.compiled(state, b, default_hyper(v.loss_cfg), None)
                 jax.block_until_ready(metrics)
                 v.times.append(time.perf_counter() - t0)
     if metrics is None:
@@ -200,7 +199,7 @@ def run(args) -> None:
     device = jax.devices()[0]
     header = dict(benchmark="step", device=device.device_kind, platform=device.platform, devices=jax.device_count(),
                   jax=jax.__version__, xla_flags=os.environ.get("XLA_FLAGS", ""), preset=args.preset,
-                  config=args.config, overrides=args.overrides, params=int(sum(x.size for x in jax.tree.leaves(params))),
+                  config=args.config, overrides=args.overrides, params=int(sum(x.size for x in jax.tree.leaves(state["params"]))),
                   matmul_params=flops.matmul_params(base_model_cfg), store=cfg.data.store if use_store else None,
                   top_k=cfg.data.top_k, input_tokens_per_s=input_tps, final_loss=final_loss,
                   peak_flops=peak or flops.peak_flops())

@@ -36,7 +36,7 @@ from kd_jax.core import sharding
 from kd_jax.core.config import Config, ModelSource
 from kd_jax.core.errors import KDJaxError
 from kd_jax.core.state import abstract_params, abstract_train_state
-from kd_jax.core.step import compile_steps
+from kd_jax.core.step import compile_steps, default_hyper
 from kd_jax.core.teacher import topk_logprobs
 from kd_jax.models.decoder import Decoder, DecoderConfig
 from kd_jax.models.hf import read_hf_config
@@ -265,9 +265,7 @@ def compile_train(cfg: Config, model_cfg: DecoderConfig, mesh) -> dict:
         dtypes = dict(loss_mask=jnp.bool_, topk_logprobs=jnp.float32)
         batch = {k: jax.ShapeDtypeStruct(v, dtypes.get(k, jnp.int32), sharding=sharding.batch_sharding(mesh, len(v)))
                  for k, v in shapes.items()}
-        state = spec.abstract
-        return compiled_memory(steps.train.lower(state["params"], state["opt_state"], state["nonfinite"],
-                                                 batch).compile())
+        return compiled_memory(steps.train.lower(spec.abstract, batch, default_hyper(cfg.loss), None).compile())
 
 
 def compile_precompute(cfg: Config, model_cfg: DecoderConfig, mesh, rows: int, T: int) -> dict:

@@ -22,7 +22,7 @@ from kd_jax.core.config import Config, ConfigError, EvalConfig
 from kd_jax.core.generate import generate
 from kd_jax.core.loop import evaluate_losses, usable_sequences
 from kd_jax.core.runs import restore_student
-from kd_jax.core.step import eval_step
+from kd_jax.core.step import Objective, default_hyper, eval_step
 from kd_jax.data.pipeline import split_indices
 from kd_jax.data.roles import Role
 from kd_jax.data.store import KDStore
@@ -116,9 +116,15 @@ def evaluate(cfg: Config, which: str = "student", max_examples: int | None = Non
     _, eval_pos = split_indices(len(usable), cfg.data.eval_fraction, cfg.data.shuffle_seed)
     eval_idx = usable[eval_pos][:max_examples]
     graphdef, params = nnx.split(model)
-    eval_fn = jax.jit(functools.partial(eval_step, graphdef, cfg.loss))
+    # An online teacher runs beside the evaluated model for the soft loss (no alignment term: the
+    # projections are training state, not part of the model).
+    teacher = build_model(cfg.teacher, mesh=mesh) if cfg.teacher.mode == "online" else None
+    objective = Objective(graphdef, cfg.loss, nnx.graphdef(teacher) if teacher is not None else None)
+    step = jax.jit(functools.partial(eval_step, objective))
+    teacher_params = nnx.state(teacher) if teacher is not None else None
+    eval_fn = lambda v, b: step(v, b, default_hyper(cfg.loss), teacher_params)  # noqa: E731
     with jax.set_mesh(mesh):
-        losses = evaluate_losses(eval_fn, params, cfg.data.store, eval_idx, cfg.data, cfg.loss,
+        losses = evaluate_losses(eval_fn, {"params": params}, cfg.data.store, eval_idx, cfg.data, cfg.loss,
                                  batches=cfg.eval.batches, batch_size=cfg.train.global_batch_size, mesh=mesh) or {}
     task = task_accuracy(model, tokenizer, store, eval_idx, cfg.eval, cfg.train.global_batch_size)
     param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))

@@ -20,6 +20,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from flax import nnx
 from tqdm import tqdm
 
 from kd_jax.core import distributed, flops, sharding
@@ -29,9 +30,10 @@ from kd_jax.core.errors import KDJaxError
 from kd_jax.core.progress import bar
 from kd_jax.core.runs import RunLock, check_and_save_config
 from kd_jax.core.state import TrainSpec, abstract_train_state, init_train_state
-from kd_jax.core.step import Steps, compile_steps, summarize
+from kd_jax.core.step import Steps, compile_steps, hyper_at, layer_pairs, loss_schedules, summarize, trainable
+from kd_jax.core.teacher import precompute
 from kd_jax.data.pipeline import make_eval_iter, make_train_iter, split_indices
-from kd_jax.data.store import KDStore, StoreError
+from kd_jax.data.store import KDStore, StoreError, tokenizer_fingerprint
 from kd_jax.models import build_model, num_params
 from kd_jax.models.hf import load_tokenizer
 
@@ -97,10 +99,12 @@ class Logger:
             self.jsonl.close()
 
 
-def evaluate_losses(eval_fn, params, store_path: str, eval_idx: np.ndarray, data_cfg: DataConfig,
-                    loss_cfg: LossConfig, *, batches: int, batch_size: int, mesh) -> dict[str, float] | None:
+def evaluate_losses(eval_fn, train_vars, store_path: str, eval_idx: np.ndarray, data_cfg: DataConfig,
+                    loss_cfg: LossConfig, *, batches: int, batch_size: int, mesh,
+                    hyper: dict[str, float] | None = None) -> dict[str, float] | None:
     """Held-out losses over up to `batches` batches: soft, hard, step, perplexity, top-1.
-    eval_fn(params, batch) -> metric sums: the jitted `step.eval_step`."""
+    eval_fn(train_vars, batch) -> metric sums: the jitted `step.eval_step` with the hyper-values
+    and the teacher bound."""
     if len(eval_idx) == 0:
         return None
     sums: dict[str, float] = {}
@@ -111,27 +115,70 @@ def evaluate_losses(eval_fn, params, store_path: str, eval_idx: np.ndarray, data
         if jax.process_count() > 1:  # every process reads the same eval batch; keep its share
             share = len(batch["inputs"]) // jax.process_count()
             batch = {k: v[jax.process_index() * share:(jax.process_index() + 1) * share] for k, v in batch.items()}
-        out = jax.device_get(eval_fn(params, to_global(batch, mesh)))
+        out = jax.device_get(eval_fn(train_vars, to_global(batch, mesh)))
         for k, v in out.items():
             sums[k] = sums.get(k, 0.0) + float(v)
         done += 1
-    # loss and step loss are per-batch means: average them; the other sums are per token
-    sums["loss"] /= done
-    sums["step_loss"] /= done
-    out = summarize(sums, loss_cfg)
+    # loss, step loss and hidden are per-batch means: average them; the other sums are per token
+    for k in ("loss", "step_loss", "hidden"):
+        if k in sums:
+            sums[k] /= done
+    out = summarize(sums, loss_cfg, hyper)
     out["perplexity"] = float(np.exp(out["hard"]))
     return out
 
 
 def usable_sequences(store: KDStore, cfg: Config, vocab_size: int | None = None) -> np.ndarray:
     """Store checks for this config (vocab, tokenizer, completeness; K comes from the store and
-    must be > 0 when the soft loss is on); the usable sequence indices."""
-    if store.meta.k == 0 and cfg.loss.alpha > 0:
+    must be > 0 when the soft loss is on and the teacher is offline); the usable sequence indices."""
+    if store.meta.k == 0 and cfg.loss.alpha > 0 and cfg.teacher.mode == "offline":
         raise StoreError(f"store {store.path} holds tokens only (built with data.top_k=0, no teacher log-probs), so "
-                         f"loss.alpha={cfg.loss.alpha} has no soft targets; set loss.alpha=0 (hard labels only) or "
-                         f"build a store with data.top_k >= 1")
+                         f"loss.alpha={cfg.loss.alpha} has no soft targets; set loss.alpha=0 (hard labels only), "
+                         f"build a store with data.top_k >= 1, or set teacher.mode=online (the teacher runs in "
+                         f"the train step)")
     return store.check(vocab_size=vocab_size, tokenizer=load_tokenizer(cfg.tokenizer),
                        allow_incomplete=cfg.data.allow_incomplete)
+
+
+def tokens_store(cfg: Config) -> Config:
+    """With an online teacher and no data.store: the config with a tokens-only store built from
+    data.traces in the run directory (tokenized once; a rerun reuses it, as precompute does)."""
+    if cfg.data.store or cfg.teacher.mode != "online":
+        return cfg
+    if not cfg.data.traces:
+        raise StoreError("set data.store (a KD store; tokens only is enough with teacher.mode=online) or "
+                         "data.traces (tokenized into <run_dir>/tokens)")
+    path = os.path.join(cfg.run_dir, "tokens")
+    store_cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, store=path, top_k=0))
+    precompute(store_cfg, show_progress=False)
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, store=path))
+
+
+class TeacherMismatchError(KDJaxError, ValueError):
+    """An online teacher whose vocabulary or tokenizer does not fit the student's."""
+
+
+def check_online_teacher(cfg: Config, student_cfg, teacher_cfg) -> None:
+    """The online teacher must predict over the student's vocabulary: as many output rows or more
+    (extra rows are padding, dropped in the loss) and, when both come from HF folders, the same
+    tokenizer."""
+    if teacher_cfg.vocab_size < student_cfg.vocab_size:
+        raise TeacherMismatchError(
+            f"online teacher {cfg.teacher.hf_path or 'random'} has {teacher_cfg.vocab_size} output rows, fewer than "
+            f"the student {cfg.student.hf_path or 'random'}'s {student_cfg.vocab_size}: the two vocabularies "
+            f"differ; pick a teacher and student of one tokenizer family")
+    if cfg.student.init == "hf" and cfg.teacher.init == "hf":
+        fingerprints = {role: tokenizer_fingerprint(load_tokenizer(src.hf_path))
+                        for role, src in (("teacher", cfg.teacher), ("student", cfg.student))}
+        if fingerprints["teacher"] != fingerprints["student"]:
+            raise TeacherMismatchError(
+                f"online teacher {cfg.teacher.hf_path} and student {cfg.student.hf_path} have different tokenizers "
+                f"(fingerprints {fingerprints['teacher']} vs {fingerprints['student']}): the teacher's distribution "
+                f"would be over other tokens; pick a pair of one tokenizer family")
+    if teacher_cfg.vocab_size > student_cfg.vocab_size and jax.process_index() == 0:
+        log.warning("teacher vocab %d is padded past the student's %d: ids >= %d are left out of the soft loss "
+                    "(the student cannot emit them)", teacher_cfg.vocab_size, student_cfg.vocab_size,
+                    student_cfg.vocab_size)
 
 
 @dataclasses.dataclass
@@ -141,32 +188,51 @@ class Run:
     mesh: Any
     student: Any
     spec: TrainSpec
-    state: dict[str, Any]  # {"params", "opt_state", "nonfinite"}: a fresh train state
+    state: dict[str, Any]  # {"params", "opt_state", "nonfinite"[, "align"]}: a fresh train state
     steps: Steps
     data_iter: Any
     train_idx: np.ndarray
     eval_idx: np.ndarray
+    teacher: Any = None  # the online teacher (frozen, sharded on the mesh); None offline
+    schedules: dict = dataclasses.field(default_factory=dict)  # loss value name -> step -> value
+
+    @property
+    def teacher_params(self):
+        return None if self.teacher is None else nnx.state(self.teacher)
 
 
 def prepare(cfg: Config) -> Run:
-    """Mesh, store checks, student, train state, jitted steps and the train iterator (fresh state)."""
+    """Mesh, store checks, student (and online teacher), train state, jitted steps and the train
+    iterator (fresh state)."""
+    cfg = tokens_store(cfg)
     if not cfg.data.store:
         raise StoreError("data.store is not set: build a store with `python -m kd_jax.precompute` first")
     mesh = sharding.mesh_from_config(cfg.mesh)
     store = KDStore.open(cfg.data.store)
-    teacher = build_model(cfg.teacher, mesh=mesh) if cfg.student.init == "teacher_layers" else None
+    online = cfg.teacher.mode == "online"
+    needs_teacher = online or cfg.student.init == "teacher_layers"
+    teacher = build_model(cfg.teacher, mesh=mesh, seed=cfg.run.seed) if needs_teacher else None
     student = build_model(cfg.student, mesh=mesh, seed=cfg.run.seed, teacher=teacher)
-    del teacher
+    if not online:
+        teacher = None
     usable = usable_sequences(store, cfg, student.cfg.vocab_size)
     train_pos, eval_pos = split_indices(len(usable), cfg.data.eval_fraction, cfg.data.shuffle_seed)
-    spec = abstract_train_state(student.cfg, cfg.optim, cfg.train.steps, mesh)
-    state = init_train_state(student, spec)
-    steps = compile_steps(spec, cfg.loss, cfg.train.grad_accum, mesh)
+    pairs, align_shape = (), None
+    if online:
+        check_online_teacher(cfg, student.cfg, teacher.cfg)
+        pairs = layer_pairs(cfg.loss.hidden, student.cfg.num_layers, teacher.cfg.num_layers)
+        if pairs and student.cfg.hidden_size != teacher.cfg.hidden_size:
+            align_shape = (len(pairs), student.cfg.hidden_size, teacher.cfg.hidden_size)
+    spec = abstract_train_state(student.cfg, cfg.optim, cfg.train.steps, mesh, align_shape)
+    state = init_train_state(student, spec, seed=cfg.run.seed)
+    steps = compile_steps(spec, cfg.loss, cfg.train.grad_accum, mesh,
+                          teacher=nnx.graphdef(teacher) if online else None, pairs=pairs)
     data_iter = make_train_iter(cfg.data.store, usable[train_pos], cfg.data,
                                 global_batch_size=cfg.train.global_batch_size, seed=cfg.data.shuffle_seed,
                                 process_index=jax.process_index(), process_count=jax.process_count(),
                                 steps=cfg.train.steps)
-    return Run(cfg, mesh, student, spec, state, steps, data_iter, usable[train_pos], usable[eval_pos])
+    return Run(cfg, mesh, student, spec, state, steps, data_iter, usable[train_pos], usable[eval_pos], teacher,
+               loss_schedules(cfg.loss, cfg.train.steps))
 
 
 def _disk_full(e: BaseException | None) -> bool:
@@ -233,7 +299,9 @@ def train(cfg: Config) -> dict[str, float]:
 
 def _loop(cfg: Config, ckpt: Checkpointer) -> dict[str, float]:
     run = prepare(cfg)
+    cfg = run.cfg  # data.store set when the online teacher reads the traces directly
     mesh, student, steps, data_iter, spec = run.mesh, run.student, run.steps, run.data_iter, run.spec
+    teacher_params = run.teacher_params
     state = run.state
     start = 0
     if cfg.checkpoint.resume and ckpt.latest_step() is not None:
@@ -246,6 +314,12 @@ def _loop(cfg: Config, ckpt: Checkpointer) -> dict[str, float]:
         log.info("student: %s, %.2fM parameters; %d train / %d eval sequences; mesh %s",
                  student.cfg.model_type, num_params(student) / 1e6, len(run.train_idx), len(run.eval_idx),
                  dict(mesh.shape))
+        if run.teacher is not None:
+            log.info("online teacher: %s, %.2fM parameters in %s; hidden alignment pairs %s",
+                     run.teacher.cfg.model_type, num_params(run.teacher) / 1e6, run.teacher.cfg.param_dtype,
+                     list(steps.objective.pairs) or "none")
+    scheduled = [k for k, sched in (("alpha", cfg.loss.alpha_schedule), ("temperature", cfg.loss.temperature_schedule),
+                                    ("hidden_weight", cfg.loss.hidden.weight_schedule)) if sched.kind != "constant"]
     preemption = Preemption()
     progress = bar(total=cfg.train.steps, initial=start, disable=not logger.on, desc="train", unit="step")
     tokens, t0, last = 0, time.perf_counter(), {}
@@ -264,9 +338,9 @@ def _loop(cfg: Config, ckpt: Checkpointer) -> dict[str, float]:
             while step < cfg.train.steps:
                 batch = next(data_iter)
                 tokens += int((batch["segment_ids"] > 0).sum()) * jax.process_count()
-                params, opt_state, nonfinite, metrics = steps.train(
-                    state["params"], state["opt_state"], state["nonfinite"], to_global(batch, mesh))
-                state = {"params": params, "opt_state": opt_state, "nonfinite": nonfinite}
+                hyper = hyper_at(run.schedules, step)
+                state, metrics = steps.train(state, to_global(batch, mesh), hyper, teacher_params)
+                nonfinite = metrics["nonfinite"]
                 step += 1
                 progress.update(1)
                 if previous is not None:
@@ -275,17 +349,19 @@ def _loop(cfg: Config, ckpt: Checkpointer) -> dict[str, float]:
                 if step % cfg.run.log_every == 0 or step == cfg.train.steps:
                     m = jax.device_get(metrics)
                     elapsed = time.perf_counter() - t0
-                    last = summarize({k: float(v) for k, v in m.items()}, cfg.loss)
+                    last = summarize({k: float(v) for k, v in m.items()}, cfg.loss, hyper)
                     last.update(grad_norm=float(m["grad_norm"]), skipped=float(m["skipped"]),
                                 lr=float(spec.schedule(step - 1)), tokens_per_s=tokens / elapsed,
-                                mfu=flops.mfu(student.cfg, cfg.data.seq_len, tokens / elapsed))
+                                mfu=flops.mfu(student.cfg, cfg.data.seq_len, tokens / elapsed),
+                                **{k: hyper[k] for k in scheduled})
                     logger.write(step, "train", last)
                     progress.set_postfix(loss=f"{last['loss']:.4f}")
                     tokens, t0 = 0, time.perf_counter()
                 if cfg.train.eval_every and step % cfg.train.eval_every == 0:
-                    result = evaluate_losses(steps.eval, params, cfg.data.store, run.eval_idx, cfg.data, cfg.loss,
-                                             batches=cfg.eval.batches, batch_size=cfg.train.global_batch_size,
-                                             mesh=mesh)
+                    eval_fn = lambda v, b: steps.eval(v, b, hyper, teacher_params)  # noqa: E731
+                    result = evaluate_losses(eval_fn, trainable(state), cfg.data.store, run.eval_idx, cfg.data,
+                                             cfg.loss, batches=cfg.eval.batches,
+                                             batch_size=cfg.train.global_batch_size, mesh=mesh, hyper=hyper)
                     if result:
                         logger.write(step, "eval", result)
                 if preemption.requested(step):

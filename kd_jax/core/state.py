@@ -3,7 +3,9 @@
 A train state is the dict `{"params", "opt_state", "nonfinite"}`: the student's NNX parameters
 (fp32 masters, sharded by the rules table), the optax state (Adam moments sharded like their
 parameters, scalars such as the step count replicated) and the count of consecutive skipped
-(non-finite) steps. `abstract_train_state` gives its shapes, dtypes and shardings without
+(non-finite) steps. A run with hidden-state alignment to a teacher of another width adds
+`"align": {"proj": [M, D_student, D_teacher]}`, one learned projection per mapped layer pair,
+trained with the student and checkpointed, never exported. `abstract_train_state` gives its shapes, dtypes and shardings without
 allocating anything; `init_train_state` the values of a fresh run; `restore_params` reads only the
 parameters of a checkpoint (no optimizer state is read) onto any mesh.
 """
@@ -21,7 +23,7 @@ from flax import nnx
 from kd_jax.core import sharding
 from kd_jax.core.checkpoint import Checkpointer
 from kd_jax.core.config import OptimConfig
-from kd_jax.core.step import make_optimizer
+from kd_jax.core.step import make_optimizer, optimized
 from kd_jax.models.decoder import Decoder, DecoderConfig
 
 
@@ -58,23 +60,36 @@ class TrainSpec:
         return jax.tree.map(lambda x: x.sharding, self.abstract)
 
 
-def abstract_train_state(model_cfg: DecoderConfig, optim_cfg: OptimConfig, steps: int, mesh) -> TrainSpec:
-    """The train state's structure on `mesh`, for `steps` optimizer steps (the schedule's length)."""
+def abstract_train_state(model_cfg: DecoderConfig, optim_cfg: OptimConfig, steps: int, mesh,
+                         align_shape: tuple[int, int, int] | None = None) -> TrainSpec:
+    """The train state's structure on `mesh`, for `steps` optimizer steps (the schedule's length);
+    `align_shape` (M, D_student, D_teacher) adds the hidden-alignment projections."""
     graphdef, params = abstract_params(model_cfg, mesh)
     tx, schedule = make_optimizer(optim_cfg, steps)
-    opt_state = _with_shardings(jax.eval_shape(tx.init, params), opt_state_shardings(tx, params, mesh))
+    train_vars = {"params": params}
+    if align_shape is not None:
+        names = (None, "embed", None)
+        train_vars["align"] = {"proj": jax.ShapeDtypeStruct(
+            align_shape, jnp.float32, sharding=sharding.named_sharding(mesh, names, align_shape))}
+    opt_tree = optimized(train_vars)
+    opt_state = _with_shardings(jax.eval_shape(tx.init, opt_tree), opt_state_shardings(tx, opt_tree, mesh))
     nonfinite = jax.ShapeDtypeStruct((), jnp.int32, sharding=sharding.named_sharding(mesh, None))
-    return TrainSpec(graphdef, tx, schedule, {"params": params, "opt_state": opt_state, "nonfinite": nonfinite})
+    return TrainSpec(graphdef, tx, schedule, {**train_vars, "opt_state": opt_state, "nonfinite": nonfinite})
 
 
-def init_train_state(model: Decoder, spec: TrainSpec) -> dict[str, Any]:
+def init_train_state(model: Decoder, spec: TrainSpec, seed: int = 0) -> dict[str, Any]:
     """A fresh train state from a built (sharded) student: its parameters, zero Adam moments laid
-    out like them, and no skipped steps."""
-    params = nnx.state(model)
+    out like them, no skipped steps, and (when the spec has them) alignment projections drawn
+    from N(0, 1/D_student)."""
     shardings = spec.shardings
-    opt_state = jax.jit(spec.tx.init, out_shardings=shardings["opt_state"])(params)
+    train_vars = {"params": nnx.state(model)}
+    if "align" in spec.abstract:
+        proj = spec.abstract["align"]["proj"]
+        init = lambda key: jax.random.normal(key, proj.shape, proj.dtype) / jnp.sqrt(proj.shape[1])  # noqa: E731
+        train_vars["align"] = {"proj": jax.jit(init, out_shardings=proj.sharding)(jax.random.key(seed))}
+    opt_state = jax.jit(spec.tx.init, out_shardings=shardings["opt_state"])(optimized(train_vars))
     nonfinite = jax.device_put(jnp.zeros((), jnp.int32), shardings["nonfinite"])
-    return {"params": params, "opt_state": opt_state, "nonfinite": nonfinite}
+    return {**train_vars, "opt_state": opt_state, "nonfinite": nonfinite}
 
 
 def restore_params(ckpt: Checkpointer, step: int | None, model_cfg: DecoderConfig, mesh) -> tuple[Decoder, int]:

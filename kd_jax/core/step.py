@@ -20,7 +20,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from kd_jax.core import losses
-from kd_jax.core.config import LossConfig, OptimConfig
+from kd_jax.core.config import ConfigError, LossConfig, OptimConfig, ScheduleConfig
 
 # Parameters that get weight decay: the matrices. Norm scales and biases do not (as in most LLM recipes).
 DECAYED = frozenset({"embed", "lm_head", "wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"})
@@ -65,29 +65,129 @@ def _micro_batches(x, n: int):
     return jnp.swapaxes(x.reshape((B // n, n) + x.shape[1:]), 0, 1)
 
 
-def _weights(batch, loss_cfg: LossConfig, totals, beta: float):
+# --- Loss values that move over training -----------------------------------------------------
+
+def _scheduled(start: float, sched: ScheduleConfig, steps: int) -> optax.Schedule:
+    if sched.kind == "constant" or sched.end is None:
+        return optax.constant_schedule(start)
+    if sched.kind == "linear":
+        return optax.linear_schedule(start, sched.end, max(steps - 1, 1))
+    end, span = sched.end, max(steps - 1, 1)
+    return lambda step: end + (start - end) * 0.5 * (1.0 + jnp.cos(jnp.pi * jnp.minimum(step, span) / span))
+
+
+def loss_schedules(loss_cfg: LossConfig, steps: int) -> dict[str, optax.Schedule]:
+    """step -> value of alpha, temperature and the hidden-alignment weight, each from its config
+    value at step 0 to its schedule's `end` at the last step (`steps` - 1)."""
+    return {"alpha": _scheduled(loss_cfg.alpha, loss_cfg.alpha_schedule, steps),
+            "temperature": _scheduled(loss_cfg.temperature, loss_cfg.temperature_schedule, steps),
+            "hidden_weight": _scheduled(loss_cfg.hidden.weight, loss_cfg.hidden.weight_schedule, steps)}
+
+
+def hyper_at(schedules: dict[str, optax.Schedule], step: int) -> dict[str, float]:
+    """The scheduled loss values of optimizer step `step` (0-based), as Python floats: the step
+    takes them as traced fp32 scalars, so a schedule never recompiles."""
+    return {k: float(f(step)) for k, f in schedules.items()}
+
+
+def default_hyper(loss_cfg: LossConfig) -> dict[str, float]:
+    return {"alpha": loss_cfg.alpha, "temperature": loss_cfg.temperature, "hidden_weight": loss_cfg.hidden.weight}
+
+
+# --- The objective ---------------------------------------------------------------------------
+
+def layer_pairs(hidden_cfg, student_layers: int, teacher_layers: int) -> tuple[tuple[int, int], ...]:
+    """(student layer, teacher layer) pairs of hidden-state alignment: `layers` as given, or by
+    default every student layer i <- teacher layer round((i + 1)·L_t / L_s) - 1 (evenly spaced,
+    last to last); () when alignment is off."""
+    if not hidden_cfg.on:
+        return ()
+    if hidden_cfg.layers is None:
+        return tuple((i, round((i + 1) * teacher_layers / student_layers) - 1) for i in range(student_layers))
+    pairs = tuple(sorted(hidden_cfg.layers.items()))
+    bad = [(i, j) for i, j in pairs if i >= student_layers or j >= teacher_layers]
+    if bad:
+        raise ConfigError(f"loss.hidden.layers={hidden_cfg.layers}: pairs {bad} are out of range; the student has "
+                          f"layers 0..{student_layers - 1}, the teacher 0..{teacher_layers - 1}")
+    return pairs
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    """The static part of what a step computes: the student's structure, the loss config, and for
+    an online teacher its structure and the hidden-alignment layer pairs (student, teacher)."""
+    student: Any  # nnx.GraphDef of the student
+    loss: LossConfig
+    teacher: Any = None  # nnx.GraphDef of the online teacher; None = the store's top-K (offline)
+    pairs: tuple[tuple[int, int], ...] = ()
+
+    @property
+    def online(self) -> bool:
+        return self.teacher is not None
+
+
+def _weights(batch, loss_cfg: LossConfig, totals, beta: float, alpha):
     """Per-token (a, b) of the objective for this (micro-)batch, with the global normalizers `totals`."""
     return losses.token_weights(batch["role"], batch["reasoning_step"], batch["segment_ids"], batch["loss_mask"],
-                                alpha=loss_cfg.alpha, beta=beta, step_weight=loss_cfg.step_weight,
+                                alpha=alpha, beta=beta, step_weight=loss_cfg.step_weight,
                                 answer_weight=loss_cfg.answer_weight, num_supervised=totals[0],
                                 step_weight_sum=totals[1])
 
 
-def _fused_loss(model, h_BxLxD, batch, a_BxL, b_BxL, loss_cfg: LossConfig):
-    B, L, D = h_BxLxD.shape
-    K = batch["topk_ids"].shape[-1]
-    return losses.kd_loss(
-        h_BxLxD.reshape(B * L, D), model.output_embedding(), batch["labels"].reshape(B * L),
-        batch["topk_ids"].reshape(B * L, K), batch["topk_logprobs"].reshape(B * L, K),
-        a_BxL.reshape(B * L), b_BxL.reshape(B * L), loss_cfg)
+def _flat(x_BxLx):
+    return x_BxLx.reshape((-1,) + x_BxLx.shape[2:])
 
 
-def batch_loss(graphdef, params, batch: dict[str, jax.Array], loss_cfg: LossConfig, totals):
-    """(loss, metrics) of one (micro-)batch with the global normalizers `totals`."""
+def _forward(graphdef, params, batch, collect):
+    """(model, final hidden states [B, L, D], collected layer outputs [M, B, L, D] or None)."""
     model = nnx.merge(graphdef, params)
-    h_BxLxD = model.hidden_states(batch["inputs"], batch["positions"], batch["segment_ids"])
-    a_BxL, b_BxL = _weights(batch, loss_cfg, totals, loss_cfg.beta)
-    return _fused_loss(model, h_BxLxD, batch, a_BxL, b_BxL, loss_cfg)
+    out = model.hidden_states(batch["inputs"], batch["positions"], batch["segment_ids"], collect=collect)
+    h, collected = out if collect else (out, None)
+    return model, h, collected
+
+
+class _Pass:
+    """One forward pass of the student (and of the online teacher, outside differentiation) over
+    a (micro-)batch; its loss head can then run with several coefficient sets (evaluation)."""
+
+    def __init__(self, objective: Objective, trainable, teacher_params, batch):
+        self.objective, self.batch = objective, batch
+        pairs = objective.pairs
+        self.student, self.h, self.s_layers = _forward(objective.student, trainable["params"], batch,
+                                                       tuple(i for i, _ in pairs))
+        self.proj = (trainable.get("align") or {}).get("proj")
+        if objective.online:
+            self.teacher, t_h, t_layers = _forward(objective.teacher, teacher_params, batch,
+                                                   tuple(j for _, j in pairs))
+            self.t_h, self.t_layers = jax.lax.stop_gradient((t_h, t_layers))
+
+    def loss(self, a_BxL, b_BxL, hyper, num_supervised, *, hidden: bool = True):
+        """(loss, metrics) with per-token coefficients a, b; `hidden` adds the alignment term."""
+        cfg, batch, objective = self.objective.loss, self.batch, self.objective
+        labels_N, a_N, b_N = _flat(batch["labels"]), _flat(a_BxL), _flat(b_BxL)
+        if objective.online:
+            loss, metrics = losses.kd_loss_online(_flat(self.h), self.student.output_embedding(), _flat(self.t_h),
+                                                  self.teacher.output_embedding(), labels_N, a_N, b_N, cfg,
+                                                  temperature=hyper["temperature"])
+        else:
+            loss, metrics = losses.kd_loss(_flat(self.h), self.student.output_embedding(), labels_N,
+                                           _flat(batch["topk_ids"]), _flat(batch["topk_logprobs"]), a_N, b_N, cfg,
+                                           temperature=hyper["temperature"])
+        if objective.pairs and hidden:
+            M = len(objective.pairs)
+            w_N = jnp.where((a_N != 0) | (b_N != 0), 1.0 / jnp.maximum(num_supervised, 1.0), 0.0)
+            hidden_loss = losses.hidden_alignment(self.s_layers.reshape(M, a_N.shape[0], -1),
+                                                  self.t_layers.reshape(M, a_N.shape[0], -1), self.proj, w_N,
+                                                  cfg.hidden.distance)
+            loss = loss + hyper["hidden_weight"] * hidden_loss
+            metrics = dict(metrics, hidden=hidden_loss)
+        return loss, metrics
+
+
+def batch_loss(objective: Objective, trainable, teacher_params, batch, totals, hyper):
+    """(loss, metrics) of one (micro-)batch with the global normalizers `totals`."""
+    a_BxL, b_BxL = _weights(batch, objective.loss, totals, objective.loss.beta, hyper["alpha"])
+    return _Pass(objective, trainable, teacher_params, batch).loss(a_BxL, b_BxL, hyper, totals[0])
 
 
 def batch_totals(batch, loss_cfg: LossConfig):
@@ -95,65 +195,101 @@ def batch_totals(batch, loss_cfg: LossConfig):
                                 step_weight=loss_cfg.step_weight, answer_weight=loss_cfg.answer_weight)
 
 
-def train_step(graphdef, tx, loss_cfg: LossConfig, grad_accum: int, params, opt_state, nonfinite, batch):
-    """One optimizer step on the global batch; returns (params, opt_state, nonfinite, metrics)."""
-    totals = batch_totals(batch, loss_cfg)  # normalizers over the whole global batch
+def trainable(state) -> dict[str, Any]:
+    """What the optimizer updates: {"params"} (the student), plus {"align"} (the hidden-alignment
+    projections) when the run has them."""
+    return {k: state[k] for k in ("params", "align") if k in state}
+
+
+def optimized(tree):
+    """The tree the optimizer state mirrors: the student's parameters alone when there is nothing
+    else to train (so offline checkpoints keep their layout), else the whole trainable dict."""
+    return tree["params"] if tree.keys() == {"params"} else tree
+
+
+def _hyper_arrays(hyper):
+    return {k: jnp.asarray(v, jnp.float32) for k, v in hyper.items()}
+
+
+def train_step(objective: Objective, tx, grad_accum: int, state, batch, hyper, teacher_params):
+    """One optimizer step on the global batch; returns (state, metrics)."""
+    hyper = _hyper_arrays(hyper)
+    totals = batch_totals(batch, objective.loss)  # normalizers over the whole global batch
     micro = jax.tree.map(functools.partial(_micro_batches, n=grad_accum), batch)
-    grad_fn = jax.value_and_grad(lambda p, mb: batch_loss(graphdef, p, mb, loss_cfg, totals), has_aux=True)
+    train_vars = trainable(state)
+    grad_fn = jax.value_and_grad(lambda t, mb: batch_loss(objective, t, teacher_params, mb, totals, hyper),
+                                 has_aux=True)
 
     def accumulate(carry, mb):  # the loss is globally normalized: micro-batch terms simply add
-        return jax.tree.map(jnp.add, carry, grad_fn(params, mb)), None
+        return jax.tree.map(jnp.add, carry, grad_fn(train_vars, mb)), None
 
     first = jax.tree.map(lambda x: x[0], micro)
-    zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(grad_fn, params, first))
+    zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(grad_fn, train_vars, first))
     ((loss, metrics), grads), _ = jax.lax.scan(accumulate, zero, micro)
     grad_norm = optax.global_norm(grads)
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    updates, new_opt_state = tx.update(grads, opt_state, params)
-    new_params = optax.apply_updates(params, updates)
+    updates, new_opt_state = tx.update(optimized(grads), state["opt_state"], optimized(train_vars))
+    new_vars = optax.apply_updates(optimized(train_vars), updates)
+    new_vars = new_vars if "align" in state else {"params": new_vars}
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)  # noqa: E731
-    metrics = dict(metrics, loss=loss, grad_norm=grad_norm, skipped=(~ok).astype(jnp.float32))
-    return keep(new_params, params), keep(new_opt_state, opt_state), jnp.where(ok, 0, nonfinite + 1), metrics
+    nonfinite = jnp.where(ok, 0, state["nonfinite"] + 1)
+    # The count is also a metric: the state is donated to the next step, the metrics are not.
+    metrics = dict(metrics, loss=loss, grad_norm=grad_norm, skipped=(~ok).astype(jnp.float32), nonfinite=nonfinite)
+    new_state = dict(keep(new_vars, train_vars), opt_state=keep(new_opt_state, state["opt_state"]), nonfinite=nonfinite)
+    return new_state, metrics
 
 
-def eval_step(graphdef, loss_cfg: LossConfig, params, batch):
+def eval_step(objective: Objective, train_vars, batch, hyper, teacher_params):
     """Held-out sums for one batch: the fused metrics, the batch's total loss and its step loss.
     One forward pass; the loss head runs twice on its hidden states, the second time with the
     pure step loss's coefficients (those with β = 1 minus those with β = 0)."""
-    totals = batch_totals(batch, loss_cfg)
-    model = nnx.merge(graphdef, params)
-    h_BxLxD = model.hidden_states(batch["inputs"], batch["positions"], batch["segment_ids"])
-    loss, metrics = _fused_loss(model, h_BxLxD, batch, *_weights(batch, loss_cfg, totals, loss_cfg.beta), loss_cfg)
-    (a1, b1), (a0, b0) = _weights(batch, loss_cfg, totals, 1.0), _weights(batch, loss_cfg, totals, 0.0)
-    step_loss, _ = _fused_loss(model, h_BxLxD, batch, a1 - a0, b1 - b0, loss_cfg)
+    hyper = _hyper_arrays(hyper)
+    cfg = objective.loss
+    totals = batch_totals(batch, cfg)
+    forward = _Pass(objective, train_vars, teacher_params, batch)
+    alpha = hyper["alpha"]
+    loss, metrics = forward.loss(*_weights(batch, cfg, totals, cfg.beta, alpha), hyper, totals[0])
+    (a1, b1), (a0, b0) = _weights(batch, cfg, totals, 1.0, alpha), _weights(batch, cfg, totals, 0.0, alpha)
+    step_loss, _ = forward.loss(a1 - a0, b1 - b0, hyper, totals[0], hidden=False)
     return dict(metrics, loss=loss, step_loss=step_loss)
 
 
 @dataclasses.dataclass
 class Steps:
-    """The jitted train and eval steps for one model structure, mesh and config."""
+    """The jitted steps for one objective, optimizer and mesh:
+    train(state, batch, hyper, teacher_params) -> (state, metrics), the state donated;
+    eval(trainable, batch, hyper, teacher_params) -> metric sums. `hyper` is `hyper_at(...)` of
+    the step (or `default_hyper`); teacher_params is None offline."""
     train: Any
     eval: Any
+    objective: Objective
 
 
-def compile_steps(spec, loss_cfg: LossConfig, grad_accum: int, mesh) -> Steps:
-    """The jitted steps for a train state's structure (`kd_jax.core.state.TrainSpec`): its graphdef,
-    optimizer and shardings; params and optimizer state are donated to the train step."""
+def compile_steps(spec, loss_cfg: LossConfig, grad_accum: int, mesh, *, teacher=None,
+                  pairs: tuple[tuple[int, int], ...] = ()) -> Steps:
+    """The jitted steps for a train state's structure (`kd_jax.core.state.TrainSpec`: its graphdef,
+    optimizer and shardings), with an online `teacher` graphdef and hidden-alignment `pairs`."""
     replicated = NamedSharding(mesh, P())
-    shardings = spec.shardings
-    train = jax.jit(functools.partial(train_step, spec.graphdef, spec.tx, loss_cfg, grad_accum), donate_argnums=(0, 1),
-                    out_shardings=(shardings["params"], shardings["opt_state"], replicated, replicated))
-    evaluate = jax.jit(functools.partial(eval_step, spec.graphdef, loss_cfg), out_shardings=replicated)
-    return Steps(train, evaluate)
+    objective = Objective(spec.graphdef, loss_cfg, teacher, tuple(pairs))
+    train = jax.jit(functools.partial(train_step, objective, spec.tx, grad_accum), donate_argnums=(0,),
+                    out_shardings=(spec.shardings, replicated))
+    evaluate = jax.jit(functools.partial(eval_step, objective), out_shardings=replicated)
+    return Steps(train, evaluate, objective)
 
 
-def summarize(sums: dict[str, float], loss_cfg: LossConfig) -> dict[str, float]:
-    """Per-token means from summed metrics: soft and hard losses, the step loss, top-1 agreement."""
+def summarize(sums: dict[str, float], loss_cfg: LossConfig, hyper: dict[str, float] | None = None) -> dict[str, float]:
+    """Per-token means from summed metrics: soft and hard losses, the step loss, top-1 agreement,
+    the hidden-alignment loss when there is one. `hyper`: the step's scheduled values."""
+    hyper = hyper or default_hyper(loss_cfg)
     n = max(sums["num_tokens"], 1.0)
     out = {"soft": sums["soft_sum"] / n, "hard": sums["hard_sum"] / n, "top1_agree": sums["top1_agree"] / n,
            "loss": sums["loss"]}
+    if "hidden" in sums:
+        out["hidden"] = sums["hidden"]
     if "step_loss" in sums:
         out["step_loss"] = sums["step_loss"]
-    elif loss_cfg.beta > 0:  # L = α·L_soft + (1−α)·L_hard + β·L_step, so L_step follows exactly
-        out["step_loss"] = (sums["loss"] - loss_cfg.alpha * out["soft"] - (1 - loss_cfg.alpha) * out["hard"]) / loss_cfg.beta
+    elif loss_cfg.beta > 0:  # L = α·L_soft + (1−α)·L_hard + β·L_step + γ·L_hidden, so L_step follows exactly
+        alpha = hyper["alpha"]
+        rest = alpha * out["soft"] + (1 - alpha) * out["hard"] + hyper["hidden_weight"] * out.get("hidden", 0.0)
+        out["step_loss"] = (sums["loss"] - rest) / loss_cfg.beta
     return out

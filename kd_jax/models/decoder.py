@@ -233,12 +233,16 @@ class Decoder(nnx.Module):
         return self.embed[...].T if self.cfg.tie_word_embeddings else self.lm_head[...]
 
     def hidden_states(self, tokens_BxT: jax.Array, positions_BxT: jax.Array | None = None,
-                      segment_ids_BxT: jax.Array | None = None) -> jax.Array:
+                      segment_ids_BxT: jax.Array | None = None, collect: tuple[int, ...] = ()):
         """Final normed hidden states [B, T, D] in the compute dtype.
 
         segment_ids_BxT: packed-document ids; tokens attend only within their own segment (ids
         equal), so documents never see each other. Padding can be any id (0 by convention).
         positions_BxT: rotary positions, restarting at 0 in every segment; default 0..T-1.
+        collect: layer indices whose outputs (the residual stream after that layer, before the
+        final norm) are also returned, as (h_BxTxD, collected_MxBxTxD) in `collect`'s order. Under
+        the layer scan they go into an [M+1, B, T, D] buffer carried beside the stream (slot M
+        takes the other layers), outside the remat boundary: memory O(M), not O(L).
         """
         cfg = self.cfg
         B, T = tokens_BxT.shape
@@ -253,18 +257,38 @@ class Decoder(nnx.Module):
 
         stacked = {k: v[...] for k, v in vars(self.layers).items() if isinstance(v, nnx.Param)}
 
-        def body(x, p):
-            return layer(cfg, p, x, positions_BxT, mask, inv_freq), None
+        def one_layer(x, p):
+            return layer(cfg, p, x, positions_BxT, mask, inv_freq)
 
         policy = remat_policy(cfg.remat)
         if cfg.remat != "none":
-            body = jax.checkpoint(body, policy=policy, prevent_cse=not cfg.scan_layers)
+            one_layer = jax.checkpoint(one_layer, policy=policy, prevent_cse=not cfg.scan_layers)
+        bad = [i for i in collect if not 0 <= i < cfg.num_layers]
+        if bad:
+            raise ValueError(f"collect={list(collect)}: layer indices must be in [0, {cfg.num_layers})")
+        M = len(collect)
+        slot_L = [collect.index(i) if i in collect else M for i in range(cfg.num_layers)]
         if cfg.scan_layers:
-            x_BxTxD, _ = jax.lax.scan(body, x_BxTxD, stacked)
+            def body(carry, xs):
+                x, buf = carry
+                p, slot = xs
+                x = one_layer(x, p)
+                if buf is not None:
+                    buf = jax.lax.dynamic_update_index_in_dim(buf, x, slot, 0)
+                return (x, buf), None
+
+            buf = jnp.zeros((M + 1,) + x_BxTxD.shape, x_BxTxD.dtype) if M else None
+            (x_BxTxD, buf), _ = jax.lax.scan(body, (x_BxTxD, buf), (stacked, jnp.asarray(slot_L, jnp.int32)))
+            collected = buf[:M] if M else None
         else:
+            outs = [None] * M
             for i in range(cfg.num_layers):
-                x_BxTxD, _ = body(x_BxTxD, {k: v[i] for k, v in stacked.items()})
-        return rms_norm(x_BxTxD, self.final_norm[...].astype(x_BxTxD.dtype), cfg.rms_norm_eps)
+                x_BxTxD = one_layer(x_BxTxD, {k: v[i] for k, v in stacked.items()})
+                if slot_L[i] < M:
+                    outs[slot_L[i]] = x_BxTxD
+            collected = jnp.stack(outs) if M else None
+        h_BxTxD = rms_norm(x_BxTxD, self.final_norm[...].astype(x_BxTxD.dtype), cfg.rms_norm_eps)
+        return (h_BxTxD, collected) if collect else h_BxTxD
 
     def _logits(self, h_BxTxD: jax.Array) -> jax.Array:
         w_DxV = self.output_embedding().astype(h_BxTxD.dtype)
