@@ -1,0 +1,164 @@
+"""The online teacher in the train step, end to end: a run on the demo task's traces with a teacher
+of another width (dense KD, hidden alignment through learned projections, scheduled alpha and
+temperature) learns, aligns, exports without its projections and resumes bitwise after SIGKILL;
+online_top_k=K equals the offline store of the same K; mismatched teachers are refused."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import hf_tiny
+import jax
+import numpy as np
+import pytest
+import safetensors
+import tiny_kd
+import torch
+import transformers
+from test_train import _cli, _losses, _run
+
+from kd_jax.core.config import ConfigError, HiddenConfig, LossConfig, ScheduleConfig, load_config
+from kd_jax.core.loop import TeacherMismatchError, check_online_teacher, prepare, to_global
+from kd_jax.core.step import default_hyper, hyper_at, layer_pairs, loss_schedules, trainable
+from kd_jax.data.arithmetic import write as write_arithmetic
+from kd_jax.data.pipeline import make_eval_iter
+from kd_jax.models.decoder import DecoderConfig
+from kd_jax.models.hf import load_tokenizer
+
+STEPS = 24
+STUDENT = {"model_type": "llama", "vocab_size": None, "hidden_size": 16, "intermediate_size": 32,
+           "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 8,
+           "max_position_embeddings": 256, "rms_norm_eps": 1e-5, "tie_word_embeddings": False}
+
+
+def _online_args(root: str, name: str) -> list[str]:
+    """Demo-task traces, no store (the traces are tokenized into the run directory), a 2-layer
+    width-32 teacher and a 2-layer width-16 random student: hidden alignment needs projections."""
+    student = dict(STUDENT, vocab_size=json.load(open(f"{root}/arith_teacher/config.json"))["vocab_size"])
+    kw = {"run.output_dir": f"{root}/runs", "run.name": name, "run.log_every": 1, "run.tensorboard": "false",
+          "teacher.mode": "online", "teacher.hf_path": f"{root}/arith_teacher", "teacher.param_dtype": "float32",
+          "teacher.dtype": "float32", "student.init": "random", "student.architecture": json.dumps(student),
+          "student.dtype": "float32", "data.traces": f"{root}/arith/traces.jsonl", "data.seq_len": 128,
+          "data.eval_fraction": 0.1, "train.steps": STEPS, "train.global_batch_size": 8, "train.eval_every": 0,
+          "optim.lr": 3e-3, "optim.warmup_steps": 2, "checkpoint.every_steps": 4, "loss.chunk_size": 128,
+          "loss.alpha": 0.9, "loss.alpha_schedule": "{kind: linear, end: 0.3}", "loss.temperature": 2.0,
+          "loss.temperature_schedule": "{kind: cosine, end: 1.0}", "loss.divergence": "reverse_kl",
+          "loss.hidden.weight": 0.5, "loss.hidden.distance": "mse"}
+    return [f"{k}={v}" for k, v in kw.items()]
+
+
+def _metrics(root: str, name: str) -> dict[int, dict]:
+    out = {}
+    with open(f"{root}/runs/{name}/metrics.jsonl") as f:
+        for line in f:
+            row = json.loads(line)
+            if row["split"] == "train":
+                out[row["step"]] = row
+    return out
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("online"))
+    tiny_kd.build_store(root)  # the offline store (K = 8) of tiny_kd's teacher, for the top-K comparison
+    paths = write_arithmetic(f"{root}/arith", n=300)
+    tok = load_tokenizer(paths["tokenizer"])
+    teacher = hf_tiny.build("llama3", vocab_size=len(tok) + 16, num_hidden_layers=2, max_position_embeddings=512)
+    teacher.save_pretrained(f"{root}/arith_teacher")
+    tok.save_pretrained(f"{root}/arith_teacher")
+    _run("kd_jax.train", _online_args(root, "online"))
+    return root
+
+
+@pytest.mark.slow
+def test_online_run_learns_aligns_logs_schedules_and_exports_without_projections(root):
+    rows = _metrics(root, "online")
+    assert sorted(rows) == list(range(1, STEPS + 1))
+    first, last = [rows[s] for s in (1, 2, 3)], [rows[s] for s in (STEPS - 2, STEPS - 1, STEPS)]
+    for key in ("loss", "soft", "hidden"):  # the mapped hidden states move toward the teacher's
+        assert np.mean([r[key] for r in last]) < 0.7 * np.mean([r[key] for r in first]), key
+    # The schedules, logged every step: linear alpha 0.9 -> 0.3 and cosine temperature 2 -> 1.
+    np.testing.assert_allclose([rows[1]["alpha"], rows[STEPS]["alpha"]], [0.9, 0.3], rtol=1e-6)
+    np.testing.assert_allclose([rows[1]["temperature"], rows[STEPS]["temperature"]], [2.0, 1.0], rtol=1e-6)
+    assert rows[1]["alpha"] > rows[STEPS // 2]["alpha"] > rows[STEPS]["alpha"]
+    assert os.path.isdir(f"{root}/runs/online/tokens")  # the traces were tokenized once, into the run
+
+    _run("kd_jax.export", ["--run", f"{root}/runs/online", "--out", f"{root}/online_export"])
+    names = []
+    for f in os.listdir(f"{root}/online_export"):
+        if f.endswith(".safetensors"):
+            with safetensors.safe_open(f"{root}/online_export/{f}", "np") as st:
+                names += list(st.keys())
+    assert names and not [n for n in names if "proj" in n and "layers" not in n], names
+    assert not [n for n in names if "align" in n], names
+    hf = transformers.AutoModelForCausalLM.from_pretrained(f"{root}/online_export", dtype=torch.float32)
+    assert hf.config.hidden_size == 16 and sum(p.numel() for p in hf.parameters()) > 0
+
+
+@pytest.mark.slow
+def test_online_resume_after_sigkill_is_bitwise_identical(root):
+    name = "online_resume"
+    proc = _cli("kd_jax.train", _online_args(root, name))
+    ckpts = f"{root}/runs/{name}/checkpoints"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.isdir(ckpts) and any(d.isdigit() for d in os.listdir(ckpts)):
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be interrupted"
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=120)
+    assert len(_losses(root, name)) < STEPS
+    _run("kd_jax.train", _online_args(root, name))
+    assert _losses(root, name) == _losses(root, "online")  # bitwise: floats round-trip through JSON
+
+
+def test_online_top_k_equals_the_offline_store_of_the_same_k(root):
+    """tiny_kd's teacher online, keeping its top-8 per token, against the store it wrote with K = 8:
+    the same batch, student and loss give the same loss up to the store's fp16 log-prob rounding
+    (a relative error of at most 2^-11 per log-prob)."""
+    base = tiny_kd.train_args(root, "topk", 1, **{"loss.divergence": "forward_kl", "loss.temperature": 2.0,
+                                                  "loss.tail": "true"})
+    offline = prepare(load_config(None, base))
+    online = prepare(load_config(None, base + ["teacher.mode=online", "loss.online_top_k=8"]))
+    dense = prepare(load_config(None, base + ["teacher.mode=online"]))
+    batch = next(make_eval_iter(offline.cfg.data.store, offline.eval_idx, offline.cfg.data, batch_size=8))
+    out = {}
+    with jax.set_mesh(offline.mesh):
+        for name, run in (("offline", offline), ("online", online), ("dense", dense)):
+            out[name] = jax.device_get(run.steps.eval(trainable(offline.state), to_global(batch, offline.mesh),
+                                                      default_hyper(run.cfg.loss), run.teacher_params))
+    for key in ("loss", "soft_sum", "hard_sum", "num_tokens", "top1_agree", "step_loss"):
+        np.testing.assert_allclose(out["online"][key], out["offline"][key], rtol=2e-3, err_msg=key)
+    assert out["dense"]["num_tokens"] == out["offline"]["num_tokens"]
+    assert abs(out["dense"]["soft_sum"] - out["offline"]["soft_sum"]) > 1e-3 * out["offline"]["soft_sum"]
+
+
+def test_online_teacher_with_fewer_output_rows_is_refused():
+    cfg = load_config(None, ["teacher.mode=online", "teacher.hf_path=t", "student.hf_path=s",
+                             "student.init=random"])  # random: no tokenizer folder to compare
+    small, big = DecoderConfig(vocab_size=100), DecoderConfig(vocab_size=128)
+    with pytest.raises(TeacherMismatchError, match=r"t has 100 output rows.*student s's 128"):
+        check_online_teacher(cfg, big, small)
+
+
+def test_schedules_and_layer_maps():
+    cfg = LossConfig(alpha=0.9, alpha_schedule=ScheduleConfig("linear", 0.3), temperature=2.0,
+                     temperature_schedule=ScheduleConfig("cosine", 1.0))
+    sched = loss_schedules(cfg, 11)
+    assert hyper_at(sched, 0) == pytest.approx({"alpha": 0.9, "temperature": 2.0, "hidden_weight": 0.0})
+    assert hyper_at(sched, 5) == pytest.approx({"alpha": 0.6, "temperature": 1.5, "hidden_weight": 0.0})
+    assert hyper_at(sched, 10) == pytest.approx({"alpha": 0.3, "temperature": 1.0, "hidden_weight": 0.0})
+    assert layer_pairs(HiddenConfig(weight=1.0), 4, 8) == ((0, 1), (1, 3), (2, 5), (3, 7))  # last to last
+    assert layer_pairs(HiddenConfig(weight=1.0), 3, 3) == ((0, 0), (1, 1), (2, 2))
+    assert layer_pairs(HiddenConfig(weight=1.0, layers={1: 6}), 4, 8) == ((1, 6),)
+    assert layer_pairs(HiddenConfig(weight=0.0), 4, 8) == ()
+    with pytest.raises(ConfigError, match=r"out of range.*student has layers 0..3, the teacher 0..7"):
+        layer_pairs(HiddenConfig(weight=1.0, layers={4: 1}), 4, 8)
+    with pytest.raises(ConfigError, match="teacher.mode=online"):
+        load_config(None, ["loss.hidden.weight=0.5"])
+    with pytest.raises(ConfigError, match="teacher.mode=online"):
+        load_config(None, ["loss.online_top_k=8"])
