@@ -198,6 +198,11 @@ def _chunk_loss(logits_CxV, labels_C, ids_CxK, logprobs_CxK, a_C, b_C, temperatu
     soft_C, hard_C, agree_C = token_terms(logits_CxV, labels_C, ids_CxK, logprobs_CxK,
                                           temperature=temperature, divergence=cfg.divergence,
                                           jsd_beta=cfg.jsd_beta, tail=cfg.tail)
+    return _weighted(soft_C, hard_C, agree_C, a_C, b_C)
+
+
+def _weighted(soft_C, hard_C, agree_C, a_C, b_C):
+    """(Σ_t a·soft + b·hard, metric sums) over the tokens with a ≠ 0 or b ≠ 0."""
     used_C = (a_C != 0) | (b_C != 0)
     # `where`, not a·soft: a padded token's garbage must not reach the sum even as 0·inf.
     loss = jnp.where(used_C, a_C * soft_C + b_C * hard_C, 0.0).sum()
@@ -232,24 +237,32 @@ def _from_chunks(x_GxC, N):
     return x_CxG.reshape((-1,) + x_CxG.shape[2:])[:N]
 
 
-def _scan_chunks(hidden_NxD, out_embed_DxV, labels_N, topk_ids_NxK, topk_logprobs_NxK, a_N, b_N,
-                 temperature, cfg: LossConfig, with_grad):
+def _scan_tokens(hidden_NxD, out_embed_DxV, data, chunk_loss, chunk_size, with_grad):
+    """The chunk walk shared by the offline and the online loss.
+
+    data: ([N, ...] array, logical names of its per-token axes or None) pairs, cut into chunks
+    alongside the hidden states. chunk_loss(*data chunks) returns a function of the chunk's fp32
+    student logits [C, V] alone, giving (loss, metrics); anything else it needs per chunk (the
+    online teacher's logits) it computes before returning, outside the differentiated function.
+    with_grad: also d loss / d hidden [N, D] and d loss / d out_embed [D, V] (fp32), from the same
+    pass. Returns (loss, metrics) or (loss, metrics, dh_NxD, dw_DxV).
+    """
     N, D = hidden_NxD.shape
     V = out_embed_DxV.shape[1]
-    C = min(cfg.chunk_size, N)
+    C = min(chunk_size, N)
     dtype = hidden_NxD.dtype
     w_DxV = out_embed_DxV.astype(dtype)  # compute dtype = hidden's; cast once, not per chunk
-    xs = tuple(_to_chunks(x, C) for x in (hidden_NxD, labels_N, topk_ids_NxK, topk_logprobs_NxK,
-                                           a_N.astype(jnp.float32), b_N.astype(jnp.float32)))
-    xs = (constrain(xs[0], (None, "act_batch", "act_embed")),) + xs[1:]
+    xs = []
+    for x_N, names in ((hidden_NxD, ("act_batch", "act_embed")),) + tuple(data):
+        x_GxC = _to_chunks(x_N, C)
+        xs.append(x_GxC if names is None else constrain(x_GxC, (None,) + tuple(names)))
 
     def body(carry, chunk):
-        h_CxD, labels_C, ids_CxK, lps_CxK, a_C, b_C = chunk
+        h_CxD, *rest = chunk
         # Compute dtype inputs, fp32 accumulation; only this chunk's [C, V] logits exist.
         logits_CxV = jnp.dot(h_CxD, w_DxV, preferred_element_type=jnp.float32)
         logits_CxV = constrain(logits_CxV, ("act_batch", "act_vocab"))
-        f = functools.partial(_chunk_loss, labels_C=labels_C, ids_CxK=ids_CxK, logprobs_CxK=lps_CxK,
-                              a_C=a_C, b_C=b_C, temperature=temperature, cfg=cfg)
+        f = chunk_loss(*rest)
         if not with_grad:
             loss, metrics = f(logits_CxV)
             return (carry[0] + loss, jax.tree.map(jnp.add, carry[1], metrics)), None
@@ -263,10 +276,22 @@ def _scan_chunks(hidden_NxD, out_embed_DxV, labels_N, topk_ids_NxK, topk_logprob
     init = (zero, {k: zero for k in _METRICS})
     if with_grad:
         init = init + (jnp.zeros((D, V), jnp.float32),)
-    carry, dh_GxCxD = jax.lax.scan(body, init, xs)
+    carry, dh_GxCxD = jax.lax.scan(body, init, tuple(xs))
     if not with_grad:
         return carry
     return carry[0], carry[1], _from_chunks(dh_GxCxD, N), carry[2]
+
+
+def _scan_chunks(hidden_NxD, out_embed_DxV, labels_N, topk_ids_NxK, topk_logprobs_NxK, a_N, b_N,
+                 temperature, cfg: LossConfig, with_grad):
+    data = ((labels_N, None), (topk_ids_NxK, None), (topk_logprobs_NxK, None),
+            (a_N.astype(jnp.float32), None), (b_N.astype(jnp.float32), None))
+
+    def chunk_loss(labels_C, ids_CxK, lps_CxK, a_C, b_C):
+        return functools.partial(_chunk_loss, labels_C=labels_C, ids_CxK=ids_CxK, logprobs_CxK=lps_CxK,
+                                 a_C=a_C, b_C=b_C, temperature=temperature, cfg=cfg)
+
+    return _scan_tokens(hidden_NxD, out_embed_DxV, data, chunk_loss, cfg.chunk_size, with_grad)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(8,))
@@ -317,3 +342,4 @@ def kd_loss(hidden_NxD, out_embed_DxV, labels_N, topk_ids_NxK, topk_logprobs_NxK
     temperature = jnp.asarray(cfg.temperature if temperature is None else temperature, jnp.float32)
     return _fused(hidden_NxD, out_embed_DxV, labels_N, topk_ids_NxK, topk_logprobs_NxK, a_N, b_N, temperature,
                   cfg)
+
