@@ -5,6 +5,10 @@ with a_t, b_t depending only on roles, steps and masks. `token_weights` computes
 `kd_loss` walks the tokens in chunks, turns each chunk's hidden states into logits, reduces them to
 the weighted terms and their gradient in the same pass, and never holds [tokens × vocab] logits.
 `token_terms` is the per-token math on materialized logits, shared by both (and by evaluation).
+`kd_loss_online` is the same walk against a teacher run in the same step: per chunk it also turns
+the teacher's final hidden states into its logits, and takes the divergence over the full
+vocabulary (`dense_token_terms`) or over the teacher's top-K (`token_terms`, as a store would).
+`hidden_alignment` is the intermediate-layer term (online teacher; no vocabulary dimension).
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from kd_jax.core.config import DIVERGENCES, LossConfig
+from kd_jax.core.config import DIVERGENCES, HIDDEN_DISTANCES, LossConfig
 from kd_jax.core.sharding import constrain
 from kd_jax.data.roles import Role
 
@@ -109,7 +113,8 @@ def _log_normalize(x_CxJ, mask_CxJ):
 def _divergence(log_p_CxJ, log_q_CxJ, mask_CxJ, divergence, jsd_beta):
     """Divergence between teacher p and student q given as log-probs on the masked buckets.
     Masked buckets have probability 0 and add nothing (the 0·log 0 trap: both logs are
-    finite stand-ins there and `where` drops them, so gradients stay finite)."""
+    finite stand-ins there and `where` drops them, so gradients stay finite). mask_CxJ=None:
+    every bucket counts (full-vocabulary log_softmax on both sides, so every log is finite)."""
     p_CxJ, q_CxJ = jnp.exp(log_p_CxJ), jnp.exp(log_q_CxJ)
     if divergence == "forward_kl":
         terms_CxJ = p_CxJ * (log_p_CxJ - log_q_CxJ)
@@ -123,7 +128,9 @@ def _divergence(log_p_CxJ, log_q_CxJ, mask_CxJ, divergence, jsd_beta):
                      + (1.0 - jsd_beta) * q_CxJ * (log_q_CxJ - log_m_CxJ))
     else:
         raise ValueError(f"divergence={divergence!r}; expected one of {DIVERGENCES}")
-    return jnp.where(mask_CxJ, terms_CxJ, 0.0).sum(axis=-1)
+    if mask_CxJ is not None:
+        terms_CxJ = jnp.where(mask_CxJ, terms_CxJ, 0.0)
+    return terms_CxJ.sum(axis=-1)
 
 
 def token_terms(logits_CxV, labels_C, topk_ids_CxK, topk_logprobs_CxK, *, temperature=1.0,
@@ -188,6 +195,30 @@ def token_terms(logits_CxV, labels_C, topk_ids_CxK, topk_logprobs_CxK, *, temper
     return soft_C, hard_C, top1_agree_C
 
 
+def dense_token_terms(logits_CxV, teacher_logits_CxV, labels_C, *, temperature=1.0, divergence="forward_kl",
+                      jsd_beta=0.5):
+    """Per-token (soft_C, hard_C, top1_agree_C) against the teacher's full distribution.
+
+    logits_CxV / teacher_logits_CxV: fp32 student and teacher logits over the same V ids (the
+    caller drops the teacher's padding rows >= V, so its distribution is renormalized over ids < V).
+    soft = T²·divergence(p ‖ q), p = softmax(z_t/T), q = softmax(z/T), over all V ids; hard as in
+    `token_terms`; top1_agree: the two argmaxes are equal. Both sides go through log_softmax, so
+    every log is finite for finite logits; exp(log p) may underflow to 0 and then multiplies a
+    finite number (no 0·log 0, no NaN in value or gradient).
+    """
+    T = temperature  # a Python float or a traced scalar (a schedule does not recompile)
+    z_CxV = logits_CxV.astype(jnp.float32)
+    zt_CxV = teacher_logits_CxV.astype(jnp.float32)
+    V = z_CxV.shape[-1]
+    labels_C = jnp.clip(labels_C, 0, V - 1)
+    hard_C = jax.nn.logsumexp(z_CxV, axis=-1) - jnp.take_along_axis(z_CxV, labels_C[:, None], axis=-1)[:, 0]
+    log_q_CxV = jax.nn.log_softmax(z_CxV / T, axis=-1)
+    log_p_CxV = jax.nn.log_softmax(zt_CxV / T, axis=-1)
+    soft_C = (T * T) * _divergence(log_p_CxV, log_q_CxV, None, divergence, jsd_beta)
+    top1_agree_C = jnp.argmax(z_CxV, axis=-1) == jnp.argmax(zt_CxV, axis=-1)
+    return soft_C, hard_C, top1_agree_C
+
+
 # --- The fused, chunked loss -----------------------------------------------------------------
 
 _METRICS = ("soft_sum", "hard_sum", "num_tokens", "top1_agree")
@@ -198,6 +229,11 @@ def _chunk_loss(logits_CxV, labels_C, ids_CxK, logprobs_CxK, a_C, b_C, temperatu
     soft_C, hard_C, agree_C = token_terms(logits_CxV, labels_C, ids_CxK, logprobs_CxK,
                                           temperature=temperature, divergence=cfg.divergence,
                                           jsd_beta=cfg.jsd_beta, tail=cfg.tail)
+    return _weighted(soft_C, hard_C, agree_C, a_C, b_C)
+
+
+def _weighted(soft_C, hard_C, agree_C, a_C, b_C):
+    """(Σ_t a·soft + b·hard, metric sums) over the tokens with a ≠ 0 or b ≠ 0."""
     used_C = (a_C != 0) | (b_C != 0)
     # `where`, not a·soft: a padded token's garbage must not reach the sum even as 0·inf.
     loss = jnp.where(used_C, a_C * soft_C + b_C * hard_C, 0.0).sum()
@@ -232,24 +268,32 @@ def _from_chunks(x_GxC, N):
     return x_CxG.reshape((-1,) + x_CxG.shape[2:])[:N]
 
 
-def _scan_chunks(hidden_NxD, out_embed_DxV, labels_N, topk_ids_NxK, topk_logprobs_NxK, a_N, b_N,
-                 temperature, cfg: LossConfig, with_grad):
+def _scan_tokens(hidden_NxD, out_embed_DxV, data, chunk_loss, chunk_size, with_grad):
+    """The chunk walk shared by the offline and the online loss.
+
+    data: ([N, ...] array, logical names of its per-token axes or None) pairs, cut into chunks
+    alongside the hidden states. chunk_loss(*data chunks) returns a function of the chunk's fp32
+    student logits [C, V] alone, giving (loss, metrics); anything else it needs per chunk (the
+    online teacher's logits) it computes before returning, outside the differentiated function.
+    with_grad: also d loss / d hidden [N, D] and d loss / d out_embed [D, V] (fp32), from the same
+    pass. Returns (loss, metrics) or (loss, metrics, dh_NxD, dw_DxV).
+    """
     N, D = hidden_NxD.shape
     V = out_embed_DxV.shape[1]
-    C = min(cfg.chunk_size, N)
+    C = min(chunk_size, N)
     dtype = hidden_NxD.dtype
     w_DxV = out_embed_DxV.astype(dtype)  # compute dtype = hidden's; cast once, not per chunk
-    xs = tuple(_to_chunks(x, C) for x in (hidden_NxD, labels_N, topk_ids_NxK, topk_logprobs_NxK,
-                                           a_N.astype(jnp.float32), b_N.astype(jnp.float32)))
-    xs = (constrain(xs[0], (None, "act_batch", "act_embed")),) + xs[1:]
+    xs = []
+    for x_N, names in ((hidden_NxD, ("act_batch", "act_embed")),) + tuple(data):
+        x_GxC = _to_chunks(x_N, C)
+        xs.append(x_GxC if names is None else constrain(x_GxC, (None,) + tuple(names)))
 
     def body(carry, chunk):
-        h_CxD, labels_C, ids_CxK, lps_CxK, a_C, b_C = chunk
+        h_CxD, *rest = chunk
         # Compute dtype inputs, fp32 accumulation; only this chunk's [C, V] logits exist.
         logits_CxV = jnp.dot(h_CxD, w_DxV, preferred_element_type=jnp.float32)
         logits_CxV = constrain(logits_CxV, ("act_batch", "act_vocab"))
-        f = functools.partial(_chunk_loss, labels_C=labels_C, ids_CxK=ids_CxK, logprobs_CxK=lps_CxK,
-                              a_C=a_C, b_C=b_C, temperature=temperature, cfg=cfg)
+        f = chunk_loss(*rest)
         if not with_grad:
             loss, metrics = f(logits_CxV)
             return (carry[0] + loss, jax.tree.map(jnp.add, carry[1], metrics)), None
@@ -263,10 +307,22 @@ def _scan_chunks(hidden_NxD, out_embed_DxV, labels_N, topk_ids_NxK, topk_logprob
     init = (zero, {k: zero for k in _METRICS})
     if with_grad:
         init = init + (jnp.zeros((D, V), jnp.float32),)
-    carry, dh_GxCxD = jax.lax.scan(body, init, xs)
+    carry, dh_GxCxD = jax.lax.scan(body, init, tuple(xs))
     if not with_grad:
         return carry
     return carry[0], carry[1], _from_chunks(dh_GxCxD, N), carry[2]
+
+
+def _scan_chunks(hidden_NxD, out_embed_DxV, labels_N, topk_ids_NxK, topk_logprobs_NxK, a_N, b_N,
+                 temperature, cfg: LossConfig, with_grad):
+    data = ((labels_N, None), (topk_ids_NxK, None), (topk_logprobs_NxK, None),
+            (a_N.astype(jnp.float32), None), (b_N.astype(jnp.float32), None))
+
+    def chunk_loss(labels_C, ids_CxK, lps_CxK, a_C, b_C):
+        return functools.partial(_chunk_loss, labels_C=labels_C, ids_CxK=ids_CxK, logprobs_CxK=lps_CxK,
+                                 a_C=a_C, b_C=b_C, temperature=temperature, cfg=cfg)
+
+    return _scan_tokens(hidden_NxD, out_embed_DxV, data, chunk_loss, cfg.chunk_size, with_grad)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(8,))
@@ -317,3 +373,139 @@ def kd_loss(hidden_NxD, out_embed_DxV, labels_N, topk_ids_NxK, topk_logprobs_NxK
     temperature = jnp.asarray(cfg.temperature if temperature is None else temperature, jnp.float32)
     return _fused(hidden_NxD, out_embed_DxV, labels_N, topk_ids_NxK, topk_logprobs_NxK, a_N, b_N, temperature,
                   cfg)
+
+
+# --- The online teacher: its logits per chunk, next to the student's -------------------------
+
+def _online_chunk_loss(logits_CxV, teacher_logits_CxV, labels_C, a_C, b_C, temperature, cfg: LossConfig):
+    """Σ_t a·soft + b·hard over one chunk against the teacher's fp32 logits [C, V]."""
+    if cfg.online_top_k:
+        # As an offline store of K would hold them: log-probs at T = 1 (over the V ids), top K.
+        logp_CxV = jax.nn.log_softmax(teacher_logits_CxV, axis=-1)
+        lps_CxK, ids_CxK = jax.lax.top_k(logp_CxV, cfg.online_top_k)
+        return _chunk_loss(logits_CxV, labels_C, ids_CxK, lps_CxK, a_C, b_C, temperature, cfg)
+    soft_C, hard_C, agree_C = dense_token_terms(logits_CxV, teacher_logits_CxV, labels_C, temperature=temperature,
+                                                divergence=cfg.divergence, jsd_beta=cfg.jsd_beta)
+    return _weighted(soft_C, hard_C, agree_C, a_C, b_C)
+
+
+def _scan_online(hidden_NxD, out_embed_DxV, teacher_hidden_NxE, teacher_embed_ExV, labels_N, a_N, b_N,
+                 temperature, cfg: LossConfig, with_grad):
+    data = ((teacher_hidden_NxE, ("act_batch", "act_embed")), (labels_N, None),
+            (a_N.astype(jnp.float32), None), (b_N.astype(jnp.float32), None))
+
+    def chunk_loss(th_CxE, labels_C, a_C, b_C):
+        # The teacher's chunk logits: its compute dtype, fp32 accumulation; a constant to the
+        # differentiated function below (the teacher is frozen).
+        zt_CxV = jnp.dot(th_CxE, teacher_embed_ExV, preferred_element_type=jnp.float32)
+        zt_CxV = constrain(zt_CxV, ("act_batch", "act_vocab"))
+        return functools.partial(_online_chunk_loss, teacher_logits_CxV=zt_CxV, labels_C=labels_C, a_C=a_C,
+                                 b_C=b_C, temperature=temperature, cfg=cfg)
+
+    return _scan_tokens(hidden_NxD, out_embed_DxV, data, chunk_loss, cfg.chunk_size, with_grad)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8,))
+def _fused_online(hidden_NxD, out_embed_DxV, teacher_hidden_NxE, teacher_embed_ExV, labels_N, a_N, b_N, temperature,
+                  cfg):
+    # Primal without differentiation (evaluation): values only, no gradient work.
+    return _scan_online(hidden_NxD, out_embed_DxV, teacher_hidden_NxE, teacher_embed_ExV, labels_N, a_N, b_N,
+                        temperature, cfg, with_grad=False)
+
+
+def _fused_online_fwd(hidden_NxD, out_embed_DxV, teacher_hidden_NxE, teacher_embed_ExV, labels_N, a_N, b_N,
+                      temperature, cfg):
+    loss, metrics, dh_NxD, dw_DxV = _scan_online(hidden_NxD, out_embed_DxV, teacher_hidden_NxE, teacher_embed_ExV,
+                                                 labels_N, a_N, b_N, temperature, cfg, with_grad=True)
+    return (loss, metrics), (dh_NxD.astype(hidden_NxD.dtype), dw_DxV.astype(out_embed_DxV.dtype))
+
+
+def _fused_online_bwd(cfg, residuals, cotangents):
+    # As `_fused_bwd`: only scale. The teacher's hidden states and embedding, labels, a, b and the
+    # temperature get None (a symbolic zero: nothing is allocated for the frozen teacher).
+    dh_NxD, dw_DxV = residuals
+    g = cotangents[0]
+    return (g.astype(dh_NxD.dtype) * dh_NxD, g.astype(dw_DxV.dtype) * dw_DxV, None, None, None, None, None, None)
+
+
+_fused_online.defvjp(_fused_online_fwd, _fused_online_bwd)
+
+
+def kd_loss_online(hidden_NxD, out_embed_DxV, teacher_hidden_NxE, teacher_embed_ExW, labels_N, a_N, b_N,
+                   cfg: LossConfig | None = None, *, temperature=None, **overrides):
+    """`kd_loss` against a teacher run in the same step: Σ_t a_t·soft_t + b_t·hard_t and its metrics.
+
+    hidden_NxD, out_embed_DxV, labels_N, a_N, b_N, cfg, `temperature` and `overrides` as in
+    `kd_loss`. teacher_hidden_NxE: the teacher's final (normed) hidden states, its own width E and
+    compute dtype (typically bf16); teacher_embed_ExW: its output projection over W >= V rows,
+    whose rows >= V (vocabulary padding) are dropped, so the teacher's distribution is
+    renormalized over ids < V, as the offline path drops ids >= V.
+    cfg.online_top_k = 0: soft is the divergence over the full vocabulary at temperature T
+    (`dense_token_terms`); K > 0: over the teacher's top K ids at T = 1, through `token_terms` as
+    `kd_loss` with a store of K would (cfg.tail, divergence and jsd_beta behave the same).
+    Walks `chunk_size` tokens at a time (global, over all devices) and computes both models' logits
+    per chunk only: peak extra memory O(chunk_size × V) for the two together. Gradients w.r.t.
+    hidden and out_embed come from the same pass (custom VJP); the teacher is frozen (no gradient).
+    Returns (loss, metrics) as `kd_loss`.
+    """
+    cfg = dataclasses.replace(cfg or LossConfig(), **overrides)
+    N = hidden_NxD.shape[0]
+    V = out_embed_DxV.shape[1]
+    E, W = teacher_embed_ExW.shape
+    if W < V:
+        raise ValueError(f"teacher vocabulary W={W} is smaller than the student's V={V}: the online teacher "
+                         f"needs a logit for every student id")
+    if teacher_hidden_NxE.shape != (N, E):
+        raise ValueError(f"teacher hidden states {teacher_hidden_NxE.shape} do not match N={N} tokens and the "
+                         f"teacher embedding's width E={E}")
+    if cfg.online_top_k > V:
+        raise ValueError(f"online_top_k={cfg.online_top_k} exceeds the vocabulary V={V}")
+    # The first V rows in the teacher's compute dtype, sliced and cast once, not per chunk.
+    teacher_embed_ExV = teacher_embed_ExW[:, :V].astype(teacher_hidden_NxE.dtype)
+    temperature = jnp.asarray(cfg.temperature if temperature is None else temperature, jnp.float32)
+    return _fused_online(hidden_NxD, out_embed_DxV, teacher_hidden_NxE, teacher_embed_ExV, labels_N, a_N, b_N,
+                         temperature, cfg)
+
+
+# --- Intermediate-layer alignment ------------------------------------------------------------
+
+def hidden_alignment(student_MxNxD, teacher_MxNxE, projections, weight_N, distance: str) -> jax.Array:
+    """Σ_m Σ_n weight_n · d(s_mn·P_m, t_mn) / M over M mapped layer pairs, an fp32 scalar.
+
+    student_MxNxD: the student's hidden states at M layers (compute dtype); teacher_MxNxE: the
+    teacher's at the mapped layers (constants: no gradient flows to them); projections: None when
+    D == E, else [M, D, E] (fp32, learned; applied in fp32 as s @ P[m]); weight_N: fp32 per-token
+    weights (1/N_global on supervised tokens, 0 elsewhere). distance "mse": mean over E of
+    (s·P − t)²; "cosine": 1 − cos(s·P, t), with cos = 0 (and no gradient) where either vector is
+    exactly zero. Tokens with weight 0 are zeroed before and after the distance, so garbage there
+    reaches neither value nor gradient (not even as 0·inf). Memory: O(M × N × E) (no vocabulary).
+    """
+    M, N, D = student_MxNxD.shape
+    E = teacher_MxNxE.shape[-1]
+    if teacher_MxNxE.shape[:2] != (M, N):
+        raise ValueError(f"teacher states {teacher_MxNxE.shape} do not match the student's {student_MxNxD.shape}")
+    if projections is None and D != E:
+        raise ValueError(f"student width D={D} differs from the teacher's E={E}: pass projections [M, D, E]")
+    if projections is not None and projections.shape != (M, D, E):
+        raise ValueError(f"projections {projections.shape} must be [M, D, E] = {(M, D, E)}")
+    used_1xN = (weight_N != 0)[None, :]
+    s_MxNxD = jnp.where(used_1xN[..., None], student_MxNxD.astype(jnp.float32), 0.0)
+    t_MxNxE = jnp.where(used_1xN[..., None], jax.lax.stop_gradient(teacher_MxNxE).astype(jnp.float32), 0.0)
+    if projections is not None:
+        s_MxNxD = jnp.einsum("mnd,mde->mne", s_MxNxD, projections.astype(jnp.float32),
+                             precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
+    if distance == "mse":
+        d_MxN = jnp.mean(jnp.square(s_MxNxD - t_MxNxE), axis=-1)
+    elif distance == "cosine":
+        ss_MxN = jnp.sum(jnp.square(s_MxNxD), axis=-1)
+        tt_MxN = jnp.sum(jnp.square(t_MxNxE), axis=-1)
+        nonzero_MxN = (ss_MxN > 0) & (tt_MxN > 0)
+        # rsqrt of a stand-in 1 where a vector is zero: the `where` below drops it, gradient included.
+        inv_MxN = (jax.lax.rsqrt(jnp.where(nonzero_MxN, ss_MxN, 1.0))
+                   * jax.lax.rsqrt(jnp.where(nonzero_MxN, tt_MxN, 1.0)))
+        cos_MxN = jnp.where(nonzero_MxN, jnp.sum(s_MxNxD * t_MxNxE, axis=-1) * inv_MxN, 0.0)
+        d_MxN = 1.0 - cos_MxN
+    else:
+        raise ValueError(f"distance={distance!r}; expected one of {HIDDEN_DISTANCES}")
+    w_1xN = weight_N.astype(jnp.float32)[None, :]
+    return jnp.where(used_1xN, w_1xN * d_MxN, 0.0).sum() / M
