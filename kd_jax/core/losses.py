@@ -380,9 +380,13 @@ def kd_loss(hidden_NxD, out_embed_DxV, labels_N, topk_ids_NxK, topk_logprobs_NxK
 def _online_chunk_loss(logits_CxV, teacher_logits_CxV, labels_C, a_C, b_C, temperature, cfg: LossConfig):
     """Σ_t a·soft + b·hard over one chunk against the teacher's fp32 logits [C, V]."""
     if cfg.online_top_k:
-        # As an offline store of K would hold them: log-probs at T = 1 (over the V ids), top K.
-        logp_CxV = jax.nn.log_softmax(teacher_logits_CxV, axis=-1)
-        lps_CxK, ids_CxK = jax.lax.top_k(logp_CxV, cfg.online_top_k)
+        # As precompute writes a store of K (teacher.topk_logprobs): log-probs at T = 1 over the
+        # teacher's W rows, padding ids (>= V) excluded from the top K.
+        V = logits_CxV.shape[-1]
+        logp_CxW = jax.nn.log_softmax(teacher_logits_CxV, axis=-1)
+        if logp_CxW.shape[-1] > V:
+            logp_CxW = jnp.where(jnp.arange(logp_CxW.shape[-1])[None, :] < V, logp_CxW, -jnp.inf)
+        lps_CxK, ids_CxK = jax.lax.top_k(logp_CxW, cfg.online_top_k)
         return _chunk_loss(logits_CxV, labels_C, ids_CxK, lps_CxK, a_C, b_C, temperature, cfg)
     soft_C, hard_C, agree_C = dense_token_terms(logits_CxV, teacher_logits_CxV, labels_C, temperature=temperature,
                                                 divergence=cfg.divergence, jsd_beta=cfg.jsd_beta)
@@ -438,11 +442,12 @@ def kd_loss_online(hidden_NxD, out_embed_DxV, teacher_hidden_NxE, teacher_embed_
     hidden_NxD, out_embed_DxV, labels_N, a_N, b_N, cfg, `temperature` and `overrides` as in
     `kd_loss`. teacher_hidden_NxE: the teacher's final (normed) hidden states, its own width E and
     compute dtype (typically bf16); teacher_embed_ExW: its output projection over W >= V rows,
-    whose rows >= V (vocabulary padding) are dropped, so the teacher's distribution is
-    renormalized over ids < V, as the offline path drops ids >= V.
+    whose rows >= V are vocabulary padding the student cannot emit.
     cfg.online_top_k = 0: soft is the divergence over the full vocabulary at temperature T
-    (`dense_token_terms`); K > 0: over the teacher's top K ids at T = 1, through `token_terms` as
-    `kd_loss` with a store of K would (cfg.tail, divergence and jsd_beta behave the same).
+    (`dense_token_terms`), the teacher renormalized over ids < V; K > 0: the teacher's log-probs at
+    T = 1 over all W rows, its top K ids < V (exactly what precompute stores), then `token_terms`
+    as `kd_loss` with a store of K (cfg.tail, divergence and jsd_beta behave the same; the tail
+    bucket holds the padding's mass too, as offline).
     Walks `chunk_size` tokens at a time (global, over all devices) and computes both models' logits
     per chunk only: peak extra memory O(chunk_size × V) for the two together. Gradients w.r.t.
     hidden and out_embed come from the same pass (custom VJP); the teacher is frozen (no gradient).
@@ -460,8 +465,10 @@ def kd_loss_online(hidden_NxD, out_embed_DxV, teacher_hidden_NxE, teacher_embed_
                          f"teacher embedding's width E={E}")
     if cfg.online_top_k > V:
         raise ValueError(f"online_top_k={cfg.online_top_k} exceeds the vocabulary V={V}")
-    # The first V rows in the teacher's compute dtype, sliced and cast once, not per chunk.
-    teacher_embed_ExV = teacher_embed_ExW[:, :V].astype(teacher_hidden_NxE.dtype)
+    # In the teacher's compute dtype, cast once, not per chunk. The full-vocabulary divergence uses
+    # the first V rows; the top-K keeps all W to normalize its log-probs as precompute does.
+    teacher_embed_ExV = teacher_embed_ExW if cfg.online_top_k else teacher_embed_ExW[:, :V]
+    teacher_embed_ExV = teacher_embed_ExV.astype(teacher_hidden_NxE.dtype)
     temperature = jnp.asarray(cfg.temperature if temperature is None else temperature, jnp.float32)
     return _fused_online(hidden_NxD, out_embed_DxV, teacher_hidden_NxE, teacher_embed_ExV, labels_N, a_N, b_N,
                          temperature, cfg)
