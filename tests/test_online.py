@@ -46,7 +46,7 @@ def _online_args(root: str, name: str) -> list[str]:
           "optim.lr": 3e-3, "optim.warmup_steps": 2, "checkpoint.every_steps": 4, "loss.chunk_size": 128,
           "loss.alpha": 0.9, "loss.alpha_schedule": "{kind: linear, end: 0.3}", "loss.temperature": 2.0,
           "loss.temperature_schedule": "{kind: cosine, end: 1.0}", "loss.divergence": "reverse_kl",
-          "loss.hidden.weight": 0.5, "loss.hidden.distance": "mse"}
+          "loss.hidden.weight": 1.0, "loss.hidden.distance": "cosine"}
     return [f"{k}={v}" for k, v in kw.items()]
 
 
@@ -78,8 +78,10 @@ def test_online_run_learns_aligns_logs_schedules_and_exports_without_projections
     rows = _metrics(root, "online")
     assert sorted(rows) == list(range(1, STEPS + 1))
     first, last = [rows[s] for s in (1, 2, 3)], [rows[s] for s in (STEPS - 2, STEPS - 1, STEPS)]
-    for key in ("loss", "soft", "hidden"):  # the mapped hidden states move toward the teacher's
-        assert np.mean([r[key] for r in last]) < 0.7 * np.mean([r[key] for r in first]), key
+    # The mapped hidden states turn toward the teacher's (1 - cosine: 0.99 -> ~0.45 here); the hard
+    # loss falls. The total and the soft loss are not compared: alpha and T move under them.
+    assert np.mean([r["hidden"] for r in last]) < 0.7 * np.mean([r["hidden"] for r in first])
+    assert np.mean([r["hard"] for r in last]) < np.mean([r["hard"] for r in first]) - 0.3
     # The schedules, logged every step: linear alpha 0.9 -> 0.3 and cosine temperature 2 -> 1.
     np.testing.assert_allclose([rows[1]["alpha"], rows[STEPS]["alpha"]], [0.9, 0.3], rtol=1e-6)
     np.testing.assert_allclose([rows[1]["temperature"], rows[STEPS]["temperature"]], [2.0, 1.0], rtol=1e-6)
@@ -131,10 +133,16 @@ def test_online_top_k_equals_the_offline_store_of_the_same_k(root):
         for name, run in (("offline", offline), ("online", online), ("dense", dense)):
             out[name] = jax.device_get(run.steps.eval(trainable(offline.state), to_global(batch, offline.mesh),
                                                       default_hyper(run.cfg.loss), run.teacher_params))
-    for key in ("loss", "soft_sum", "hard_sum", "num_tokens", "top1_agree", "step_loss"):
-        np.testing.assert_allclose(out["online"][key], out["offline"][key], rtol=2e-3, err_msg=key)
-    assert out["dense"]["num_tokens"] == out["offline"]["num_tokens"]
-    assert abs(out["dense"]["soft_sum"] - out["offline"]["soft_sum"]) > 1e-3 * out["offline"]["soft_sum"]
+    # The hard terms see no teacher: equal to fp32 noise. The soft terms see the store's fp16
+    # log-probs (relative rounding <= 2^-11 each, amplified in a KL of near-equal distributions;
+    # tests/test_online_loss.py bounds it exactly at the loss level): within 1%, while the dense
+    # (full-vocabulary) loss of the same teacher is much further away.
+    for key in ("hard_sum", "num_tokens"):
+        np.testing.assert_allclose(out["online"][key], out["offline"][key], rtol=1e-5, err_msg=key)
+    for key in ("loss", "soft_sum", "step_loss", "top1_agree"):
+        np.testing.assert_allclose(out["online"][key], out["offline"][key], rtol=1e-2, err_msg=key)
+    gap = abs(out["online"]["soft_sum"] - out["offline"]["soft_sum"])
+    assert abs(out["dense"]["soft_sum"] - out["offline"]["soft_sum"]) > 5 * gap, (out, gap)
 
 
 def test_online_teacher_with_fewer_output_rows_is_refused():
