@@ -209,29 +209,26 @@ def test_rows_without_keys_are_finite(dtype):
     queries have no key at all. Output and gradients stay finite (blockwise gives those rows 0,
     the reference the mean of v); rows with keys agree. A decode step whose query segment
     matches no slot (all of row 1's keys masked) likewise."""
-    T, N, K, H = 96, 4, 2, 16
-    left_pad = (0, 11, 40)
-    q_seg, kv_seg, q_pos, kv_pos = cache_rows(T, T, cache_index=0, left_pad=left_pad)
-    q, k, v, do = qkv(len(left_pad), T, T, N, K, H, dtype=dtype, seed=7)
-    has_key = jnp.asarray(np.arange(T)[None, :] >= np.asarray(left_pad)[:, None])
+    N, K, H = 4, 2, 16
     tol = F32_TOL if dtype == jnp.float32 else BF16_TOL
-    cases = [((q_seg, kv_seg, q_pos, kv_pos), has_key)]
-    dq_seg, dkv_seg, dq_pos, dkv_pos = cache_rows(3, 40, cache_index=20, left_pad=(0, 4))
-    dkv_seg = dkv_seg.at[1].set(0)  # row 1: every slot empty
-    dq, dk, dv, ddo = qkv(2, 3, 40, N, K, H, dtype=dtype, seed=8)
-    for (masks, rows), (q_, k_, v_, do_) in zip(
-            cases + [((dq_seg, dkv_seg, dq_pos, dkv_pos), jnp.asarray([[True] * 3, [False] * 3]))],
-            [(q, k, v, do), (dq, dk, dv, ddo)]):
-        got = run("blockwise", q_, k_, v_, do_, masks, None, block_q=32, block_kv=32)
-        want = run("xla", q_, k_, v_, do_, masks, None)
+    T, left_pad = 96, (0, 11, 40)
+    prefill = cache_rows(T, T, cache_index=0, left_pad=left_pad)
+    prefill_rows = jnp.asarray(np.arange(T)[None, :] >= np.asarray(left_pad)[:, None])
+    q_seg, kv_seg, q_pos, kv_pos = cache_rows(3, 40, cache_index=20, left_pad=(0, 4))
+    decode = (q_seg, kv_seg.at[1].set(0), q_pos, kv_pos)  # row 1: every slot empty
+    decode_rows = jnp.asarray([[True] * 3, [False] * 3])
+    for masks, rows, (q, k, v, do) in ((prefill, prefill_rows, qkv(3, T, T, N, K, H, dtype=dtype, seed=7)),
+                                       (decode, decode_rows, qkv(2, 3, 40, N, K, H, dtype=dtype, seed=8))):
+        got = run("blockwise", q, k, v, do, masks, None, block_q=32, block_kv=32)
+        want = run("xla", q, k, v, do, masks, None)
         for x in jax.tree.leaves((got, want)):
             assert np.isfinite(np.asarray(x, np.float32)).all()
         assert not np.asarray(got[0], np.float32)[~np.asarray(rows)].any()  # no key: 0
-        # Gradients: the rows without keys get no gradient in blockwise, so compare against the
-        # reference's with those rows' cotangents zeroed.
-        do_rows = do_ * rows[:, :, None, None].astype(do_.dtype)
-        assert_same(run("blockwise", q_, k_, v_, do_rows, masks, None, block_q=32, block_kv=32),
-                    run("xla", q_, k_, v_, do_rows, masks, None), rows=rows, **tol)
+        # Gradients: the rows without keys pass none in blockwise (a constant 0), so compare
+        # against the reference's with those rows' cotangents zeroed.
+        do_rows = do * rows[:, :, None, None].astype(do.dtype)
+        assert_same(run("blockwise", q, k, v, do_rows, masks, None, block_q=32, block_kv=32),
+                    run("xla", q, k, v, do_rows, masks, None), rows=rows, **tol)
 
 
 # --- 4. Memory: blockwise linear in T, the reference quadratic -------------------------------
