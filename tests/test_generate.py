@@ -12,14 +12,22 @@ from kd_jax.core.generate import generate
 from kd_jax.models import load_hf
 
 
-@pytest.mark.parametrize("family", ["llama3", "qwen3", "mistral"])
-def test_greedy_batch_equals_transformers(family, tmp_path):
+# blockwise: the prompt's prefill against the cache runs blockwise (4-token tiles), decode steps
+# one token at a time through the dense row; splash takes self-attention only, so generation's
+# prefill falls back to blockwise there.
+BLOCKWISE, SPLASH = dict(attention="blockwise", attention_block=4), dict(attention="splash")
+CASES = [("llama3", {}), ("qwen3", {}), ("mistral", {}), ("llama3", BLOCKWISE), ("mistral", BLOCKWISE),
+         ("llama3", SPLASH)]
+
+
+@pytest.mark.parametrize("family,attn", CASES, ids=[f"{f}-{a.get('attention', 'auto')}" for f, a in CASES])
+def test_greedy_batch_equals_transformers(family, attn, tmp_path):
     hf_model, path = hf_tiny.save(family, str(tmp_path))
     hf_model.generation_config.eos_token_id = None  # 32 tokens every time, on both sides
     hf_model.generation_config.pad_token_id = 0
     rng = np.random.RandomState(0)
     prompts = [rng.randint(1, 97, n).tolist() for n in (9, 4)]  # different lengths: left padding
-    ours = generate(load_hf(path), prompts, max_new_tokens=32)
+    ours = generate(load_hf(path, **attn), prompts, max_new_tokens=32)
     T = max(map(len, prompts))
     ids = torch.tensor([[0] * (T - len(p)) + p for p in prompts])
     mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts])

@@ -29,10 +29,16 @@ def _record(family, diff):
     MAX_DIFF[family] = max(MAX_DIFF.get(family, 0.0), float(diff))
 
 
+# "xla" is the dense reference; "blockwise" (flash attention in pure JAX) with 8-token tiles, so
+# the 16-token rows span several query and key tiles.
+ATTN = [dict(attention="xla"), dict(attention="blockwise", attention_block=8)]
+
+
+@pytest.mark.parametrize("attn", ATTN, ids=["xla", "blockwise"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_padded_batch_matches_transformers(folders, family):
+def test_padded_batch_matches_transformers(folders, family, attn):
     hf_model, path = folders[family]
-    model = load_hf(path)
+    model = load_hf(path, **attn)
     rng = np.random.RandomState(0)
     lengths = [16, 9, 3]
     T = max(lengths)
@@ -46,10 +52,11 @@ def test_padded_batch_matches_transformers(folders, family):
         _record(family, np.abs(out[b, :n] - ref[b, :n]).max())
 
 
+@pytest.mark.parametrize("attn", ATTN, ids=["xla", "blockwise"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_packed_batch_matches_each_segment_alone(folders, family):
+def test_packed_batch_matches_each_segment_alone(folders, family, attn):
     hf_model, path = folders[family]
-    model = load_hf(path)
+    model = load_hf(path, **attn)
     rng = np.random.RandomState(1)
     seg_lengths = [[7, 5, 4], [10, 6]]  # row 1 ends with 0-id padding (T = 16)
     T = 16

@@ -40,6 +40,7 @@ def make(root: str, n_traces: int = 12, pad_vocab: int = 16) -> tuple[str, str]:
 def store_args(root: str) -> list[str]:
     """Overrides that build the tiny KD store of `make(root)` (precompute) and read it (train)."""
     return [f"teacher.hf_path={root}/teacher", "teacher.param_dtype=float32", "teacher.dtype=float32",
+            "teacher.attention=blockwise",
             f"data.traces={root}/traces.jsonl", f"data.store={root}/store", "data.top_k=8", "data.seq_len=128",
             "precompute.chunk_tokens=256", "precompute.bucket=32", "precompute.batch_tokens=1024"]
 
@@ -55,9 +56,11 @@ def build_store(root: str) -> None:
 
 def train_args(root: str, name: str, steps: int, **extra) -> list[str]:
     """Overrides for a short train run `name` on that store: a 1-layer student cut from the teacher,
-    checkpoints every 4 steps, metrics every step; `extra` (dotted keys) overrides any of them."""
+    blockwise attention (exact resume and two processes are tested on it), checkpoints every 4
+    steps, metrics every step; `extra` (dotted keys) overrides any of them."""
     kw = {"run.output_dir": f"{root}/runs", "run.name": name, "run.log_every": 1, "run.tensorboard": "false",
           "student.init": "teacher_layers", "student.teacher_layers": "[1]", "student.dtype": "float32",
+          "student.attention": "blockwise",
           "train.steps": steps, "train.global_batch_size": 8, "train.eval_every": 0, "optim.lr": 3e-3,
           "optim.warmup_steps": 2, "data.eval_fraction": 0.1, "checkpoint.every_steps": 4, "loss.beta": 0.5,
           "loss.chunk_size": 128, **extra}

@@ -47,8 +47,10 @@ def _check(ok: bool, message: str) -> None:
 DTYPES = ("float32", "bfloat16", "float16")
 # Names of the per-layer activation checkpointing policies (kd_jax.models.decoder maps them to jax's).
 REMAT_POLICIES = ("none", "nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable", "offload_dots")
-# Dot-product attention implementations of the decoder: "xla" (any backend), "cudnn" (GPU flash attention).
-ATTENTION = ("xla", "cudnn")
+# Dot-product attention implementations of the decoder (kd_jax.models.attention): "auto" (splash on TPU,
+# cudnn on GPU, xla on CPU), "xla" (dense reference), "blockwise" (flash attention in pure JAX, any
+# backend), "splash" (TPU Pallas kernels), "cudnn" (GPU flash attention).
+ATTENTION = ("auto", "xla", "blockwise", "splash", "cudnn")
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")  # soft-loss divergences (kd_jax.core.losses)
 TEACHER_MODES = ("offline", "online")  # where the teacher's distribution comes from: the KD store, or the train step
 SCHEDULES = ("constant", "linear", "cosine")  # shapes of a loss weight's path over training (kd_jax.core.step)
@@ -104,7 +106,7 @@ class ModelSource:
     dtype: str = "bfloat16"  # compute dtype of activations and matmuls
     scan_layers: bool = True  # scan over stacked layers (one compiled layer instead of N)
     remat: str = "nothing_saveable"  # activation rematerialization policy per layer
-    attention: str = "xla"  # dot-product attention: "xla" (any backend) or "cudnn" (flash attention, GPU only)
+    attention: str = "auto"  # dot-product attention: auto, xla, blockwise, splash (TPU) or cudnn (GPU); see ATTENTION
 
     def __post_init__(self):
         _check_choice("init", self.init, ("hf", "random", "teacher_layers"))

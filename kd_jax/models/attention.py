@@ -60,7 +60,9 @@ import math
 import jax
 import jax.numpy as jnp
 
-IMPLEMENTATIONS = ("auto", "xla", "blockwise", "splash", "cudnn")
+from kd_jax.core.config import ATTENTION
+
+IMPLEMENTATIONS = ATTENTION  # ("auto", "xla", "blockwise", "splash", "cudnn"), the config's choices
 
 # Segment ids of the internal padding of "blockwise" (and "splash"): they match no real segment
 # (real ids are >= 0) and, for blockwise, not each other (padded keys are never attended).

@@ -21,6 +21,7 @@ from flax import nnx
 
 from kd_jax.core.config import ATTENTION, REMAT_POLICIES
 from kd_jax.core.sharding import constrain, create_sharded
+from kd_jax.models import attention as attn_lib
 
 
 def remat_policy(name: str):
@@ -58,7 +59,8 @@ class DecoderConfig:
     dtype: str = "float32"  # compute dtype of activations and matmuls
     scan_layers: bool = True  # one jax.lax.scan over layers (fast compile) vs a Python loop
     remat: str = "none"  # rematerialization policy, one of kd_jax.core.config.REMAT_POLICIES
-    attention: str = "xla"  # dot-product attention: "xla" (any backend) or "cudnn" (flash; GPU only)
+    attention: str = "auto"  # dot-product attention, one of kd_jax.core.config.ATTENTION (kd_jax.models.attention)
+    attention_block: int = 512  # query/key tile of "blockwise" (and the largest "splash" may use)
 
     def __post_init__(self):
         if self.remat not in REMAT_POLICIES:
@@ -112,14 +114,9 @@ def _lead(v: jax.Array, ndim: int) -> jax.Array:
 
 
 def attention_mask(segment_ids_BxT: jax.Array, positions_BxT: jax.Array, window: int | None) -> jax.Array:
-    """[B, 1, T, T] boolean: causal, within one packed segment, inside the sliding window."""
-    same = segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :]
-    T = segment_ids_BxT.shape[1]
-    causal = jnp.tril(jnp.ones((T, T), dtype=bool))[None]
-    mask = same & causal
-    if window is not None:
-        mask &= (positions_BxT[:, :, None] - positions_BxT[:, None, :]) < window
-    return mask[:, None]
+    """[B, 1, T, T] boolean: causal, within one packed segment, inside the sliding window (the
+    "xla" reference's mask; the other implementations never build it)."""
+    return attn_lib.attention_mask(segment_ids_BxT, segment_ids_BxT, positions_BxT, positions_BxT, window)
 
 
 def _param(rngs: nnx.Rngs, shape, names, dtype, init="normal") -> nnx.Param:
@@ -164,13 +161,15 @@ class Block(nnx.Module):
             self.b_down = _param(rngs, (L, D), ("layers", "norm"), pd, "zeros")
 
 
-def layer(cfg: DecoderConfig, p: dict[str, jax.Array], x_BxTxD, positions_BxT, mask_Bx1xTxS, inv_freq,
-          kv_cache=None, cache_index=None):
+def layer(cfg: DecoderConfig, p: dict[str, jax.Array], x_BxTxD, positions_BxT, who, inv_freq,
+          kv_cache=None, cache_index=None, implementation=None):
     """One decoder layer on the parameter slices `p` of one layer (no leading L axis).
 
-    Without a cache the T tokens attend to each other (S = T). With `kv_cache` = (k, v), each
-    [B, S, K, H], the new keys and values are written at `cache_index` and the T tokens attend to
-    the whole cache (S slots); returns (x, kv_cache) then."""
+    `who` = (q_segment_BxT, kv_segment_BxS, q_pos_BxT, kv_pos_BxS): which key each query may see
+    (kd_jax.models.attention). Without a cache the T tokens attend to each other (S = T). With
+    `kv_cache` = (k, v), each [B, S, K, H], the new keys and values are written at `cache_index`
+    and the T tokens attend to the whole cache (S slots); returns (x, kv_cache) then.
+    `implementation` overrides cfg.attention (generation's decode steps)."""
     dt = jnp.dtype(cfg.dtype)
     w = {k: v.astype(dt) for k, v in p.items()}
     h = rms_norm(x_BxTxD, w["attn_norm"], cfg.rms_norm_eps)
@@ -190,14 +189,11 @@ def layer(cfg: DecoderConfig, p: dict[str, jax.Array], x_BxTxD, positions_BxT, m
         k_BxSxKxH = jax.lax.dynamic_update_slice_in_dim(kv_cache[0], k_BxTxKxH.astype(kv_cache[0].dtype), cache_index, 1)
         v_BxSxKxH = jax.lax.dynamic_update_slice_in_dim(kv_cache[1], v_BxTxKxH.astype(kv_cache[1].dtype), cache_index, 1)
         kv_cache, k_BxTxKxH, v_BxTxKxH = (k_BxSxKxH, v_BxSxKxH), k_BxSxKxH, v_BxSxKxH
-    # GQA is native to dot_product_attention (N a multiple of K).
-    if cfg.attention == "cudnn" and kv_cache is None:
-        # cuDNN flash attention: is_causal lets it skip the blocks above the diagonal; the mask
-        # (packed segments, sliding window) still applies, as a bias.
-        o_BxTxNxH = jax.nn.dot_product_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask=mask_Bx1xTxS,
-                                                 is_causal=True, implementation="cudnn")
-    else:
-        o_BxTxNxH = jax.nn.dot_product_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask=mask_Bx1xTxS)
+    q_segment_BxT, kv_segment_BxS, q_pos_BxT, kv_pos_BxS = who
+    o_BxTxNxH = attn_lib.attention(
+        q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, q_segment_BxT=q_segment_BxT, kv_segment_BxS=kv_segment_BxS,
+        q_pos_BxT=q_pos_BxT, kv_pos_BxS=kv_pos_BxS, window=cfg.sliding_window,
+        implementation=implementation or cfg.attention, block_q=cfg.attention_block, block_kv=cfg.attention_block)
     attn_BxTxD = jnp.einsum("btnh,nhd->btd", o_BxTxNxH, w["wo"])
     if cfg.o_bias:
         attn_BxTxD = attn_BxTxD + _lead(w["bo"], 3)
@@ -250,7 +246,7 @@ class Decoder(nnx.Module):
             positions_BxT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
         if segment_ids_BxT is None:
             segment_ids_BxT = jnp.ones((B, T), jnp.int32)
-        mask = attention_mask(segment_ids_BxT, positions_BxT, cfg.sliding_window)
+        who = (segment_ids_BxT, segment_ids_BxT, positions_BxT, positions_BxT)  # no [T, T] mask here
         inv_freq = rope_inv_freq(cfg)
         x_BxTxD = jnp.take(self.embed[...], tokens_BxT, axis=0).astype(jnp.dtype(cfg.dtype))
         x_BxTxD = constrain(x_BxTxD, ("act_batch", "act_seq", "act_embed"))
@@ -258,7 +254,7 @@ class Decoder(nnx.Module):
         stacked = {k: v[...] for k, v in vars(self.layers).items() if isinstance(v, nnx.Param)}
 
         def one_layer(x, p):
-            return layer(cfg, p, x, positions_BxT, mask, inv_freq)
+            return layer(cfg, p, x, positions_BxT, who, inv_freq)
 
         policy = remat_policy(cfg.remat)
         if cfg.remat != "none":
@@ -306,19 +302,24 @@ class Decoder(nnx.Module):
         the updated cache. Token t sits in slot cache_index + t and attends to the valid slots
         (`key_valid_BxS`: False for left padding) at or before its own."""
         cfg = self.cfg
-        T, S = tokens_BxT.shape[1], key_valid_BxS.shape[1]
-        slot_T = cache_index + jnp.arange(T)
-        slot_S = jnp.arange(S)
-        mask = key_valid_BxS[:, None, :] & (slot_S[None, None, :] <= slot_T[None, :, None])
-        if cfg.sliding_window is not None:  # slots and positions differ by the row's padding only
-            mask &= (slot_T[None, :, None] - slot_S[None, None, :]) < cfg.sliding_window
+        B, T = tokens_BxT.shape
+        S = key_valid_BxS.shape[1]
+        # Keys are cache slots: segment 1 where written (0 for left padding and empty slots), and
+        # causality and the window by slot (slots and positions differ by the row's padding only).
+        slot_BxT = jnp.broadcast_to(cache_index + jnp.arange(T, dtype=jnp.int32), (B, T))
+        who = (jnp.ones((B, T), jnp.int32), key_valid_BxS.astype(jnp.int32), slot_BxT,
+               jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S)))
+        # One new token attends through a [B, N, 1, S] row: the dense path is the cheap one. A
+        # prefill against the cache (T < S) takes blockwise where the kernels take self-attention only.
+        impl = attn_lib.resolve(cfg.attention)
+        impl = "xla" if T == 1 else ("blockwise" if impl in ("splash", "cudnn") else impl)
         inv_freq = rope_inv_freq(cfg)
         x_BxTxD = jnp.take(self.embed[...], tokens_BxT, axis=0).astype(jnp.dtype(cfg.dtype))
         stacked = {k: v[...] for k, v in vars(self.layers).items() if isinstance(v, nnx.Param)}
 
         def body(x, xs):
             p, k_cache, v_cache = xs
-            return layer(cfg, p, x, positions_BxT, mask[:, None], inv_freq, (k_cache, v_cache), cache_index)
+            return layer(cfg, p, x, positions_BxT, who, inv_freq, (k_cache, v_cache), cache_index, impl)
 
         x_BxTxD, kv_cache = jax.lax.scan(body, x_BxTxD, (stacked,) + tuple(kv_cache))
         h_BxTxD = rms_norm(x_BxTxD, self.final_norm[...].astype(x_BxTxD.dtype), cfg.rms_norm_eps)
