@@ -21,9 +21,14 @@ EXPECTED = {
     "r1_qwen7b_to_qwen2.5_1.5b_8xh100.yaml": (8, 8, 1.54e9, 7.62e9),
     "qwen3_8b_to_qwen3_0.6b_8xh100.yaml": (8, 8, 0.60e9, 8.19e9),
     "llama3.1_8b_to_llama3.2_1b_8xh100.yaml": (8, 8, 1.24e9, 8.03e9),
+    "r1_qwen7b_to_qwen2.5_1.5b_v5e32_online.yaml": (32, 4, 1.54e9, 7.62e9),
+    "r1_qwen7b_to_qwen2.5_1.5b_8xh100_online.yaml": (8, 8, 1.54e9, 7.62e9),
+    "r1_qwen7b_to_qwen2.5_1.5b_8xh100_online_hidden.yaml": (8, 8, 1.54e9, 7.62e9),
 }
 # Online recipes: (hidden-alignment pairs, projection shape) of their teacher in the train step.
-ONLINE: dict = {}
+ONLINE = {"r1_qwen7b_to_qwen2.5_1.5b_v5e32_online.yaml": (0, None),
+          "r1_qwen7b_to_qwen2.5_1.5b_8xh100_online.yaml": (0, None),
+          "r1_qwen7b_to_qwen2.5_1.5b_8xh100_online_hidden.yaml": (28, [28, 1536, 3584])}
 NON_EMBEDDING = {"qwen3_8b_to_qwen3_0.6b_8xh100.yaml": 0.44e9}
 
 
