@@ -13,7 +13,8 @@ the timed steps go round robin, one step of each variant per round, each timed t
 `block_until_ready`; the median is reported. A variant is a comma-separated list of
 remat=POLICY, scan=true|false, attention=xla|cudnn, chunk=TOKENS (loss.chunk_size),
 dtype=bfloat16|float32, accum=N (train.grad_accum), batch=ROWS, seq=TOKENS, docs=PER_ROW,
-teacher=offline|online, hidden=GAMMA (loss.hidden.weight, needs teacher=online), name=LABEL.
+teacher=offline|online (default: the config's teacher.mode), hidden=GAMMA (loss.hidden.weight,
+needs teacher=online; default: the config's for online variants, off offline), name=LABEL.
 XLA flags are per process: compare them across two runs (kd_jax/bench/h100.sh does).
 
 Online teacher: teacher=online runs the teacher's forward pass inside the step
@@ -150,9 +151,10 @@ def _variants(args, cfg, base_model_cfg, store_batches, teacher_cfg):
     for i, spec in enumerate(specs):
         if store_batches is not None and {"batch", "seq", "docs"} & spec.keys():
             raise SystemExit("batch=, seq= and docs= variants need synthetic batches (use --preset)")
-        if spec.get("teacher", "offline") not in ("offline", "online"):
-            raise SystemExit(f"variant teacher={spec['teacher']}: offline or online")
-        online = spec.get("teacher") == "online"
+        mode = spec.get("teacher", cfg.teacher.mode)
+        if mode not in ("offline", "online"):
+            raise SystemExit(f"variant teacher={mode}: offline or online")
+        online = mode == "online"
         if "hidden" in spec and not online:
             raise SystemExit("hidden= (hidden-state alignment) needs teacher=online in the same variant")
         model_cfg = dataclasses.replace(
@@ -160,6 +162,8 @@ def _variants(args, cfg, base_model_cfg, store_batches, teacher_cfg):
             scan_layers=spec.get("scan", str(base_model_cfg.scan_layers)).lower() == "true",
             attention=spec.get("attention", args.attention), dtype=spec.get("dtype", base_model_cfg.dtype))
         hidden = dataclasses.replace(cfg.loss.hidden, weight=float(spec.get("hidden", 0.0)))
+        if online and "hidden" not in spec:  # the config's alignment, schedule included
+            hidden = cfg.loss.hidden
         loss_cfg = dataclasses.replace(cfg.loss, chunk_size=int(spec.get("chunk", cfg.loss.chunk_size)), hidden=hidden)
         align = None
         if online and hidden.on:
@@ -181,7 +185,7 @@ def _variants(args, cfg, base_model_cfg, store_batches, teacher_cfg):
 
 def _teacher(args, cfg, mesh, student_cfg, prepared):
     """The online teacher (built once, sharded, in teacher.param_dtype) when a variant needs one."""
-    if not any(parse_variant(s).get("teacher") == "online" for s in args.variant):
+    if not any(parse_variant(s).get("teacher", cfg.teacher.mode) == "online" for s in args.variant or [""]):
         return None
     teacher = prepared if prepared is not None else build_model(cfg.teacher, mesh=mesh, seed=cfg.run.seed)
     if teacher.cfg.vocab_size < student_cfg.vocab_size:
