@@ -90,6 +90,30 @@ def test_step_bench(tmp_path):
     assert np.isfinite(result["final_loss"]) and result["devices"] == jax.device_count()
 
 
+def test_step_bench_online_teacher(tmp_path):
+    """Offline, online and online + hidden alignment in one run: the teacher (a wider preset, so
+    alignment needs projections and its own train state) is built once and passed to the online
+    steps; each variant reports speed and XLA's memory, the online ones more of it."""
+    result = _run(tmp_path, "step", "--preset", "tiny", "--teacher-preset", "small", "--batch", "8", "--seq-len", "32",
+                  "--steps", "1", "--warmup", "1", "--variant", "name=offline",
+                  "--variant", "name=online,teacher=online", "--variant", "name=hidden,teacher=online,hidden=0.5",
+                  "run.tensorboard=false", "data.top_k=4")
+    offline, online, hidden = result["variants"]
+    assert [v["teacher"] for v in (offline, online, hidden)] == ["offline", "online", "online"]
+    assert hidden["hidden_weight"] == 0.5 and hidden["align_shape"] == [2, 64, 256] and online["align_shape"] is None
+    for v in (offline, online, hidden):
+        assert "error" not in v and v["tokens_per_s"] > 0 and len(v["times_ms"]) == 1
+        assert v["temp_bytes"] > 0 and v["total_bytes"] > 0
+    assert result["teacher_params"] > 10 * result["params"] and result["teacher_param_dtype"] == "bfloat16"
+    # the teacher's bf16 weights are arguments of the online steps (sharded over data: replicated)
+    assert online["argument_bytes"] > offline["argument_bytes"] + result["teacher_params"]
+    assert hidden["argument_bytes"] > online["argument_bytes"]  # + the projections and their Adam moments
+    assert offline["teacher_flops_per_token"] == 0 < online["teacher_flops_per_token"]
+    assert online["model_tflops_per_s"] == pytest.approx(
+        (online["train_flops_per_token"] + online["teacher_flops_per_token"]) * online["tokens_per_s"] / 1e12)
+    assert np.isfinite(result["final_loss"])
+
+
 def test_precompute_bench(tmp_path):
     result = _run(tmp_path, "precompute", "--preset", "tiny", "--batch", "8", "--seq-len", "32", "--topk", "4",
                   "--logits-chunks", "16", "--steps", "2")

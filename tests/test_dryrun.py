@@ -1,5 +1,7 @@
 """`--dry-run`: every recipe sizes offline on a fake mesh of its own device count (analytic path),
-with parameter counts of the real models; a tiny config compiles ahead of time on 8 CPU devices."""
+with parameter counts of the real models (the online-teacher recipes count the teacher in the
+train step); a tiny config compiles ahead of time on 8 CPU devices, offline and with an online
+teacher plus hidden-alignment projections."""
 
 import glob
 import json
@@ -19,7 +21,14 @@ EXPECTED = {
     "r1_qwen7b_to_qwen2.5_1.5b_8xh100.yaml": (8, 8, 1.54e9, 7.62e9),
     "qwen3_8b_to_qwen3_0.6b_8xh100.yaml": (8, 8, 0.60e9, 8.19e9),
     "llama3.1_8b_to_llama3.2_1b_8xh100.yaml": (8, 8, 1.24e9, 8.03e9),
+    "r1_qwen7b_to_qwen2.5_1.5b_v5e32_online.yaml": (32, 4, 1.54e9, 7.62e9),
+    "r1_qwen7b_to_qwen2.5_1.5b_8xh100_online.yaml": (8, 8, 1.54e9, 7.62e9),
+    "r1_qwen7b_to_qwen2.5_1.5b_8xh100_online_hidden.yaml": (8, 8, 1.54e9, 7.62e9),
 }
+# Online recipes: (hidden-alignment pairs, projection shape) of their teacher in the train step.
+ONLINE = {"r1_qwen7b_to_qwen2.5_1.5b_v5e32_online.yaml": (0, None),
+          "r1_qwen7b_to_qwen2.5_1.5b_8xh100_online.yaml": (0, None),
+          "r1_qwen7b_to_qwen2.5_1.5b_8xh100_online_hidden.yaml": (28, [28, 1536, 3584])}
 NON_EMBEDDING = {"qwen3_8b_to_qwen3_0.6b_8xh100.yaml": 0.44e9}
 
 
@@ -55,11 +64,34 @@ def test_recipe_dry_run(recipe):
     assert a["total"] == sum(v for k, v in a.items() if k != "total")
     assert s["fits"] is True and a["total"] <= s["device_memory"]
     assert "config from student.architecture" in s["_stdout"]  # no network: the recipe's architecture
+    if recipe in ONLINE:
+        _check_online_teacher(s, teacher, *ONLINE[recipe])
+        p = _dry_run("kd_jax.precompute", config, local, "--no-compile")
+        assert p["tokens_only"] is True and p["fits"] is True  # data.top_k=0: precompute only tokenizes
+        return
+    assert "teacher" not in s and not any(k.startswith(("teacher_", "hidden_", "align_")) for k in a)
 
     p = _dry_run("kd_jax.precompute", config, local, "--no-compile")
     assert abs(p["params"] / teacher - 1) < 0.01, p["params"]
     assert abs(p["analytic"]["params"] / (2 * p["params"] / (p["mesh"]["fsdp"] * p["mesh"]["tensor"])) - 1) < 0.01
     assert p["devices"] == local and p["fits"] is True
+
+
+def _check_online_teacher(s: dict, teacher: float, pairs: int, proj) -> None:
+    """The online teacher's rows: its bf16 weights sharded like the student's (2 bytes/param /
+    shards), its gathered weights, forward activations, loss chunk; alignment when it has pairs."""
+    t, a = s["teacher"], s["analytic"]
+    assert t["mode"] == "online" and t["param_dtype"] == "bfloat16" and abs(t["params"] / teacher - 1) < 0.01
+    shards = s["mesh"]["fsdp"] * s["mesh"]["tensor"]
+    assert abs(a["teacher_params"] / (2 * t["params"] / shards) - 1) < 0.01
+    assert min(a["teacher_gathered_weights"], a["teacher_activations"], a["teacher_loss"]) > 0
+    assert t["hidden_pairs"] == pairs and t["align_shape"] == proj
+    assert ("hidden_alignment" in a) == bool(pairs) and ("align_state" in a) == bool(proj)
+    if proj:  # fp32 [M, D_s, D_t] sharded over fsdp on D_s: params, grads (+ accumulator), Adam mu, nu
+        M, D, E = proj
+        assert a["align_state"] == 5 * 4 * M * D * E // s["mesh"]["fsdp"]
+    out = s["_stdout"]
+    assert "teacher parameters (online, bfloat16)" in out and "teacher (online, in the train step)" in out
 
 
 def test_dry_run_reports_a_misfit():
@@ -88,3 +120,26 @@ def test_tiny_config_compiles_ahead_of_time():
     assert s["fits"] is True
     p = _dry_run("kd_jax.precompute", config, 8)
     assert p["compiled"]["total_bytes"] > 0 and 0.3 < p["analytic"]["total"] / p["compiled"]["total_bytes"] < 3
+
+
+def test_online_teacher_compiles_ahead_of_time():
+    """The tiny config with the teacher in the step (twice the student's width, so hidden alignment
+    adds [2, 64, 128] projections to the state) lowers the real online step: its compiled memory
+    holds the teacher's parameters and the projections' train state on top of the offline step's."""
+    config = os.path.join(ROOT, "configs", "tiny_llama.yaml")
+    args = ("train.global_batch_size=8", "mesh.data=2", "mesh.fsdp=4", "mesh.device_memory_gib=1")
+    teacher = json.dumps({"model_type": "llama", "vocab_size": 256, "hidden_size": 128, "intermediate_size": 256,
+                          "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
+                          "max_position_embeddings": 512, "tie_word_embeddings": True})
+    off = _dry_run("kd_jax.train", config, 8, *args, f"teacher.architecture={teacher}")
+    on = _dry_run("kd_jax.train", config, 8, *args, f"teacher.architecture={teacher}", "teacher.mode=online",
+                  "teacher.param_dtype=bfloat16", "loss.hidden.weight=0.5")
+    assert on["teacher"]["align_shape"] == [2, 64, 128] and on["teacher"]["hidden_pairs"] == 2
+    a, c, c_off = on["analytic"], on["compiled"], off["compiled"]
+    # arguments: the offline step's (less the top-K arrays the online step leaves unused, which jit
+    # prunes) plus the teacher's bf16 shards and the projections' fp32 state
+    extra = a["teacher_params"] + a["align_state"] * 3 // 4  # of its 4 fp32 copies, the gradient is no argument
+    assert c["argument_bytes"] >= c_off["argument_bytes"] - off["analytic"]["batch"] + extra
+    assert c["temp_bytes"] > c_off["temp_bytes"] and c["total_bytes"] > c_off["total_bytes"]
+    assert a["total"] > off["analytic"]["total"] and 0.3 < a["total"] / c["total_bytes"] < 3
+    assert on["fits"] is True

@@ -3,7 +3,8 @@ baseline imports this too, so both frameworks see the very same numbers).
 
 Presets are HF config.json-style dicts (what `student.architecture` takes with init=random), with
 the shapes of the Qwen2.5 checkpoints of the same name; weights are random, only the shape matters
-for speed. `tiny` is for CPU tests.
+for speed. `tiny` is for CPU tests; `small` (~5M parameters) and `medium` (~33M, about 6x small's
+matmul FLOPs, same vocabulary) are a student and a teacher sized for CPU measurements.
 """
 
 from __future__ import annotations
@@ -25,6 +26,12 @@ PRESETS = {
     "tiny": dict(_QWEN2, vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
                  max_position_embeddings=1024),
+    "small": dict(_QWEN2, vocab_size=8192, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                  max_position_embeddings=4096),
+    "medium": dict(_QWEN2, vocab_size=8192, hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
+                   num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=False,
+                   max_position_embeddings=4096),
 }
 
 

@@ -9,6 +9,10 @@ activations under the remat policy and the fused loss's [chunk, vocab] temporari
   resolves to (a -1 axis takes this machine's devices; fake a slice on CPU with
   XLA_FLAGS=--xla_force_host_platform_device_count=N). Attention is the XLA path of
   `jax.nn.dot_product_attention`, which materializes [rows, heads, T, T] fp32 scores per layer.
+  With `teacher.mode: online` the teacher's rows are added: its parameters (param dtype, sharded
+  like the student's), its gathered weights, its forward activations (no backward: one layer live),
+  its half of the online loss's [chunk, vocab] temporaries and, with `loss.hidden`, both models'
+  collected layer outputs, the alignment's fp32 terms and the projections' train state.
 - compiled, when the mesh fits this machine's devices (and not --no-compile): the real jitted step
   lowered on abstract arrays and compiled ahead of time; XLA's `memory_analysis()` per device.
 
@@ -36,7 +40,7 @@ from kd_jax.core import sharding
 from kd_jax.core.config import Config, ModelSource
 from kd_jax.core.errors import KDJaxError
 from kd_jax.core.state import abstract_params, abstract_train_state
-from kd_jax.core.step import compile_steps, default_hyper
+from kd_jax.core.step import compile_steps, default_hyper, layer_pairs
 from kd_jax.core.teacher import topk_logprobs
 from kd_jax.models.decoder import Decoder, DecoderConfig
 from kd_jax.models.hf import read_hf_config
@@ -189,8 +193,9 @@ def layer_activation_bytes(c: DecoderConfig, rows: int, T: int, mesh) -> tuple[i
     return saved, full
 
 
-def train_estimate(cfg: Config, model_cfg: DecoderConfig, mesh) -> dict:
-    """Analytic per-device bytes of one train step, by component."""
+def train_estimate(cfg: Config, model_cfg: DecoderConfig, mesh, teacher_cfg: DecoderConfig | None = None) -> dict:
+    """Analytic per-device bytes of one train step, by component; `teacher_cfg`: the online
+    teacher's (adds `online_estimate`)."""
     batch_shards = sharding.logical_size(mesh, "batch")
     micro = cfg.train.global_batch_size // cfg.train.grad_accum
     if micro % batch_shards:
@@ -213,11 +218,57 @@ def train_estimate(cfg: Config, model_cfg: DecoderConfig, mesh) -> dict:
     K = cfg.data.top_k
     batch = micro // batch_shards * T * (7 * 4 + 1 + K * 8)  # 7 int32 rows, the bool mask, top-K ids + fp32 log-probs
     grads = info.local_bytes * (2 if cfg.train.grad_accum > 1 else 1)  # + the accumulator across micro-batches
-    return dict(
+    out = dict(
         params=info.local_bytes, grads=grads, optimizer=2 * info.local_bytes,  # Adam mu, nu in the param dtype
         activations=activations, gathered_weights=2 * info.layer_gathered + info.out_embed_gathered,
         loss=loss, batch=batch,
         _rows=rows, _chunk=chunk, _info=info)
+    if teacher_cfg is not None:
+        out.update(online_estimate(cfg, model_cfg, teacher_cfg, mesh, rows, chunk, transient))
+    return out
+
+
+def align_shape(cfg: Config, model_cfg: DecoderConfig, teacher_cfg: DecoderConfig):
+    """(hidden-alignment layer pairs, the projections' shape [M, D_s, D_t] or None when the widths
+    agree), as `kd_jax.core.loop.prepare` builds them."""
+    pairs = layer_pairs(cfg.loss.hidden, model_cfg.num_layers, teacher_cfg.num_layers)
+    widths = model_cfg.hidden_size, teacher_cfg.hidden_size
+    return pairs, ((len(pairs), *widths) if pairs and widths[0] != widths[1] else None)
+
+
+def online_estimate(cfg: Config, model_cfg: DecoderConfig, teacher_cfg: DecoderConfig, mesh, rows: int,
+                    chunk: int, student_transient: int) -> dict:
+    """Analytic per-device bytes the online teacher adds to a train step (keys prefixed teacher_,
+    hidden_, align_). `student_transient`: the student's one-layer backward bytes, which are never
+    live together with the teacher's one-layer forward bytes (the teacher runs in the forward pass)."""
+    T, n = cfg.data.seq_len, rows * cfg.data.seq_len
+    t_info = param_info(teacher_cfg, mesh)
+    st, s = jnp.dtype(teacher_cfg.dtype).itemsize, jnp.dtype(model_cfg.dtype).itemsize
+    D, E = model_cfg.hidden_size, teacher_cfg.hidden_size
+    _, t_full = layer_activation_bytes(teacher_cfg, rows, T, mesh)
+    pairs, proj = align_shape(cfg, model_cfg, teacher_cfg)
+    M = len(pairs)
+    collected = (M + 1) * n * E * st if M else 0  # [M+1, rows, T, E]: the scan's collect buffer
+    # Forward only, outside differentiation: one layer's activations at a time (counted beyond the
+    # student's backward transients, the step's other one-layer peak), its own attention mask, the
+    # residual stream and the final normed hidden states the loss reads chunk by chunk.
+    activations = max(t_full - student_transient, 0) + rows * T * T + 2 * n * E * st + collected
+    Vt = _per_device(model_cfg.vocab_size, sharding.logical_size(mesh, "vocab"))
+    out = dict(teacher_params=t_info.local_bytes,
+               teacher_gathered_weights=2 * t_info.layer_gathered + t_info.out_embed_gathered,
+               teacher_activations=activations,
+               teacher_loss=2 * chunk * Vt * 4)  # the teacher's fp32 [chunk, V] logits and softmax
+    if M:
+        # The student's collect buffer and its gradient (compute dtype); the alignment term in fp32:
+        # the projected student states, their gradient, the gradient back to the student's width
+        # (XLA fuses the elementwise rest).
+        out["hidden_alignment"] = 2 * (M + 1) * n * D * s + M * n * (D + 2 * E) * 4
+    if proj is not None:
+        local = _local_bytes(_Stub(proj, (None, "embed", None), jnp.float32), mesh)
+        # fp32 projections, their gradient (+ the accumulator), Adam mu and nu
+        out["align_state"] = local * (4 + (cfg.train.grad_accum > 1))
+    out["_teacher_info"], out["_pairs"], out["_proj"] = t_info, pairs, proj
+    return out
 
 
 def precompute_estimate(cfg: Config, model_cfg: DecoderConfig, mesh) -> dict:
@@ -254,18 +305,25 @@ def compiled_memory(compiled) -> dict[str, int]:
     return out
 
 
-def compile_train(cfg: Config, model_cfg: DecoderConfig, mesh) -> dict:
-    """memory_analysis() of the real train step (kd_jax.core.step.compile_steps) on the abstract train state."""
-    spec = abstract_train_state(model_cfg, cfg.optim, cfg.train.steps, mesh)
+def compile_train(cfg: Config, model_cfg: DecoderConfig, mesh, teacher_cfg: DecoderConfig | None = None) -> dict:
+    """memory_analysis() of the real train step (kd_jax.core.step.compile_steps) on the abstract train
+    state; with `teacher_cfg`, the online teacher's abstract parameters (its param dtype, sharded on
+    `mesh`), its hidden-alignment pairs and the projections in the state, as `loop.prepare` builds them."""
+    teacher, teacher_params, pairs, proj = None, None, (), None
+    if teacher_cfg is not None:
+        teacher, teacher_params = abstract_params(teacher_cfg, mesh)
+        pairs, proj = align_shape(cfg, model_cfg, teacher_cfg)
+    spec = abstract_train_state(model_cfg, cfg.optim, cfg.train.steps, mesh, align_shape=proj)
     with jax.set_mesh(mesh):
-        steps = compile_steps(spec, cfg.loss, cfg.train.grad_accum, mesh)
+        steps = compile_steps(spec, cfg.loss, cfg.train.grad_accum, mesh, teacher=teacher, pairs=pairs)
         B, T, K = cfg.train.global_batch_size, cfg.data.seq_len, cfg.data.top_k
         shapes = dict(inputs=(B, T), labels=(B, T), positions=(B, T), segment_ids=(B, T), role=(B, T),
                       reasoning_step=(B, T), loss_mask=(B, T), topk_ids=(B, T, K), topk_logprobs=(B, T, K))
         dtypes = dict(loss_mask=jnp.bool_, topk_logprobs=jnp.float32)
         batch = {k: jax.ShapeDtypeStruct(v, dtypes.get(k, jnp.int32), sharding=sharding.batch_sharding(mesh, len(v)))
                  for k, v in shapes.items()}
-        return compiled_memory(steps.train.lower(spec.abstract, batch, default_hyper(cfg.loss), None).compile())
+        lowered = steps.train.lower(spec.abstract, batch, default_hyper(cfg.loss), teacher_params)
+        return compiled_memory(lowered.compile())
 
 
 def compile_precompute(cfg: Config, model_cfg: DecoderConfig, mesh, rows: int, T: int) -> dict:
@@ -297,6 +355,12 @@ _LABELS = {
     "params": "parameters", "grads": "gradients", "optimizer": "optimizer state (Adam mu, nu)",
     "activations": "activations", "gathered_weights": "gathered weights (fsdp, one layer + output)",
     "loss": "fused loss (chunk x vocab)", "batch": "batch",
+    "teacher_params": "teacher parameters (online, {dtype})",
+    "teacher_gathered_weights": "teacher gathered weights (one layer + output)",
+    "teacher_activations": "teacher activations (forward only)",
+    "teacher_loss": "online loss, teacher's chunk x vocab (fp32)",
+    "hidden_alignment": "hidden alignment ({M} layers of both models)",
+    "align_state": "alignment projections + grads + Adam (fp32)",
 }
 
 
@@ -307,23 +371,45 @@ def _gib(n: int) -> str:
 def report(cfg: Config, entry: str, *, compile: bool = True, out=sys.stdout) -> dict:
     """Print the dry-run table for `entry` ("train" or "precompute"); returns the summary dict."""
     t0 = time.perf_counter()
+    p = lambda *a: print(*a, file=out)  # noqa: E731
+    teacher_cfg = None
     if entry == "train":
         model_cfg, where = model_config(cfg.student, "student", cfg.teacher)
         num_devices = jax.device_count()
+        if cfg.teacher.mode == "online":
+            teacher_cfg, teacher_where = model_config(cfg.teacher, "teacher")
+            if teacher_cfg.vocab_size < model_cfg.vocab_size:  # as kd_jax.core.loop.check_online_teacher
+                raise DryRunError(f"the online teacher has {teacher_cfg.vocab_size} output rows, fewer than the "
+                                  f"student's {model_cfg.vocab_size}: pick a pair of one tokenizer family")
+    elif cfg.data.top_k == 0:  # kd_jax.core.teacher.precompute: a tokens-only store, no teacher runs
+        p("dry run of kd_jax.precompute: data.top_k=0, so precompute only tokenizes the traces into a tokens-only "
+          "store (no teacher pass, nothing on the devices to size)")
+        summary = dict(entry=entry, tokens_only=True, fits=True, seconds=round(time.perf_counter() - t0, 2))
+        p("dry-run summary: " + json.dumps(summary))
+        return summary
     else:  # precompute runs the teacher on each process's own devices (kd_jax.core.teacher.precompute)
         model_cfg, where = model_config(cfg.teacher, "teacher")
         num_devices = jax.local_device_count()
     mesh = resolve_mesh(cfg, num_devices)
-    est = train_estimate(cfg, model_cfg, mesh) if entry == "train" else precompute_estimate(cfg, model_cfg, mesh)
+    est = (train_estimate(cfg, model_cfg, mesh, teacher_cfg) if entry == "train"
+           else precompute_estimate(cfg, model_cfg, mesh))
     info: ParamInfo = est.pop("_info")
+    t_info: ParamInfo | None = est.pop("_teacher_info", None)
+    pairs, proj = est.pop("_pairs", ()), est.pop("_proj", None)
     parts = {k: v for k, v in est.items() if not k.startswith("_")}
     total = sum(parts.values())
     T = cfg.data.seq_len if entry == "train" else est["_T"]
     role = "student" if entry == "train" else "teacher"
-    p = lambda *a: print(*a, file=out)  # noqa: E731
     p(f"dry run of kd_jax.{entry}: nothing is allocated; no weights, store or traces are read")
     p(f"{role}: {model_cfg.model_type}, {info.count:,} parameters ({info.count / 1e9:.2f}B; "
       f"{(info.count - info.embedding) / 1e9:.2f}B without the input embedding); config from {where}")
+    if teacher_cfg is not None:
+        align = (f"hidden alignment of {len(pairs)} layer pairs"
+                 + (f", projections {list(proj)} fp32" if proj else ", same width: no projections")
+                 if pairs else "no hidden alignment")
+        p(f"teacher (online, in the train step): {teacher_cfg.model_type}, {t_info.count:,} parameters "
+          f"({t_info.count / 1e9:.2f}B) in {teacher_cfg.param_dtype}, compute {teacher_cfg.dtype}, forward only; "
+          f"{align}; config from {teacher_where}")
     sizes = dict(mesh.shape)
     p(f"mesh: {sharding.describe(mesh)} ({mesh.size} devices); "
       f"per device {est['_rows']} x {T} tokens per (micro-)batch; dtype {model_cfg.dtype}, params "
@@ -331,17 +417,22 @@ def report(cfg: Config, entry: str, *, compile: bool = True, out=sys.stdout) -> 
       + (f"; loss chunk {est['_chunk']} rows x {model_cfg.vocab_size} vocab" if entry == "train" else ""))
     p("per-device memory, analytic (GiB):")
     for k, v in parts.items():
-        label = _LABELS[k] + (f" ({model_cfg.remat})" if k == "activations" and entry == "train" else "")
+        label = _LABELS[k].format(dtype=teacher_cfg and teacher_cfg.param_dtype, M=len(pairs))
+        label += f" ({model_cfg.remat})" if k == "activations" and entry == "train" else ""
         p(f"  {label:<48}{_gib(v)}")
     p(f"  {'total':<48}{_gib(total)}")
     summary = dict(entry=entry, model_type=model_cfg.model_type, params=info.count,
                    params_without_embedding=info.count - info.embedding, mesh=sizes, devices=mesh.size,
                    rows_per_device=est["_rows"], seq_len=T, analytic=dict(parts, total=total))
+    if teacher_cfg is not None:
+        summary["teacher"] = dict(mode="online", model_type=teacher_cfg.model_type, params=t_info.count,
+                                  param_dtype=teacher_cfg.param_dtype, hidden_pairs=len(pairs),
+                                  align_shape=list(proj) if proj else None)
     checked = total
     if compile and mesh.size == num_devices:
         devices = jax.devices() if entry == "train" else jax.local_devices()
         real = sharding.mesh_from_config(cfg.mesh, devices=devices)
-        c = (compile_train(cfg, model_cfg, real) if entry == "train"
+        c = (compile_train(cfg, model_cfg, real, teacher_cfg) if entry == "train"
              else compile_precompute(cfg, model_cfg, real, est["_rows"], T))
         p(f"per-device memory, compiled ahead of time on {devices[0].platform} (XLA memory_analysis, GiB):")
         for k, v in c.items():
