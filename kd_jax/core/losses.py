@@ -1,7 +1,7 @@
 """The distillation objective: per-token weights from the batch, and the fused chunked loss.
 
 The objective (docs/architecture.md, "The loss") is linear in per-token terms, L = Σ_t a_t·soft_t + b_t·hard_t,
-with a_t, b_t depending only on roles, steps and masks. `token_weights` computes a and b;
+with a_t, b_t depending only on roles, steps, step weights and masks. `token_weights` computes a and b;
 `kd_loss` walks the tokens in chunks, turns each chunk's hidden states into logits, reduces them to
 the weighted terms and their gradient in the same pass, and never holds [tokens × vocab] logits.
 `token_terms` is the per-token math on materialized logits, shared by both (and by evaluation).
