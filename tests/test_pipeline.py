@@ -205,12 +205,12 @@ def test_curriculum_starts_easiest_first(store_path, ref, split):
     seqs, _ = ref
     reasoning = np.array([(s["role"] == 1).sum() for s in seqs])
     np.testing.assert_array_equal(pipeline.reasoning_lengths(KDStore.open(store_path)), reasoning)
-    # 8 easy first; 8 stages of one example each: the strict easiest-first order
-    cfg = dataclasses.replace(CFG, curriculum_fraction=0.5, curriculum_stages=8)
+    # 8 easy first, in the strict easiest-first order (the default, curriculum_stages=0)
+    cfg = dataclasses.replace(CFG, curriculum_fraction=0.5)
     ds = pipeline.train_examples(store_path, train, cfg, global_batch_size=4, seed=0, steps=4)
     head = [ds[j]["index"] for j in range(8)]
     assert list(reasoning[head]) == sorted(reasoning[train])[:8]
-    # One stage (the default): the same 8 easiest, shuffled among themselves.
+    # One stage: the same 8 easiest, shuffled among themselves.
     one = pipeline.train_examples(store_path, train, dataclasses.replace(cfg, curriculum_stages=1),
                                   global_batch_size=4, seed=0, steps=4)
     assert sorted(reasoning[[one[j]["index"] for j in range(8)]]) == sorted(reasoning[train])[:8]

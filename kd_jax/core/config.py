@@ -164,7 +164,7 @@ class DataConfig:
     curriculum_fraction: float = 0.0  # first fraction of training steps fed easiest-first; 0 = plain shuffle
     curriculum_difficulty_field: str | None = None  # trace field that orders the curriculum (stored by precompute), e.g. "pass_rate"; None = reasoning tokens per trace
     curriculum_easy: str = "high"  # which end of curriculum_difficulty_field is easy: "high" (a pass rate, an accuracy) or "low" (a level)
-    curriculum_stages: int = 1  # the curriculum's examples cut into this many stages of increasing difficulty, each shuffled within
+    curriculum_stages: int = 0  # 0 = the curriculum strictly easiest first; N = N stages of increasing difficulty, each shuffled within
     shuffle_seed: int = 0  # seed of the example shuffle
 
     def __post_init__(self):
@@ -180,8 +180,8 @@ class DataConfig:
         fraction = self.curriculum_fraction
         _check(0.0 <= fraction <= 1.0, f"curriculum_fraction={fraction} must be in [0, 1]")
         _check_choice("curriculum_easy", self.curriculum_easy, ("high", "low"))
-        _check(self.curriculum_stages >= 1, f"curriculum_stages={self.curriculum_stages} must be >= 1 (1 = one "
-                                             f"stage: the easiest examples, shuffled)")
+        _check(self.curriculum_stages >= 0, f"curriculum_stages={self.curriculum_stages} must be >= 0 (0 = strictly "
+                                             f"easiest first; N = N stages, each shuffled)")
         _check(self.curriculum_difficulty_field != "", "curriculum_difficulty_field='' names no field; use null for "
                                                        "the reasoning length")
         _check(self.step_weights_field != "", "step_weights_field='' names no field; use null to never read one")

@@ -189,10 +189,10 @@ def curriculum_difficulty(store: KDStore, data_cfg: DataConfig) -> np.ndarray:
 
 
 def _curriculum_head(store: KDStore, train_idx: np.ndarray, difficulty: np.ndarray,
-                     count: int, seed: int, stages: int = 1) -> np.ndarray:
+                     count: int, seed: int, stages: int = 0) -> np.ndarray:
     """The first `count` training examples: train_idx easiest first (cycled if count exceeds it,
-    ties in a seeded random order), cut into `stages` consecutive stages of count / stages examples
-    (increasing difficulty), each shuffled within (seeded). stages >= count keeps the strict order."""
+    ties in a seeded random order); with `stages` > 0, cut into that many consecutive stages of
+    count / stages examples (increasing difficulty), each shuffled within (seeded)."""
     difficulty = np.asarray(difficulty)
     if len(difficulty) != len(store):
         raise ValueError(f"difficulty has {len(difficulty)} entries; give one per store sequence ({len(store)})")
@@ -219,7 +219,7 @@ def train_examples(store_path: str, train_idx: np.ndarray, data_cfg: DataConfig,
     curriculum_fraction * steps * global_batch_size examples ordered easiest first by `difficulty`
     ([N_seq], indexed by store sequence; default `curriculum_difficulty`: the store's difficulty
     from data.curriculum_difficulty_field, else reasoning tokens per sequence) in
-    data.curriculum_stages stages, each shuffled within, then the shuffled epochs. The count is in
+    order (or data.curriculum_stages stages, each shuffled within), then the shuffled epochs. The count is in
     examples and a packed row holds one or more, so the easy phase lasts at most that fraction of
     the steps.
     """
