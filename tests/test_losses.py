@@ -273,3 +273,47 @@ def test_token_weights_feed_kd_loss():
     loss, metrics = losses.kd_loss(hidden, embed, labels, ids, lps, a.reshape(-1), b.reshape(-1), chunk_size=8)
     assert float(metrics["num_tokens"]) == 14
     _close(loss, metrics["soft_sum"] / metrics["num_tokens"])
+
+
+# Stored per-step weights of _packed_batch's tokens (1 outside the reasoning, as the store writes):
+# row 0: doc 1 step 0 → 3, doc 1 step 1 → 0.5, doc 2 step 1 → 2; row 1: step 0 → 4, the masked step 1 → 7.
+STEP_WEIGHTS = np.array([[1, 3, 3, 0.5, 0.5, 0.5, 2, 2, 1, 1, 1, 1],
+                         [1, 1, 4, 4, 7, 7, 1, 1, 1, 1, 1, 1]], np.float32)
+# The batch's steps written out: (row, supervised tokens, w_s = loss.step_weight × stored weight, or answer_weight).
+STEPS_BY_HAND = [(0, [1, 2], STEP_W * 3), (0, [3, 4, 5], STEP_W * 0.5), (0, [6, 7], STEP_W * 2),
+                 (0, [8, 9, 10], ANSWER_W), (1, [2], STEP_W * 4), (1, [6, 7, 8], ANSWER_W)]
+
+
+def test_token_weights_with_stored_step_weights_by_hand():
+    """a_t = α/N + β·α·w_s/(n_s·W), b_t = (1−α)/N + β·(1−α)·w_s/(n_s·W), w_s = step_weight × the
+    step's stored weight: the coefficients of a packed batch equal them token by token."""
+    role, step, seg, mask = _packed_batch()
+    N = sum(len(tokens) for _, tokens, _ in STEPS_BY_HAND)
+    W = sum(w for _, _, w in STEPS_BY_HAND)
+    assert (N, W) == (14, STEP_W * 9.5 + 2 * ANSWER_W)  # row 1's masked step 1 (weight 7) is not counted
+    want_a, want_b = np.zeros(role.shape), np.zeros(role.shape)
+    for row, tokens, w in STEPS_BY_HAND:
+        for t in tokens:
+            want_a[row, t] = ALPHA / N + BETA * ALPHA * w / (len(tokens) * W)
+            want_b[row, t] = (1 - ALPHA) / N + BETA * (1 - ALPHA) * w / (len(tokens) * W)
+    kw = dict(step_weight=STEP_W, answer_weight=ANSWER_W)
+    fn = jax.jit(lambda *x, sw: losses.token_weights(*x, alpha=ALPHA, beta=BETA, step_weights_BxT=sw, **kw))
+    a, b = fn(role, step, seg, mask, sw=STEP_WEIGHTS)
+    np.testing.assert_allclose(a, want_a, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(b, want_b, rtol=1e-6, atol=1e-9)
+
+    # Global totals from per-row micro-batches give the same coefficients.
+    parts = [tuple(x[i:i + 1] for x in (role, step, seg, mask)) for i in range(2)]
+    totals = [losses.weight_totals(*p, step_weights_BxT=STEP_WEIGHTS[i:i + 1], **kw) for i, p in enumerate(parts)]
+    n_sup, w_sum = sum(t[0] for t in totals), sum(t[1] for t in totals)
+    np.testing.assert_allclose([float(n_sup), float(w_sum)], [N, W], rtol=1e-6)
+    for i, p in enumerate(parts):
+        a_i, b_i = losses.token_weights(*p, alpha=ALPHA, beta=BETA, num_supervised=n_sup, step_weight_sum=w_sum,
+                                        step_weights_BxT=STEP_WEIGHTS[i:i + 1], **kw)
+        np.testing.assert_allclose(a_i, want_a[i:i + 1], rtol=1e-6, atol=1e-9)
+        np.testing.assert_allclose(b_i, want_b[i:i + 1], rtol=1e-6, atol=1e-9)
+
+    # All-ones stored weights are exactly today's single loss.step_weight.
+    ones, none = fn(role, step, seg, mask, sw=np.ones_like(STEP_WEIGHTS)), fn(role, step, seg, mask, sw=None)
+    np.testing.assert_array_equal(ones[0], none[0])
+    np.testing.assert_array_equal(ones[1], none[1])

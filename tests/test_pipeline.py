@@ -54,13 +54,16 @@ def check_batch(batch, ref, allowed, B):
     seqs, by_inputs = ref
     shapes = {k: v.shape for k, v in batch.items()}
     assert shapes == {**{k: (B, L) for k in ("inputs", "labels", "positions", "segment_ids", "role",
-                                             "reasoning_step", "loss_mask")}, "topk_ids": (B, L, K), "topk_logprobs": (B, L, K)}
+                                             "reasoning_step", "step_weight", "loss_mask")},
+                      "topk_ids": (B, L, K), "topk_logprobs": (B, L, K)}
     assert batch["topk_logprobs"].dtype == np.float32 and batch["loss_mask"].dtype == bool
+    assert batch["step_weight"].dtype == np.float32
     assert all(batch[k].dtype == np.int32 for k in ("inputs", "labels", "positions", "segment_ids", "role",
                                                     "reasoning_step", "topk_ids"))
     seg = batch["segment_ids"]
     pad = seg == 0
-    for name, value in dict(inputs=0, labels=0, positions=0, role=0, reasoning_step=-1, loss_mask=False).items():
+    for name, value in dict(inputs=0, labels=0, positions=0, role=0, reasoning_step=-1, step_weight=1.0,
+                            loss_mask=False).items():
         assert (batch[name][pad] == value).all(), name
     assert (batch["topk_ids"][pad] == -1).all() and (batch["topk_logprobs"][pad] == 0).all()
     # Row 0 of a sequence has no teacher prediction (ids -1); an off-by-one would pack it in.
@@ -85,6 +88,7 @@ def check_batch(batch, ref, allowed, B):
             np.testing.assert_array_equal(batch["labels"][b, t], x["tokens"][1:])
             np.testing.assert_array_equal(batch["role"][b, t], x["role"][1:])
             np.testing.assert_array_equal(batch["reasoning_step"][b, t], x["step"][1:])
+            np.testing.assert_array_equal(batch["step_weight"][b, t], x["step_weight"][1:])
             np.testing.assert_array_equal(batch["topk_ids"][b, t], x["topk_ids"][1:])
             np.testing.assert_array_equal(batch["topk_logprobs"][b, t], x["topk_logprobs"][1:].astype(np.float32))
             np.testing.assert_array_equal(batch["loss_mask"][b, t], x["role"][1:] != 0)
@@ -201,10 +205,15 @@ def test_curriculum_starts_easiest_first(store_path, ref, split):
     seqs, _ = ref
     reasoning = np.array([(s["role"] == 1).sum() for s in seqs])
     np.testing.assert_array_equal(pipeline.reasoning_lengths(KDStore.open(store_path)), reasoning)
+    # 8 easy first, in the strict easiest-first order (the default, curriculum_stages=0)
     cfg = dataclasses.replace(CFG, curriculum_fraction=0.5)
-    ds = pipeline.train_examples(store_path, train, cfg, global_batch_size=4, seed=0, steps=4)  # 8 easy first
+    ds = pipeline.train_examples(store_path, train, cfg, global_batch_size=4, seed=0, steps=4)
     head = [ds[j]["index"] for j in range(8)]
     assert list(reasoning[head]) == sorted(reasoning[train])[:8]
+    # One stage: the same 8 easiest, shuffled among themselves.
+    one = pipeline.train_examples(store_path, train, dataclasses.replace(cfg, curriculum_stages=1),
+                                  global_batch_size=4, seed=0, steps=4)
+    assert sorted(reasoning[[one[j]["index"] for j in range(8)]]) == sorted(reasoning[train])[:8]
     assert sorted(ds[j]["index"] for j in range(8, 8 + len(train))) == sorted(train)  # then whole epochs
     custom = pipeline.train_examples(store_path, train, cfg, global_batch_size=4, seed=0, steps=4,
                                      difficulty=-reasoning)  # hardest first
@@ -223,3 +232,129 @@ def test_source_pickles_without_tensorstore(store_path):
     assert src[1]["index"] == 5  # opens the store here
     copy = pickle.loads(pickle.dumps(src))
     assert copy._store is None and copy[0]["index"] == 3 and os.getpid() == copy._pid
+
+
+# --- Per-step weights and curriculum difficulty from the traces ---------------------------------
+
+ALPHA, BETA, STEP_W, ANSWER_W = 0.3, 0.7, 1.5, 2.5
+
+
+def _weighted_rows(n):
+    """tiny_kd's traces plus, per trace, one weight per reasoning step (neighbours differ) and a
+    distinct pass rate (the generator's field)."""
+    rows = tiny_kd.traces(n)
+    for i, row in enumerate(rows):
+        steps = len(row["reasoning"].split("\n\n"))
+        row["step_weights"] = [0.5 + ((i + k) % 4) for k in range(steps)]
+        row["pass_rate"] = ((7 * i) % n) / n
+    return rows
+
+
+@pytest.fixture(scope="module")
+def weighted(tmp_path_factory):
+    """A tokens-only store (no teacher run) of traces with step_weights and pass_rate."""
+    root = tmp_path_factory.mktemp("kd_weighted")
+    teacher, _ = tiny_kd.make(str(root), n_traces=N_SEQ)
+    rows = _weighted_rows(N_SEQ)
+    traces = root / "weighted.jsonl"
+    traces.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    path = str(root / "store")
+    kw = {"data.tokenizer": teacher, "data.traces": str(traces), "data.store": path, "data.top_k": 0,
+          "loss.alpha": 0, "data.seq_len": 512, "data.curriculum_difficulty_field": "pass_rate",
+          "precompute.chunk_tokens": 256, "run.output_dir": str(root)}
+    run(load_config(None, [f"{k}={v}" for k, v in kw.items()]), show_progress=False)
+    return path, rows
+
+
+def test_store_holds_step_weights_and_difficulty(weighted, store_path):
+    path, rows = weighted
+    store = KDStore.open(path)
+    assert store.has("step_weight") and store.has("difficulty") and len(store) == len(rows)
+    np.testing.assert_allclose(store.difficulty, [1 - r["pass_rate"] for r in rows], rtol=1e-6)  # easy = low
+    for i, row in enumerate(rows):
+        seq = store.read(i)
+        reasoning = seq["role"] == 1
+        np.testing.assert_array_equal(seq["step_weight"][reasoning],
+                                      np.float32(row["step_weights"])[seq["step"][reasoning]])
+        assert (seq["step_weight"][~reasoning] == 1).all()
+    assert store.meta.inputs["data.step_weights_field"] == "step_weights"
+    old = KDStore.open(store_path)  # built without per-step weights: reads as all ones
+    assert not old.has("step_weight") and old.difficulty is None
+    assert "data.step_weights_field" not in old.meta.inputs and (old.read(0)["step_weight"] == 1).all()
+
+
+def _coefficients_by_hand(batch, indices, rows):
+    """a_t, b_t of every label of the packed batch, written out per token from the traces' weights:
+    a_t = α/N + β·α·w_s/(n_s·W), w_s = loss.step_weight × the trace's weight of step s."""
+    seg, role, step = batch["segment_ids"], batch["role"], batch["reasoning_step"]
+    supervised = (seg > 0) & (role != 0)
+    groups: dict[tuple, list] = {}
+    for b, t in zip(*np.nonzero(supervised)):
+        key = (b, seg[b, t], int(step[b, t])) if role[b, t] == 1 else (b, seg[b, t], "answer")
+        groups.setdefault(key, []).append((b, t))
+    weight = {key: ANSWER_W if key[2] == "answer" else STEP_W * rows[indices[key[:2]]]["step_weights"][key[2]]
+              for key in groups}
+    N, W = supervised.sum(), sum(weight.values())
+    a, b_ = np.zeros(seg.shape), np.zeros(seg.shape)
+    for key, members in groups.items():
+        for r, t in members:
+            a[r, t] = ALPHA / N + BETA * ALPHA * weight[key] / (len(members) * W)
+            b_[r, t] = (1 - ALPHA) / N + BETA * (1 - ALPHA) * weight[key] / (len(members) * W)
+    return a, b_
+
+
+def test_step_weights_reach_the_loss_coefficients(weighted):
+    """traces with step_weights -> store -> packed batch -> step._weights: each token's a_t, b_t
+    equal the hand computation from the trace file's weights."""
+    import jax
+
+    from kd_jax.core import step
+    from kd_jax.core.config import LossConfig
+
+    path, rows = weighted
+    store = KDStore.open(path)
+    by_inputs = {store.read(i)["tokens"][:-1].tobytes(): i for i in range(len(store))}
+    batch = next(pipeline.make_eval_iter(path, np.arange(N_SEQ), CFG, batch_size=4))
+    seg = batch["segment_ids"]
+    indices = {(b, s): by_inputs[batch["inputs"][b, seg[b] == s].tobytes()]
+               for b in range(4) for s in range(1, seg[b].max() + 1)}
+    assert len(indices) > 4  # packed
+    cfg = LossConfig(alpha=ALPHA, beta=BETA, step_weight=STEP_W, answer_weight=ANSWER_W)
+    a, b_ = jax.jit(lambda x: step._weights(x, cfg, step.batch_totals(x, cfg), BETA, ALPHA))(batch)
+    want_a, want_b = _coefficients_by_hand(batch, indices, rows)
+    np.testing.assert_allclose(a, want_a, rtol=1e-5, atol=1e-9)
+    np.testing.assert_allclose(b_, want_b, rtol=1e-5, atol=1e-9)
+    # Without the batch's weights, the same batch weighs every step loss.step_weight: other numbers.
+    plain = {k: v for k, v in batch.items() if k != "step_weight"}
+    a1, _ = jax.jit(lambda x: step._weights(x, cfg, step.batch_totals(x, cfg), BETA, ALPHA))(plain)
+    assert not np.allclose(a1, want_a, rtol=1e-3)
+
+
+def test_curriculum_by_pass_rate(weighted, store_path, split):
+    """data.curriculum_difficulty_field=pass_rate: the first stage is the highest pass rates, so the
+    first batch packs only those; stages come in order of pass rate, each shuffled within."""
+    path, rows = weighted
+    train, _ = split
+    pass_rate = np.array([r["pass_rate"] for r in rows])
+    ranked = train[np.argsort(-pass_rate[train], kind="stable")]  # easiest (highest pass rate) first
+    cfg = dataclasses.replace(CFG, curriculum_fraction=1.0, curriculum_difficulty_field="pass_rate",
+                              curriculum_stages=3)
+    ds = pipeline.train_examples(path, train, cfg, global_batch_size=4, seed=0, steps=3)  # 12 examples
+    head = [ds[j]["index"] for j in range(12)]
+    for s in range(3):
+        assert set(head[4 * s:4 * s + 4]) == set(ranked[4 * s:4 * s + 4])
+    one = dataclasses.replace(cfg, curriculum_stages=1)
+    it = pipeline.make_train_iter(path, train, one, global_batch_size=4, seed=0, steps=3)
+    first = next(it)
+    store = KDStore.open(path)
+    by_inputs = {store.read(i)["tokens"][:-1].tobytes(): i for i in range(len(store))}
+    seg = first["segment_ids"]
+    packed = {by_inputs[first["inputs"][b, seg[b] == s].tobytes()] for b in range(4) for s in range(1, seg[b].max() + 1)}
+    assert len(packed) >= 4 and packed <= set(ranked[:12])
+    # The easiest sequences first: pass rates of the first batch are all above those left out of the head.
+    assert pass_rate[list(packed)].min() >= pass_rate[ranked[12:]].max()
+    with pytest.raises(StoreError, match="curriculum_difficulty_field"):  # a store without difficulties
+        pipeline.train_examples(store_path, train, cfg, global_batch_size=4, seed=0, steps=3)
+    with pytest.raises(StoreError, match="easy = high"):  # the other direction than the store's
+        pipeline.train_examples(path, train, dataclasses.replace(cfg, curriculum_easy="low"), global_batch_size=4,
+                                seed=0, steps=3)

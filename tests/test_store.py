@@ -18,7 +18,7 @@ from kd_jax.core.config import DataConfig, load_config
 from kd_jax.core.teacher import precompute
 from kd_jax.data import pipeline
 from kd_jax.data.arithmetic import train_tokenizer
-from kd_jax.data.store import KDStore, StoreError
+from kd_jax.data.store import KDStore, StoreError, StoreMeta
 
 C = 64  # chunk_tokens
 
@@ -180,5 +180,44 @@ def test_version_1_store_opens_and_reads(built, copy, caplog):
     other.chat_template = transformers.AutoTokenizer.from_pretrained(built / "teacher").chat_template
     assert len(store.check(k=4, tokenizer=other)) == len(store)  # no fingerprint recorded: not compared
     np.testing.assert_array_equal(store.read(0)["tokens"], want[0]["tokens"])
+    assert (store.read(0)["step_weight"] == 1).all() and store.difficulty is None  # no optional arrays
     it = pipeline.make_eval_iter(copy, store.check(), DataConfig(seq_len=512), batch_size=2)
     assert next(it)["inputs"].shape == (2, 512)
+
+
+def test_optional_arrays_are_verified(tmp_path):
+    """step_weight [N_tok] and difficulty [N_seq]: written only when given, checksummed like the
+    token arrays, and an altered one fails its read; a store without them reads 1 and None."""
+    lengths = np.array([5, 7, 4])
+    n = int(lengths.sum())
+    meta = StoreMeta(k=0, vocab_size=50, teacher_vocab_size=50, tokenizer="t", chat_template_hash="", teacher="none",
+                     teacher_revision=None, logprob_dtype="float16", num_sequences=3, num_tokens=n, chunk_tokens=4)
+    arrays = (np.arange(n, dtype=np.int32), np.ones(n, np.uint8), np.zeros(n, np.int32),
+              np.concatenate([[0], np.cumsum(lengths)]))
+    weights = np.linspace(0.5, 2.0, n).astype(np.float32)
+    for name in ("weighted", "altered"):
+        KDStore.create(str(tmp_path / name), meta, *arrays, step_weight=weights,
+                       difficulty=np.float32([0.5, 0.1, 0.9]))
+    store = KDStore.open(str(tmp_path / "weighted"))
+    assert store.has("step_weight") and store.has("difficulty")
+    np.testing.assert_array_equal(np.concatenate([store.read(i)["step_weight"] for i in range(3)]), weights)
+    np.testing.assert_array_equal(store.difficulty, np.float32([0.5, 0.1, 0.9]))
+    path = str(tmp_path / "altered")  # not read yet in this process: its chunks are checked on first read
+    store = KDStore.open(path)
+    store.array("step_weight")[6].write(np.float32(9)).result()  # validly encoded, another value
+    with pytest.raises(StoreError, match="'step_weight' chunk 1 .*does not match its checksum"):
+        store.read(1)
+    store.array("difficulty")[0].write(np.float32(0)).result()
+    with pytest.raises(StoreError, match="'difficulty' does not match its checksum"):
+        KDStore.open(path).difficulty
+    plain = KDStore.create(str(tmp_path / "plain"), meta, *arrays)
+    assert not plain.has("step_weight") and plain.difficulty is None
+    assert (plain.read(1)["step_weight"] == 1).all() and plain.read(1)["step_weight"].dtype == np.float32
+    with pytest.raises(StoreError, match="difficulty has 2 entries"):
+        KDStore.create(str(tmp_path / "bad"), meta, *arrays, difficulty=np.float32([0, 1]))
+
+
+def test_rerun_with_a_step_scorer_names_the_change(built):
+    with pytest.raises(StoreError, match=r"data\.step_scorer None -> 'tiny_kd:step_length@[0-9a-f]{12}'"):
+        precompute(overrides(built, **{"data.step_scorer": "tiny_kd:step_length"}), show_progress=False)
+    assert KDStore.open(str(built / "store")).complete

@@ -4,6 +4,7 @@ a real one; one slow test uses SmolLM2's real tokenizer and chat template."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 
@@ -15,7 +16,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from kd_jax.core.config import DataConfig
 from kd_jax.data.traces import (TraceError, encode_example, encode_traces, load_traces, render_prompt,
-                                split_messages)
+                                split_messages, stored_extras, tokenization_inputs)
 
 EOS = "<|endoftext|>"
 SPECIALS = [EOS, "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
@@ -339,3 +340,91 @@ def test_malformed_json_line_names_file_and_line(tmp_path):
     bad = tmp_path / "traces.jsonl"
     bad.write_text("".join(json.dumps(row) + "\n" for row in ROWS) + '{"prompt": "x",, "answer": "a"}\n')
     one_line_error(lambda: load_traces(DataConfig(traces=str(bad))), f"{bad}:3", "malformed JSON")
+
+
+# --- Per-step weights and curriculum difficulty ------------------------------------------------
+
+def score_step(text: str, index: int, row: dict) -> float:
+    """A data.step_scorer for the tests: longer steps weigh more, the trace's `boost` adds."""
+    return len(text) / 10 + index + row.get("boost", 0)
+
+
+def weighted_rows(**extra):
+    return [{"prompt": "What is six times seven?", "reasoning": THREE_STEPS, "answer": "42", **extra}]
+
+
+def test_step_weights_field_per_token(tokenizer):
+    rows = weighted_rows(step_weights=[2, 0.5, 3]) + [
+        {"prompt": "What is seven times six?", "reasoning": "first paragraph", "answer": "42"}]  # no field: None
+    (weighted, plain), _ = encode_traces(datasets.Dataset.from_list(rows), tokenizer, DataConfig())
+    reasoning = weighted.role == 1
+    np.testing.assert_array_equal(weighted.step_weight[reasoning], np.float32([2, 0.5, 3])[weighted.step[reasoning]])
+    assert (weighted.step_weight[~reasoning] == 1).all() and weighted.step_weight.dtype == np.float32
+    # the tags go with their steps: <think> with step 0, </think> with the last
+    first_reasoning, last_reasoning = np.flatnonzero(reasoning)[[0, -1]]
+    assert weighted.step_weight[first_reasoning] == 2 and weighted.step_weight[last_reasoning] == 3
+    assert plain.step_weight is None
+    extras = stored_extras([weighted, plain])
+    assert list(extras) == ["step_weight"] and len(extras["step_weight"]) == len(weighted) + len(plain)
+    assert (extras["step_weight"][len(weighted):] == 1).all()
+    none, _ = encode_traces(datasets.Dataset.from_list(rows), tokenizer, DataConfig(step_weights_field=None))
+    assert stored_extras(none) == {}
+
+
+def test_wrong_step_weights_name_the_trace(tokenizer):
+    rows = weighted_rows(step_weights=[1.0, 2.0, 3.0]) + weighted_rows(step_weights=[1.0, 2.0])
+    rows[1]["prompt"] = "What is seven times six?"
+    one_line_error(lambda: encode_traces(datasets.Dataset.from_list(rows), tokenizer, DataConfig()),
+                   "trace row 1", "3 reasoning steps", "2 weights")
+    for bad in ([1.0, -1.0, 2.0], [1.0, float("nan"), 2.0]):
+        one_line_error(lambda: encode_traces(datasets.Dataset.from_list(weighted_rows(step_weights=bad)), tokenizer,
+                                             DataConfig()), "trace row 0", ">= 0")
+
+
+def test_step_scorer(tokenizer, tmp_path):
+    rows = weighted_rows(boost=1, step_weights=None) + weighted_rows(boost=0, step_weights=[5, 5, 5])
+    rows[1]["prompt"] = "What is seven times six?"
+    cfg = DataConfig(step_scorer=f"{__name__}:score_step")
+    (scored, given), _ = encode_traces(datasets.Dataset.from_list(rows), tokenizer, cfg)
+    steps = THREE_STEPS.split("\n\n")
+    want = np.float32([score_step(text, k, rows[0]) for k, text in enumerate(steps)])
+    reasoning = scored.role == 1
+    np.testing.assert_array_equal(scored.step_weight[reasoning], want[scored.step[reasoning]])
+    assert (given.step_weight[given.role == 1] == 5).all()  # a row's own field wins over the scorer
+    cfg = dataclasses.replace(cfg, traces=write_jsonl(tmp_path / "t.jsonl", rows))
+    assert tokenization_inputs(cfg, load_traces(cfg))["data.step_scorer"].startswith(f"{__name__}:score_step@")
+    one_line_error(lambda: encode_traces(datasets.Dataset.from_list(rows), tokenizer,
+                                         DataConfig(step_scorer="no_such_module:f")), "data.step_scorer")
+
+
+def test_difficulty_from_pass_rate(tokenizer):
+    rows = weighted_rows(pass_rate=0.75)
+    (example,), _ = encode_traces(datasets.Dataset.from_list(rows), tokenizer,
+                                  DataConfig(curriculum_difficulty_field="pass_rate"))
+    assert example.difficulty == 0.25  # easy = high pass rate = low difficulty
+    (low,), _ = encode_traces(datasets.Dataset.from_list(rows), tokenizer,
+                              DataConfig(curriculum_difficulty_field="pass_rate", curriculum_easy="low"))
+    assert low.difficulty == 0.75
+    assert stored_extras([example])["difficulty"].tolist() == [0.25]
+    one_line_error(lambda: encode_traces(datasets.Dataset.from_list(rows), tokenizer,
+                                         DataConfig(curriculum_difficulty_field="level")),
+                   "'level'", "data.curriculum_difficulty_field")
+
+
+def write_jsonl(path, rows) -> str:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(path)
+
+
+def test_store_identity_keys_only_when_used(tmp_path):
+    """Stores built before per-step weights keep their identity: the new keys appear only when the
+    traces have the field, a scorer or a difficulty field is set."""
+    def inputs(rows, **cfg):
+        cfg = DataConfig(traces=write_jsonl(tmp_path / "t.jsonl", rows), **cfg)
+        return tokenization_inputs(cfg, load_traces(cfg))
+    base = inputs(ROWS)
+    assert not any(k.startswith(("data.step_weights", "data.step_scorer", "data.curriculum")) for k in base)
+    weighted = [dict(r, step_weights=[1.0]) for r in ROWS]
+    assert inputs(weighted)["data.step_weights_field"] == "step_weights"
+    assert "data.step_weights_field" not in inputs(weighted, step_weights_field=None)
+    assert inputs(ROWS, curriculum_difficulty_field="answer")["data.curriculum_difficulty_field"] == "answer"

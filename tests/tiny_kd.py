@@ -22,6 +22,11 @@ def traces(n: int = 12) -> list[dict]:
     return rows
 
 
+def step_length(text: str, index: int, row: dict) -> float:
+    """A data.step_scorer (test support): a step weighs its length in characters / 40."""
+    return len(text) / 40
+
+
 def make(root: str, n_traces: int = 12, pad_vocab: int = 16) -> tuple[str, str]:
     """(teacher folder with tokenizer, traces.jsonl path) under `root`."""
     rows = traces(n_traces)

@@ -152,6 +152,8 @@ class DataConfig:
     top_k: int = 64  # teacher logits kept per token (count); 0 = tokens only, no teacher (needs loss.alpha=0)
     seq_len: int = 2048  # packed sequence length in tokens
     step_separator: str = "\n\n"  # text that splits the reasoning into steps
+    step_weights_field: str | None = "step_weights"  # trace field with one weight per reasoning step (list of floats >= 0); a trace without it weighs every step 1; None = never read
+    step_scorer: str | None = None  # "module.path:function" (step_text, step_index, trace_row) -> weight >= 0 of each step of the traces without step_weights_field; None = weight 1
     min_reasoning_tokens: int = 0  # drop examples whose reasoning is shorter than this (tokens)
     max_reasoning_tokens: int | None = None  # drop traces whose reasoning is longer than this (tokens); None = no limit
     overlong: str = "drop"  # what to do with examples longer than seq_len: "drop" or "truncate"
@@ -160,6 +162,9 @@ class DataConfig:
     num_workers: int = 0  # data loader worker processes; 0 = load in the main process
     streams: int = 0  # example streams packed apart, side by side in a batch; 0 = one per process (fix: same batches at any process count)
     curriculum_fraction: float = 0.0  # first fraction of training steps fed easiest-first; 0 = plain shuffle
+    curriculum_difficulty_field: str | None = None  # trace field that orders the curriculum (stored by precompute), e.g. "pass_rate"; None = reasoning tokens per trace
+    curriculum_easy: str = "high"  # which end of curriculum_difficulty_field is easy: "high" (a pass rate, an accuracy) or "low" (a level)
+    curriculum_stages: int = 0  # 0 = the curriculum strictly easiest first; N = N stages of increasing difficulty, each shuffled within
     shuffle_seed: int = 0  # seed of the example shuffle
 
     def __post_init__(self):
@@ -174,6 +179,14 @@ class DataConfig:
         _check(0.0 <= self.eval_fraction < 1.0, f"eval_fraction={self.eval_fraction} must be in [0, 1)")
         fraction = self.curriculum_fraction
         _check(0.0 <= fraction <= 1.0, f"curriculum_fraction={fraction} must be in [0, 1]")
+        _check_choice("curriculum_easy", self.curriculum_easy, ("high", "low"))
+        _check(self.curriculum_stages >= 0, f"curriculum_stages={self.curriculum_stages} must be >= 0 (0 = strictly "
+                                             f"easiest first; N = N stages, each shuffled)")
+        _check(self.curriculum_difficulty_field != "", "curriculum_difficulty_field='' names no field; use null for "
+                                                       "the reasoning length")
+        _check(self.step_weights_field != "", "step_weights_field='' names no field; use null to never read one")
+        _check(self.step_scorer is None or ":" in self.step_scorer,
+               f"step_scorer={self.step_scorer!r} must be 'module.path:function' or null")
         _check(self.streams >= 0, f"streams={self.streams} must be >= 0 (0 = one stream per process)")
         _check(self.num_workers >= 0, f"num_workers={self.num_workers} must be >= 0 (0 = the main process)")
         _check(self.shuffle_seed >= 0, f"shuffle_seed={self.shuffle_seed} must be >= 0")

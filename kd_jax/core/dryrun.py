@@ -318,8 +318,9 @@ def compile_train(cfg: Config, model_cfg: DecoderConfig, mesh, teacher_cfg: Deco
         steps = compile_steps(spec, cfg.loss, cfg.train.grad_accum, mesh, teacher=teacher, pairs=pairs)
         B, T, K = cfg.train.global_batch_size, cfg.data.seq_len, cfg.data.top_k
         shapes = dict(inputs=(B, T), labels=(B, T), positions=(B, T), segment_ids=(B, T), role=(B, T),
-                      reasoning_step=(B, T), loss_mask=(B, T), topk_ids=(B, T, K), topk_logprobs=(B, T, K))
-        dtypes = dict(loss_mask=jnp.bool_, topk_logprobs=jnp.float32)
+                      reasoning_step=(B, T), step_weight=(B, T), loss_mask=(B, T), topk_ids=(B, T, K),
+                      topk_logprobs=(B, T, K))
+        dtypes = dict(loss_mask=jnp.bool_, step_weight=jnp.float32, topk_logprobs=jnp.float32)
         batch = {k: jax.ShapeDtypeStruct(v, dtypes.get(k, jnp.int32), sharding=sharding.batch_sharding(mesh, len(v)))
                  for k, v in shapes.items()}
         lowered = steps.train.lower(spec.abstract, batch, default_hyper(cfg.loss), teacher_params)

@@ -1,7 +1,7 @@
 """The distillation objective: per-token weights from the batch, and the fused chunked loss.
 
 The objective (docs/architecture.md, "The loss") is linear in per-token terms, L = Σ_t a_t·soft_t + b_t·hard_t,
-with a_t, b_t depending only on roles, steps and masks. `token_weights` computes a and b;
+with a_t, b_t depending only on roles, steps, step weights and masks. `token_weights` computes a and b;
 `kd_loss` walks the tokens in chunks, turns each chunk's hidden states into logits, reduces them to
 the weighted terms and their gradient in the same pass, and never holds [tokens × vocab] logits.
 `token_terms` is the per-token math on materialized logits, shared by both (and by evaluation).
@@ -29,11 +29,13 @@ _TAIL_FLOOR = float(jnp.finfo(jnp.float32).tiny)
 
 # --- Per-token weights -----------------------------------------------------------------------
 
-def _step_groups(role_BxT, step_BxT, segment_ids_BxT, loss_mask_BxT, step_weight, answer_weight):
+def _step_groups(role_BxT, step_BxT, segment_ids_BxT, loss_mask_BxT, step_weight, answer_weight,
+                 step_weights_BxT=None):
     """Run-length groups of (row, segment, role, step): one group per reasoning step or answer.
 
     Returns supervised_BxT, group_BxT (flat group ids in [0, B·T)), n_G (supervised tokens per
-    group), w_G (the group's weight w_s) and w_BxT (each token's role weight).
+    group), w_G (the group's weight w_s) and w_BxT (each token's weight: step_weight times its
+    per-token step weight for reasoning, answer_weight for answers, 0 for prompt).
     """
     B, T = role_BxT.shape
     supervised_BxT = (role_BxT != Role.PROMPT) & loss_mask_BxT.astype(bool) & (segment_ids_BxT != 0)
@@ -44,7 +46,10 @@ def _step_groups(role_BxT, step_BxT, segment_ids_BxT, loss_mask_BxT, step_weight
     # Every row starts a group, so a step never crosses rows (n_s is local to the row).
     change_BxT = jnp.concatenate([jnp.ones((B, 1), bool), differs_BxT1], axis=1)
     group_BxT = (jnp.cumsum(change_BxT.reshape(-1)) - 1).reshape(B, T)
-    w_BxT = jnp.where(role_BxT == Role.REASONING, jnp.float32(step_weight),
+    reasoning_w = jnp.float32(step_weight)
+    if step_weights_BxT is not None:  # the stored weight of each token's reasoning step
+        reasoning_w = reasoning_w * step_weights_BxT.astype(jnp.float32)
+    w_BxT = jnp.where(role_BxT == Role.REASONING, reasoning_w,
                       jnp.where(role_BxT == Role.ANSWER, jnp.float32(answer_weight), jnp.float32(0.0)))
     n_G = jax.ops.segment_sum(supervised_BxT.reshape(-1).astype(jnp.float32), group_BxT.reshape(-1),
                               num_segments=B * T)
@@ -54,31 +59,37 @@ def _step_groups(role_BxT, step_BxT, segment_ids_BxT, loss_mask_BxT, step_weight
     return supervised_BxT, group_BxT, n_G, w_G, w_BxT
 
 
-def weight_totals(role_BxT, step_BxT, segment_ids_BxT, loss_mask_BxT, *, step_weight, answer_weight):
+def weight_totals(role_BxT, step_BxT, segment_ids_BxT, loss_mask_BxT, *, step_weight, answer_weight,
+                  step_weights_BxT=None):
     """(num_supervised, step_weight_sum) of this batch, fp32 scalars.
 
     A trainer sums these over micro-batches (and devices) and passes the sums to `token_weights`,
-    so every mean in the objective is over the whole global batch.
+    so every mean in the objective is over the whole global batch. step_weights_BxT: as in
+    `token_weights`.
     """
     supervised_BxT, _, n_G, w_G, _ = _step_groups(role_BxT, step_BxT, segment_ids_BxT, loss_mask_BxT,
-                                                  step_weight, answer_weight)
+                                                  step_weight, answer_weight, step_weights_BxT)
     # A step whose tokens are all masked out does not count in Σ_s w_s.
     return supervised_BxT.sum(dtype=jnp.float32), jnp.where(n_G > 0, w_G, 0.0).sum()
 
 
 def token_weights(role_BxT, step_BxT, segment_ids_BxT, loss_mask_BxT, *, alpha, beta, step_weight,
-                  answer_weight, num_supervised=None, step_weight_sum=None):
+                  answer_weight, num_supervised=None, step_weight_sum=None, step_weights_BxT=None):
     """Per-token coefficients (a_BxT, b_BxT), fp32, with L = Σ_t a_t·soft_t + b_t·hard_t.
 
     Inputs are aligned to the prediction targets: role_BxT[b, t] is the role of the label at t
     (0 prompt, 1 reasoning, 2 answer), step_BxT its reasoning step (−1 outside reasoning),
-    segment_ids_BxT the packed document (0 = padding), loss_mask_BxT (bool) drops more tokens.
+    segment_ids_BxT the packed document (0 = padding), loss_mask_BxT (bool) drops more tokens,
+    step_weights_BxT (float, optional; None = all 1) the stored weight of the label's reasoning
+    step (the batch's `step_weight`).
       a_t = α/N + β·α·w_s/(n_s·W),   b_t = (1−α)/N + β·(1−α)·w_s/(n_s·W)
-    N (`num_supervised`) and W (`step_weight_sum`) must be global; None computes them from this
-    batch (`weight_totals`). n_s, the supervised tokens of t's step, is local: steps stay in a row.
+    w_s = step_weight × the step's stored weight (read off its first token) for a reasoning step,
+    answer_weight for an answer. N (`num_supervised`) and W (`step_weight_sum`, Σ w_s) must be
+    global; None computes them from this batch (`weight_totals`). n_s, the supervised tokens of t's
+    step, is local: steps stay in a row.
     """
-    supervised_BxT, group_BxT, n_G, w_G, w_BxT = _step_groups(
-        role_BxT, step_BxT, segment_ids_BxT, loss_mask_BxT, step_weight, answer_weight)
+    supervised_BxT, group_BxT, n_G, w_G, _ = _step_groups(
+        role_BxT, step_BxT, segment_ids_BxT, loss_mask_BxT, step_weight, answer_weight, step_weights_BxT)
     if num_supervised is None:
         num_supervised = supervised_BxT.sum(dtype=jnp.float32)
     if step_weight_sum is None:
@@ -88,7 +99,7 @@ def token_weights(role_BxT, step_BxT, segment_ids_BxT, loss_mask_BxT, *, alpha, 
     # Safe denominators: an empty batch or zero step weights give zero coefficients, not NaN.
     mean_coef = 1.0 / jnp.maximum(num_supervised, 1.0)
     n_BxT = n_G[group_BxT]
-    step_coef_BxT = w_BxT / (jnp.maximum(n_BxT, 1.0) * jnp.where(step_weight_sum > 0, step_weight_sum, 1.0))
+    step_coef_BxT = w_G[group_BxT] / (jnp.maximum(n_BxT, 1.0) * jnp.where(step_weight_sum > 0, step_weight_sum, 1.0))
     coef_BxT = jnp.where(supervised_BxT, mean_coef + beta * step_coef_BxT, 0.0)
     return alpha * coef_BxT, (1.0 - alpha) * coef_BxT
 

@@ -127,11 +127,12 @@ class Objective:
 
 
 def _weights(batch, loss_cfg: LossConfig, totals, beta: float, alpha):
-    """Per-token (a, b) of the objective for this (micro-)batch, with the global normalizers `totals`."""
+    """Per-token (a, b) of the objective for this (micro-)batch, with the global normalizers `totals`;
+    the batch's `step_weight` (the stored per-step weights), when it has one, scales loss.step_weight."""
     return losses.token_weights(batch["role"], batch["reasoning_step"], batch["segment_ids"], batch["loss_mask"],
                                 alpha=alpha, beta=beta, step_weight=loss_cfg.step_weight,
                                 answer_weight=loss_cfg.answer_weight, num_supervised=totals[0],
-                                step_weight_sum=totals[1])
+                                step_weight_sum=totals[1], step_weights_BxT=batch.get("step_weight"))
 
 
 def _flat(x_BxLx):
@@ -193,7 +194,8 @@ def batch_loss(objective: Objective, trainable, teacher_params, batch, totals, h
 
 def batch_totals(batch, loss_cfg: LossConfig):
     return losses.weight_totals(batch["role"], batch["reasoning_step"], batch["segment_ids"], batch["loss_mask"],
-                                step_weight=loss_cfg.step_weight, answer_weight=loss_cfg.answer_weight)
+                                step_weight=loss_cfg.step_weight, answer_weight=loss_cfg.answer_weight,
+                                step_weights_BxT=batch.get("step_weight"))
 
 
 def trainable(state) -> dict[str, Any]:

@@ -33,7 +33,7 @@ from kd_jax.data.store import (
     template_hash,
     tokenizer_fingerprint,
 )
-from kd_jax.data.traces import encode_traces, load_traces, tokenization_inputs
+from kd_jax.data.traces import encode_traces, load_traces, stored_extras, tokenization_inputs
 from kd_jax.models import build_model
 from kd_jax.models.hf import load_tokenizer, read_hf_config, resolve_path
 
@@ -198,7 +198,7 @@ def tokenize_to_store(cfg: Config, tokenizer, teacher_vocab: int) -> KDStore:
     return KDStore.create(cfg.data.store, meta, np.concatenate([e.tokens for e in encoded]).astype(np.int32),
                           np.concatenate([e.role for e in encoded]).astype(np.uint8),
                           np.concatenate([e.step for e in encoded]).astype(np.int32),
-                          np.concatenate([[0], np.cumsum(lengths)]))
+                          np.concatenate([[0], np.cumsum(lengths)]), **stored_extras(encoded))
 
 
 def open_or_tokenize(cfg: Config, tokenizer, teacher_vocab: int) -> KDStore:

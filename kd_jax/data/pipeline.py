@@ -12,11 +12,12 @@ whole examples, so no packing boundary can put a label next to the wrong input.
 
 Batch (numpy, B = process-local batch, L = data.seq_len, K = store top-K):
   inputs, labels, positions, segment_ids, role, reasoning_step: int32 [B, L]; loss_mask: bool [B, L];
-  topk_ids: int32 [B, L, K]; topk_logprobs: float32 [B, L, K].
+  step_weight: float32 [B, L]; topk_ids: int32 [B, L, K]; topk_logprobs: float32 [B, L, K].
 segment_ids are 1.. per packed sequence in a row and 0 on padding; positions restart at 0 per
-segment. Padding: inputs/labels 0, role 0, reasoning_step -1, topk_ids -1, topk_logprobs 0, loss_mask
-False. role is a `Role` (kd_jax.data.roles); reasoning_step the index of the label's reasoning step
-(-1 outside the reasoning).
+segment. Padding: inputs/labels 0, role 0, reasoning_step -1, step_weight 1, topk_ids -1,
+topk_logprobs 0, loss_mask False. role is a `Role` (kd_jax.data.roles); reasoning_step the index of
+the label's reasoning step (-1 outside the reasoning); step_weight that step's stored weight (1 for
+non-reasoning labels and for stores without per-step weights).
 
 Iterators are Grain DatasetIterators: `it.get_state()` / `it.set_state(state)` give the exact
 position (JSON-serializable), and Orbax saves them with `grain.checkpoint.CheckpointSave(it)`.
@@ -41,7 +42,8 @@ from kd_jax.data.roles import Role
 from kd_jax.data.store import KDStore, StoreError
 
 # Per-token features that are packed, with the value that fills padding.
-_PAD = {"inputs": 0, "labels": 0, "role": 0, "reasoning_step": -1, "topk_ids": -1, "topk_logprobs": 0}
+_PAD = {"inputs": 0, "labels": 0, "role": 0, "reasoning_step": -1, "step_weight": 1.0, "topk_ids": -1,
+        "topk_logprobs": 0}
 _PACKERS = {"first_fit": FirstFitPackIterDataset, "best_fit": BestFitPackIterDataset}
 # Sequences read ahead by threads (per process): enough to pack a few batches, while bounding
 # host memory (~0.8 MB per 2048-token sequence at K = 64).
@@ -91,8 +93,8 @@ def shift_example(seq: dict[str, np.ndarray], seq_len: int) -> dict[str, np.ndar
                          f"{seq_len + 1}; rebuild the store with this seq_len (precompute drops or "
                          f"truncates longer ones, data.overlong) or raise data.seq_len")
     return {"inputs": seq["tokens"][:-1], "labels": seq["tokens"][1:], "role": seq["role"][1:],
-            "reasoning_step": seq["step"][1:], "topk_ids": seq["topk_ids"][1:],
-            "topk_logprobs": seq["topk_logprobs"][1:], "index": seq["index"]}
+            "reasoning_step": seq["step"][1:], "step_weight": seq["step_weight"][1:],
+            "topk_ids": seq["topk_ids"][1:], "topk_logprobs": seq["topk_logprobs"][1:], "index": seq["index"]}
 
 
 def split_indices(num_sequences: int, eval_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -138,6 +140,7 @@ def _finish(batch: dict[str, np.ndarray], batch_size: int) -> dict[str, np.ndarr
            "positions": batch["inputs_positions"].astype(np.int32),
            "segment_ids": segment_ids_BxL.astype(np.int32),
            "role": batch["role"].astype(np.int32), "reasoning_step": batch["reasoning_step"].astype(np.int32),
+           "step_weight": batch["step_weight"].astype(np.float32),
            "topk_ids": batch["topk_ids"].astype(np.int32),
            "topk_logprobs": batch["topk_logprobs"].astype(np.float32)}
     # Prompt labels (role 0) are never supervised; padding has role 0 too, but say it explicitly.
@@ -166,16 +169,41 @@ def _concat_rows(batches: tuple[dict[str, np.ndarray], ...]) -> dict[str, np.nda
     return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
 
 
-def _curriculum_head(store: KDStore, train_idx: np.ndarray, difficulty: np.ndarray | None,
-                     count: int, seed: int) -> np.ndarray:
-    """The first `count` training examples: train_idx easiest first (cycled if count exceeds it),
-    ties in a seeded random order."""
-    difficulty = reasoning_lengths(store) if difficulty is None else np.asarray(difficulty)
+def curriculum_difficulty(store: KDStore, data_cfg: DataConfig) -> np.ndarray:
+    """[N_seq], ascending = easiest: the store's `difficulty` when data.curriculum_difficulty_field
+    names a field (precompute stored it from that field), else reasoning tokens per sequence."""
+    field = data_cfg.curriculum_difficulty_field
+    if field is None:
+        return reasoning_lengths(store)
+    stored = store.difficulty
+    if stored is None:
+        raise StoreError(f"store {store.path} holds no curriculum difficulty, but data.curriculum_difficulty_field="
+                         f"{field!r}; rebuild the store with precompute and that setting (the traces need the field), "
+                         f"or set it to null (reasoning length)")
+    built = (store.meta.inputs.get("data.curriculum_difficulty_field"), store.meta.inputs.get("data.curriculum_easy"))
+    if built != (field, data_cfg.curriculum_easy):
+        raise StoreError(f"store {store.path} orders its curriculum by {built[0]!r} (easy = {built[1]}), this run "
+                         f"asks for {field!r} (easy = {data_cfg.curriculum_easy}); set data.curriculum_difficulty_field"
+                         f" and data.curriculum_easy as the store was built, or rebuild it")
+    return stored
+
+
+def _curriculum_head(store: KDStore, train_idx: np.ndarray, difficulty: np.ndarray,
+                     count: int, seed: int, stages: int = 0) -> np.ndarray:
+    """The first `count` training examples: train_idx easiest first (cycled if count exceeds it,
+    ties in a seeded random order); with `stages` > 0, cut into that many consecutive stages of
+    count / stages examples (increasing difficulty), each shuffled within (seeded)."""
+    difficulty = np.asarray(difficulty)
     if len(difficulty) != len(store):
         raise ValueError(f"difficulty has {len(difficulty)} entries; give one per store sequence ({len(store)})")
-    perm = np.random.default_rng(seed).permutation(train_idx)
-    ordered = perm[np.argsort(difficulty[perm], kind="stable")]
-    return np.resize(ordered, count)
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(train_idx)
+    head = np.resize(perm[np.argsort(difficulty[perm], kind="stable")], count)
+    for s in range(stages):
+        lo, hi = count * s // stages, count * (s + 1) // stages
+        if hi - lo > 1:
+            head[lo:hi] = rng.permutation(head[lo:hi])
+    return head
 
 
 def train_examples(store_path: str, train_idx: np.ndarray, data_cfg: DataConfig, *, global_batch_size: int,
@@ -189,9 +217,11 @@ def train_examples(store_path: str, train_idx: np.ndarray, data_cfg: DataConfig,
     example from p, so processes read disjoint examples and together read each epoch once.
     Curriculum (data.curriculum_fraction > 0 and `steps`): the stream starts with
     curriculum_fraction * steps * global_batch_size examples ordered easiest first by `difficulty`
-    ([N_seq], indexed by store sequence; default: reasoning tokens per sequence), then the shuffled
-    epochs. The count is in examples and a packed row holds one or more, so the easy phase lasts
-    at most that fraction of the steps.
+    ([N_seq], indexed by store sequence; default `curriculum_difficulty`: the store's difficulty
+    from data.curriculum_difficulty_field, else reasoning tokens per sequence) in
+    order (or data.curriculum_stages stages, each shuffled within), then the shuffled epochs. The count is in
+    examples and a packed row holds one or more, so the easy phase lasts at most that fraction of
+    the steps.
     """
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index={process_index} is not in [0, process_count={process_count})")
@@ -200,7 +230,9 @@ def train_examples(store_path: str, train_idx: np.ndarray, data_cfg: DataConfig,
     ds = grain.MapDataset.source(StoreSource(store_path, train_idx)).shuffle(seed=seed)
     head = int(data_cfg.curriculum_fraction * (steps or 0) * global_batch_size)
     if head > 0:
-        easy = _curriculum_head(store, train_idx, difficulty, head, seed)
+        if difficulty is None:
+            difficulty = curriculum_difficulty(store, data_cfg)
+        easy = _curriculum_head(store, train_idx, difficulty, head, seed, data_cfg.curriculum_stages)
         ds = grain.MapDataset.concatenate([grain.MapDataset.source(StoreSource(store_path, easy)),
                                            ds.repeat(_MANY_EPOCHS)])
     else:

@@ -6,6 +6,12 @@ Ragged layout: sequences are concatenated on the token axis and `offsets` says w
   tokens [N_tok] int32, role [N_tok] uint8, step [N_tok] int32, offsets [N_seq + 1] int64,
   topk_ids [N_tok, K] int32, topk_logprobs [N_tok, K] float16|bfloat16
 
+and two optional arrays, written only when the traces carry them (kd_jax.data.traces) and listed
+in checksums.json like the other token-side arrays; a store without them reads as their default:
+
+  step_weight [N_tok] float32 (the token's reasoning-step weight; 1), difficulty [N_seq] float32
+  (the curriculum's order, ascending = easiest; absent: the pipeline uses reasoning length)
+
 Alignment ("target"): every per-token array describes the token at its own index. Row t of
 `topk_*` is the teacher's distribution OF token t given the tokens before it in its sequence,
 just as role[t] and step[t] are token t's. A consumer that predicts token t from position t-1
@@ -147,6 +153,7 @@ def _codecs(typesize: int) -> list[dict[str, Any]]:
 
 
 _PER_TOKEN = ("tokens", "role", "step", "topk_ids", "topk_logprobs")
+_OPTIONAL = ("step_weight", "difficulty")  # float32 [N_tok] / [N_seq], only when the traces carry them
 _TEACHER = ("topk_ids", "topk_logprobs")  # complete when their chunk's progress mark is written
 # (store url, array, chunk) whose bytes this process has checked against their checksum.
 _VERIFIED: set[tuple[str, str, int]] = set()
@@ -180,8 +187,10 @@ class KDStore:
 
     @classmethod
     def create(cls, path: str, meta: StoreMeta, tokens: np.ndarray, role: np.ndarray, step: np.ndarray,
-               offsets: np.ndarray) -> "KDStore":
-        """Write the token-side arrays and their checksums, create empty teacher arrays (process 0)."""
+               offsets: np.ndarray, *, step_weight: np.ndarray | None = None,
+               difficulty: np.ndarray | None = None) -> "KDStore":
+        """Write the token-side arrays and their checksums, create empty teacher arrays (process 0).
+        `step_weight` float32 [N_tok] and `difficulty` float32 [N_seq] are optional (module doc)."""
         if meta.logprob_dtype not in _LOGPROB_DTYPES:
             raise StoreError(f"logprob_dtype={meta.logprob_dtype!r}; use one of {_LOGPROB_DTYPES}")
         store = cls(path, meta)
@@ -190,9 +199,21 @@ class KDStore:
         offsets = np.asarray(offsets, np.int64)
         store._create("offsets", "int64", [meta.num_sequences + 1], [max(meta.num_sequences + 1, 1)])[...] = offsets
         sums = {"offsets": [_crc(offsets)]}
-        for name, values in (("tokens", tokens), ("role", role), ("step", step)):
+        per_token = [("tokens", tokens), ("role", role), ("step", step)]
+        if step_weight is not None:
+            per_token.append(("step_weight", np.asarray(step_weight, np.float32)))
+        for name, values in per_token:
+            if len(values) != n:
+                raise StoreError(f"array {name!r} has {len(values)} rows; the store has {n} tokens")
             store._create(name, str(values.dtype), [n], [c])[...] = values
             sums[name] = [_crc(values[i:i + c]) for i in range(0, n, c)]
+        if difficulty is not None:
+            difficulty = np.asarray(difficulty, np.float32)
+            if len(difficulty) != meta.num_sequences:
+                raise StoreError(f"difficulty has {len(difficulty)} entries; the store has {meta.num_sequences} "
+                                 f"sequences")
+            store._create("difficulty", "float32", [meta.num_sequences], [max(meta.num_sequences, 1)])[...] = difficulty
+            sums["difficulty"] = [_crc(difficulty)]
         if k > 0:  # k = 0: a tokens-only store (hard-label training, no teacher)
             store._create("topk_ids", "int32", [n, k], [c, k], fill=-1)
             store._create("topk_logprobs", meta.logprob_dtype, [n, k], [c, k], fill=0)
@@ -255,6 +276,22 @@ class KDStore:
             self._offsets = offsets
         return self._offsets
 
+    def has(self, name: str) -> bool:
+        """Whether the store holds optional array `name` (step_weight, difficulty): listed in
+        checksums.json; a version-1 store has neither."""
+        return name in _OPTIONAL and self.verified and name in self._token_sums()
+
+    @property
+    def difficulty(self) -> np.ndarray | None:
+        """float32 [N_seq]: the stored curriculum difficulty (ascending = easiest), or None."""
+        if not self.has("difficulty"):
+            return None
+        values = self._read_whole("difficulty", 0, slice(None))
+        if _crc(values) != self._token_sums()["difficulty"][0]:
+            raise StoreError(f"store {self.path}: array 'difficulty' does not match its checksum (chunk file "
+                             f"missing or altered); rebuild the store (delete it, re-run precompute)")
+        return values
+
     # --- verification ----------------------------------------------------------------------
 
     def _token_sums(self) -> dict[str, list[int]]:
@@ -291,8 +328,8 @@ class KDStore:
         try:
             return self.array(name)[rows].read().result()
         except ValueError as e:  # TensorStore's decode errors (corrupt blosc, truncated file)
-            if name == "offsets":
-                raise StoreError(f"store {self.path}: array 'offsets' cannot be decoded ({str(e).splitlines()[0]}); "
+            if name in ("offsets", "difficulty"):  # per sequence: one chunk
+                raise StoreError(f"store {self.path}: array {name!r} cannot be decoded ({str(e).splitlines()[0]}); "
                                  f"rebuild the store (delete it, re-run precompute)") from None
             raise self._chunk_error(name, chunk, f"cannot be decoded ({str(e).splitlines()[0][:200]})") from None
 
@@ -324,16 +361,21 @@ class KDStore:
         return self.array(name)[start:end].read().result()
 
     def read(self, i: int) -> dict[str, np.ndarray]:
-        """Sequence i: tokens, role, step [n] and topk_ids, topk_logprobs [n, K], target-aligned, verified."""
+        """Sequence i: tokens, role, step, step_weight [n] and topk_ids, topk_logprobs [n, K],
+        target-aligned, verified (step_weight all 1 when the store has none)."""
         if not 0 <= i < len(self):
             raise IndexError(f"sequence {i} out of range [0, {len(self)})")
         start, end = int(self.offsets[i]), int(self.offsets[i + 1])
         names = _PER_TOKEN if self.meta.k > 0 else _PER_TOKEN[:3]
+        if self.has("step_weight"):
+            names = names + ("step_weight",)
         if self.verified and end > start:
             for name in names:
                 self._verify(name, start, end)
         futures = {name: self.array(name)[start:end].read() for name in names}
         out = {name: f.result() for name, f in futures.items()}
+        if "step_weight" not in out:
+            out["step_weight"] = np.ones(end - start, np.float32)
         if self.meta.k == 0:  # tokens only: empty teacher rows keep the batch layout the same
             out["topk_ids"] = np.zeros((end - start, 0), np.int32)
             out["topk_logprobs"] = np.zeros((end - start, 0), np.float32)

@@ -18,6 +18,13 @@ assistant turn's think block, or its `reasoning_content`) or `sharegpt` chats (f
 as Bespoke-Stratos and OpenThoughts ship them). The tags that mark the reasoning (and optionally
 the answer) in the traces are configurable (data.think_*, data.answer_*); the stored layout above
 always uses kd_jax's own `<think>` tags, so training and evaluation do not depend on the source.
+
+Two optional inputs of the objective also come from the traces. Per-step weights: a row's
+`data.step_weights_field` (one float >= 0 per reasoning step as data.step_separator splits it), or
+for rows without it `data.step_scorer` (module:function scoring each step's text), become the
+per-token `step_weight` (a reasoning token gets its step's weight; 1 elsewhere and by default).
+Curriculum difficulty: `data.curriculum_difficulty_field` (e.g. a generator's `pass_rate`) becomes
+one `difficulty` per trace, ascending = easiest first (1 - value when data.curriculum_easy=high).
 """
 
 from __future__ import annotations
@@ -26,7 +33,10 @@ import codecs
 import dataclasses
 import glob
 import hashlib
+import importlib
+import inspect
 import json
+import math
 import os
 
 import datasets
@@ -111,7 +121,37 @@ def tokenization_inputs(data_cfg: DataConfig, dataset: datasets.Dataset) -> dict
               "sharegpt": ("conversations_field",)}[data_cfg.format]
     keys = ("format", *fields, "think_open", "think_close", "answer_open", "answer_close", "step_separator",
             "seq_len", "overlong", "min_reasoning_tokens", "max_reasoning_tokens")
-    return {"traces": traces_fingerprint(data_cfg, dataset), **{f"data.{k}": getattr(data_cfg, k) for k in keys}}
+    inputs = {"traces": traces_fingerprint(data_cfg, dataset), **{f"data.{k}": getattr(data_cfg, k) for k in keys}}
+    # The per-step weights and difficulties, recorded only when used, so that stores built without
+    # them keep their identity: the traces' hash covers the values, these keys where they are read.
+    if data_cfg.step_weights_field and data_cfg.step_weights_field in dataset.column_names:
+        inputs["data.step_weights_field"] = data_cfg.step_weights_field
+    if data_cfg.step_scorer:
+        inputs["data.step_scorer"] = f"{data_cfg.step_scorer}@{_source_hash(step_scorer(data_cfg.step_scorer))}"
+    if data_cfg.curriculum_difficulty_field:
+        inputs["data.curriculum_difficulty_field"] = data_cfg.curriculum_difficulty_field
+        inputs["data.curriculum_easy"] = data_cfg.curriculum_easy
+    return inputs
+
+
+def step_scorer(spec: str):
+    """The function `module.path:function` of data.step_scorer."""
+    module, _, name = spec.partition(":")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise TraceError(f"data.step_scorer={spec!r}: cannot import {name!r} from {module!r} ({e}); use an "
+                         f"importable module.path:function, or null") from None
+
+
+def _source_hash(fn) -> str:
+    """12 hex digits of sha256 of a function's source (its name when the source is not available):
+    a changed scorer is a changed store input."""
+    try:
+        text = inspect.getsource(fn)
+    except (OSError, TypeError):
+        text = getattr(fn, "__qualname__", repr(fn))
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 def _first_line(e: BaseException) -> str:
@@ -191,6 +231,8 @@ def check_fields(dataset: datasets.Dataset, data_cfg: DataConfig) -> None:
         wanted = {"conversations_field": data_cfg.conversations_field}
     else:
         wanted = {"messages_field": data_cfg.messages_field}
+    if data_cfg.curriculum_difficulty_field:
+        wanted["curriculum_difficulty_field"] = data_cfg.curriculum_difficulty_field
     for key, field in wanted.items():
         if field not in dataset.column_names:
             raise TraceError(f"traces have no field {field!r} (format={data_cfg.format}); available columns: "
@@ -301,6 +343,8 @@ class Encoded:
     role: np.ndarray  # uint8: 0 prompt, 1 reasoning (tags included), 2 answer (EOS included)
     step: np.ndarray  # int32 reasoning step index; -1 outside the reasoning
     reasoning_span: tuple[int, int]  # [start, end) token indices of the reasoning text, tags excluded
+    step_weight: np.ndarray | None = None  # float32 [n]: the token's step weight (reasoning), 1 elsewhere; None = all 1
+    difficulty: float | None = None  # the curriculum's difficulty of the trace (data.curriculum_difficulty_field)
 
     @property
     def num_reasoning_tokens(self) -> int:
@@ -449,6 +493,89 @@ def encode_traces(dataset: datasets.Dataset, tokenizer, data_cfg: DataConfig) ->
                 report.overlong_dropped += 1
                 continue
             report.overlong_truncated += 1
+        weights = step_weights(row, index, reasoning, data_cfg)
+        if weights is not None:
+            example.step_weight = token_step_weights(example, weights)
+        if data_cfg.curriculum_difficulty_field:
+            example.difficulty = trace_difficulty(row, index, data_cfg)
         encoded.append(example)
     report.kept = len(encoded)
     return encoded, report
+
+
+def step_weights(row: dict, index: int, reasoning: str, data_cfg: DataConfig) -> np.ndarray | None:
+    """float64 [steps]: the row's weight of each reasoning step (split by data.step_separator), from
+    data.step_weights_field, else data.step_scorer; None when neither gives any (every step weighs 1)."""
+    steps = reasoning.split(data_cfg.step_separator) if data_cfg.step_separator else [reasoning]
+    field = data_cfg.step_weights_field
+    given = row.get(field) if field else None
+    if given is not None:
+        if not isinstance(given, (list, tuple)):
+            raise TraceError(f"trace row {index}: field {field!r} (data.step_weights_field) must be a list of "
+                             f"{len(steps)} numbers, one per reasoning step, got {str(given)[:100]!r}")
+        if len(given) != len(steps):
+            raise TraceError(f"trace row {index}: {len(steps)} reasoning steps (split by data.step_separator="
+                             f"{data_cfg.step_separator!r}) but {field!r} holds {len(given)} weights; give one "
+                             f"weight per step")
+        source = f"field {field!r}"
+    elif data_cfg.step_scorer:
+        scorer = step_scorer(data_cfg.step_scorer)
+        given = []
+        for k, text in enumerate(steps):
+            try:
+                given.append(scorer(text, k, row))
+            except Exception as e:  # the user's function: any failure names the trace and step
+                raise TraceError(f"trace row {index}: data.step_scorer={data_cfg.step_scorer!r} failed on step {k} "
+                                 f"({type(e).__name__}: {_first_line(e)})") from None
+        source = f"data.step_scorer={data_cfg.step_scorer!r}"
+    else:
+        return None
+    values = [_number(w) for w in given]
+    bad = [w for w, v in zip(given, values) if v is None or v < 0]
+    if bad:
+        raise TraceError(f"trace row {index}: step weights from {source} must be finite numbers >= 0, got "
+                         f"{bad[0]!r}")
+    return np.asarray(values, np.float64)
+
+
+def _number(value) -> float | None:
+    """A finite real number as a float (numpy scalars included); None for anything else."""
+    if value is None or isinstance(value, (bool, str, bytes)):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def token_step_weights(example: Encoded, weights: np.ndarray) -> np.ndarray:
+    """float32 [n]: each reasoning token's step weight (tags included, after any truncation), 1 on
+    prompt and answer tokens (the answer's weight is loss.answer_weight)."""
+    out = np.ones(len(example), np.float32)
+    reasoning = example.role == Role.REASONING
+    out[reasoning] = weights[example.step[reasoning]]
+    return out
+
+
+def trace_difficulty(row: dict, index: int, data_cfg: DataConfig) -> float:
+    """The trace's curriculum difficulty, ascending = easier first: the field's value, or 1 - value
+    when data.curriculum_easy=high (a pass rate of 0.9 is easier than one of 0.2)."""
+    field = data_cfg.curriculum_difficulty_field
+    value = _number(row.get(field))
+    if value is None:
+        raise TraceError(f"trace row {index}: field {field!r} (data.curriculum_difficulty_field) must be a finite "
+                         f"number, got {row.get(field)!r}")
+    return 1.0 - value if data_cfg.curriculum_easy == "high" else value
+
+
+def stored_extras(encoded: list[Encoded]) -> dict[str, np.ndarray]:
+    """The store's optional arrays for these traces: `step_weight` float32 [N_tok] when a trace has
+    step weights, `difficulty` float32 [N_seq] when they have difficulties (KDStore.create)."""
+    out = {}
+    if any(e.step_weight is not None for e in encoded):
+        out["step_weight"] = np.concatenate([np.ones(len(e), np.float32) if e.step_weight is None
+                                             else e.step_weight for e in encoded])
+    if encoded and encoded[0].difficulty is not None:
+        out["difficulty"] = np.asarray([e.difficulty for e in encoded], np.float32)
+    return out
