@@ -4,7 +4,9 @@ Process 0 tokenizes the traces into the store (once: a store that exists is reus
 made from the same inputs); then every process runs the teacher over its own chunks of the store
 (`kd_jax.core.teacher.precompute`). With data.top_k=0 the store holds tokens only (no teacher is run):
 for hard-label training, e.g. of a teacher. Re-running the same command resumes: only chunks
-without a completion mark are computed. `--dry-run` sizes the teacher pass instead.
+without a completion mark are computed. `--dry-run` sizes the teacher pass instead. With
+precompute.import_logprobs the teacher rows come from a served teacher's prompt log-probs
+(launch/vllm_prompt_logprobs.py) and no teacher runs here.
 """
 
 from __future__ import annotations

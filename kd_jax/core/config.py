@@ -204,6 +204,7 @@ class PrecomputeConfig:
     chunk_tokens: int = 65536  # store chunk length on the token axis: the unit of writing and of resuming
     window_chunks: int = 8  # chunks computed and written together; host memory ~ window * chunk * 6 * top_k bytes
     logprob_dtype: str = "float16"  # stored teacher log-prob dtype: float16 or bfloat16
+    import_logprobs: str | None = None  # a served teacher's prompt log-probs (JSONL/Parquet file or folder, launch/vllm_prompt_logprobs.py) instead of running the teacher; null = run it
 
     def __post_init__(self):
         _check_choice("logprob_dtype", self.logprob_dtype, ("float16", "bfloat16"))

@@ -382,6 +382,13 @@ def report(cfg: Config, entry: str, *, compile: bool = True, out=sys.stdout) -> 
             if teacher_cfg.vocab_size < model_cfg.vocab_size:  # as kd_jax.core.loop.check_online_teacher
                 raise DryRunError(f"the online teacher has {teacher_cfg.vocab_size} output rows, fewer than the "
                                   f"student's {model_cfg.vocab_size}: pick a pair of one tokenizer family")
+    elif cfg.precompute.import_logprobs:  # kd_jax.core.teacher.precompute: a served teacher's log-probs, read
+        p(f"dry run of kd_jax.precompute: precompute.import_logprobs={cfg.precompute.import_logprobs!r}, so precompute "
+          f"reads a served teacher's top-{cfg.data.top_k} from that file into the store (no teacher pass, nothing on "
+          f"the devices to size)")
+        summary = dict(entry=entry, imported=True, fits=True, seconds=round(time.perf_counter() - t0, 2))
+        p("dry-run summary: " + json.dumps(summary))
+        return summary
     elif cfg.data.top_k == 0:  # kd_jax.core.teacher.precompute: a tokens-only store, no teacher runs
         p("dry run of kd_jax.precompute: data.top_k=0, so precompute only tokenizes the traces into a tokens-only "
           "store (no teacher pass, nothing on the devices to size)")

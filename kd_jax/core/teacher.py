@@ -8,6 +8,9 @@ the rows falling inside those chunks are assembled on the host, each chunk is wr
 then marked complete. A sequence that crosses a window edge runs twice (once per window); that is
 the price of bounded host memory and chunk-exact resumption. Killed at any moment, the same command
 recomputes only chunks without a completion mark, and the result is identical.
+
+With `precompute.import_logprobs` no teacher runs: `run_import` fills the same windows of chunks
+from a served teacher's prompt log-probs (vLLM's, `kd_jax.data.served`), each process its own.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from flax import nnx
 from kd_jax.core import distributed, sharding
 from kd_jax.core.config import Config, save_config
 from kd_jax.core.progress import bar as progress_bar
+from kd_jax.data import served
+from kd_jax.data.served import ServedLogprobs, ServedLogprobsError
 from kd_jax.data.store import (
     KDStore,
     StoreError,
@@ -89,34 +94,64 @@ def _batches(lengths: np.ndarray, order: np.ndarray, bucket: int, batch_tokens: 
             yield int(length), ids[i:i + rows], rows
 
 
-def run_teacher(store: KDStore, model, mesh, pre_cfg, *, process: int = 0, processes: int = 1,
-                show_progress: bool = True) -> Progress:
-    """Fill this process's unfinished chunks of `store` with the teacher's top-K rows."""
+def _windows(store: KDStore, process: int, processes: int, window_chunks: int):
+    """This process's unfinished chunks in windows of `window_chunks`: (chunks, lo, hi, in_window,
+    seqs, first, last) with [lo, hi) the window's token range, in_window [hi - lo] its tokens in
+    those chunks and seqs the sequences (first <= s < last) that have a token in one of them."""
     meta, offsets = store.meta, store.offsets
-    C, K = meta.chunk_tokens, meta.k
-    batch_sharding = sharding.batch_sharding(mesh, 2)
-    multiple = sharding.logical_size(mesh, "batch")
-    mine = process_chunks(meta.num_chunks, process, processes)
+    C = meta.chunk_tokens
     done = store.done_chunks()
-    todo = [c for c in mine if not done[c]]
-    progress = Progress()
-    bar = progress_bar(total=sum(min((c + 1) * C, meta.num_tokens) - c * C for c in todo), unit="tok",
-                       disable=not show_progress, desc=f"teacher top-{K}")
-    t0 = time.perf_counter()
-    lengths = np.diff(offsets)
-    for w in range(0, len(todo), pre_cfg.window_chunks):
-        window = todo[w:w + pre_cfg.window_chunks]
+    todo = [c for c in process_chunks(meta.num_chunks, process, processes) if not done[c]]
+    for w in range(0, len(todo), window_chunks):
+        window = todo[w:w + window_chunks]
         lo, hi = window[0] * C, min((window[-1] + 1) * C, meta.num_tokens)
         in_window = np.zeros(hi - lo, bool)
         for c in window:
             in_window[c * C - lo:min((c + 1) * C, meta.num_tokens) - lo] = True
-        ids_buf = np.full((hi - lo, K), -1, np.int32)
-        lp_buf = np.zeros((hi - lo, K), np.float32)
         # sequences overlapping [lo, hi), then those touching an unfinished chunk of the window
-        first = np.searchsorted(offsets, lo, side="right") - 1
-        last = np.searchsorted(offsets, hi, side="left")
+        first = int(np.searchsorted(offsets, lo, side="right")) - 1
+        last = int(np.searchsorted(offsets, hi, side="left"))
         seqs = [s for s in range(first, last)
                 if in_window[max(offsets[s], lo) - lo:min(offsets[s + 1], hi) - lo].any()]
+        yield window, lo, hi, in_window, seqs, first, last
+
+
+def _todo_tokens(store: KDStore, process: int, processes: int) -> int:
+    C, done = store.meta.chunk_tokens, store.done_chunks()
+    return sum(min((c + 1) * C, store.meta.num_tokens) - c * C
+               for c in process_chunks(store.meta.num_chunks, process, processes) if not done[c])
+
+
+def _place(buf: np.ndarray, rows: np.ndarray, start: int, lo: int, hi: int) -> None:
+    """Copy a sequence's rows (it begins at token `start`) into the window buffer of tokens [lo, hi)."""
+    a, b = max(start, lo), min(start + len(rows), hi)
+    buf[a - lo:b - lo] = rows[a - start:b - start]
+
+
+def _write_window(store: KDStore, window, lo: int, ids_buf, lp_buf, progress: "Progress", bar) -> None:
+    C, meta = store.meta.chunk_tokens, store.meta
+    for c in window:
+        a, b = c * C, min((c + 1) * C, meta.num_tokens)
+        store.write_chunk(c, ids_buf[a - lo:b - lo], lp_buf[a - lo:b - lo].astype(_np_dtype(meta.logprob_dtype)))
+        progress.chunks += 1
+        bar.update(b - a)
+
+
+def run_teacher(store: KDStore, model, mesh, pre_cfg, *, process: int = 0, processes: int = 1,
+                show_progress: bool = True) -> Progress:
+    """Fill this process's unfinished chunks of `store` with the teacher's top-K rows."""
+    meta, offsets = store.meta, store.offsets
+    K = meta.k
+    batch_sharding = sharding.batch_sharding(mesh, 2)
+    multiple = sharding.logical_size(mesh, "batch")
+    progress = Progress()
+    bar = progress_bar(total=_todo_tokens(store, process, processes), unit="tok", disable=not show_progress,
+                       desc=f"teacher top-{K}")
+    t0 = time.perf_counter()
+    lengths = np.diff(offsets)
+    for window, lo, hi, _, seqs, first, last in _windows(store, process, processes, pre_cfg.window_chunks):
+        ids_buf = np.full((hi - lo, K), -1, np.int32)
+        lp_buf = np.zeros((hi - lo, K), np.float32)
         order = np.array(sorted(seqs, key=lambda s: (lengths[s], s)), dtype=np.int64)
         base = int(offsets[first])  # one read of every token the window's sequences hold
         window_tokens = store.read_range("tokens", base, int(offsets[last]))
@@ -131,19 +166,56 @@ def run_teacher(store: KDStore, model, mesh, pre_cfg, *, process: int = 0, proce
             for r, s in enumerate(batch):
                 start, n = int(offsets[s]), int(lengths[s])
                 # target alignment: the prediction made at position t is token t+1's row
-                seq_ids = np.concatenate([np.full((1, K), -1, np.int32), ids[r, :n - 1]])
-                seq_lps = np.concatenate([np.zeros((1, K), np.float32), lps[r, :n - 1]])
-                a, b = max(start, lo), min(start + n, hi)
-                ids_buf[a - lo:b - lo] = seq_ids[a - start:b - start]
-                lp_buf[a - lo:b - lo] = seq_lps[a - start:b - start]
+                _place(ids_buf, np.concatenate([np.full((1, K), -1, np.int32), ids[r, :n - 1]]), start, lo, hi)
+                _place(lp_buf, np.concatenate([np.zeros((1, K), np.float32), lps[r, :n - 1]]), start, lo, hi)
                 progress.tokens += n
-        for c in window:
-            a, b = c * C, min((c + 1) * C, meta.num_tokens)
-            store.write_chunk(c, ids_buf[a - lo:b - lo], lp_buf[a - lo:b - lo].astype(_np_dtype(meta.logprob_dtype)))
-            progress.chunks += 1
-            bar.update(b - a)
+        _write_window(store, window, lo, ids_buf, lp_buf, progress, bar)
         bar.set_postfix(tok_s=f"{progress.tokens / (time.perf_counter() - t0):.0f}")
     bar.close()
+    progress.seconds = time.perf_counter() - t0
+    return progress
+
+
+def run_import(store: KDStore, source: ServedLogprobs, tokenizer, pre_cfg, *, process: int = 0,
+               processes: int = 1, show_progress: bool = True) -> Progress:
+    """Fill this process's unfinished chunks of `store` from a served teacher's prompt log-probs
+    (`kd_jax.data.served`): the same windows, rows and completion marks as `run_teacher`. Every
+    sequence's served token ids are checked against the store's first."""
+    meta, offsets = store.meta, store.offsets
+    if source.num_rows != meta.num_sequences:
+        raise ServedLogprobsError(
+            f"precompute.import_logprobs={source.source!r} holds {source.num_rows} rows, the traces give "
+            f"{meta.num_sequences} sequences (after the data.* filters): write it again from this config "
+            f"(launch/vllm_prompt_logprobs.py --config ...), one row per sequence")
+    K = meta.k
+    progress = Progress()
+    bar = progress_bar(total=_todo_tokens(store, process, processes), unit="tok", disable=not show_progress,
+                       desc=f"import top-{K}")
+    t0, short = time.perf_counter(), 0
+    for window, lo, hi, in_window, seqs, first, last in _windows(store, process, processes, pre_cfg.window_chunks):
+        ids_buf = np.full((hi - lo, K), -1, np.int32)
+        lp_buf = np.zeros((hi - lo, K), np.float32)
+        inexact_buf = np.zeros(hi - lo, bool)
+        base = int(offsets[first])
+        window_tokens = store.read_range("tokens", base, int(offsets[last]))
+        for s in seqs:
+            start, end = int(offsets[s]), int(offsets[s + 1])
+            row, where = source.row(s)
+            served.check_row(row, where, s, window_tokens[start - base:end - base], tokenizer)
+            ids, lps, inexact = served.topk_rows(row["prompt_logprobs"], K, meta.vocab_size, where)
+            _place(ids_buf, ids, start, lo, hi)
+            _place(lp_buf, lps, start, lo, hi)
+            _place(inexact_buf, inexact, start, lo, hi)
+            progress.tokens += end - start
+        short += int(inexact_buf[in_window].sum())  # each position once, in the chunk written
+        _write_window(store, window, lo, ids_buf, lp_buf, progress, bar)
+        bar.set_postfix(tok_s=f"{progress.tokens / (time.perf_counter() - t0):.0f}")
+    bar.close()
+    if short:
+        log.warning("%d positions had fewer than %d ids below the store's vocab size %d among the server's top ones "
+                    "(a padded teacher vocabulary's ids ranked high and were dropped): those rows keep what was served "
+                    "(the actual token, then id -1, which the loss ignores); ask the server for more per position "
+                    "(launch/vllm_prompt_logprobs.py --extra N) for exact rows", short, K, meta.vocab_size)
     progress.seconds = time.perf_counter() - t0
     return progress
 
@@ -175,12 +247,25 @@ def stored_vocab_size(cfg: Config, teacher_vocab: int, tokenizer) -> int:
 
 def store_identity(cfg: Config, tokenizer, dataset) -> dict:
     """The StoreMeta fields that say what a store is built from: tokenizer, teacher, K, log-prob
-    dtype and the tokenization inputs (traces content hash, data.* settings)."""
+    dtype and the tokenization inputs (traces content hash, data.* settings). An imported teacher
+    (precompute.import_logprobs) is `imported:<file>`, its revision the sha256 of the file's bytes."""
+    teacher, revision = (cfg.teacher.hf_path or "random") if cfg.data.top_k else "none", cfg.teacher.revision
+    if cfg.data.top_k and cfg.precompute.import_logprobs:
+        source = cfg.precompute.import_logprobs
+        teacher, revision = f"imported:{source}", f"sha256:{served.fingerprint(source)}"
     return dict(tokenizer=tokenizer.name_or_path, chat_template_hash=template_hash(tokenizer),
-                tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
-                teacher=(cfg.teacher.hf_path or "random") if cfg.data.top_k else "none",
-                teacher_revision=cfg.teacher.revision, k=cfg.data.top_k, logprob_dtype=cfg.precompute.logprob_dtype,
+                tokenizer_fingerprint=tokenizer_fingerprint(tokenizer), teacher=teacher, teacher_revision=revision,
+                k=cfg.data.top_k, logprob_dtype=cfg.precompute.logprob_dtype,
                 inputs=tokenization_inputs(cfg.data, dataset))
+
+
+def imported_teacher_vocab(cfg: Config, tokenizer) -> int:
+    """An imported teacher's output rows: teacher.hf_path's config.json vocab_size when the config
+    names it (its config and tokenizer files only are fetched, never weights), else the tokenizer's length."""
+    if cfg.teacher.hf_path:
+        folder = resolve_path(cfg.teacher.hf_path, cfg.teacher.revision, weights=False)
+        return int(read_hf_config(folder).get("vocab_size") or len(tokenizer))
+    return len(tokenizer)
 
 
 def tokenize_to_store(cfg: Config, tokenizer, teacher_vocab: int) -> KDStore:
@@ -227,9 +312,14 @@ def precompute(cfg: Config, *, show_progress: bool = True) -> dict:
         raise StoreError("data.store is not set: the folder or kvstore URL to write the KD store to")
     process, processes = jax.process_index(), jax.process_count()
     tokenizer = load_tokenizer(cfg.tokenizer)
+    if cfg.data.top_k == 0 and cfg.precompute.import_logprobs:
+        raise StoreError(f"precompute.import_logprobs={cfg.precompute.import_logprobs!r} with data.top_k=0: a "
+                         f"tokens-only store has no teacher rows to import; set data.top_k to the K to keep")
     if cfg.data.top_k == 0:  # a tokens-only store: no teacher to run (hard-label training)
         distributed.on_process_0(lambda: _create_or_resume(cfg, tokenizer, len(tokenizer), show=True))
         return KDStore.open(cfg.data.store).describe() if process == 0 else {}
+    if cfg.precompute.import_logprobs:  # a served teacher's log-probs: no teacher runs here
+        return _import(cfg, tokenizer, show_progress=show_progress)
     mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=jax.local_devices())
     teacher = build_model(cfg.teacher, mesh=mesh, seed=cfg.run.seed)
     distributed.on_process_0(lambda: _create_or_resume(cfg, tokenizer, teacher.cfg.vocab_size))
@@ -247,6 +337,25 @@ def precompute(cfg: Config, *, show_progress: bool = True) -> dict:
     distributed.barrier("kd_store_written")
     summary = {"teacher_tokens_per_s": progress.tokens / max(progress.seconds, 1e-9)}
     if process == 0:  # one process stats the files; the others' share is in the same store
+        summary = {**store.describe(), **summary}
+        print(json.dumps(summary, indent=2), flush=True)
+    return summary
+
+
+def _import(cfg: Config, tokenizer, *, show_progress: bool) -> dict:
+    """precompute with precompute.import_logprobs: the store's teacher rows from a served teacher's
+    prompt log-probs (kd_jax.data.served), each process its own chunks, as with the teacher."""
+    process, processes = jax.process_index(), jax.process_count()
+    source = ServedLogprobs(cfg.precompute.import_logprobs)
+    teacher_vocab = imported_teacher_vocab(cfg, tokenizer)
+    distributed.on_process_0(lambda: _create_or_resume(cfg, tokenizer, teacher_vocab))
+    store = KDStore.open(cfg.data.store)
+    store.check(k=cfg.data.top_k, tokenizer=tokenizer, allow_incomplete=True)
+    progress = run_import(store, source, tokenizer, cfg.precompute, process=process, processes=processes,
+                          show_progress=show_progress and process == 0)
+    distributed.barrier("kd_store_written")
+    summary = {"imported_tokens_per_s": progress.tokens / max(progress.seconds, 1e-9)}
+    if process == 0:
         summary = {**store.describe(), **summary}
         print(json.dumps(summary, indent=2), flush=True)
     return summary

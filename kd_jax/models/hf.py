@@ -308,16 +308,17 @@ def _flat_params(state: nnx.State) -> dict[str, Any]:
 # load / save
 
 
-def resolve_path(path: str, revision: str | None = None) -> str:
-    """A local folder as is; anything else is a hub id fetched with huggingface_hub."""
+def resolve_path(path: str, revision: str | None = None, *, weights: bool = True) -> str:
+    """A local folder as is; anything else is a hub id fetched with huggingface_hub (without its
+    *.safetensors when `weights` is False: config and tokenizer files only)."""
     if os.path.isdir(path):
         return path
     if os.path.exists(path):
         raise HFFormatError(f"{path} is a file; pass the folder that holds config.json and *.safetensors")
     from huggingface_hub import snapshot_download
+    patterns = ["*.json", "tokenizer*", "*.model", "*.txt", "*.jinja"] + (["*.safetensors"] if weights else [])
     try:
-        return snapshot_download(repo_id=path, revision=revision, allow_patterns=[
-            "*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"])
+        return snapshot_download(repo_id=path, revision=revision, allow_patterns=patterns)
     except Exception as e:  # noqa: BLE001 - report every hub failure the same way
         reason = " ".join(str(e).split())  # hub errors span lines; the message is one
         raise HFFormatError(f"{path!r} is not a local folder and could not be fetched from the Hugging Face "
@@ -327,7 +328,7 @@ def resolve_path(path: str, revision: str | None = None) -> str:
 def load_tokenizer(path: str, revision: str | None = None):
     """transformers' AutoTokenizer from a local folder or hub id (`Config.tokenizer`)."""
     import transformers
-    return transformers.AutoTokenizer.from_pretrained(resolve_path(path, revision))
+    return transformers.AutoTokenizer.from_pretrained(resolve_path(path, revision, weights=False))
 
 
 def read_hf_config(folder: str) -> dict[str, Any]:
