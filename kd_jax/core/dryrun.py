@@ -507,24 +507,34 @@ def with_seq_len(cfg: Config, seq_len: int) -> Config:
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, seq_len=seq_len))
 
 
+def _doublings(step: int, cap: int) -> list[int]:
+    """step, 2 step, 4 step, ... below cap, then cap."""
+    out = [step]
+    while out[-1] < cap:
+        out.append(min(2 * out[-1], cap))
+    return out
+
+
 def longest_seq_len(cfg: Config, t: Target, limit: int, step: int = 128) -> tuple[int | None, int]:
     """(the longest data.seq_len, a multiple of `step`, whose analytic estimate fits `limit` bytes
-    per device, or None when not even `step` tokens fit; the search's cap: the models' smallest
+    per device, or None when none does; the search's cap: the models' smallest
     max_position_embeddings, rounded down to `step`). Everything else in `cfg` stays: in training
     the rows per device per micro-batch (train.global_batch_size, train.grad_accum), in precompute
-    precompute.batch_tokens (rows = batch_tokens // length, at least one per device). Doubling
-    from `step`, then bisection: the estimate grows with the length."""
+    precompute.batch_tokens (rows = batch_tokens // length, at least one per device, so short
+    lengths mean many rows: there the estimate first falls with the length, then grows). Doubling
+    from `step` to the first length that fits and on to the first that does not, then bisection."""
     models = [t.model_cfg] + ([t.teacher_cfg] if t.teacher_cfg is not None else [])
     cap = max(step, min(m.max_position_embeddings for m in models) // step * step)
     fits = lambda n: analytic_total(estimate(with_seq_len(cfg, n), t)) <= limit  # noqa: E731
-    if not fits(step):
+    probes = _doublings(step, cap)
+    ok = [fits(n) for n in probes]
+    if not any(ok):
         return None, cap
-    good, bad = step, None
-    while bad is None and good < cap:
-        probe = min(2 * good, cap)
-        good, bad = (probe, None) if fits(probe) else (good, probe)
-    if bad is None:
-        return good, cap
+    first = ok.index(True)
+    after = next((i for i in range(first + 1, len(probes)) if not ok[i]), None)
+    if after is None:
+        return cap, cap
+    good, bad = probes[after - 1], probes[after]
     while bad - good > step:
         mid = (good + bad) // 2 // step * step
         good, bad = (mid, bad) if fits(mid) else (good, mid)
@@ -633,12 +643,12 @@ def max_seq_len_report(cfg: Config, entry: str, *, compile: bool = True, out=sys
     best, cap = longest_seq_len(cfg, t, limit)
     kept = ("rows per device per micro-batch kept (train.global_batch_size, train.grad_accum)" if entry == "train"
             else "precompute.batch_tokens kept (rows = batch_tokens // length, at least 1 per device)")
-    how = (f"searched multiples of 128 up to {cap} (the model's max_position_embeddings) by the analytic "
+    how = (f"searched multiples of 128 up to {cap} (max_position_embeddings) by the analytic "
            f"estimate, {kept}, in {time.perf_counter() - t0:.1f} s")
     if best is None:
-        need = analytic_total(estimate(with_seq_len(cfg, 128), t))
-        p(f"no data.seq_len fits: 128 tokens already need {need / GiB:.2f} GiB per device of {limit / GiB:.2f} "
-          f"({source}); {how}")
+        need, at = min((analytic_total(estimate(with_seq_len(cfg, n), t)), n) for n in _doublings(128, cap))
+        p(f"no data.seq_len fits: the least any tried length needs is {need / GiB:.2f} GiB per device ({at} "
+          f"tokens) of {limit / GiB:.2f} ({source}); {how}")
         summary = dict(entry=entry, max_seq_len=None, fits=False)
         p("dry-run summary: " + json.dumps(summary))
         return summary
