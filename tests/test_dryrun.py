@@ -99,7 +99,7 @@ def _longest(module: str, config: str, devices: int) -> int | None:
     if out.get("tokens_only"):
         return None
     line = next(x for x in out["_stdout"].splitlines() if x.startswith("longest data.seq_len that fits: "))
-    assert out["max_seq_len"] == out["seq_len"] == int(line.split()[5]) and out["fits"] is True
+    assert out["max_seq_len"] == out["seq_len"] == int(line.split()[4]) and out["fits"] is True
     return out["max_seq_len"]
 
 

@@ -87,7 +87,8 @@ class MeshConfig:
     platform: str | None = None  # "tpu", "gpu" or "cpu": the devices --dry-run sizes for (resolves attention "auto"); None = this machine's
 
     def __post_init__(self):
-        sizes = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name in ("data", "fsdp", "tensor")}
+        sizes = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                 if f.name not in ("device_memory_gib", "platform")}
         for axis, size in sizes.items():
             _check(size == -1 or size >= 1, f"{axis}={size} must be a device count >= 1 or -1 (the remaining devices)")
         # Only one axis can absorb "the rest", otherwise the split is ambiguous.
