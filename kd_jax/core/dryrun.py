@@ -7,14 +7,20 @@ activations under the remat policy and the fused loss's [chunk, vocab] temporari
 
 - analytic, always: from the model's shapes, the sharding rules table and the mesh the config
   resolves to (a -1 axis takes this machine's devices; fake a slice on CPU with
-  XLA_FLAGS=--xla_force_host_platform_device_count=N). Attention is the XLA path of
-  `jax.nn.dot_product_attention`, which materializes [rows, heads, T, T] fp32 scores per layer.
-  With `teacher.mode: online` the teacher's rows are added: its parameters (param dtype, sharded
-  like the student's), its gathered weights, its forward activations (no backward: one layer live),
-  its half of the online loss's [chunk, vocab] temporaries and, with `loss.hidden`, both models'
-  collected layer outputs, the alignment's fp32 terms and the projections' train state.
+  XLA_FLAGS=--xla_force_host_platform_device_count=N). Attention by implementation
+  (`attention_bytes`): "auto" is resolved for mesh.platform (tpu: splash, gpu: cudnn, cpu: xla;
+  unset: this machine's backend), so a CPU sizes an accelerator's kernels; xla holds [rows, heads,
+  T, T] fp32 scores per layer, the flash implementations O(T). With `teacher.mode: online` the
+  teacher's rows are added: its parameters (param dtype, sharded like the student's), its
+  gathered weights, its forward activations (no backward: one layer live), its half of the online
+  loss's [chunk, vocab] temporaries and, with `loss.hidden`, both models' collected layer outputs,
+  the alignment's fp32 terms and the projections' train state.
 - compiled, when the mesh fits this machine's devices (and not --no-compile): the real jitted step
   lowered on abstract arrays and compiled ahead of time; XLA's `memory_analysis()` per device.
+  Splash off a TPU and cuDNN off a GPU cannot compile here: blockwise stands in (and it says so).
+
+`--max-seq-len` (`max_seq_len_report`): the longest data.seq_len, a multiple of 128, that fits by
+the analytic estimate (rows per device kept), then the table at that length.
 
 Models: `hf_path` is read when it is a local folder or already in the Hugging Face cache;
 otherwise the section's `architecture` (the model's config.json values) stands in, which is how the
