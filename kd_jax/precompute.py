@@ -4,7 +4,8 @@ Process 0 tokenizes the traces into the store (once: a store that exists is reus
 made from the same inputs); then every process runs the teacher over its own chunks of the store
 (`kd_jax.core.teacher.precompute`). With data.top_k=0 the store holds tokens only (no teacher is run):
 for hard-label training, e.g. of a teacher. Re-running the same command resumes: only chunks
-without a completion mark are computed. `--dry-run` sizes the teacher pass instead. With
+without a completion mark are computed. `--dry-run` sizes the teacher pass instead;
+`--max-seq-len` finds the longest data.seq_len whose teacher pass fits. With
 precompute.import_logprobs the teacher rows come from a served teacher's prompt log-probs
 (launch/vllm_prompt_logprobs.py) and no teacher runs here.
 """
@@ -22,7 +23,7 @@ def main(argv=None) -> None:
                                dry_run=True)
     with reported(flags.debug):
         if flags.dry_run:  # size the run on abstract arrays, check it fits, exit
-            return dryrun.main(cfg, "precompute", compile=not flags.no_compile)
+            return dryrun.main(cfg, "precompute", compile=not flags.no_compile, max_seq_len=flags.max_seq_len)
         distributed.maybe_initialize()
         precompute(cfg)
 

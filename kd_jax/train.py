@@ -2,7 +2,7 @@
 
 Run again with the same command, it resumes from the newest complete checkpoint, data order
 included; SIGTERM saves at the current step and exits 0. `--dry-run` sizes the run instead
-(kd_jax/core/dryrun.py). The loop is kd_jax/core/loop.py.
+(kd_jax/core/dryrun.py); `--max-seq-len` finds the longest data.seq_len that fits. The loop is kd_jax/core/loop.py.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ def main(argv=None) -> None:
     cfg, flags = parse_command(argv, description="Distill a student from a KD store", dry_run=True)
     with reported(flags.debug):
         if flags.dry_run:  # size the run on abstract arrays, check it fits, exit
-            return dryrun.main(cfg, "train", compile=not flags.no_compile)
+            return dryrun.main(cfg, "train", compile=not flags.no_compile, max_seq_len=flags.max_seq_len)
         distributed.maybe_initialize()
         train(cfg)
 

@@ -314,6 +314,9 @@ def test_cudnn_refuses_decode():
 def test_resolve_and_errors():
     assert attn.IMPLEMENTATIONS == ("auto", "xla", "blockwise", "splash", "cudnn")
     assert attn.resolve("auto") == "xla"  # the tests run on CPU
+    # for another machine's devices (the dry run's mesh.platform)
+    assert [attn.resolve("auto", p) for p in ("tpu", "gpu", "cpu")] == ["splash", "cudnn", "xla"]
+    assert attn.resolve("blockwise", "tpu") == "blockwise"
     assert [attn.resolve(i) for i in attn.IMPLEMENTATIONS[1:]] == list(attn.IMPLEMENTATIONS[1:])
     with pytest.raises(ValueError, match="choose one of"):
         attn.resolve("flash")

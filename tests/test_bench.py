@@ -123,6 +123,16 @@ def test_precompute_bench(tmp_path):
         assert v["forward_flops_per_token"] == flops.forward_flops_per_token(config_from_hf(PRESETS["tiny"]), 32)
 
 
+def test_memory_bench(tmp_path):
+    """Compiled memory per attention implementation and length: XLA's numbers beside the analytic
+    estimate; growth from the second length on."""
+    result = _run(tmp_path, "memory", "--preset", "tiny", "--seq-lens", "64,128", "--attention", "blockwise")
+    rows = result["rows"]
+    assert [(r["attention"], r["seq_len"]) for r in rows] == [("blockwise", 64), ("blockwise", 128)]
+    assert all(r["temp_bytes"] > 0 and r["analytic_bytes"] > 0 for r in rows)
+    assert rows[0]["temp_growth_bytes_per_1k_tokens"] is None and rows[1]["temp_growth_bytes_per_1k_tokens"] > 0
+
+
 def test_input_bench(tmp_path):
     result = _run(tmp_path, "input", "--synthetic", "24", "--seq-len", "128", "--batch", "2", "--batches", "3",
                   "--warmup", "1", "--topk", "4", "--vocab", "512")

@@ -1,15 +1,24 @@
 """`--dry-run`: every recipe sizes offline on a fake mesh of its own device count (analytic path),
 with parameter counts of the real models (the online-teacher recipes count the teacher in the
-train step); a tiny config compiles ahead of time on 8 CPU devices, offline and with an online
-teacher plus hidden-alignment projections."""
+train step), attention resolved for the recipe's mesh.platform, and the longest data.seq_len its
+header states (`--max-seq-len`); a tiny config compiles ahead of time on 8 CPU devices, offline and
+with an online teacher plus hidden-alignment projections; the analytic attention memory of xla and
+blockwise against XLA's compiled numbers; the `--max-seq-len` search on a tiny config."""
 
+import dataclasses
 import glob
+import io
 import json
 import os
+import re
 import subprocess
 import sys
 
+import jax
 import pytest
+
+from kd_jax.core import dryrun, sharding
+from kd_jax.core.config import load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPES = os.path.join(ROOT, "configs", "recipes")
@@ -19,6 +28,8 @@ RECIPES = os.path.join(ROOT, "configs", "recipes")
 EXPECTED = {
     "r1_qwen7b_to_qwen2.5_1.5b_v5e32.yaml": (32, 4, 1.54e9, 7.62e9),
     "r1_qwen7b_to_qwen2.5_1.5b_8xh100.yaml": (8, 8, 1.54e9, 7.62e9),
+    "r1_qwen7b_to_qwen2.5_1.5b_v5e32_32k.yaml": (32, 4, 1.54e9, 7.62e9),
+    "r1_qwen7b_to_qwen2.5_1.5b_8xh100_32k.yaml": (8, 8, 1.54e9, 7.62e9),
     "qwen3_8b_to_qwen3_0.6b_8xh100.yaml": (8, 8, 0.60e9, 8.19e9),
     "llama3.1_8b_to_llama3.2_1b_8xh100.yaml": (8, 8, 1.24e9, 8.03e9),
     "r1_qwen7b_to_qwen2.5_1.5b_v5e32_online.yaml": (32, 4, 1.54e9, 7.62e9),
@@ -30,6 +41,9 @@ ONLINE = {"r1_qwen7b_to_qwen2.5_1.5b_v5e32_online.yaml": (0, None),
           "r1_qwen7b_to_qwen2.5_1.5b_8xh100_online.yaml": (0, None),
           "r1_qwen7b_to_qwen2.5_1.5b_8xh100_online_hidden.yaml": (28, [28, 1536, 3584])}
 NON_EMBEDDING = {"qwen3_8b_to_qwen3_0.6b_8xh100.yaml": 0.44e9}
+KERNEL = {"gpu": "cudnn", "tpu": "splash"}  # what attention auto is on the recipe's mesh.platform
+# "# longest data.seq_len that fits (--max-seq-len): train N, precompute M" (or "precompute n/a")
+LONGEST = re.compile(r"longest data\.seq_len that fits \(--max-seq-len\): train (\d+), precompute (\d+|n/a)")
 
 
 def _dry_run(module: str, config: str, devices: int, *args: str) -> dict:
@@ -64,6 +78,9 @@ def test_recipe_dry_run(recipe):
     assert a["total"] == sum(v for k, v in a.items() if k != "total")
     assert s["fits"] is True and a["total"] <= s["device_memory"]
     assert "config from student.architecture" in s["_stdout"]  # no network: the recipe's architecture
+    assert s["attention"] == {"student": KERNEL[s["platform"]]} | (
+        {"teacher": KERNEL[s["platform"]]} if recipe in ONLINE else {})
+    _check_longest(recipe, config, devices, local, s["seq_len"])
     if recipe in ONLINE:
         _check_online_teacher(s, teacher, *ONLINE[recipe])
         p = _dry_run("kd_jax.precompute", config, local, "--no-compile")
@@ -75,6 +92,27 @@ def test_recipe_dry_run(recipe):
     assert abs(p["params"] / teacher - 1) < 0.01, p["params"]
     assert abs(p["analytic"]["params"] / (2 * p["params"] / (p["mesh"]["fsdp"] * p["mesh"]["tensor"])) - 1) < 0.01
     assert p["devices"] == local and p["fits"] is True
+
+
+def _longest(module: str, config: str, devices: int) -> int | None:
+    out = _dry_run(module, config, devices, "--max-seq-len", "--no-compile")
+    if out.get("tokens_only"):
+        return None
+    line = next(x for x in out["_stdout"].splitlines() if x.startswith("longest data.seq_len that fits: "))
+    assert out["max_seq_len"] == out["seq_len"] == int(line.split()[4]) and out["fits"] is True
+    return out["max_seq_len"]
+
+
+def _check_longest(recipe: str, config: str, devices: int, local: int, seq_len: int) -> None:
+    """The recipe's header states what `--max-seq-len` finds, for train and for precompute, and
+    its own data.seq_len is no longer."""
+    with open(config) as f:
+        stated = LONGEST.search(f.read())
+    assert stated, f"{recipe}: no '# longest data.seq_len that fits (--max-seq-len): ...' line in its header"
+    train = _longest("kd_jax.train", config, devices)
+    precompute = _longest("kd_jax.precompute", config, local)
+    assert (str(train), str(precompute or "n/a")) == stated.groups(), (recipe, train, precompute)
+    assert seq_len <= min(train, precompute or train)
 
 
 def _check_online_teacher(s: dict, teacher: float, pairs: int, proj) -> None:
@@ -95,12 +133,12 @@ def _check_online_teacher(s: dict, teacher: float, pairs: int, proj) -> None:
 
 
 def test_dry_run_reports_a_misfit():
-    """The same recipe with 4x the sequences per device no longer fits: exit status 1."""
+    """The v5e-32 recipe at 32k tokens on its fsdp=4 mesh no longer fits (its _32k variant spreads
+    the state over all 32 chips): exit status 1."""
     config = os.path.join(RECIPES, "r1_qwen7b_to_qwen2.5_1.5b_v5e32.yaml")
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=32")
     out = subprocess.run([sys.executable, "-m", "kd_jax.train", "--config", config, "--dry-run", "--no-compile",
-                          "train.grad_accum=1", "train.global_batch_size=128"], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=300)
+                          "data.seq_len=32768"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 1 and "does NOT fit" in out.stdout, out.stdout + out.stderr
 
 
@@ -143,3 +181,66 @@ def test_online_teacher_compiles_ahead_of_time():
     assert c["temp_bytes"] > c_off["temp_bytes"] and c["total_bytes"] > c_off["total_bytes"]
     assert a["total"] > off["analytic"]["total"] and 0.3 < a["total"] / c["total_bytes"] < 3
     assert on["fits"] is True
+
+
+def _tiny(*overrides: str):
+    """configs/tiny_llama.yaml, bf16 compute, positions up to 64k, one row per device of 8."""
+    return load_config(os.path.join(ROOT, "configs", "tiny_llama.yaml"),
+                       ["student.dtype=bfloat16", "student.architecture.max_position_embeddings=65536",
+                        "train.global_batch_size=8", *overrides])
+
+
+def test_attention_memory_against_xla():
+    """The analytic estimate per attention implementation against XLA's compiled train step (CPU,
+    one device, one row of T tokens; attention_block 512): xla and blockwise within the band the
+    other tests use, and from T = 1024 to 2048 the dense scores' growth is many times the
+    blockwise tiles' (quadratic against linear), in both accountings."""
+    cfg = _tiny("train.global_batch_size=1", "mesh.data=1")
+    base, _ = dryrun.model_config(cfg.student, "student", cfg.teacher)
+    mesh = sharding.mesh_from_config(cfg.mesh, devices=jax.devices()[:1])
+    temp, analytic = {}, {}
+    for impl in ("xla", "blockwise"):
+        model_cfg = dataclasses.replace(base, attention=impl)
+        for T in (1024, 2048):
+            cfg_T = dryrun.with_seq_len(cfg, T)
+            c = dryrun.compile_train(cfg_T, model_cfg, mesh)
+            a = dryrun.analytic_total(dryrun.train_estimate(cfg_T, model_cfg, mesh))
+            assert 0.3 < a / c["total_bytes"] < 3, (impl, T, a, c)
+            temp[impl, T], analytic[impl, T] = c["temp_bytes"], a
+    for d in (temp, analytic):
+        assert d["xla", 2048] - d["xla", 1024] > 4 * (d["blockwise", 2048] - d["blockwise", 1024]) > 0, d
+
+
+def test_max_seq_len_search():
+    """On a tiny config with 64 MiB per device: the longest multiple of 128 whose analytic estimate
+    fits (the next one does not), the table printed at that length, compiled on the 8 local
+    devices as confirmation; blockwise attention reaches further than xla; the command prints the
+    same length."""
+    cfg = _tiny("mesh.device_memory_gib=0.0625")
+    limit = 64 * 2**20
+    buf = io.StringIO()
+    s = dryrun.max_seq_len_report(cfg, "train", compile=True, out=buf)
+    n = s["max_seq_len"]
+    t = dryrun.target(cfg, "train")
+    total = lambda T: dryrun.analytic_total(dryrun.estimate(dryrun.with_seq_len(cfg, T), t))  # noqa: E731
+    assert n % 128 == 0 and 128 <= n < 65536 and total(n) <= limit < total(n + 128), (n, total(n))
+    assert s["seq_len"] == n and s["fits"] is True and s["compiled"]["total_bytes"] <= limit
+    assert f"longest data.seq_len that fits: {n} " in buf.getvalue() and "the compiled step confirms it" in buf.getvalue()
+    assert s["attention"] == {"student": "xla"} and s["platform"] == "cpu"  # auto on this machine
+    flash = dryrun.longest_seq_len(_tiny("mesh.device_memory_gib=0.0625", "student.attention=blockwise"),
+                                   dryrun.target(_tiny("student.attention=blockwise"), "train"), limit)[0]
+    assert flash > 2 * n
+    cli = _dry_run("kd_jax.train", os.path.join(ROOT, "configs", "tiny_llama.yaml"), 8, "--max-seq-len",
+                   "--no-compile", "student.dtype=bfloat16", "student.architecture.max_position_embeddings=65536",
+                   "train.global_batch_size=8", "mesh.device_memory_gib=0.0625")
+    assert cli["max_seq_len"] == n and "compiled" not in cli
+
+
+def test_platform_resolves_auto():
+    """mesh.platform picks what attention auto is in the dry run: splash on tpu, cudnn on gpu, xla on cpu."""
+    for platform, impl in (("tpu", "splash"), ("gpu", "cudnn"), ("cpu", "xla")):
+        t = dryrun.target(_tiny(f"mesh.platform={platform}"), "train")
+        assert (t.platform, t.platform_from, t.model_cfg.attention) == (platform, "mesh.platform", impl)
+    t = dryrun.target(_tiny("mesh.platform=gpu", "student.attention=blockwise"), "train")
+    assert t.model_cfg.attention == "blockwise"
+    assert dryrun.compile_stand_in(dryrun.target(_tiny("mesh.platform=gpu"), "train").model_cfg)[0].attention == "blockwise"

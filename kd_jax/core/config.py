@@ -51,6 +51,7 @@ REMAT_POLICIES = ("none", "nothing_saveable", "dots_saveable", "dots_with_no_bat
 # cudnn on GPU, xla on CPU), "xla" (dense reference), "blockwise" (flash attention in pure JAX, any
 # backend), "splash" (TPU Pallas kernels), "cudnn" (GPU flash attention).
 ATTENTION = ("auto", "xla", "blockwise", "splash", "cudnn")
+PLATFORMS = ("tpu", "gpu", "cpu")  # device platforms the dry run can size for (mesh.platform)
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")  # soft-loss divergences (kd_jax.core.losses)
 TEACHER_MODES = ("offline", "online")  # where the teacher's distribution comes from: the KD store, or the train step
 SCHEDULES = ("constant", "linear", "cosine")  # shapes of a loss weight's path over training (kd_jax.core.step)
@@ -83,9 +84,11 @@ class MeshConfig:
     fsdp: int = 1  # fully-sharded (parameter-sharding) axis size in devices; -1 = the remaining devices
     tensor: int = 1  # tensor-parallel axis size in devices; -1 = the remaining devices
     device_memory_gib: float | None = None  # memory of one device (GiB) that --dry-run checks against; None = the local device's
+    platform: str | None = None  # "tpu", "gpu" or "cpu": the devices --dry-run sizes for (resolves attention "auto"); None = this machine's
 
     def __post_init__(self):
-        sizes = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "device_memory_gib"}
+        sizes = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                 if f.name not in ("device_memory_gib", "platform")}
         for axis, size in sizes.items():
             _check(size == -1 or size >= 1, f"{axis}={size} must be a device count >= 1 or -1 (the remaining devices)")
         # Only one axis can absorb "the rest", otherwise the split is ambiguous.
@@ -93,6 +96,8 @@ class MeshConfig:
         _check(len(wild) <= 1, f"axes {', '.join(wild)} are all -1; at most one may be -1, set the others to device counts")
         memory = self.device_memory_gib
         _check(memory is None or memory > 0, f"device_memory_gib={memory} must be > 0 (GiB) or null")
+        if self.platform is not None:
+            _check_choice("platform", self.platform, PLATFORMS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -600,8 +605,8 @@ def parse_args(argv: list[str] | None = None, description: str = "kd_jax") -> Co
 def parse_command(argv: list[str] | None = None, description: str = "kd_jax", *, dry_run: bool = False,
                   add_arguments=None) -> tuple[Config, argparse.Namespace]:
     """`parse_args` plus the parsed flags: `--debug` (a traceback instead of the one-line error,
-    kd_jax.core.errors.reported), with dry_run=True `--dry-run` and `--no-compile` (kd_jax/core/dryrun.py),
-    and whatever `add_arguments(parser)` adds."""
+    kd_jax.core.errors.reported), with dry_run=True `--dry-run`, `--no-compile` and `--max-seq-len`
+    (kd_jax/core/dryrun.py; it implies --dry-run), and whatever `add_arguments(parser)` adds."""
     setup_logging()
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", help="YAML config file; configs/base.yaml lists every key")
@@ -611,11 +616,16 @@ def parse_command(argv: list[str] | None = None, description: str = "kd_jax", *,
                                  "reads no weights, store or traces")
         parser.add_argument("--no-compile", action="store_true",
                             help="with --dry-run: analytic estimate only, no ahead-of-time compile")
+        parser.add_argument("--max-seq-len", action="store_true",
+                            help="a dry run that searches the longest data.seq_len (multiples of 128, rows per "
+                                 "device kept) fitting the device memory by the analytic estimate, and prints it")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     if add_arguments is not None:
         add_arguments(parser)
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.steps=10")
     args = parser.parse_intermixed_args(argv)
+    if getattr(args, "max_seq_len", False):
+        args.dry_run = True
     try:
         return load_config(args.config, args.overrides), args
     except ConfigError as e:

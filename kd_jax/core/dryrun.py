@@ -7,14 +7,20 @@ activations under the remat policy and the fused loss's [chunk, vocab] temporari
 
 - analytic, always: from the model's shapes, the sharding rules table and the mesh the config
   resolves to (a -1 axis takes this machine's devices; fake a slice on CPU with
-  XLA_FLAGS=--xla_force_host_platform_device_count=N). Attention is the XLA path of
-  `jax.nn.dot_product_attention`, which materializes [rows, heads, T, T] fp32 scores per layer.
-  With `teacher.mode: online` the teacher's rows are added: its parameters (param dtype, sharded
-  like the student's), its gathered weights, its forward activations (no backward: one layer live),
-  its half of the online loss's [chunk, vocab] temporaries and, with `loss.hidden`, both models'
-  collected layer outputs, the alignment's fp32 terms and the projections' train state.
+  XLA_FLAGS=--xla_force_host_platform_device_count=N). Attention by implementation
+  (`attention_bytes`): "auto" is resolved for mesh.platform (tpu: splash, gpu: cudnn, cpu: xla;
+  unset: this machine's backend), so a CPU sizes an accelerator's kernels; xla holds [rows, heads,
+  T, T] fp32 scores per layer, the flash implementations O(T). With `teacher.mode: online` the
+  teacher's rows are added: its parameters (param dtype, sharded like the student's), its
+  gathered weights, its forward activations (no backward: one layer live), its half of the online
+  loss's [chunk, vocab] temporaries and, with `loss.hidden`, both models' collected layer outputs,
+  the alignment's fp32 terms and the projections' train state.
 - compiled, when the mesh fits this machine's devices (and not --no-compile): the real jitted step
   lowered on abstract arrays and compiled ahead of time; XLA's `memory_analysis()` per device.
+  Splash off a TPU and cuDNN off a GPU cannot compile here: blockwise stands in (and it says so).
+
+`--max-seq-len` (`max_seq_len_report`): the longest data.seq_len, a multiple of 128, that fits by
+the analytic estimate (rows per device kept), then the table at that length.
 
 Models: `hf_path` is read when it is a local folder or already in the Hugging Face cache;
 otherwise the section's `architecture` (the model's config.json values) stands in, which is how the
@@ -24,6 +30,7 @@ recipes under configs/recipes/ dry-run offline. When both exist they must agree.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -42,6 +49,7 @@ from kd_jax.core.errors import KDJaxError
 from kd_jax.core.state import abstract_params, abstract_train_state
 from kd_jax.core.step import compile_steps, default_hyper, layer_pairs
 from kd_jax.core.teacher import topk_logprobs
+from kd_jax.models import attention as attn_lib
 from kd_jax.models.decoder import Decoder, DecoderConfig
 from kd_jax.models.hf import read_hf_config
 from kd_jax.models.source import source_config
@@ -136,6 +144,7 @@ class ParamInfo:
     out_embed_gathered: int  # the [D, V] output projection gathered for the loss, compute dtype
 
 
+@functools.lru_cache(maxsize=32)  # the --max-seq-len search asks again at every length
 def param_info(model_cfg: DecoderConfig, mesh) -> ParamInfo:
     _, state = nnx.split(nnx.eval_shape(lambda: Decoder(model_cfg, rngs=nnx.Rngs(0))))
     variables = _variables(state)
@@ -169,28 +178,89 @@ def _per_device(n: int, size: int) -> int:
     return n // size if n % size == 0 else n  # the rules table replicates a dimension the axis does not divide
 
 
-def layer_activation_bytes(c: DecoderConfig, rows: int, T: int, mesh) -> tuple[int, int]:
-    """(saved, full) bytes of one decoder layer on one device for `rows` sequences of T tokens:
-    `saved` is what the remat policy keeps for the backward pass, `full` everything the layer
-    makes (what the backward pass recomputes, one layer at a time)."""
+def _local_heads(c: DecoderConfig, mesh) -> tuple[int, int]:
+    """(query heads, kv heads) of one device: heads split over the tensor axis."""
+    heads = sharding.logical_size(mesh, "heads")
+    return _per_device(c.num_heads, heads), _per_device(c.num_kv_heads, heads)
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionBytes:
+    """One device's bytes of one layer's attention, beyond q, k, v and its output."""
+    forward: int  # the forward pass's temporaries
+    backward: int  # what the backward pass adds on top of the (recomputed) forward's
+    saved: int  # what the dots_saveable policy keeps of it (the outputs of its dot_generals)
+    shared: int  # once per step, shared by the layers: the [rows, 1, T, T] mask (xla) or bias (cudnn)
+
+
+def attention_bytes(c: DecoderConfig, rows: int, T: int, mesh) -> AttentionBytes:
+    """Per-device attention bytes of one layer for `rows` sequences of T tokens, by the concrete
+    implementation `c.attention` (resolve "auto" first: `resolve_attention`).
+
+    xla: [rows, N, T, T] fp32 scores and softmax (their two gradients in the backward) and the
+      [rows, 1, T, T] bool mask.
+    blockwise: [rows, N, bq, bk] fp32 tiles (scores and probabilities forward; probabilities, dP and
+      dS backward), bq = bk = min(attention_block, T), and O(T) rows: the fp32 logsumexp and
+      rowsum(dO * O) per query and head, the fp32 [rows, T, N, H] dq accumulator, dk and dv.
+    splash: as blockwise with splash's tiles (the largest multiple of 128 <= attention_block that
+      divides T padded to 128; on a TPU they live in VMEM, so counting them is an upper bound) plus
+      its [rows, N, T, H] transposed copies of q, k, v.
+    cudnn: O(T): softmax statistics and the fp32 dq accumulator; and, assuming packed rows (the
+      data pipeline packs), the dense [rows, 1, T, T] bias in the compute dtype with its bool mask.
+      `_cudnn` picks one-segment or packed at run time with a lax.cond whose branches are both
+      compiled, so XLA reserves the packed branch's bias either way. cuDNN's own workspace is not
+      counted."""
+    N, K = _local_heads(c, mesh)
+    H, s, n = c.head_dim, jnp.dtype(c.dtype).itemsize, rows * T
+    row_stats = rows * N * T * 4  # one fp32 value per query and head
+    if c.attention == "xla":
+        scores = rows * N * T * T * 4
+        return AttentionBytes(forward=2 * scores, backward=2 * scores, saved=scores + n * N * H * s,
+                              shared=rows * T * T)
+    if c.attention == "cudnn":
+        return AttentionBytes(forward=row_stats, backward=2 * row_stats + n * N * H * 4, saved=0,
+                              shared=rows * T * T * (s + 1))
+    if c.attention == "blockwise":
+        bq = bk = min(c.attention_block, T)
+        copies = 0
+    elif c.attention == "splash":
+        bq = bk = attn_lib._splash_block(-(-T // 128) * 128, c.attention_block)
+        copies = n * (N + 2 * K) * H * s
+    else:
+        raise DryRunError(f"attention {c.attention!r} is not resolved; resolve_attention() first")
+    tile = rows * N * bq * bk * 4
+    forward = 2 * tile + row_stats + rows * N * bq * H * 4 + copies  # + the fp32 output accumulator of a tile
+    backward = 3 * tile + 2 * row_stats + n * N * H * 4 + 2 * n * K * H * s + copies
+    return AttentionBytes(forward=forward, backward=backward, saved=0, shared=0)
+
+
+def layer_activation_bytes(c: DecoderConfig, rows: int, T: int, mesh) -> tuple[int, int, int]:
+    """(saved, full, backward) bytes of one decoder layer on one device for `rows` sequences of T
+    tokens: `saved` is what the remat policy keeps for the backward pass, `full` everything the
+    layer's forward makes, `backward` what one layer's backward pass holds at once (its recompute
+    under remat, and the gradients). Attention by `attention_bytes` (c.attention resolved)."""
     s = jnp.dtype(c.dtype).itemsize
     n = rows * T
-    heads, mlp = sharding.logical_size(mesh, "heads"), sharding.logical_size(mesh, "mlp")
-    N, K, F = _per_device(c.num_heads, heads), _per_device(c.num_kv_heads, heads), _per_device(c.intermediate_size, mlp)
+    N, K = _local_heads(c, mesh)
+    F = _per_device(c.intermediate_size, sharding.logical_size(mesh, "mlp"))
     x = n * c.hidden_size * s  # residual stream, norm outputs, projections back to D
     qkv = n * (N + 2 * K) * c.head_dim * s
     av = n * N * c.head_dim * s
-    scores = rows * N * T * T * 4  # fp32 QK^T logits (jax.nn.dot_product_attention, XLA path)
     mlp = n * F * s  # one of gate, up, silu(gate)*up
-    full = 6 * x + 2 * qkv + av + 2 * scores + 3 * mlp + 2 * n * c.hidden_size * 4  # + fp32 softmax, fp32 norms
+    attn = attention_bytes(c, rows, T, mesh)
+    other = 6 * x + 2 * qkv + av + 3 * mlp + 2 * n * c.hidden_size * 4  # + fp32 norms
+    full = other + attn.forward
+    # Remat: the layer's forward again, then its gradients (about its size again); without remat
+    # the forward's activations are already saved and only the gradients are new.
+    backward = other + attn.backward + (0 if c.remat == "none" else other + attn.forward)
     saved = {
         "none": full,
-        "dots_saveable": 3 * x + qkv + av + scores + 2 * mlp,  # every dot output, attention's included
+        "dots_saveable": 3 * x + qkv + 2 * mlp + attn.saved,  # every dot output, attention's included
         "dots_with_no_batch_dims_saveable": 3 * x + qkv + 2 * mlp,  # the projections (weights: no batch dims)
         "offload_dots": x,  # the projections go to host memory; the layer input stays
         "nothing_saveable": x,  # only the layer input
     }[c.remat]
-    return saved, full
+    return saved, full, backward
 
 
 def train_estimate(cfg: Config, model_cfg: DecoderConfig, mesh, teacher_cfg: DecoderConfig | None = None) -> dict:
@@ -204,12 +274,11 @@ def train_estimate(cfg: Config, model_cfg: DecoderConfig, mesh, teacher_cfg: Dec
     rows, T, t = micro // batch_shards, cfg.data.seq_len, sharding.logical_size(mesh, "vocab")
     info = param_info(model_cfg, mesh)
     s = jnp.dtype(model_cfg.dtype).itemsize
-    saved, full = layer_activation_bytes(model_cfg, rows, T, mesh)
+    saved, _, transient = layer_activation_bytes(model_cfg, rows, T, mesh)  # transient: one layer's backward
     n = rows * T
     V, D = model_cfg.vocab_size, model_cfg.hidden_size
-    transient = full if model_cfg.remat == "none" else 2 * full  # one layer's gradients (+ its recompute)
     activations = (model_cfg.num_layers * saved + transient
-                   + rows * T * T  # the [rows, 1, T, T] boolean attention mask, shared by the layers
+                   + attention_bytes(model_cfg, rows, T, mesh).shared  # the mask (xla) or bias (cudnn)
                    + n * D * (2 * s + 4))  # embedding output, final hidden states, their fp32 gradient
     chunk = -(-cfg.loss.chunk_size // batch_shards)  # the loss chunk is global; each device holds its rows
     Vt = _per_device(V, t)
@@ -245,14 +314,15 @@ def online_estimate(cfg: Config, model_cfg: DecoderConfig, teacher_cfg: DecoderC
     t_info = param_info(teacher_cfg, mesh)
     st, s = jnp.dtype(teacher_cfg.dtype).itemsize, jnp.dtype(model_cfg.dtype).itemsize
     D, E = model_cfg.hidden_size, teacher_cfg.hidden_size
-    _, t_full = layer_activation_bytes(teacher_cfg, rows, T, mesh)
+    _, t_full, _ = layer_activation_bytes(teacher_cfg, rows, T, mesh)
     pairs, proj = align_shape(cfg, model_cfg, teacher_cfg)
     M = len(pairs)
     collected = (M + 1) * n * E * st if M else 0  # [M+1, rows, T, E]: the scan's collect buffer
     # Forward only, outside differentiation: one layer's activations at a time (counted beyond the
-    # student's backward transients, the step's other one-layer peak), its own attention mask, the
-    # residual stream and the final normed hidden states the loss reads chunk by chunk.
-    activations = max(t_full - student_transient, 0) + rows * T * T + 2 * n * E * st + collected
+    # student's backward transients, the step's other one-layer peak), its own attention mask (or
+    # bias), the residual stream and the final normed hidden states the loss reads chunk by chunk.
+    activations = (max(t_full - student_transient, 0) + attention_bytes(teacher_cfg, rows, T, mesh).shared
+                   + 2 * n * E * st + collected)
     Vt = _per_device(model_cfg.vocab_size, sharding.logical_size(mesh, "vocab"))
     out = dict(teacher_params=t_info.local_bytes,
                teacher_gathered_weights=2 * t_info.layer_gathered + t_info.out_embed_gathered,
@@ -279,9 +349,10 @@ def precompute_estimate(cfg: Config, model_cfg: DecoderConfig, mesh) -> dict:
     total_rows = max(batch_shards, (pre.batch_tokens // T) // batch_shards * batch_shards)  # teacher._batches
     rows = total_rows // batch_shards
     info = param_info(model_cfg, mesh)
-    _, full = layer_activation_bytes(model_cfg, rows, T, mesh)
+    _, full, _ = layer_activation_bytes(model_cfg, rows, T, mesh)
     n, D, s, K = rows * T, model_cfg.hidden_size, jnp.dtype(model_cfg.dtype).itemsize, cfg.data.top_k
-    activations = full + rows * T * T + 2 * n * D * s  # forward only: one layer live; mask; hidden states
+    shared = attention_bytes(model_cfg, rows, T, mesh).shared
+    activations = full + shared + 2 * n * D * s  # forward only: one layer live; mask or bias; hidden states
     Vt = _per_device(model_cfg.vocab_size, t)
     loss = 3 * rows * min(pre.logits_chunk, T) * Vt * 4 + n * K * 8  # fp32 logits, log-softmax, top-k; outputs
     return dict(params=info.local_bytes, activations=activations,
@@ -369,11 +440,48 @@ def _gib(n: int) -> str:
     return f"{n / GiB:9.3f}"
 
 
-def report(cfg: Config, entry: str, *, compile: bool = True, out=sys.stdout) -> dict:
-    """Print the dry-run table for `entry` ("train" or "precompute"); returns the summary dict."""
-    t0 = time.perf_counter()
-    p = lambda *a: print(*a, file=out)  # noqa: E731
-    teacher_cfg = None
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """What a dry run sizes: the models (attention resolved for `platform`), the mesh and its device count."""
+    entry: str  # "train" or "precompute"
+    model_cfg: DecoderConfig  # the student (train) or the teacher (precompute)
+    where: str  # where its config.json came from
+    teacher_cfg: DecoderConfig | None  # the online teacher in the train step, else None
+    teacher_where: str | None
+    num_devices: int  # devices of the mesh: all (train) or this process's (precompute)
+    mesh: AbstractMesh
+    platform: str  # "tpu", "gpu" or "cpu"
+    platform_from: str  # "mesh.platform" or "this machine"
+
+
+def target_platform(cfg: Config) -> tuple[str, str]:
+    """(the platform the dry run sizes for, where it came from): mesh.platform, else this machine's backend."""
+    if cfg.mesh.platform:
+        return cfg.mesh.platform, "mesh.platform"
+    return jax.default_backend(), "this machine"
+
+
+def resolve_attention(model_cfg: DecoderConfig, platform: str) -> DecoderConfig:
+    """`model_cfg` with its attention concrete on `platform` ("auto": splash on tpu, cudnn on gpu, xla on cpu)."""
+    return dataclasses.replace(model_cfg, attention=attn_lib.resolve(model_cfg.attention, platform))
+
+
+def compile_stand_in(model_cfg: DecoderConfig) -> tuple[DecoderConfig, str | None]:
+    """(the model config to compile on this machine, a note when its attention was swapped): splash
+    needs a TPU and cudnn a GPU; elsewhere blockwise stands in, flash attention with O(T) memory too
+    (splash's Pallas interpret mode would compile something else, and jax refuses cuDNN off a GPU)."""
+    need = {"splash": "tpu", "cudnn": "gpu"}.get(model_cfg.attention)
+    if need is None or jax.default_backend() == need:
+        return model_cfg, None
+    return (dataclasses.replace(model_cfg, attention="blockwise"),
+            f"{model_cfg.attention} attention needs a {need.upper()}: compiled with blockwise standing in")
+
+
+def target(cfg: Config, entry: str) -> Target | None:
+    """The models and mesh of a dry run of `entry`; None for a precompute that runs no teacher (a
+    tokens-only store, data.top_k=0, or precompute.import_logprobs)."""
+    platform, platform_from = target_platform(cfg)
+    teacher_cfg = teacher_where = None
     if entry == "train":
         model_cfg, where = model_config(cfg.student, "student", cfg.teacher)
         num_devices = jax.device_count()
@@ -382,25 +490,89 @@ def report(cfg: Config, entry: str, *, compile: bool = True, out=sys.stdout) -> 
             if teacher_cfg.vocab_size < model_cfg.vocab_size:  # as kd_jax.core.loop.check_online_teacher
                 raise DryRunError(f"the online teacher has {teacher_cfg.vocab_size} output rows, fewer than the "
                                   f"student's {model_cfg.vocab_size}: pick a pair of one tokenizer family")
-    elif cfg.precompute.import_logprobs:  # kd_jax.core.teacher.precompute: a served teacher's log-probs, read
-        p(f"dry run of kd_jax.precompute: precompute.import_logprobs={cfg.precompute.import_logprobs!r}, so precompute "
-          f"reads a served teacher's top-{cfg.data.top_k} from that file into the store (no teacher pass, nothing on "
-          f"the devices to size)")
-        summary = dict(entry=entry, imported=True, fits=True, seconds=round(time.perf_counter() - t0, 2))
-        p("dry-run summary: " + json.dumps(summary))
-        return summary
+            teacher_cfg = resolve_attention(teacher_cfg, platform)
+    elif cfg.precompute.import_logprobs:  # a served teacher's log-probs are read: no teacher pass
+        return None
     elif cfg.data.top_k == 0:  # kd_jax.core.teacher.precompute: a tokens-only store, no teacher runs
-        p("dry run of kd_jax.precompute: data.top_k=0, so precompute only tokenizes the traces into a tokens-only "
-          "store (no teacher pass, nothing on the devices to size)")
-        summary = dict(entry=entry, tokens_only=True, fits=True, seconds=round(time.perf_counter() - t0, 2))
-        p("dry-run summary: " + json.dumps(summary))
-        return summary
+        return None
     else:  # precompute runs the teacher on each process's own devices (kd_jax.core.teacher.precompute)
         model_cfg, where = model_config(cfg.teacher, "teacher")
         num_devices = jax.local_device_count()
-    mesh = resolve_mesh(cfg, num_devices)
-    est = (train_estimate(cfg, model_cfg, mesh, teacher_cfg) if entry == "train"
-           else precompute_estimate(cfg, model_cfg, mesh))
+    return Target(entry, resolve_attention(model_cfg, platform), where, teacher_cfg, teacher_where, num_devices,
+                  resolve_mesh(cfg, num_devices), platform, platform_from)
+
+
+def estimate(cfg: Config, t: Target) -> dict:
+    """The analytic estimate of `t` under `cfg` (train_estimate or precompute_estimate)."""
+    if t.entry == "train":
+        return train_estimate(cfg, t.model_cfg, t.mesh, t.teacher_cfg)
+    return precompute_estimate(cfg, t.model_cfg, t.mesh)
+
+
+def analytic_total(est: dict) -> int:
+    return sum(v for k, v in est.items() if not k.startswith("_"))
+
+
+def with_seq_len(cfg: Config, seq_len: int) -> Config:
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, seq_len=seq_len))
+
+
+def _doublings(step: int, cap: int) -> list[int]:
+    """step, 2 step, 4 step, ... below cap, then cap."""
+    out = [step]
+    while out[-1] < cap:
+        out.append(min(2 * out[-1], cap))
+    return out
+
+
+def longest_seq_len(cfg: Config, t: Target, limit: int, step: int = 128) -> tuple[int | None, int]:
+    """(the longest data.seq_len, a multiple of `step`, whose analytic estimate fits `limit` bytes
+    per device, or None when none does; the search's cap: the models' smallest
+    max_position_embeddings, rounded down to `step`). Everything else in `cfg` stays: in training
+    the rows per device per micro-batch (train.global_batch_size, train.grad_accum), in precompute
+    precompute.batch_tokens (rows = batch_tokens // length, at least one per device, so short
+    lengths mean many rows: there the estimate first falls with the length, then grows). Doubling
+    from `step` to the first length that fits and on to the first that does not, then bisection."""
+    models = [t.model_cfg] + ([t.teacher_cfg] if t.teacher_cfg is not None else [])
+    cap = max(step, min(m.max_position_embeddings for m in models) // step * step)
+    fits = lambda n: analytic_total(estimate(with_seq_len(cfg, n), t)) <= limit  # noqa: E731
+    probes = _doublings(step, cap)
+    ok = [fits(n) for n in probes]
+    if not any(ok):
+        return None, cap
+    first = ok.index(True)
+    after = next((i for i in range(first + 1, len(probes)) if not ok[i]), None)
+    if after is None:
+        return cap, cap
+    good, bad = probes[after - 1], probes[after]
+    while bad - good > step:
+        mid = (good + bad) // 2 // step * step
+        good, bad = (mid, bad) if fits(mid) else (good, mid)
+    return good, cap
+
+
+def report(cfg: Config, entry: str, *, compile: bool = True, out=sys.stdout, extra: dict | None = None) -> dict:
+    """Print the dry-run table for `entry` ("train" or "precompute"); returns the summary dict
+    (`extra` is merged into it)."""
+    t0 = time.perf_counter()
+    p = lambda *a: print(*a, file=out)  # noqa: E731
+    t = target(cfg, entry)
+    if t is None and cfg.precompute.import_logprobs:
+        p(f"dry run of kd_jax.precompute: precompute.import_logprobs={cfg.precompute.import_logprobs!r}, so precompute "
+          f"reads a served teacher's top-{cfg.data.top_k} from that file into the store (no teacher pass, nothing on "
+          f"the devices to size)")
+        summary = dict(entry=entry, imported=True, fits=True, **(extra or {}), seconds=round(time.perf_counter() - t0, 2))
+        p("dry-run summary: " + json.dumps(summary))
+        return summary
+    if t is None:
+        p("dry run of kd_jax.precompute: data.top_k=0, so precompute only tokenizes the traces into a tokens-only "
+          "store (no teacher pass, nothing on the devices to size)")
+        summary = dict(entry=entry, tokens_only=True, fits=True, **(extra or {}),
+                       seconds=round(time.perf_counter() - t0, 2))
+        p("dry-run summary: " + json.dumps(summary))
+        return summary
+    model_cfg, teacher_cfg, mesh, num_devices = t.model_cfg, t.teacher_cfg, t.mesh, t.num_devices
+    est = estimate(cfg, t)
     info: ParamInfo = est.pop("_info")
     t_info: ParamInfo | None = est.pop("_teacher_info", None)
     pairs, proj = est.pop("_pairs", ()), est.pop("_proj", None)
@@ -410,19 +582,25 @@ def report(cfg: Config, entry: str, *, compile: bool = True, out=sys.stdout) -> 
     role = "student" if entry == "train" else "teacher"
     p(f"dry run of kd_jax.{entry}: nothing is allocated; no weights, store or traces are read")
     p(f"{role}: {model_cfg.model_type}, {info.count:,} parameters ({info.count / 1e9:.2f}B; "
-      f"{(info.count - info.embedding) / 1e9:.2f}B without the input embedding); config from {where}")
+      f"{(info.count - info.embedding) / 1e9:.2f}B without the input embedding); config from {t.where}")
     if teacher_cfg is not None:
         align = (f"hidden alignment of {len(pairs)} layer pairs"
                  + (f", projections {list(proj)} fp32" if proj else ", same width: no projections")
                  if pairs else "no hidden alignment")
         p(f"teacher (online, in the train step): {teacher_cfg.model_type}, {t_info.count:,} parameters "
           f"({t_info.count / 1e9:.2f}B) in {teacher_cfg.param_dtype}, compute {teacher_cfg.dtype}, forward only; "
-          f"{align}; config from {teacher_where}")
+          f"{align}; config from {t.teacher_where}")
     sizes = dict(mesh.shape)
     p(f"mesh: {sharding.describe(mesh)} ({mesh.size} devices); "
       f"per device {est['_rows']} x {T} tokens per (micro-)batch; dtype {model_cfg.dtype}, params "
       f"{model_cfg.param_dtype}, remat {model_cfg.remat if entry == 'train' else 'n/a (forward only)'}"
       + (f"; loss chunk {est['_chunk']} rows x {model_cfg.vocab_size} vocab" if entry == "train" else ""))
+    attention = dict(student=model_cfg.attention) if entry == "train" else dict(teacher=model_cfg.attention)
+    if teacher_cfg is not None:
+        attention["teacher"] = teacher_cfg.attention
+    p(f"attention on {t.platform} ({t.platform_from}): "
+      + ", ".join(f"{k} {v}" for k, v in attention.items())
+      + f"; attention_block {model_cfg.attention_block} (kd_jax.core.dryrun.attention_bytes)")
     p("per-device memory, analytic (GiB):")
     for k, v in parts.items():
         label = _LABELS[k].format(dtype=teacher_cfg and teacher_cfg.param_dtype, M=len(pairs))
@@ -431,7 +609,8 @@ def report(cfg: Config, entry: str, *, compile: bool = True, out=sys.stdout) -> 
     p(f"  {'total':<48}{_gib(total)}")
     summary = dict(entry=entry, model_type=model_cfg.model_type, params=info.count,
                    params_without_embedding=info.count - info.embedding, mesh=sizes, devices=mesh.size,
-                   rows_per_device=est["_rows"], seq_len=T, analytic=dict(parts, total=total))
+                   rows_per_device=est["_rows"], seq_len=T, platform=t.platform, attention=attention,
+                   analytic=dict(parts, total=total))
     if teacher_cfg is not None:
         summary["teacher"] = dict(mode="online", model_type=teacher_cfg.model_type, params=t_info.count,
                                   param_dtype=teacher_cfg.param_dtype, hidden_pairs=len(pairs),
@@ -440,9 +619,13 @@ def report(cfg: Config, entry: str, *, compile: bool = True, out=sys.stdout) -> 
     if compile and mesh.size == num_devices:
         devices = jax.devices() if entry == "train" else jax.local_devices()
         real = sharding.mesh_from_config(cfg.mesh, devices=devices)
-        c = (compile_train(cfg, model_cfg, real, teacher_cfg) if entry == "train"
-             else compile_precompute(cfg, model_cfg, real, est["_rows"], T))
-        p(f"per-device memory, compiled ahead of time on {devices[0].platform} (XLA memory_analysis, GiB):")
+        compiled_cfg, note = compile_stand_in(model_cfg)
+        compiled_teacher, teacher_note = compile_stand_in(teacher_cfg) if teacher_cfg is not None else (None, None)
+        c = (compile_train(cfg, compiled_cfg, real, compiled_teacher) if entry == "train"
+             else compile_precompute(cfg, compiled_cfg, real, est["_rows"], T))
+        notes = [n for n in (note, teacher_note and f"teacher: {teacher_note}") if n]
+        p(f"per-device memory, compiled ahead of time on {devices[0].platform} (XLA memory_analysis, GiB"
+          + "".join(f"; {n}" for n in dict.fromkeys(notes)) + "):")
         for k, v in c.items():
             p(f"  {k:<48}{_gib(v)}")
         summary["compiled"] = c
@@ -456,15 +639,49 @@ def report(cfg: Config, entry: str, *, compile: bool = True, out=sys.stdout) -> 
     else:
         p(f"device memory {limit / GiB:.2f} GiB ({source}): {'fits' if fits else 'does NOT fit'}, "
           f"{100 * checked / limit:.0f}% used by the {'compiled' if 'compiled' in summary else 'analytic'} estimate")
+    summary.update(extra or {})
     summary.update(device_memory=limit, fits=fits, seconds=round(time.perf_counter() - t0, 2))
     p("dry-run summary: " + json.dumps(summary))
     return summary
 
 
-def main(cfg: Config, entry: str, *, compile: bool = True) -> None:
-    """The entry points' --dry-run: exits 1 when the config does not fit its device memory."""
+def max_seq_len_report(cfg: Config, entry: str, *, compile: bool = True, out=sys.stdout) -> dict:
+    """`--max-seq-len`: search the longest data.seq_len that fits by the analytic estimate
+    (`longest_seq_len`), print the dry-run table at that length (compiled too when the devices are
+    here: the confirmation) and the line "longest data.seq_len that fits: N"."""
+    p = lambda *a: print(*a, file=out)  # noqa: E731
+    t = target(cfg, entry)
+    if t is None:  # tokens-only precompute: no length limit on the devices
+        return report(cfg, entry, compile=compile, out=out)
+    limit, source = device_memory(cfg)
+    if limit is None:
+        raise DryRunError(f"--max-seq-len needs the device memory ({source})")
+    t0 = time.perf_counter()
+    best, cap = longest_seq_len(cfg, t, limit)
+    kept = ("rows per device per micro-batch kept (train.global_batch_size, train.grad_accum)" if entry == "train"
+            else "precompute.batch_tokens kept (rows = batch_tokens // length, at least 1 per device)")
+    how = (f"searched multiples of 128 up to {cap} (max_position_embeddings) by the analytic "
+           f"estimate, {kept}, in {time.perf_counter() - t0:.1f} s")
+    if best is None:
+        need, at = min((analytic_total(estimate(with_seq_len(cfg, n), t)), n) for n in _doublings(128, cap))
+        p(f"no data.seq_len fits: the least any tried length needs is {need / GiB:.2f} GiB per device ({at} "
+          f"tokens) of {limit / GiB:.2f} ({source}); {how}")
+        summary = dict(entry=entry, max_seq_len=None, fits=False)
+        p("dry-run summary: " + json.dumps(summary))
+        return summary
+    summary = report(with_seq_len(cfg, best), entry, compile=compile, out=out,
+                     extra=dict(max_seq_len=best, max_seq_len_cap=cap))
+    confirmed = ("; the compiled step confirms it" if summary["fits"] and "compiled" in summary
+                 else "; the compiled step does NOT fit: trust the compiler" if "compiled" in summary else "")
+    p(f"longest data.seq_len that fits: {best}" + (" (the cap)" if best == cap else "") + f" ({how}{confirmed})")
+    return summary
+
+
+def main(cfg: Config, entry: str, *, compile: bool = True, max_seq_len: bool = False) -> None:
+    """The entry points' --dry-run (and --max-seq-len): exits 1 when the config does not fit its
+    device memory (no length fits, or the compiled step at the length found does not)."""
     try:
-        summary = report(cfg, entry, compile=compile)
+        summary = (max_seq_len_report if max_seq_len else report)(cfg, entry, compile=compile)
     except DryRunError as e:
         raise SystemExit(f"error: {e}") from None
     if summary["fits"] is False:

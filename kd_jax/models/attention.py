@@ -70,14 +70,16 @@ _PAD_Q_SEGMENT = -1
 _PAD_KV_SEGMENT = -2
 
 
-def resolve(implementation: str) -> str:
+def resolve(implementation: str, platform: str | None = None) -> str:
     """The concrete implementation for `implementation`: "auto" -> "splash" on TPU, "cudnn" on
-    GPU, "xla" otherwise (CPU); any other name of IMPLEMENTATIONS is returned as is."""
+    GPU, "xla" otherwise (CPU); any other name of IMPLEMENTATIONS is returned as is. `platform`
+    ("tpu", "gpu", "cpu"): the devices it is for (the dry run sizes other machines'); None =
+    jax.default_backend()."""
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"attention implementation {implementation!r}; choose one of {IMPLEMENTATIONS}")
     if implementation != "auto":
         return implementation
-    return {"tpu": "splash", "gpu": "cudnn"}.get(jax.default_backend(), "xla")
+    return {"tpu": "splash", "gpu": "cudnn"}.get(platform or jax.default_backend(), "xla")
 
 
 def _allowed(q_segment_BxT, kv_segment_BxS, q_pos_BxT, kv_pos_BxS, q_index_T, kv_index_S,
