@@ -135,7 +135,8 @@ def _weights(batch, loss_cfg: LossConfig, totals, beta: float, alpha):
 
 
 def _flat(x_BxLx):
-    return x_BxLx.reshape((-1,) + x_BxLx.shape[2:])
+    # Not reshape(-1, ...): a tokens-only store's [B, L, 0] teacher arrays have no size to infer it from.
+    return x_BxLx.reshape((x_BxLx.shape[0] * x_BxLx.shape[1],) + x_BxLx.shape[2:])
 
 
 def _forward(graphdef, params, batch, collect):
