@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 
-from kd_jax.bench import flops_table, input as input_, loss, precompute, step, store, torch_baseline  # `input_`: not the builtin
+from kd_jax.bench import flops_table, generate, input as input_, loss, precompute, step, store, torch_baseline  # `input_`: not the builtin
 
 # Sub-command name -> module with `add_arguments(parser)` and `run(args)`.
-BENCHMARKS = {"flops": flops_table, "input": input_, "loss": loss, "precompute": precompute, "step": step,
-              "store": store, "torch": torch_baseline}
+BENCHMARKS = {"flops": flops_table, "generate": generate, "input": input_, "loss": loss, "precompute": precompute,
+              "step": step, "store": store, "torch": torch_baseline}
 
 
 def main(argv=None):
