@@ -220,6 +220,9 @@ def test_generated_traces_feed_precompute_and_a_rerun_resumes(teacher, tmp_path,
     # other settings into the same folder are refused with what changed
     with pytest.raises(tracegen.GenerateError, match=r"generate.seed: 0 -> 1"):
         tracegen.tracegen(load_config(None, overrides(*teacher, out, **{"generate.seed": 1})))
+    # but smaller batches may resume a run (one that ran out of memory)
+    smaller = tracegen.tracegen(load_config(None, overrides(*teacher, out, **{"generate.batch_size": 2})))
+    assert _untimed(smaller) == _untimed(report)
 
 
 def test_one_line_errors(teacher, tmp_path, capsys):

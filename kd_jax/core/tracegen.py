@@ -19,6 +19,7 @@ the correct ones, the first correct one, or the one with the shortest reasoning.
                               samples were all dropped has no file
     done/00000                the shard's completion mark: its counts as JSON, written after it
     settings.json             what the output depends on; a rerun with other settings is refused
+                              (but for generate.batch_size and bucket: see _RESUMABLE_WITH_CHANGES)
     report.json               prompts, pass rates, pass@k, kept and dropped counts, tokens/s
 
 so `python -m kd_jax.precompute ... data.traces=<out>/traces` reads the traces unchanged (the
@@ -79,7 +80,18 @@ class GenerateError(KDJaxError, ValueError):
 
 def load_prompts(gen_cfg: GenerateConfig) -> datasets.Dataset:
     """`generate.prompts` (a JSONL/JSON/Parquet file, a folder of them, or a hub dataset id) with
-    its prompt and reference fields checked."""
+    its prompt and reference fields checked. Read without datasets' progress bars: an error then
+    stays the only line on stderr."""
+    quiet = datasets.utils.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
+    try:
+        return _load_prompts(gen_cfg)
+    finally:
+        if not quiet:
+            datasets.enable_progress_bars()
+
+
+def _load_prompts(gen_cfg: GenerateConfig) -> datasets.Dataset:
     source = gen_cfg.prompts
     if not source:
         raise GenerateError("generate.prompts is not set; point it at a JSONL/Parquet file, a folder of them or a "
@@ -331,15 +343,22 @@ def mark_path(out: str, shard: int) -> str:
 # ---------------------------------------------------------------- the run
 
 
+# Settings a rerun may change: where the output goes, and the batching (a run that ran out of
+# memory resumes with a smaller batch; shards already written keep their bytes, and with per-row
+# keys only the floating-point rounding of the logits could depend on the batch).
+_RESUMABLE_WITH_CHANGES = ("out", "batch_size", "bucket")
+
+
 def settings(cfg: Config, dataset) -> dict:
-    """Everything the written traces depend on, as dotted keys: the generate section (but `out`),
-    the teacher and tokenizer, the matcher and think tags, the output field names and the prompts'
-    content (sha256). The process count is not among them: it does not change the output."""
+    """Everything the written traces depend on, as dotted keys: the generate section (but `out`
+    and the batching), the teacher and tokenizer, the matcher and think tags, the output field
+    names and the prompts' content (sha256). The process count is not among them: it does not
+    change the output."""
     digest = hashlib.sha256()
     fields = [f for f in (cfg.generate.prompt_field, cfg.generate.reference_field) if f]
     for batch in dataset.select_columns(fields).iter(batch_size=4096):
         digest.update(json.dumps(batch, sort_keys=True, default=str).encode())
-    out = {f"generate.{k}": v for k, v in dataclasses.asdict(cfg.generate).items() if k != "out"}
+    out = {f"generate.{k}": v for k, v in dataclasses.asdict(cfg.generate).items() if k not in _RESUMABLE_WITH_CHANGES}
     out.update({f"teacher.{k}": v for k, v in dataclasses.asdict(cfg.teacher).items() if k != "mode"})
     if cfg.teacher.init == "random":
         out["run.seed"] = cfg.run.seed
