@@ -325,6 +325,8 @@ def run_shard(cfg: Config, shard: int, model, dataset, tokenizer, eos: list[int]
         lines += [json.dumps(row, ensure_ascii=False) + "\n" for row in rows]
     if lines:
         _write_atomic(shard_path(gen.out, shard), "".join(lines))
+    elif os.path.exists(shard_path(gen.out, shard)):  # left by a killed run with other batches: none now
+        os.remove(shard_path(gen.out, shard))
     stats = {"shard": shard, "prompts": [indices.start, indices.stop], "correct": correct, "kept": len(lines),
              "dropped": {r: dropped[r] for r in DROP_REASONS}, "samples": len(prompts) * gen.samples_per_prompt,
              "generated_tokens": sum(len(ids) for per_prompt in samples for ids in per_prompt), "seconds": seconds}
