@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hf_tiny
+import jax
 import numpy as np
 import pytest
 import torch
@@ -59,3 +60,21 @@ def test_smollm2_greedy_32_tokens_equal_transformers(smollm2_dir):
     ours = generate(load_hf(smollm2_dir), [ids], max_new_tokens=32, eos_ids=[tok.eos_token_id])[0]
     print("\nSmolLM2:", repr(tok.decode(ours)))
     assert len(ref) == 32 and ours == ref
+
+
+def test_per_row_keys_sample_each_row_apart_from_its_batch(tmp_path):
+    """With one key per row, a row's samples are its own: alone or beside other rows (other padding,
+    another bucket) it draws the same tokens; only its key changes them."""
+    _, path = hf_tiny.save("qwen2", str(tmp_path))
+    model = load_hf(path)
+    rng = np.random.RandomState(1)
+    prompts = [rng.randint(1, 97, n).tolist() for n in (5, 9, 3, 12)]
+    keys = jax.random.split(jax.random.key(3), 4)
+    kw = dict(max_new_tokens=12, temperature=1.0, top_p=0.9)
+    together = generate(model, prompts, keys=keys, **kw)
+    assert generate(model, prompts[:1], keys=keys[:1], **kw) == together[:1]
+    assert generate(model, [prompts[3], prompts[1]], keys=keys[np.array([3, 1])], bucket=8, **kw) == [
+        together[3], together[1]]
+    assert generate(model, prompts[:1], keys=jax.random.split(jax.random.key(4), 1), **kw) != together[:1]
+    with pytest.raises(ValueError, match="one key per prompt"):
+        generate(model, prompts, keys=keys[:2], **kw)

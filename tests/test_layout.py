@@ -11,7 +11,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "kd_jax"
 # The `python -m` targets: the top-level modules of kd_jax and the bench package. The libraries are
 # the subfolders core/, models/ and data/.
 COMMANDS = {"kd_jax.train", "kd_jax.precompute", "kd_jax.evaluate", "kd_jax.export", "kd_jax.demo",
-            "kd_jax.config", "kd_jax.bench"}
+            "kd_jax.config", "kd_jax.generate", "kd_jax.bench"}
 MESH_AXES = ("data", "fsdp", "tensor")
 
 

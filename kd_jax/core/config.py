@@ -56,6 +56,7 @@ DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")  # soft-loss divergences (kd_j
 TEACHER_MODES = ("offline", "online")  # where the teacher's distribution comes from: the KD store, or the train step
 SCHEDULES = ("constant", "linear", "cosine")  # shapes of a loss weight's path over training (kd_jax.core.step)
 HIDDEN_DISTANCES = ("mse", "cosine")  # intermediate-layer alignment distances (kd_jax.core.losses)
+KEEP = ("all", "correct", "first_correct", "shortest_correct")  # which teacher samples become traces (kd_jax.core.tracegen)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -362,6 +363,42 @@ class EvalConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class GenerateConfig:
+    prompts: str | None = None  # prompts to sample traces for: JSONL/Parquet file, folder of them, or hub dataset id
+    prompt_field: str = "prompt"  # field holding the prompt: text, or a list of role/content turns
+    reference_field: str | None = "answer"  # field holding the reference answer; None = no verification (keep=all)
+    out: str | None = None  # output folder: traces/shard-*.jsonl (r1 traces), done/ marks, report.json
+    samples_per_prompt: int = 4  # samples drawn per prompt (n of pass@k)
+    temperature: float = 0.7  # sampling temperature; 0 = greedy (then every sample of a prompt is the same)
+    top_p: float = 0.95  # nucleus sampling mass; 1 = off
+    max_new_tokens: int = 1024  # generation length limit per sample (tokens); a sample without the think close is dropped
+    batch_size: int = 64  # rows (prompt x sample) per generation batch
+    bucket: int = 128  # prompts are left-padded to a multiple of this (one compile per padded length)
+    prompts_per_shard: int = 256  # prompts per output shard: the unit of writing, resuming and splitting over processes
+    seed: int = 0  # sampling seed; a sample's key depends on (seed, prompt index, sample index) only
+    max_reasoning_tokens: int | None = None  # drop samples whose reasoning is longer (tokens); None = no limit
+    language_mix: bool = False  # drop samples whose reasoning mixes scripts (language_mix_threshold)
+    language_mix_threshold: float = 0.02  # share of the reasoning's letters outside its main script that counts as mixed
+    keep: str = "correct"  # which samples are written: all, correct, first_correct or shortest_correct (per prompt)
+
+    def __post_init__(self):
+        _check_choice("keep", self.keep, KEEP)
+        _check(self.reference_field is not None or self.keep == "all",
+               f"keep={self.keep!r} needs verified samples: set reference_field (the reference answer's field) "
+               f"or keep='all'")
+        _check(self.samples_per_prompt >= 1, f"samples_per_prompt={self.samples_per_prompt} must be >= 1")
+        _check(self.temperature >= 0.0, f"temperature={self.temperature} must be >= 0 (0 = greedy)")
+        _check(0.0 < self.top_p <= 1.0, f"top_p={self.top_p} must be in (0, 1]")
+        for name in ("max_new_tokens", "batch_size", "bucket", "prompts_per_shard"):
+            _check(getattr(self, name) >= 1, f"{name}={getattr(self, name)} must be >= 1")
+        _check(self.seed >= 0, f"seed={self.seed} must be >= 0")
+        high = self.max_reasoning_tokens
+        _check(high is None or high >= 1, f"max_reasoning_tokens={high} must be null (no limit) or >= 1")
+        _check(0.0 <= self.language_mix_threshold < 1.0,
+               f"language_mix_threshold={self.language_mix_threshold} must be in [0, 1)")
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     run: RunConfig = dataclasses.field(default_factory=RunConfig)  # naming, output folder, seed, logging
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)  # device mesh axis sizes
@@ -375,6 +412,7 @@ class Config:
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)  # step counts and batch sizes
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)  # saving and resuming
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)  # held-out loss and answer accuracy
+    generate: GenerateConfig = dataclasses.field(default_factory=GenerateConfig)  # teacher-written traces
 
     def __post_init__(self):
         online = self.teacher.mode == "online"

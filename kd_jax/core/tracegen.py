@@ -1,0 +1,475 @@
+"""Teacher-written traces, R1's first stage (the library behind `python -m kd_jax.generate`).
+
+The teacher (`teacher.*`) samples `generate.samples_per_prompt` completions for every prompt of
+`generate.prompts`, each prompt rendered with the chat template and the generation prompt as
+kd_jax/data/traces.py renders them. Every sample is split into reasoning and answer at the think
+close (`data.think_close`), checked against the reference answer with `eval.matcher`, and passed
+through the R1 filters (each counted): unfinished (no think close), empty answer, reasoning over
+`generate.max_reasoning_tokens`, duplicate (the same reasoning and answer for the same prompt), and
+optionally mixed scripts (`generate.language_mix`, see `mixed_script_share`). `generate.keep` picks
+what is written per prompt: every sample that passed the filters (`all`, with its `correct` field),
+the correct ones, the first correct one, or the one with the shortest reasoning.
+
+`generate.out` holds
+
+    traces/shard-00000.jsonl  r1 traces of prompts [0, P), P = generate.prompts_per_shard: the
+                              data.prompt_field / reasoning_field / answer_field of kd_jax.data.traces
+                              plus `pass_rate` (the prompt's correct / samples), `correct`,
+                              `sample`, `index` (the prompt's row) and `reference`; a shard whose
+                              samples were all dropped has no file
+    done/00000                the shard's completion mark: its counts as JSON, written after it
+    settings.json             what the output depends on; a rerun with other settings is refused
+                              (but for generate.batch_size and bucket: see _RESUMABLE_WITH_CHANGES)
+    report.json               prompts, pass rates, pass@k, kept and dropped counts, tokens/s
+
+so `python -m kd_jax.precompute ... data.traces=<out>/traces` reads the traces unchanged (the
+report sits outside traces/: a folder of traces is read with every *.json in it).
+
+Determinism. Sample j of prompt i draws from the key fold_in(fold_in(key(generate.seed), i), j)
+through core/generate's per-row keys, so its random numbers do not depend on its batch. Its logits
+might (XLA is free to order a reduction differently for another batch shape), so the batches are a
+fixed function of the shard: its rows (prompt, sample) in order of prompt length, cut every
+`generate.batch_size` rows, the last one padded with copies. Shards are assigned round robin
+(shard s to process s % count) and written whole (a temporary name, then a rename, then the mark),
+so a run killed at any moment and run again, or run on any number of processes, writes the same
+bytes.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import glob
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+import unicodedata
+
+import datasets
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kd_jax.core import distributed, sharding
+from kd_jax.core.config import Config, GenerateConfig
+from kd_jax.core.errors import KDJaxError
+from kd_jax.core.evaluation import matcher
+from kd_jax.core.generate import generate
+from kd_jax.core.progress import bar as progress_bar
+from kd_jax.data.traces import render_prompt
+from kd_jax.models import build_model
+from kd_jax.models.hf import load_tokenizer, resolve_path
+
+log = logging.getLogger("kd_jax.core.tracegen")
+
+TRACES, DONE, SETTINGS, REPORT = "traces", "done", "settings.json", "report.json"
+# Why a sample is not written, in the order the checks run (the filters, then generate.keep).
+DROP_REASONS = ("unfinished", "empty_answer", "too_long", "duplicate", "language_mix", "wrong", "not_chosen")
+_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+
+class GenerateError(KDJaxError, ValueError):
+    """Prompts, settings or an output folder that trace generation cannot use."""
+
+
+# ---------------------------------------------------------------- prompts
+
+
+def load_prompts(gen_cfg: GenerateConfig) -> datasets.Dataset:
+    """`generate.prompts` (a JSONL/JSON/Parquet file, a folder of them, or a hub dataset id) with
+    its prompt and reference fields checked. Read without datasets' progress bars: an error then
+    stays the only line on stderr."""
+    quiet = datasets.utils.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
+    try:
+        return _load_prompts(gen_cfg)
+    finally:
+        if not quiet:
+            datasets.enable_progress_bars()
+
+
+def _load_prompts(gen_cfg: GenerateConfig) -> datasets.Dataset:
+    source = gen_cfg.prompts
+    if not source:
+        raise GenerateError("generate.prompts is not set; point it at a JSONL/Parquet file, a folder of them or a "
+                            "hub dataset of prompts")
+    if os.path.isfile(source):
+        files = [source]
+    elif os.path.isdir(source):
+        files = sorted(f for suffix in _SUFFIXES for f in glob.glob(os.path.join(source, "**", "*" + suffix),
+                                                                     recursive=True))
+        if not files:
+            raise GenerateError(f"generate.prompts={source!r} is a folder with no *.jsonl, *.json or *.parquet files")
+    elif os.path.splitext(source)[1] in _SUFFIXES or source.startswith((".", "/", "~")) or source.count("/") > 1:
+        raise GenerateError(f"generate.prompts={source!r} does not exist; check the path")
+    else:
+        files = None
+    try:
+        if files is None:
+            dataset = datasets.load_dataset(source, split="train")
+        else:
+            by_builder: dict[str, list[str]] = {}
+            for path in files:
+                by_builder.setdefault(_SUFFIXES.get(os.path.splitext(path)[1], "?"), []).append(path)
+            if "?" in by_builder:
+                raise GenerateError(f"{by_builder['?'][0]!r}: unsupported prompts file type; use .jsonl, .json or "
+                                    ".parquet")
+            parts = [datasets.load_dataset(b, data_files=p, split="train") for b, p in by_builder.items()]
+            dataset = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+    except GenerateError:
+        raise
+    except Exception as e:  # Arrow, JSON, hub and network errors all mean "cannot read the prompts"
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        raise GenerateError(f"cannot read generate.prompts={source!r} ({type(e).__name__}: {first}); pass valid "
+                            f"JSONL/Parquet files or a reachable hub dataset") from None
+    if dataset.num_rows == 0:
+        raise GenerateError(f"generate.prompts={source!r} has no rows")
+    for key in ("prompt_field", "reference_field"):
+        field = getattr(gen_cfg, key)
+        if field is not None and field not in dataset.column_names:
+            extra = "; or generate.reference_field=null to write unverified traces (keep: all)" \
+                if key == "reference_field" else ""
+            raise GenerateError(f"the prompts have no field {field!r}; available columns: "
+                                f"{', '.join(dataset.column_names)}; set generate.{key} to one of them{extra}")
+    return dataset
+
+
+def prompt_messages(value, index: int) -> list[dict]:
+    """A prompt field's value (text, or role/content turns) as chat messages."""
+    if isinstance(value, str):
+        return [{"role": "user", "content": value}]
+    if isinstance(value, list) and value and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in value):
+        return [{"role": m["role"], "content": m["content"]} for m in value]
+    raise GenerateError(f"prompt row {index}: the prompt must be text or a list of {{'role', 'content'}} turns, got "
+                        f"{str(value)[:200]!r}; check generate.prompt_field")
+
+
+def _reference(value, index: int, field: str) -> str:
+    if value is None or (isinstance(value, str) and not value.strip()):
+        raise GenerateError(f"prompt row {index} has no reference answer in {field!r} (generate.reference_field); "
+                            f"fill it, drop the row, or set generate.reference_field=null (keep: all)")
+    return str(value).strip()
+
+
+# ---------------------------------------------------------------- one sample
+
+
+def split_sample(text: str, think_open: str, think_close: str, inside: bool) -> tuple[str, str] | None:
+    """(reasoning, answer) of a generated text, both stripped, or None when the reasoning never
+    closed. The answer is what follows the last think close, as evaluation.extract_answer reads it.
+    `inside`: the prompt already opened the reasoning (the template wrote the think open), so the
+    text starts inside it; else an opening tag in front of the reasoning is removed."""
+    if think_close not in text:
+        return None
+    reasoning, answer = text.rsplit(think_close, 1)
+    if not inside:
+        reasoning = reasoning.split(think_open.strip(), 1)[-1]
+    return reasoning.strip(), answer.strip()
+
+
+def _script(ch: str) -> str | None:
+    """A letter's script, the first word of its Unicode name (LATIN, CYRILLIC, ARABIC, ...); CJK
+    ideographs and kana are one script (Japanese mixes them); Greek and mathematical letters are
+    math notation, not a language, and are not counted."""
+    if ch.isascii():
+        return "LATIN"
+    word = unicodedata.name(ch, "UNKNOWN").split()[0]
+    if word in ("GREEK", "MATHEMATICAL", "UNKNOWN"):
+        return None
+    return "CJK" if word in ("CJK", "HIRAGANA", "KATAKANA", "HALFWIDTH") else word
+
+
+def mixed_script_share(text: str) -> float:
+    """The share of the letters of `text` that are outside its most common script (0 = one script).
+    `generate.language_mix` drops a sample whose reasoning is above `language_mix_threshold`: e.g. an
+    English reasoning that switches to Chinese for a sentence."""
+    counts = collections.Counter(s for ch in text if ch.isalpha() and (s := _script(ch)) is not None)
+    total = sum(counts.values())
+    return 0.0 if total == 0 else 1.0 - max(counts.values()) / total
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """The unbiased pass@k of one prompt with c correct of n samples: 1 - C(n-c, k) / C(n, k)."""
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def row_keys(seed: int, prompt_index: np.ndarray, sample: np.ndarray) -> jax.Array:
+    """[R] sampling keys: fold_in(fold_in(key(seed), prompt index), sample index) per row."""
+    base = jax.random.key(seed)
+    fold = jax.vmap(lambda p, s: jax.random.fold_in(jax.random.fold_in(base, p), s))
+    return fold(jnp.asarray(prompt_index, jnp.uint32), jnp.asarray(sample, jnp.uint32))
+
+
+# ---------------------------------------------------------------- one shard
+
+
+@dataclasses.dataclass
+class _Prompt:
+    index: int
+    value: object  # the prompt field as read (written back unchanged)
+    reference: str | None
+    tokens: list[int]
+    inside: bool  # the rendered prompt ends inside the reasoning (the template wrote the think open)
+
+
+def _prompts(cfg: Config, dataset, tokenizer, indices: range) -> list[_Prompt]:
+    gen, think_open = cfg.generate, cfg.data.think_open.strip()
+    rows = dataset.select(indices)
+    refs = rows[gen.reference_field] if gen.reference_field else [None] * len(rows)
+    out = []
+    for index, value, ref in zip(indices, rows[gen.prompt_field], refs):
+        text = render_prompt(tokenizer, prompt_messages(value, index))
+        tokens = tokenizer(text, add_special_tokens=False)["input_ids"]
+        reference = _reference(ref, index, gen.reference_field) if gen.reference_field else None
+        out.append(_Prompt(index, value, reference, tokens, text.rstrip().endswith(think_open)))
+    return out
+
+
+def _sample_all(model, prompts: list[_Prompt], gen: GenerateConfig, eos: list[int], bar) -> list[list[list[int]]]:
+    """Token ids [prompt][sample] (EOS included when reached), batched as a fixed function of
+    the shard (module doc)."""
+    n = gen.samples_per_prompt
+    rows = [(p, j) for p in range(len(prompts)) for j in range(n)]
+    order = sorted(range(len(rows)), key=lambda r: (len(prompts[rows[r][0]].tokens), r))
+    out: list[list[list[int]]] = [[[] for _ in range(n)] for _ in prompts]
+    for start in range(0, len(order), gen.batch_size):
+        batch = order[start:start + gen.batch_size]
+        batch = batch + [batch[-1]] * (gen.batch_size - len(batch))  # one compile per padded prompt length
+        keys = row_keys(gen.seed, np.array([prompts[rows[r][0]].index for r in batch]),
+                        np.array([rows[r][1] for r in batch]))
+        ids = generate(model, [prompts[rows[r][0]].tokens for r in batch], max_new_tokens=gen.max_new_tokens,
+                       eos_ids=eos, temperature=gen.temperature, top_p=gen.top_p, bucket=gen.bucket, keys=keys)
+        for r, sample_ids in zip(batch, ids):
+            p, j = rows[r]
+            out[p][j] = sample_ids
+        bar.update(len(set(batch)))
+    return out
+
+
+def _judge(cfg: Config, prompt: _Prompt, samples: list[list[int]], tokenizer, eos: set[int], match,
+           dropped: collections.Counter) -> tuple[int, list[dict]]:
+    """(correct samples, rows to write) of one prompt; `dropped` counts the rest by reason."""
+    gen, data = cfg.generate, cfg.data
+    n = len(samples)
+    survivors, seen, correct = [], set(), 0
+    for j, ids in enumerate(samples):
+        text = tokenizer.decode([t for t in ids if t not in eos])  # special tokens kept: think tags may be special
+        split = split_sample(text, data.think_open, data.think_close, prompt.inside)
+        reasoning, answer = split or ("", "")
+        ok = None if prompt.reference is None else bool(split and answer and match(answer, prompt.reference))
+        correct += bool(ok)
+        length = None
+        if split is None:
+            reason = "unfinished"
+        elif not answer:
+            reason = "empty_answer"
+        else:
+            if gen.max_reasoning_tokens is not None or gen.keep == "shortest_correct":
+                length = len(tokenizer(reasoning, add_special_tokens=False)["input_ids"])
+            if gen.max_reasoning_tokens is not None and length > gen.max_reasoning_tokens:
+                reason = "too_long"
+            elif (reasoning, answer) in seen:
+                reason = "duplicate"
+            elif gen.language_mix and mixed_script_share(reasoning) > gen.language_mix_threshold:
+                reason = "language_mix"
+            elif gen.keep != "all" and not ok:
+                reason = "wrong"
+            else:
+                reason = None
+            seen.add((reasoning, answer))
+        if reason is not None:
+            dropped[reason] += 1
+            continue
+        survivors.append((length, j, reasoning, answer, ok))
+    if gen.keep in ("first_correct", "shortest_correct") and survivors:
+        chosen = min(survivors, key=lambda s: (s[0], s[1])) if gen.keep == "shortest_correct" else survivors[0]
+        dropped["not_chosen"] += len(survivors) - 1
+        survivors = [chosen]
+    pass_rate = None if prompt.reference is None else correct / n
+    rows = [{data.prompt_field: prompt.value, data.reasoning_field: reasoning, data.answer_field: answer,
+             "pass_rate": pass_rate, "correct": ok, "sample": j, "index": prompt.index, "reference": prompt.reference}
+            for _, j, reasoning, answer, ok in survivors]
+    return correct, rows
+
+
+def _write_atomic(path: str, text: str) -> None:
+    tmp = os.path.join(os.path.dirname(path), "." + os.path.basename(path) + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def run_shard(cfg: Config, shard: int, model, dataset, tokenizer, eos: list[int], bar) -> dict:
+    """Sample, judge and write shard `shard` (its traces, then its mark); returns its counts."""
+    gen = cfg.generate
+    indices = range(shard * gen.prompts_per_shard, min((shard + 1) * gen.prompts_per_shard, len(dataset)))
+    prompts = _prompts(cfg, dataset, tokenizer, indices)
+    t0 = time.perf_counter()
+    samples = _sample_all(model, prompts, gen, eos, bar)
+    seconds = time.perf_counter() - t0
+    match, eos_set = matcher(cfg.eval.matcher), set(eos)
+    dropped: collections.Counter = collections.Counter()
+    correct, lines = [], []
+    for prompt, prompt_samples in zip(prompts, samples):
+        c, rows = _judge(cfg, prompt, prompt_samples, tokenizer, eos_set, match, dropped)
+        correct.append(c)
+        lines += [json.dumps(row, ensure_ascii=False) + "\n" for row in rows]
+    if lines:
+        _write_atomic(shard_path(gen.out, shard), "".join(lines))
+    elif os.path.exists(shard_path(gen.out, shard)):  # left by a killed run with other batches: none now
+        os.remove(shard_path(gen.out, shard))
+    stats = {"shard": shard, "prompts": [indices.start, indices.stop], "correct": correct, "kept": len(lines),
+             "dropped": {r: dropped[r] for r in DROP_REASONS}, "samples": len(prompts) * gen.samples_per_prompt,
+             "generated_tokens": sum(len(ids) for per_prompt in samples for ids in per_prompt), "seconds": seconds}
+    _write_atomic(mark_path(gen.out, shard), json.dumps(stats))
+    return stats
+
+
+def shard_path(out: str, shard: int) -> str:
+    return os.path.join(out, TRACES, f"shard-{shard:05d}.jsonl")
+
+
+def mark_path(out: str, shard: int) -> str:
+    return os.path.join(out, DONE, f"{shard:05d}")
+
+
+# ---------------------------------------------------------------- the run
+
+
+# Settings a rerun may change: where the output goes, and the batching (a run that ran out of
+# memory resumes with a smaller batch; shards already written keep their bytes, and with per-row
+# keys only the floating-point rounding of the logits could depend on the batch).
+_RESUMABLE_WITH_CHANGES = ("out", "batch_size", "bucket")
+
+
+def settings(cfg: Config, dataset) -> dict:
+    """Everything the written traces depend on, as dotted keys: the generate section (but `out`
+    and the batching), the teacher and tokenizer, the matcher and think tags, the output field
+    names and the prompts' content (sha256). The process count is not among them: it does not
+    change the output."""
+    digest = hashlib.sha256()
+    fields = [f for f in (cfg.generate.prompt_field, cfg.generate.reference_field) if f]
+    for batch in dataset.select_columns(fields).iter(batch_size=4096):
+        digest.update(json.dumps(batch, sort_keys=True, default=str).encode())
+    out = {f"generate.{k}": v for k, v in dataclasses.asdict(cfg.generate).items() if k not in _RESUMABLE_WITH_CHANGES}
+    out.update({f"teacher.{k}": v for k, v in dataclasses.asdict(cfg.teacher).items() if k != "mode"})
+    if cfg.teacher.init == "random":
+        out["run.seed"] = cfg.run.seed
+    out.update({"tokenizer": cfg.tokenizer, "eval.matcher": cfg.eval.matcher, "prompts_sha256": digest.hexdigest()})
+    out.update({f"data.{k}": getattr(cfg.data, k)
+                for k in ("think_open", "think_close", "prompt_field", "reasoning_field", "answer_field")})
+    return json.loads(json.dumps(out))  # as it reads back from the file
+
+
+def _claim_output(out: str, current: dict) -> None:
+    """Writes settings.json into a new output folder, or checks that an existing one was made
+    with the same settings (process 0)."""
+    path = os.path.join(out, SETTINGS)
+    if os.path.exists(path):
+        with open(path) as f:
+            before = json.load(f)
+        changes = [f"{k}: {before.get(k)!r} -> {current.get(k)!r}" for k in sorted(set(before) | set(current))
+                   if before.get(k) != current.get(k)]
+        if changes:
+            raise GenerateError(f"generate.out={out!r} holds traces made with other settings ({'; '.join(changes)}); "
+                                f"set generate.out to a new folder, or delete it to start over")
+        return
+    for sub in (TRACES, DONE):
+        os.makedirs(os.path.join(out, sub), exist_ok=True)
+    _write_atomic(path, json.dumps(current, indent=2, sort_keys=True))
+
+
+def eos_ids(cfg: Config, tokenizer) -> list[int]:
+    """The tokenizer's EOS and the teacher folder's generation_config.json eos_token_id(s)."""
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    if cfg.teacher.init == "hf" and cfg.teacher.hf_path:
+        path = os.path.join(resolve_path(cfg.teacher.hf_path, cfg.teacher.revision), "generation_config.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                extra = json.load(f).get("eos_token_id")
+            ids += [extra] if isinstance(extra, int) else list(extra or [])
+    if not ids:
+        raise GenerateError("neither the tokenizer nor the teacher's generation_config.json names an EOS token; "
+                            "set tokenizer.eos_token so that samples can end")
+    return sorted(set(ids))
+
+
+def summarize(marks: list[dict], samples_per_prompt: int, verified: bool) -> dict:
+    """The report of a finished run from its shards' marks."""
+    n = samples_per_prompt
+    correct = [c for m in marks for c in m["correct"]]
+    tokens, seconds = sum(m["generated_tokens"] for m in marks), sum(m["seconds"] for m in marks)
+    report = {"prompts": len(correct), "samples_per_prompt": n, "samples": sum(m["samples"] for m in marks),
+              "kept": sum(m["kept"] for m in marks),
+              "dropped": {r: sum(m["dropped"][r] for m in marks) for r in DROP_REASONS},
+              "generated_tokens": tokens, "generation_seconds": seconds, "tokens_per_s": tokens / max(seconds, 1e-9)}
+    if verified:
+        report["correct"] = sum(correct)
+        report["pass_rate_histogram"] = {f"{c}/{n}": correct.count(c) for c in range(n + 1)}
+        report["pass_at_k"] = {f"pass@{k}": float(np.mean([pass_at_k(n, c, k) for c in correct]))
+                               for k in sorted({1, n})}
+    return report
+
+
+def format_report(report: dict) -> str:
+    lines = [f"prompts {report['prompts']}, samples {report['samples']} ({report['samples_per_prompt']} per prompt), "
+             f"{report['generated_tokens']:,} tokens generated in {report['generation_seconds']:.1f} s "
+             f"({report['tokens_per_s']:,.0f} tokens/s, compiles included)"]
+    if "pass_at_k" in report:
+        lines.append("  ".join(f"{k} {v:.4f}" for k, v in report["pass_at_k"].items())
+                     + f"  (correct samples {report['correct']} of {report['samples']})")
+        lines.append("prompts by correct samples: " + ", ".join(f"{k}: {v}" for k, v in
+                                                               report["pass_rate_histogram"].items()))
+    dropped = ", ".join(f"{k} {v}" for k, v in report["dropped"].items() if v) or "none"
+    lines.append(f"kept {report['kept']}; dropped: {dropped}")
+    return "\n".join(lines)
+
+
+def tracegen(cfg: Config, *, show_progress: bool = True) -> dict:
+    """Sample, judge and write every shard of `generate.prompts` that has no completion mark yet
+    (this process's share), then (process 0) the report; returns it (process 0; {} elsewhere)."""
+    gen = cfg.generate
+    if not gen.out:
+        raise GenerateError("generate.out is not set: the folder to write the traces to")
+    process, processes = jax.process_index(), jax.process_count()
+    dataset = load_prompts(gen)
+    distributed.on_process_0(lambda: _claim_output(gen.out, settings(cfg, dataset)))
+    num_shards = -(-len(dataset) // gen.prompts_per_shard)
+    todo = [s for s in range(process, num_shards, processes) if not os.path.exists(mark_path(gen.out, s))]
+    if todo:
+        tokenizer = load_tokenizer(cfg.tokenizer)
+        eos = eos_ids(cfg, tokenizer)
+        mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=jax.local_devices())
+        model = build_model(cfg.teacher, mesh=mesh, seed=cfg.run.seed)
+        rows = sum(min((s + 1) * gen.prompts_per_shard, len(dataset)) - s * gen.prompts_per_shard for s in todo)
+        bar = progress_bar(total=rows * gen.samples_per_prompt, unit="sample", desc="teacher samples",
+                           disable=not (show_progress and process == 0))
+        tokens, t0 = 0, time.perf_counter()
+        for shard in todo:
+            tokens += run_shard(cfg, shard, model, dataset, tokenizer, eos, bar)["generated_tokens"]
+            bar.set_postfix(tok_s=f"{tokens / (time.perf_counter() - t0):.0f}")
+        bar.close()
+    distributed.barrier("generate_shards_written")
+
+    def report() -> dict:
+        marks = []
+        for s in range(num_shards):
+            if not os.path.exists(mark_path(gen.out, s)):
+                raise GenerateError(f"shard {s} of {gen.out} has no completion mark after every process finished; "
+                                    f"run the same command again to write it")
+            with open(mark_path(gen.out, s)) as f:
+                marks.append(json.load(f))
+        summary = summarize(marks, gen.samples_per_prompt, gen.reference_field is not None)
+        _write_atomic(os.path.join(gen.out, REPORT), json.dumps(summary, indent=2))
+        return summary
+
+    return distributed.on_process_0(report) or {}
