@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import time
 
 import hf_tiny
 import jax
@@ -18,7 +17,7 @@ import safetensors
 import tiny_kd
 import torch
 import transformers
-from test_train import _cli, _losses, _run
+from test_train import _cli, _losses, _run, signal_after_first_checkpoint
 
 from kd_jax.core.config import ConfigError, HiddenConfig, LossConfig, ScheduleConfig, load_config
 from kd_jax.core.loop import TeacherMismatchError, check_online_teacher, prepare, to_global
@@ -104,15 +103,7 @@ def test_online_run_learns_aligns_logs_schedules_and_exports_without_projections
 def test_online_resume_after_sigkill_is_bitwise_identical(root):
     name = "online_resume"
     proc = _cli("kd_jax.train", _online_args(root, name))
-    ckpts = f"{root}/runs/{name}/checkpoints"
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        if os.path.isdir(ckpts) and any(d.isdigit() for d in os.listdir(ckpts)):
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "the run ended before it could be interrupted"
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate(timeout=120)
+    signal_after_first_checkpoint(proc, f"{root}/runs/{name}/checkpoints", signal.SIGKILL)
     assert len(_losses(root, name)) < STEPS
     _run("kd_jax.train", _online_args(root, name))
     assert _losses(root, name) == _losses(root, "online")  # bitwise: floats round-trip through JSON

@@ -96,10 +96,8 @@ def test_train_loss_falls_and_export_loads_in_transformers(root):
     np.testing.assert_allclose(np.asarray(student(jnp.asarray(tokens))), ref, atol=1e-4, rtol=0)
 
 
-def _interrupt(root, name, sig) -> None:
-    """Start a run, deliver `sig` once its first checkpoint is final, then run it again to the end."""
-    proc = _cli("kd_jax.train", _train_args(root, name))
-    ckpts = f"{root}/runs/{name}/checkpoints"
+def signal_after_first_checkpoint(proc, ckpts: str, sig) -> bytes:
+    """Deliver `sig` to a train process once its first checkpoint in `ckpts` is final; its output."""
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
         if os.path.isdir(ckpts) and any(d.isdigit() for d in os.listdir(ckpts)):
@@ -107,7 +105,13 @@ def _interrupt(root, name, sig) -> None:
         time.sleep(0.05)
     assert proc.poll() is None, "the run ended before it could be interrupted"
     proc.send_signal(sig)
-    out, _ = proc.communicate(timeout=120)
+    return proc.communicate(timeout=120)[0]
+
+
+def _interrupt(root, name, sig) -> None:
+    """Start a run, deliver `sig` once its first checkpoint is final, then run it again to the end."""
+    proc = _cli("kd_jax.train", _train_args(root, name))
+    out = signal_after_first_checkpoint(proc, f"{root}/runs/{name}/checkpoints", sig)
     if sig == signal.SIGTERM:  # preemption: a clean exit after saving the current step
         assert proc.returncode == 0 and "SIGTERM: saved step" in out.decode(), out.decode()[-3000:]
     assert len(_losses(root, name)) < STEPS
