@@ -34,8 +34,10 @@ def reference_online(hidden, embed, t_hidden, t_embed, labels, a, b, *, temperat
     agree = jnp.argmax(z, -1) == jnp.argmax(zt, -1)
     used = (a != 0) | (b != 0)
     loss = jnp.where(used, a * soft + b * hard, 0.0).sum()
+    t_nll = -jnp.take_along_axis(jax.nn.log_softmax(zt), jnp.clip(labels, 0, V - 1)[:, None], -1)[:, 0]
     return loss, dict(soft_sum=jnp.where(used, soft, 0.0).sum(), hard_sum=jnp.where(used, hard, 0.0).sum(),
-                      num_tokens=used.sum(dtype=f32), top1_agree=(used & agree).sum(dtype=f32))
+                      num_tokens=used.sum(dtype=f32), top1_agree=(used & agree).sum(dtype=f32),
+                      teacher_nll_sum=jnp.where(used, t_nll, 0.0).sum())
 
 
 def make_online_case(N, D, E, V, W, seed=0, logit_scale=1.0, teacher_scale=2.0):

@@ -172,6 +172,8 @@ class DataConfig:
     curriculum_easy: str = "high"  # which end of curriculum_difficulty_field is easy: "high" (a pass rate, an accuracy) or "low" (a level)
     curriculum_stages: int = 0  # 0 = the curriculum strictly easiest first; N = N stages of increasing difficulty, each shuffled within
     shuffle_seed: int = 0  # seed of the example shuffle
+    prompts: str | None = None  # prompt-only dataset for on-policy sampling (train.on_policy), a file, folder or hub id like data.traces; None = the traces' prompts
+    prompts_field: str = "prompt"  # field of data.prompts holding the prompt: text, or a list of role/content turns
 
     def __post_init__(self):
         _check_choice("format", self.format, ("r1", "messages", "sharegpt"))
@@ -308,6 +310,40 @@ class OptimConfig:
         _check(self.eps > 0.0, f"eps={self.eps} must be > 0")
 
 
+SOURCES = ("student", "teacher")  # who writes the completions of on-policy steps (kd_jax.core.onpolicy)
+
+
+@dataclasses.dataclass(frozen=True)
+class OnPolicyConfig:
+    fraction: float = 0.0  # λ: share of optimizer steps trained on sampled completions (step s is one when floor((s+1)λ) > floor(sλ)); 0 = off
+    source: str = "student"  # who samples: "student" (on-policy distillation, GKD) or "teacher" (sequence-level KD)
+    divergence: str = "reverse_kl"  # soft loss on sampled steps: "reverse_kl" (mode-seeking), "forward_kl" or "jsd" (loss.jsd_beta)
+    alpha: float = 1.0  # weight of the soft loss on sampled steps; 1 - alpha goes to cross-entropy on the sampled tokens
+    temperature: float = 1.0  # sampling temperature (> 0); loss.temperature stays the KD loss's
+    top_p: float = 1.0  # nucleus sampling mass; 1 = off
+    max_new_tokens: int = 256  # completion length limit (tokens); the prompt plus this must fit data.seq_len
+    prompts_per_step: int = 0  # prompts sampled per on-policy step (one completion each), packed into the batch; 0 = train.global_batch_size
+    bucket: int = 64  # prompts are left-padded to a multiple of this (one sampling compile per bucket)
+    seed: int = 0  # seed of the sampling keys and of the prompt order
+
+    def __post_init__(self):
+        _check(0.0 <= self.fraction <= 1.0, f"fraction={self.fraction} must be in [0, 1] (0 = off, 1 = every step)")
+        _check_choice("source", self.source, SOURCES)
+        _check_choice("divergence", self.divergence, DIVERGENCES)
+        _check(0.0 <= self.alpha <= 1.0, f"alpha={self.alpha} must be in [0, 1]")
+        _check(self.temperature > 0.0, f"temperature={self.temperature} must be > 0 (sampling; greedy completions "
+                                       f"would be one per prompt)")
+        _check(0.0 < self.top_p <= 1.0, f"top_p={self.top_p} must be in (0, 1]")
+        _check(self.max_new_tokens >= 1, f"max_new_tokens={self.max_new_tokens} must be >= 1 token")
+        _check(self.prompts_per_step >= 0, f"prompts_per_step={self.prompts_per_step} must be >= 0 "
+                                           f"(0 = train.global_batch_size)")
+        _check(self.bucket >= 1, f"bucket={self.bucket} must be >= 1 token")
+
+    @property
+    def on(self) -> bool:
+        return self.fraction > 0
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     steps: int = 1000  # optimizer steps to train for
@@ -315,6 +351,7 @@ class TrainConfig:
     grad_accum: int = 1  # micro-batches accumulated per optimizer step
     eval_every: int = 200  # steps between evaluations; 0 disables
     max_nonfinite: int = 10  # consecutive non-finite-loss steps (skipped) before training stops
+    on_policy: OnPolicyConfig = dataclasses.field(default_factory=OnPolicyConfig)  # completions sampled in the loop, graded by the online teacher
 
     def __post_init__(self):
         _check(self.steps >= 0, f"steps={self.steps} must be >= 0")
@@ -424,6 +461,15 @@ class Config:
         if not online and self.loss.hidden.on:
             raise ConfigError("loss.hidden.weight > 0 aligns the student's hidden states to the teacher's, which "
                               "needs the teacher in the train step: set teacher.mode=online (or loss.hidden.weight=0)")
+        if self.train.on_policy.on and not online:
+            raise ConfigError(f"train.on_policy.fraction={self.train.on_policy.fraction} trains on sampled completions "
+                              f"that no store holds: the teacher must grade them in the train step; set "
+                              f"teacher.mode=online (or train.on_policy.fraction=0)")
+        if self.train.on_policy.on:
+            pps = self.train.on_policy.prompts_per_step or self.train.global_batch_size
+            _check(pps % self.train.global_batch_size == 0,
+                   f"train.on_policy.prompts_per_step={pps} must be a multiple of train.global_batch_size="
+                   f"{self.train.global_batch_size} (the sampling batch is sharded like the train batch)")
         if not online and self.loss.online_top_k:
             raise ConfigError(f"loss.online_top_k={self.loss.online_top_k} is for teacher.mode=online; offline, K is "
                               f"the store's (data.top_k at precompute)")

@@ -45,8 +45,12 @@ def _next_key(key, i):
 
 
 @functools.partial(jax.jit, static_argnums=(0, 5, 6, 7))
-def _generate(graphdef, state, tokens_BxT, valid_BxT, key, max_new: int, temperature: float, top_p: float,
-              eos_E):
+def sample_tokens(graphdef, state, tokens_BxT, valid_BxT, key, max_new: int, temperature: float, top_p: float,
+                  eos_E):
+    """[B, max_new] int32 new ids (0 after a row's EOS) for left-padded prompts `tokens_BxT`
+    (`valid_BxT` False on padding) from the model nnx.merge(graphdef, state); `key` one key or [B]
+    keys; eos_E int32 [E] ids that end a row. Jitted: one compile per (graphdef, T, max_new,
+    temperature, top_p); under a mesh, the prompts' sharding carries into the cache and the loop."""
     model = nnx.merge(graphdef, state)
     B, T = tokens_BxT.shape
     positions_BxT = jnp.maximum(jnp.cumsum(valid_BxT, axis=1) - 1, 0).astype(jnp.int32)
@@ -76,6 +80,26 @@ def _generate(graphdef, state, tokens_BxT, valid_BxT, key, max_new: int, tempera
     return out_BxN
 
 
+def left_pad(prompts: Sequence[Sequence[int]], bucket: int) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens int32 [B, T], valid bool [B, T]): the prompts left-padded to T, the longest prompt's
+    length rounded up to a multiple of `bucket`."""
+    T = -(-max(len(p) for p in prompts) // bucket) * bucket
+    tokens = np.zeros((len(prompts), T), np.int32)
+    valid = np.zeros((len(prompts), T), bool)
+    for b, p in enumerate(prompts):
+        tokens[b, T - len(p):] = p
+        valid[b, T - len(p):] = True
+    return tokens, valid
+
+
+def cut_at_eos(ids: Sequence[int], eos_ids: Sequence[int]) -> list[int]:
+    """`ids` up to and including the first of `eos_ids` (all of them when none occurs)."""
+    eos = set(eos_ids)
+    ids = list(ids)
+    stop = next((i for i, t in enumerate(ids) if t in eos), None)
+    return ids if stop is None else ids[:stop + 1]
+
+
 def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, eos_ids: Sequence[int] = (),
              temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, bucket: int = 32,
              keys: jax.Array | None = None) -> list[list[int]]:
@@ -83,22 +107,12 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, eo
     left-padded to a multiple of `bucket` tokens, so batches of similar prompts share one compile.
     `keys` (a [B] array of jax.random keys, one per prompt) replaces `seed`: each row samples
     from its own key, so its tokens do not depend on the other rows' keys."""
-    T = -(-max(len(p) for p in prompts) // bucket) * bucket
-    tokens = np.zeros((len(prompts), T), np.int32)
-    valid = np.zeros((len(prompts), T), bool)
-    for b, p in enumerate(prompts):  # left padding
-        tokens[b, T - len(p):] = p
-        valid[b, T - len(p):] = True
+    tokens, valid = left_pad(prompts, bucket)
     graphdef, state = nnx.split(model)
     eos = jnp.asarray(list(eos_ids) or [-1], jnp.int32)
     if keys is not None and keys.shape != (len(prompts),):
         raise ValueError(f"keys has shape {keys.shape}; pass one key per prompt: ({len(prompts)},)")
     key = jax.random.key(seed) if keys is None else keys
-    out = np.asarray(_generate(graphdef, state, jnp.asarray(tokens), jnp.asarray(valid), key,
-                               max_new_tokens, float(temperature), float(top_p), eos))
-    results = []
-    for row in out:
-        ids = row.tolist()
-        stop = next((i for i, t in enumerate(ids) if t in set(eos_ids)), None)
-        results.append(ids if stop is None else ids[:stop + 1])
-    return results
+    out = np.asarray(sample_tokens(graphdef, state, jnp.asarray(tokens), jnp.asarray(valid), key,
+                                   max_new_tokens, float(temperature), float(top_p), eos))
+    return [cut_at_eos(row.tolist(), eos_ids) for row in out]

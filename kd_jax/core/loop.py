@@ -27,6 +27,7 @@ from kd_jax.core import distributed, flops, sharding
 from kd_jax.core.checkpoint import Checkpointer, CheckpointError, Preemption
 from kd_jax.core.config import Config, DataConfig, LossConfig, RunConfig
 from kd_jax.core.errors import KDJaxError
+from kd_jax.core.onpolicy import OnPolicy, Prompts, Sampled
 from kd_jax.core.progress import bar
 from kd_jax.core.runs import RunLock, check_and_save_config
 from kd_jax.core.state import TrainSpec, abstract_train_state, init_train_state
@@ -34,8 +35,9 @@ from kd_jax.core.step import Steps, compile_steps, hyper_at, layer_pairs, loss_s
 from kd_jax.core.teacher import precompute
 from kd_jax.data.pipeline import make_eval_iter, make_train_iter, split_indices
 from kd_jax.data.store import KDStore, StoreError, tokenizer_fingerprint
+from kd_jax.data.traces import load_prompts
 from kd_jax.models import build_model, num_params
-from kd_jax.models.hf import load_tokenizer
+from kd_jax.models.hf import eos_token_ids, load_tokenizer
 
 log = logging.getLogger("kd_jax.train")
 
@@ -195,6 +197,7 @@ class Run:
     eval_idx: np.ndarray
     teacher: Any = None  # the online teacher (frozen, sharded on the mesh); None offline
     schedules: dict = dataclasses.field(default_factory=dict)  # loss value name -> step -> value
+    on_policy: OnPolicy | None = None  # the sampling of on-policy steps (train.on_policy); None = off
 
     @property
     def teacher_params(self):
@@ -231,8 +234,30 @@ def prepare(cfg: Config) -> Run:
                                 global_batch_size=cfg.train.global_batch_size, seed=cfg.data.shuffle_seed,
                                 process_index=jax.process_index(), process_count=jax.process_count(),
                                 steps=cfg.train.steps)
+    on_policy = None
+    if cfg.train.on_policy.on:
+        on_policy = _on_policy(cfg, mesh, store, usable[train_pos], spec, steps, teacher, pairs)
     return Run(cfg, mesh, student, spec, state, steps, data_iter, usable[train_pos], usable[eval_pos], teacher,
-               loss_schedules(cfg.loss, cfg.train.steps))
+               loss_schedules(cfg.loss, cfg.train.steps), on_policy)
+
+
+def _on_policy(cfg: Config, mesh, store: KDStore, train_idx: np.ndarray, spec: TrainSpec, steps: Steps, teacher,
+               pairs) -> OnPolicy:
+    """The on-policy sampler: prompts from data.prompts or the training split's prompt part; the
+    student's (or the teacher's) structure to sample with; the step compiled with the on-policy
+    divergence (the same step when it is loss.divergence)."""
+    op = cfg.train.on_policy
+    tokenizer = load_tokenizer(cfg.tokenizer)
+    if cfg.data.prompts:
+        prompts = Prompts.from_messages(load_prompts(cfg.data), tokenizer, cfg.data.seq_len, op.seed)
+    else:
+        prompts = Prompts.from_store(cfg.data.store, train_idx, op.seed)
+    loss_cfg = dataclasses.replace(cfg.loss, divergence=op.divergence)
+    if loss_cfg != cfg.loss:
+        steps = compile_steps(spec, loss_cfg, cfg.train.grad_accum, mesh, teacher=nnx.graphdef(teacher), pairs=pairs)
+    graphdef = nnx.graphdef(teacher) if op.source == "teacher" else spec.graphdef
+    eos = eos_token_ids(tokenizer, cfg.teacher.hf_path if cfg.teacher.init == "hf" else None, cfg.teacher.revision)
+    return OnPolicy(cfg, mesh, tokenizer, prompts, graphdef, eos, steps, store.meta.k)
 
 
 def _disk_full(e: BaseException | None) -> bool:
@@ -297,17 +322,55 @@ def train(cfg: Config) -> dict[str, float]:
         logging.getLogger("absl").removeFilter(quiet)
 
 
+class _SampleWindow:
+    """Sums over the on-policy steps between two log lines; the teacher's log-likelihood stays on
+    the device until the line is written (no extra sync per step)."""
+
+    def __init__(self):
+        self.sampled: list[Sampled] = []
+        self.nll: list[tuple[jax.Array, jax.Array]] = []
+
+    def add(self, sampled: Sampled, metrics: dict) -> None:
+        self.sampled.append(sampled)
+        self.nll.append((metrics["teacher_nll_sum"], metrics["num_tokens"]))
+
+    @property
+    def seconds(self) -> float:
+        return sum(s.seconds for s in self.sampled)
+
+    def summary(self, elapsed: float) -> dict[str, float]:
+        """Mean sampled length, shares that closed `</think>` / ended with EOS, the teacher's mean
+        log-probability of the sampled tokens, sampling tokens/s and its share of the wall time."""
+        if not self.sampled:
+            return {}
+        n = sum(s.samples for s in self.sampled)
+        sampled_tokens = sum(s.tokens for s in self.sampled)
+        nll, count = (sum(float(x) for x in xs) for xs in zip(*jax.device_get(self.nll)))
+        return {"sampled_len": sampled_tokens / n, "closed_think": sum(s.closed for s in self.sampled) / n,
+                "ended_eos": sum(s.ended for s in self.sampled) / n,
+                "sample_left_out": sum(s.samples - s.packed for s in self.sampled) / n,
+                "teacher_logprob_sampled": -nll / max(count, 1.0),
+                "sample_tokens_per_s": sampled_tokens / max(self.seconds, 1e-9),
+                "sample_share": self.seconds / max(elapsed, 1e-9)}
+
+
 def _loop(cfg: Config, ckpt: Checkpointer) -> dict[str, float]:
     run = prepare(cfg)
     cfg = run.cfg  # data.store set when the online teacher reads the traces directly
     mesh, student, steps, data_iter, spec = run.mesh, run.student, run.steps, run.data_iter, run.spec
     teacher_params = run.teacher_params
     state = run.state
+    policy = run.on_policy
     start = 0
     if cfg.checkpoint.resume and ckpt.latest_step() is not None:
         state, extra = ckpt.restore(None, spec.abstract, data_iter)
         start = int(extra["step"])
+        if policy is not None:
+            policy.restore(extra.get("on_policy"), start)
         log.info("resumed from step %d in %s", start, ckpt.directory)
+
+    def extras(at: int) -> dict:  # JSON beside the arrays: the step, and the on-policy sampling position
+        return {"step": at} if policy is None else {"step": at, "on_policy": policy.state()}
 
     logger = Logger(cfg.run_dir, cfg.run, start)
     if logger.on:
@@ -323,6 +386,7 @@ def _loop(cfg: Config, ckpt: Checkpointer) -> dict[str, float]:
     preemption = Preemption()
     progress = bar(total=cfg.train.steps, initial=start, disable=not logger.on, desc="train", unit="step")
     tokens, t0, last = 0, time.perf_counter(), {}
+    window = _SampleWindow()  # on-policy steps since the last log line
     step = start
     previous = None  # the skipped-in-a-row count of the step before: read one step late, so no stall
 
@@ -336,10 +400,17 @@ def _loop(cfg: Config, ckpt: Checkpointer) -> dict[str, float]:
     try:
         with jax.set_mesh(mesh):
             while step < cfg.train.steps:
-                batch = next(data_iter)
-                tokens += int((batch["segment_ids"] > 0).sum()) * jax.process_count()
                 hyper = hyper_at(run.schedules, step)
-                state, metrics = steps.train(state, to_global(batch, mesh), hyper, teacher_params)
+                if policy is not None and policy.due(step):
+                    sampler_params = teacher_params if policy.cfg.source == "teacher" else state["params"]
+                    batch, sampled = policy.next_batch(sampler_params)
+                    state, metrics = policy.steps.train(state, to_global(batch, mesh),
+                                                        dict(hyper, alpha=policy.cfg.alpha), teacher_params)
+                    window.add(sampled, metrics)
+                else:
+                    batch = next(data_iter)
+                    state, metrics = steps.train(state, to_global(batch, mesh), hyper, teacher_params)
+                tokens += int((batch["segment_ids"] > 0).sum()) * jax.process_count()
                 nonfinite = metrics["nonfinite"]
                 step += 1
                 progress.update(1)
@@ -349,14 +420,17 @@ def _loop(cfg: Config, ckpt: Checkpointer) -> dict[str, float]:
                 if step % cfg.run.log_every == 0 or step == cfg.train.steps:
                     m = jax.device_get(metrics)
                     elapsed = time.perf_counter() - t0
+                    train_s = max(elapsed - window.seconds, 1e-9)  # sampling is not training time
                     last = summarize({k: float(v) for k, v in m.items()}, cfg.loss, hyper)
                     last.update(grad_norm=float(m["grad_norm"]), skipped=float(m["skipped"]),
-                                lr=float(spec.schedule(step - 1)), tokens_per_s=tokens / elapsed,
-                                mfu=flops.mfu(student.cfg, cfg.data.seq_len, tokens / elapsed),
+                                lr=float(spec.schedule(step - 1)), tokens_per_s=tokens / train_s,
+                                mfu=flops.mfu(student.cfg, cfg.data.seq_len, tokens / train_s),
                                 **{k: hyper[k] for k in scheduled})
+                    if policy is not None:
+                        last.update(on_policy=float(policy.due(step - 1)), **window.summary(elapsed))
                     logger.write(step, "train", last)
                     progress.set_postfix(loss=f"{last['loss']:.4f}")
-                    tokens, t0 = 0, time.perf_counter()
+                    tokens, t0, window = 0, time.perf_counter(), _SampleWindow()
                 if cfg.train.eval_every and step % cfg.train.eval_every == 0:
                     eval_fn = lambda v, b: steps.eval(v, b, hyper, teacher_params)  # noqa: E731
                     result = evaluate_losses(eval_fn, trainable(state), cfg.data.store, run.eval_idx, cfg.data,
@@ -365,11 +439,11 @@ def _loop(cfg: Config, ckpt: Checkpointer) -> dict[str, float]:
                     if result:
                         logger.write(step, "eval", result)
                 if preemption.requested(step):
-                    ckpt.save(step, state, data_iter, extra={"step": step}, force=True)
+                    ckpt.save(step, state, data_iter, extra=extras(step), force=True)
                     ckpt.wait()
                     log.info("SIGTERM: saved step %d in %s; exiting", step, ckpt.directory)
                     return last
-                ckpt.save(step, state, data_iter, extra={"step": step}, force=step == cfg.train.steps)
+                ckpt.save(step, state, data_iter, extra=extras(step), force=step == cfg.train.steps)
             if previous is not None:
                 check_nonfinite(*previous)
     finally:

@@ -233,6 +233,9 @@ def dense_token_terms(logits_CxV, teacher_logits_CxV, labels_C, *, temperature=1
 # --- The fused, chunked loss -----------------------------------------------------------------
 
 _METRICS = ("soft_sum", "hard_sum", "num_tokens", "top1_agree")
+# The online loss also sums the teacher's negative log-likelihood of the labels (at T = 1, over the
+# student's V ids): on sampled sequences, how likely the teacher finds what the student wrote.
+_ONLINE_METRICS = _METRICS + ("teacher_nll_sum",)
 
 
 def _chunk_loss(logits_CxV, labels_C, ids_CxK, logprobs_CxK, a_C, b_C, temperature, cfg: LossConfig):
@@ -279,7 +282,7 @@ def _from_chunks(x_GxC, N):
     return x_CxG.reshape((-1,) + x_CxG.shape[2:])[:N]
 
 
-def _scan_tokens(hidden_NxD, out_embed_DxV, data, chunk_loss, chunk_size, with_grad):
+def _scan_tokens(hidden_NxD, out_embed_DxV, data, chunk_loss, chunk_size, with_grad, metric_names=_METRICS):
     """The chunk walk shared by the offline and the online loss.
 
     data: ([N, ...] array, logical names of its per-token axes or None) pairs, cut into chunks
@@ -315,7 +318,7 @@ def _scan_tokens(hidden_NxD, out_embed_DxV, data, chunk_loss, chunk_size, with_g
         return (carry[0] + loss, jax.tree.map(jnp.add, carry[1], metrics), dw_DxV), dh_CxD
 
     zero = jnp.zeros((), jnp.float32)
-    init = (zero, {k: zero for k in _METRICS})
+    init = (zero, {k: zero for k in metric_names})
     if with_grad:
         init = init + (jnp.zeros((D, V), jnp.float32),)
     carry, dh_GxCxD = jax.lax.scan(body, init, tuple(xs))
@@ -398,10 +401,17 @@ def _online_chunk_loss(logits_CxV, teacher_logits_CxV, labels_C, a_C, b_C, tempe
         if logp_CxW.shape[-1] > V:
             logp_CxW = jnp.where(jnp.arange(logp_CxW.shape[-1])[None, :] < V, logp_CxW, -jnp.inf)
         lps_CxK, ids_CxK = jax.lax.top_k(logp_CxW, cfg.online_top_k)
-        return _chunk_loss(logits_CxV, labels_C, ids_CxK, lps_CxK, a_C, b_C, temperature, cfg)
-    soft_C, hard_C, agree_C = dense_token_terms(logits_CxV, teacher_logits_CxV, labels_C, temperature=temperature,
-                                                divergence=cfg.divergence, jsd_beta=cfg.jsd_beta)
-    return _weighted(soft_C, hard_C, agree_C, a_C, b_C)
+        loss, metrics = _chunk_loss(logits_CxV, labels_C, ids_CxK, lps_CxK, a_C, b_C, temperature, cfg)
+    else:
+        soft_C, hard_C, agree_C = dense_token_terms(logits_CxV, teacher_logits_CxV, labels_C,
+                                                    temperature=temperature, divergence=cfg.divergence,
+                                                    jsd_beta=cfg.jsd_beta)
+        loss, metrics = _weighted(soft_C, hard_C, agree_C, a_C, b_C)
+    zt_CxV = teacher_logits_CxV[:, :logits_CxV.shape[-1]]
+    labels_C = jnp.clip(labels_C, 0, zt_CxV.shape[-1] - 1)
+    nll_C = jax.nn.logsumexp(zt_CxV, axis=-1) - jnp.take_along_axis(zt_CxV, labels_C[:, None], axis=-1)[:, 0]
+    used_C = (a_C != 0) | (b_C != 0)
+    return loss, dict(metrics, teacher_nll_sum=jnp.where(used_C, nll_C, 0.0).sum())
 
 
 def _scan_online(hidden_NxD, out_embed_DxV, teacher_hidden_NxE, teacher_embed_ExV, labels_N, a_N, b_N,
@@ -417,7 +427,7 @@ def _scan_online(hidden_NxD, out_embed_DxV, teacher_hidden_NxE, teacher_embed_Ex
         return functools.partial(_online_chunk_loss, teacher_logits_CxV=zt_CxV, labels_C=labels_C, a_C=a_C,
                                  b_C=b_C, temperature=temperature, cfg=cfg)
 
-    return _scan_tokens(hidden_NxD, out_embed_DxV, data, chunk_loss, cfg.chunk_size, with_grad)
+    return _scan_tokens(hidden_NxD, out_embed_DxV, data, chunk_loss, cfg.chunk_size, with_grad, _ONLINE_METRICS)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(8,))
@@ -462,7 +472,8 @@ def kd_loss_online(hidden_NxD, out_embed_DxV, teacher_hidden_NxE, teacher_embed_
     Walks `chunk_size` tokens at a time (global, over all devices) and computes both models' logits
     per chunk only: peak extra memory O(chunk_size × V) for the two together. Gradients w.r.t.
     hidden and out_embed come from the same pass (custom VJP); the teacher is frozen (no gradient).
-    Returns (loss, metrics) as `kd_loss`.
+    Returns (loss, metrics) as `kd_loss`, plus teacher_nll_sum: Σ −log p_teacher(label) at T = 1
+    over the student's V ids, on the same tokens.
     """
     cfg = dataclasses.replace(cfg or LossConfig(), **overrides)
     N = hidden_NxD.shape[0]

@@ -289,6 +289,8 @@ def summarize(sums: dict[str, float], loss_cfg: LossConfig, hyper: dict[str, flo
            "loss": sums["loss"]}
     if "hidden" in sums:
         out["hidden"] = sums["hidden"]
+    if "teacher_nll_sum" in sums:  # an online teacher: its mean log-likelihood of the labels (T = 1)
+        out["teacher_logprob"] = -sums["teacher_nll_sum"] / n
     if "step_loss" in sums:
         out["step_loss"] = sums["step_loss"]
     elif loss_cfg.beta > 0:  # L = α·L_soft + (1−α)·L_hard + β·L_step + γ·L_hidden, so L_step follows exactly

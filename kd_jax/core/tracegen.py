@@ -61,7 +61,7 @@ from kd_jax.core.generate import generate
 from kd_jax.core.progress import bar as progress_bar
 from kd_jax.data.traces import render_prompt
 from kd_jax.models import build_model
-from kd_jax.models.hf import load_tokenizer, resolve_path
+from kd_jax.models.hf import HFFormatError, eos_token_ids, load_tokenizer
 
 log = logging.getLogger("kd_jax.core.tracegen")
 
@@ -390,17 +390,11 @@ def _claim_output(out: str, current: dict) -> None:
 
 def eos_ids(cfg: Config, tokenizer) -> list[int]:
     """The tokenizer's EOS and the teacher folder's generation_config.json eos_token_id(s)."""
-    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    if cfg.teacher.init == "hf" and cfg.teacher.hf_path:
-        path = os.path.join(resolve_path(cfg.teacher.hf_path, cfg.teacher.revision), "generation_config.json")
-        if os.path.exists(path):
-            with open(path) as f:
-                extra = json.load(f).get("eos_token_id")
-            ids += [extra] if isinstance(extra, int) else list(extra or [])
-    if not ids:
-        raise GenerateError("neither the tokenizer nor the teacher's generation_config.json names an EOS token; "
-                            "set tokenizer.eos_token so that samples can end")
-    return sorted(set(ids))
+    try:
+        return eos_token_ids(tokenizer, cfg.teacher.hf_path if cfg.teacher.init == "hf" else None,
+                             cfg.teacher.revision)
+    except HFFormatError as e:
+        raise GenerateError(str(e)) from None
 
 
 def summarize(marks: list[dict], samples_per_prompt: int, verified: bool) -> dict:

@@ -276,6 +276,16 @@ def make_train_iter(store_path: str, train_idx: np.ndarray, data_cfg: DataConfig
     return iter(ds)
 
 
+def pack_examples(examples: list[dict[str, np.ndarray]], data_cfg: DataConfig,
+                  batch_size: int) -> tuple[dict[str, np.ndarray], int]:
+    """(one batch, examples in it): shifted examples (`shift_example`'s keys but `index`) packed in
+    order by the configured packer into `batch_size` rows of data.seq_len, like training batches;
+    examples that do not fit in those rows are left out (the count says how many went in)."""
+    ds = grain.MapDataset.source(examples).to_iter_dataset()
+    batch = next(iter(_pack_and_batch(ds, data_cfg, batch_size, seed=0, shuffle_bins=False, drop_remainder=False)))
+    return batch, int(batch["segment_ids"].max(axis=1).sum())
+
+
 def make_eval_iter(store_path: str, eval_idx: np.ndarray, data_cfg: DataConfig, *,
                    batch_size: int) -> grain.DatasetIterator:
     """One deterministic pass over the store sequences `eval_idx` (in order), packed and batched

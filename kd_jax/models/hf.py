@@ -331,6 +331,22 @@ def load_tokenizer(path: str, revision: str | None = None):
     return transformers.AutoTokenizer.from_pretrained(resolve_path(path, revision, weights=False))
 
 
+def eos_token_ids(tokenizer, hf_path: str | None = None, revision: str | None = None) -> list[int]:
+    """Ids that end a generation: the tokenizer's EOS and the model folder's generation_config.json
+    eos_token_id(s) (instruct models often stop on <|im_end|> as well as <|endoftext|>)."""
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    if hf_path:
+        path = os.path.join(resolve_path(hf_path, revision, weights=False), "generation_config.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                extra = json.load(f).get("eos_token_id")
+            ids += [extra] if isinstance(extra, int) else list(extra or [])
+    if not ids:
+        raise HFFormatError("neither the tokenizer nor the model's generation_config.json names an EOS token; "
+                            "set tokenizer.eos_token so that samples can end")
+    return sorted(set(ids))
+
+
 def read_hf_config(folder: str) -> dict[str, Any]:
     path = os.path.join(folder, "config.json")
     if not os.path.exists(path):
