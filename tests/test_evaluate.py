@@ -1,17 +1,25 @@
-"""`kd_jax.evaluate`: answer extraction, matchers, and a held-out report on a tiny store."""
+"""`kd_jax.evaluate`: answer extraction, matchers, the Wilson interval and pass@k by hand, the demo
+task's step checker on hand-made traces, a held-out report on a tiny store, an external GSM8K-style
+eval set end to end, and the command with --samples and --latency."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 
+import jax
 import pytest
 import tiny_kd
 
-from kd_jax.core.config import load_config
+from kd_jax.core.config import ConfigError, load_config
 from kd_jax.core.evaluation import evaluate as run
-from kd_jax.core.evaluation import extract_answer, matcher
+from kd_jax.core.evaluation import (extract_answer, matcher, pass_at_k, reasoning_steps, reference_answer,
+                                    wilson_interval)
 from kd_jax.core.teacher import precompute
+from kd_jax.data.arithmetic import check_steps
+from kd_jax.evaluate import main as evaluate_main
 
 
 def always_true(pred, ref):  # a user matcher, named in the config as tests.test_evaluate:always_true
@@ -46,6 +54,8 @@ def test_report_on_a_tiny_store(tmp_path):
     precompute(cfg, show_progress=False)
     report = run(cfg, "teacher")
     assert report["examples"] == 4 and 0.0 <= report["accuracy"] <= 1.0
+    assert report["accuracy_low"] <= report["accuracy"] <= report["accuracy_high"]
+    assert report["pass@1"] == report["accuracy"] and report["eval_set"].endswith("(held-out split)")
     assert report["generated_tokens"] > 0 and report["generation_tokens_per_s"] > 0
     assert report["parameter_bytes"] == 4 * report["parameters"]
     assert report["hard"] > 0 and 0 <= report["top1_agree"] <= 1
@@ -53,3 +63,118 @@ def test_report_on_a_tiny_store(tmp_path):
         assert json.load(f)["accuracy"] == report["accuracy"]
     # the configured matcher decides: a user function that accepts everything gives accuracy 1
     assert run(load_config(None, overrides + ["eval.matcher=test_evaluate:always_true"]), "teacher")["accuracy"] == 1.0
+
+
+def test_wilson_interval_by_hand():
+    z2 = 1.96 ** 2
+    # 0/10: p = 0, so the interval is [0, 2 * (z²/2n) / (1 + z²/n)] = [0, z²/n / (1 + z²/n)]
+    assert wilson_interval(0, 10) == pytest.approx((0.0, (z2 / 10) / (1 + z2 / 10)), abs=1e-9)
+    assert wilson_interval(0, 10) == pytest.approx((0.0, 0.27754), abs=1e-5)
+    assert wilson_interval(10, 10) == pytest.approx((1 - 0.27754, 1.0), abs=1e-5)
+    # 5/10: centre 1/2; half width 1.96 * sqrt(0.025 + z²/400) / (1 + z²/10) = 0.26341
+    half = 1.96 * math.sqrt(0.5 * 0.5 / 10 + z2 / 400) / (1 + z2 / 10)
+    assert wilson_interval(5, 10) == pytest.approx((0.5 - half, 0.5 + half), abs=1e-9)
+    assert wilson_interval(5, 10) == pytest.approx((0.23659, 0.76341), abs=1e-5)
+    # 81/100: centre (0.81 + 0.019208) / 1.038416 = 0.798532, half 1.96 * sqrt(0.001539 + 0.00009604) / 1.038416
+    centre, half = 0.829208 / 1.038416, 1.96 * math.sqrt(0.81 * 0.19 / 100 + z2 / 40000) / 1.038416
+    assert wilson_interval(81, 100) == pytest.approx((centre - half, centre + half), abs=1e-9)
+    assert wilson_interval(81, 100) == pytest.approx((0.72221, 0.87485), abs=1e-5)
+    assert wilson_interval(111, 128) == pytest.approx((0.798, 0.915), abs=1e-3)  # the README's demo numbers
+
+
+def test_pass_at_k_by_hand():
+    assert pass_at_k(5, 2, 1) == pytest.approx(0.4)
+    assert pass_at_k(5, 2, 2) == pytest.approx(1 - 3 / 10)  # 1 - C(3,2)/C(5,2)
+    assert pass_at_k(5, 0, 3) == 0.0
+    assert pass_at_k(5, 4, 2) == 1.0  # n - c < k: every draw of 2 holds a correct one
+
+
+def test_reference_and_steps():
+    assert reference_answer("She sold 48/2 = 24 clips.\n#### 72") == "72"
+    assert reference_answer("a #### 1 #### 2 ") == "2" and reference_answer(18) == "18"
+    assert reasoning_steps("<think>\nStart: 3.\n\n\n\nWins 2: 3 + 2 = 5.\n</think>\n\n5", "\n\n") == [
+        "Start: 3.", "Wins 2: 3 + 2 = 5."]
+    assert reasoning_steps("Start: 3.\n\nWins", "\n\n") == ["Start: 3.", "Wins"]  # never closed: all of it
+
+
+PROBLEM = "Dev has 12 stamps, wins 2, gives away 8 and then wins 4. How many stamps does Dev have?"
+
+
+def test_arithmetic_step_checker():
+    right = ["Start: 12.", "Wins 2: 12 + 2 = 14.", "Gives away 8: 14 - 8 = 6.", "Wins 4: 6 + 4 = 10."]
+    assert check_steps(right, PROBLEM, "10") == [True] * 4
+    assert check_steps(right, "user\n" + PROBLEM + "\nassistant\n", "10") == [True] * 4  # a rendered prompt
+    # wrong arithmetic: 12 + 2 = 15; the next step, from 14, does not chain from the 15 written
+    wrong_sum = ["Start: 12.", "Wins 2: 12 + 2 = 15.", "Gives away 8: 14 - 8 = 6.", "Wins 4: 6 + 4 = 10."]
+    assert check_steps(wrong_sum, PROBLEM, "10") == [True, False, False, True]
+    # wrong chaining: right arithmetic from a count that is not the previous result (14)
+    wrong_chain = ["Start: 12.", "Wins 2: 12 + 2 = 14.", "Gives away 8: 13 - 8 = 5.", "Wins 4: 5 + 4 = 9."]
+    assert check_steps(wrong_chain, PROBLEM, "10") == [True, True, False, True]
+    # wrong start: the rest chains correctly from it
+    wrong_start = ["Start: 11.", "Wins 2: 11 + 2 = 13.", "Gives away 8: 13 - 8 = 5.", "Wins 4: 5 + 4 = 9."]
+    assert check_steps(wrong_start, PROBLEM, "10") == [False, True, True, True]
+    # a missing step: the later changes no longer line up with the prompt's clauses
+    missing = ["Start: 12.", "Gives away 8: 12 - 8 = 4.", "Wins 4: 4 + 4 = 8."]
+    assert check_steps(missing, PROBLEM, "10") == [True, False, False]
+    # wrong sign, a step past the prompt's changes, and text that is not a step
+    assert check_steps(["Start: 12.", "Wins 2: 12 - 2 = 10."], PROBLEM, "10") == [True, False]
+    assert check_steps(right + ["Wins 1: 10 + 1 = 11."], PROBLEM, "10") == [True] * 4 + [False]
+    assert check_steps(["so the count is", "Start: 12."], PROBLEM, "10") == [False, False]
+    assert check_steps([], PROBLEM, "10") == []
+
+
+def teacher_args(root: str) -> list[str]:
+    return [f"teacher.hf_path={root}/teacher", "teacher.param_dtype=float32", "teacher.dtype=float32",
+            f"run.output_dir={root}/runs", "eval.max_new_tokens=6", "train.global_batch_size=2"]
+
+
+@pytest.fixture(scope="module")
+def eval_set(tmp_path_factory) -> tuple[str, str]:
+    """(root with tiny_kd's teacher, a GSM8K-style JSONL eval set: question, answer '... #### n')."""
+    root = str(tmp_path_factory.mktemp("eval_set"))
+    tiny_kd.make(root, n_traces=8)
+    path = os.path.join(root, "gsm.jsonl")
+    with open(path, "w") as f:
+        for a, b in ((2, 3), (4, 5), (6, 1)):
+            f.write(json.dumps({"question": f"What is {a} plus {b}?",
+                                "answer": f"{a} + {b} = {a + b}.\n#### {a + b}"}) + "\n")
+    return root, path
+
+
+def test_external_eval_set(eval_set):
+    root, path = eval_set
+    args = teacher_args(root) + [f"eval.data={path}"]
+    report = run(load_config(None, args + ["eval.matcher=test_evaluate:always_true"]), "teacher")
+    assert report["examples"] == 3 and report["eval_set"] == path
+    assert report["accuracy"] == 1.0 and report["accuracy_high"] == 1.0
+    assert report["accuracy_low"] == pytest.approx(wilson_interval(3, 3)[0])
+    assert [s["reference"] for s in report["samples"]] == ["5", "9", "7"]  # the text after '####'
+    assert "hard" not in report  # no store: no KD losses
+    report = run(load_config(None, args + ["eval.step_checker=kd_jax.data.arithmetic:check_steps"]), "teacher", 2)
+    assert report["examples"] == 2 and 0.0 <= report["accuracy"] <= 1.0
+    assert 0.0 <= report["step_accuracy"] <= 1.0 and 0.0 <= report["all_steps_correct"] <= 1.0
+    with pytest.raises(ConfigError, match="eval.question_field"):
+        run(load_config(None, args + ["eval.question_field=problem"]), "teacher")
+    with pytest.raises(ConfigError, match="eval.step_checker"):
+        run(load_config(None, args + ["eval.step_checker=nowhere.module:fn"]), "teacher")
+
+
+def test_samples_and_latency_through_the_command(eval_set, capsys):
+    root, path = eval_set
+    args = teacher_args(root) + [f"eval.data={path}", "eval.matcher=test_evaluate:always_true"]
+    with pytest.raises(ConfigError, match="sampling_temperature > 0"):
+        load_config(None, args + ["eval.samples=3"])
+    evaluate_main(["--model", "teacher", "--samples", "3", "--latency", "eval.sampling_temperature=0.7",
+                   *args, "eval.max_new_tokens=16"])  # 15 decode steps: a time above the noise
+    out = capsys.readouterr().out
+    assert re.search(r"accuracy  100\.0% \[\d+\.\d, 100\.0\] \(n=3, 3 samples each\)", out), out
+    with open(os.path.join(root, "runs", "kd", "eval_teacher.json")) as f:
+        report = json.load(f)
+    assert report["samples_per_problem"] == 3 and report["correct_samples"] == 9
+    assert report["pass@1"] == 1.0 and report["pass@3"] == 1.0
+    assert report["platform"] == jax.devices()[0].platform and report["device_kind"]
+    for b in (1, 2):  # batch 1 and train.global_batch_size
+        assert report[f"ttft_ms_b{b}"] > 0 and report[f"decode_ms_per_token_b{b}"] > 0
+    assert report["generation_peak_bytes"] > 0
+    assert report["generation_peak_source"] in ("memory_stats", "compiled memory analysis")
+    assert "ttft_ms_b1" in out and "generation_peak_bytes" in out

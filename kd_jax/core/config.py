@@ -386,6 +386,13 @@ class EvalConfig:
     matcher: str = "numeric"  # answer check: "exact", "numeric", or "module.path:function"
     sampling_temperature: float = 0.0  # temperature of answer generation; 0 = greedy (loss.temperature is the KD loss's)
     top_p: float = 1.0  # nucleus sampling mass; 1 = off
+    samples: int = 1  # answers sampled per problem (accuracy = pass@1 over them); > 1 needs sampling_temperature > 0
+    pass_k: list[int] | None = None  # k of the reported pass@k, each <= samples; None = 1 and samples
+    step_checker: str | None = None  # "module.path:function" (steps, prompt, reference) -> one bool per reasoning step; None = no step accuracy
+    latency: bool = False  # also time generation (first token, per-token decode, batch 1 and N) and its peak memory
+    data: str | None = None  # external eval set: JSONL/Parquet file, folder of them, or hub dataset id; None = the store's held-out split
+    question_field: str = "question"  # field of eval.data holding the question: text, or a list of role/content turns
+    answer_field: str = "answer"  # field of eval.data holding the reference; the text after its last "####" when present (GSM8K)
 
     def __post_init__(self):
         _check(self.batches >= 1, f"batches={self.batches} must be >= 1")
@@ -397,6 +404,23 @@ class EvalConfig:
         _check(self.sampling_temperature >= 0.0,
                f"sampling_temperature={self.sampling_temperature} must be >= 0 (0 = greedy)")
         _check(0.0 < self.top_p <= 1.0, f"top_p={self.top_p} must be in (0, 1]")
+        _check(self.samples >= 1, f"samples={self.samples} must be >= 1 (answers sampled per problem)")
+        _check(self.samples == 1 or self.sampling_temperature > 0,
+               f"samples={self.samples} at sampling_temperature=0 (greedy) draws the same answer {self.samples} "
+               f"times; set eval.sampling_temperature > 0 (e.g. 0.7) or eval.samples=1")
+        ks = self.pass_k
+        _check(ks is None or (bool(ks) and all(1 <= k <= self.samples for k in ks)),
+               f"pass_k={ks} must be null (1 and samples) or a non-empty list of k with 1 <= k <= samples={self.samples}")
+        _check(self.step_checker is None or ":" in self.step_checker,
+               f"step_checker={self.step_checker!r} must be 'module.path:function' or null")
+        _check(self.data != "", "data='' names no eval set; use null for the store's held-out split")
+        for name in ("question_field", "answer_field"):
+            _check(bool(getattr(self, name)), f"{name}='' names no field; name a column of eval.data")
+
+    @property
+    def ks(self) -> list[int]:
+        """The k of the reported pass@k: pass_k, or 1 and samples."""
+        return sorted(set(self.pass_k)) if self.pass_k else sorted({1, self.samples})
 
 
 @dataclasses.dataclass(frozen=True)

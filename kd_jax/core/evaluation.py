@@ -1,32 +1,47 @@
-"""Evaluation of a student or teacher on the held-out split of the KD store (the library behind
-`python -m kd_jax.evaluate`). Three axes: the KD losses and top-1 agreement with the teacher (the
-train loop's evaluation), task accuracy by generation (the text after `</think>` is compared with
-the reference answer by `eval.matcher`), and cost: generation tokens/s and the parameters' memory.
+"""Evaluation of a student or teacher (the library behind `python -m kd_jax.evaluate`), on the
+held-out split of the KD store or on an external set of questions and answers (`eval.data`).
+
+- KD losses and top-1 agreement with the teacher on the store's held-out split (the train loop's
+  evaluation); skipped when there is no store (`eval.data` without `data.store`).
+- Task accuracy by generation: the text after `</think>` is compared with the reference answer by
+  `eval.matcher`, with a 95% Wilson interval over the problems; `eval.samples` answers per problem
+  give pass@1 (their mean) and the unbiased pass@k of `eval.pass_k`.
+- Step accuracy (`eval.step_checker`): the generated reasoning, split at `data.step_separator`, is
+  judged step by step by a task's checker.
+- Cost: generation tokens/s, parameter memory and, with `eval.latency`, time to first token and
+  per-token decode time at batch 1 and N, and generation's peak memory, with the hardware named.
+
+Sample j of problem i draws from fold_in(fold_in(key(run.seed), i), j) (`row_keys`, as
+kd_jax/core/tracegen.py samples), so a problem's samples do not depend on its batch.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 import json
+import math
 import os
 import re
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from kd_jax.core import sharding
 from kd_jax.core.config import Config, ConfigError, EvalConfig
-from kd_jax.core.generate import generate
+from kd_jax.core.generate import _generate, generate
 from kd_jax.core.loop import evaluate_losses, usable_sequences
 from kd_jax.core.runs import restore_student
 from kd_jax.core.step import Objective, default_hyper, eval_step
+from kd_jax.data import tables
 from kd_jax.data.pipeline import split_indices
 from kd_jax.data.roles import Role
 from kd_jax.data.store import KDStore
-from kd_jax.data.traces import THINK_CLOSE
+from kd_jax.data.traces import THINK_CLOSE, THINK_OPEN, render_prompt
 from kd_jax.models import build_model, num_params
 from kd_jax.models.hf import load_tokenizer
 
@@ -49,48 +64,217 @@ def matcher(spec: str):
             p, r = _NUMBER.findall(pred), _NUMBER.findall(ref)
             return bool(p and r) and abs(float(p[-1]) - float(r[-1])) <= 1e-6 * max(1.0, abs(float(r[-1])))
         return numeric
+    return _import_function(spec, "eval.matcher", "use exact, numeric or an importable module.path:function")
+
+
+def _import_function(spec: str, key: str, fix: str):
     module, _, name = spec.partition(":")
     try:
         return getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError) as e:
-        raise ConfigError(f"eval.matcher={spec!r}: cannot import {name!r} from {module!r} ({e}); use exact, "
-                         f"numeric or an importable module.path:function") from None
+        raise ConfigError(f"{key}={spec!r}: cannot import {name!r} from {module!r} ({e}); {fix}") from None
 
 
-def task_accuracy(model, tokenizer, store: KDStore, indices: np.ndarray, eval_cfg: EvalConfig,
-                  batch_size: int) -> dict:
-    """Generate from each held-out prompt (its prompt tokens, ending in the generation prompt) and
-    compare the extracted answer with the reference (its answer tokens, EOS dropped)."""
+def step_checker(spec: str):
+    """`eval.step_checker`: a `module.path:function` called as fn(steps, prompt, reference) ->
+    one bool per step. `steps`: the generated reasoning (before `</think>`, or all of it when the
+    reasoning never closed) split at `data.step_separator`, stripped, empty pieces dropped;
+    `prompt`: the problem as the model saw it (the chat-rendered prompt, special tokens dropped);
+    `reference`: the reference answer. kd_jax.data.arithmetic:check_steps is the demo task's."""
+    return _import_function(spec, "eval.step_checker", "use an importable module.path:function taking "
+                            "(steps, prompt, reference) -> list[bool], or null")
+
+
+def wilson_interval(correct: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval of a proportion correct / n (95% at z = 1.96); (0, 1) when n = 0.
+    `correct` may be fractional: with several samples per problem it is the sum of the problems'
+    shares of correct samples, so the interval counts problems, not (correlated) samples."""
+    if n == 0:
+        return 0.0, 1.0
+    p = correct / n
+    center = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, center - half), min(1.0, center + half)
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """The unbiased pass@k of one prompt with c correct of n samples: 1 - C(n-c, k) / C(n, k)."""
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def row_keys(seed: int, prompt_index: np.ndarray, sample: np.ndarray) -> jax.Array:
+    """[R] sampling keys: fold_in(fold_in(key(seed), prompt index), sample index) per row."""
+    base = jax.random.key(seed)
+    fold = jax.vmap(lambda p, s: jax.random.fold_in(jax.random.fold_in(base, p), s))
+    return fold(jnp.asarray(prompt_index, jnp.uint32), jnp.asarray(sample, jnp.uint32))
+
+
+def reference_answer(value) -> str:
+    """A reference answer as text: what follows the last "####" when there is one (GSM8K writes
+    its worked solution, then "#### 42"), else the whole value, stripped."""
+    text = str(value)
+    return (text.rsplit("####", 1)[1] if "####" in text else text).strip()
+
+
+def reasoning_steps(text: str, separator: str) -> list[str]:
+    """The reasoning steps of a generation: the text before the last `</think>` (all of it when the
+    reasoning never closed), without a leading `<think>`, split at `separator`, stripped, empty
+    pieces dropped."""
+    reasoning = text.rsplit(THINK_CLOSE, 1)[0] if THINK_CLOSE in text else text
+    reasoning = reasoning.split(THINK_OPEN, 1)[1] if THINK_OPEN in reasoning else reasoning
+    return [s.strip() for s in reasoning.split(separator) if s.strip()]
+
+
+@dataclasses.dataclass
+class Problem:
+    tokens: list[int]  # the prompt's ids, ending in the generation prompt
+    prompt: str  # the prompt as text (special tokens dropped): what a step checker reads
+    reference: str  # the reference answer
+
+
+def store_problems(store: KDStore, indices: np.ndarray, tokenizer) -> list[Problem]:
+    """Problems from KD store sequences: their prompt tokens and answer tokens (EOS dropped)."""
+    eos = {tokenizer.eos_token_id}
+    out = []
+    for i in indices:
+        s = store.read(int(i))
+        tokens = s["tokens"][s["role"] == Role.PROMPT].tolist()
+        ref = tokenizer.decode([t for t in s["tokens"][s["role"] == Role.ANSWER] if t not in eos],
+                               skip_special_tokens=True).strip()
+        out.append(Problem(tokens, tokenizer.decode(tokens, skip_special_tokens=True), ref))
+    return out
+
+
+def data_problems(eval_cfg: EvalConfig, tokenizer, max_examples: int | None = None) -> list[Problem]:
+    """Problems from `eval.data` (kd_jax/data/tables.py reads it): the question rendered with the
+    chat template and the generation prompt exactly as training prompts are (data/traces.py), the
+    reference after its last "####" when there is one (`reference_answer`)."""
+    dataset = tables.load_table(eval_cfg.data, {"eval.question_field": eval_cfg.question_field,
+                                                "eval.answer_field": eval_cfg.answer_field}, "eval.data",
+                                error=ConfigError)
+    if max_examples is not None:
+        dataset = dataset.select(range(min(max_examples, len(dataset))))
+    out = []
+    for i, row in enumerate(dataset):
+        messages = tables.prompt_messages(row[eval_cfg.question_field], i, "eval.question_field", ConfigError)
+        tokens = tokenizer(render_prompt(tokenizer, messages), add_special_tokens=False)["input_ids"]
+        out.append(Problem(tokens, tokenizer.decode(tokens, skip_special_tokens=True),
+                           reference_answer(row[eval_cfg.answer_field])))
+    return out
+
+
+def task_accuracy(model, tokenizer, problems: list[Problem], eval_cfg: EvalConfig, batch_size: int, *,
+                  step_separator: str = "\n\n", seed: int = 0) -> dict:
+    """Generate `eval.samples` answers for each problem and compare each extracted answer with the
+    reference (`eval.matcher`); with `eval.step_checker`, judge the reasoning step by step. Rows
+    (problem, sample) are cut into full batches of `batch_size` in order (the last padded with
+    copies: one compile serves every batch); each row samples from its own key (`row_keys`)."""
     match = matcher(eval_cfg.matcher)
+    check = step_checker(eval_cfg.step_checker) if eval_cfg.step_checker else None
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    correct, new_tokens, seconds, samples = 0, 0, 0.0, []
+    n = eval_cfg.samples
+    rows = [(i, j) for i in range(len(problems)) for j in range(n)]
+    correct = np.zeros(len(problems), int)
+    new_tokens, seconds, samples = 0, 0.0, []
+    steps_total = steps_right = traces_all_right = 0
     run = functools.partial(generate, model, max_new_tokens=eval_cfg.max_new_tokens, eos_ids=eos,
                             temperature=eval_cfg.sampling_temperature, top_p=eval_cfg.top_p)
     warm = False
-    for start in range(0, len(indices), batch_size):
-        seqs = [store.read(int(i)) for i in indices[start:start + batch_size]]
-        prompts = [s["tokens"][s["role"] == Role.PROMPT].tolist() for s in seqs]
-        # Full batches (the last one padded with copies), so one compile serves every batch.
-        padded = prompts + [prompts[-1]] * (batch_size - len(prompts))
+    for start in range(0, len(rows), batch_size):
+        batch = rows[start:start + batch_size]
+        padded = batch + [batch[-1]] * (batch_size - len(batch))
+        prompts = [problems[i].tokens for i, _ in padded]
+        keys = row_keys(seed, np.array([i for i, _ in padded]), np.array([j for _, j in padded]))
         if not warm:  # tokens/s is measured after a warm-up call (compile excluded)
-            run(padded)
+            run(prompts, keys=keys)
             warm = True
         t0 = time.perf_counter()
-        outs = run(padded)[:len(prompts)]
+        outs = run(prompts, keys=keys)[:len(batch)]
         seconds += time.perf_counter() - t0
-        for s, out in zip(seqs, outs):
+        for (i, _), out in zip(batch, outs):
+            problem = problems[i]
             new_tokens += len(out)
             # Special tokens kept: some tokenizers mark <think> tags special (EOS is dropped).
-            pred = extract_answer(tokenizer.decode([t for t in out if t not in eos]))
-            ref = tokenizer.decode([t for t in s["tokens"][s["role"] == Role.ANSWER] if t not in eos],
-                                   skip_special_tokens=True).strip()
-            ok = bool(match(pred, ref))
-            correct += ok
+            text = tokenizer.decode([t for t in out if t not in eos])
+            pred = extract_answer(text)
+            ok = bool(match(pred, problem.reference))
+            correct[i] += ok
+            if check is not None:
+                steps = reasoning_steps(text, step_separator)
+                verdicts = [bool(v) for v in check(steps, problem.prompt, problem.reference)]
+                if len(verdicts) != len(steps):
+                    raise ConfigError(f"eval.step_checker={eval_cfg.step_checker!r} returned {len(verdicts)} "
+                                      f"verdicts for {len(steps)} steps; it must return one bool per step")
+                steps_total += len(steps)
+                steps_right += sum(verdicts)
+                traces_all_right += bool(steps) and all(verdicts)
             if len(samples) < 3:
-                samples.append({"prediction": pred, "reference": ref, "correct": ok})
-    n = len(indices)
-    return {"accuracy": correct / max(n, 1), "examples": n, "generated_tokens": new_tokens,
-            "generation_tokens_per_s": new_tokens / max(seconds, 1e-9), "samples": samples}
+                samples.append({"prediction": pred, "reference": problem.reference, "correct": ok})
+    m = len(problems)
+    share = float(np.sum(correct / n))  # the problems' shares of correct samples, summed: pass@1 * m
+    low, high = wilson_interval(share, m)
+    report = {"accuracy": share / max(m, 1), "accuracy_low": low, "accuracy_high": high, "examples": m,
+              "samples_per_problem": n, "correct_samples": int(correct.sum())}
+    report.update({f"pass@{k}": float(np.mean([pass_at_k(n, int(c), k) for c in correct])) if m else 0.0
+                   for k in eval_cfg.ks})
+    if check is not None:
+        report.update(step_accuracy=steps_right / max(steps_total, 1),
+                      all_steps_correct=traces_all_right / max(len(rows), 1), steps=steps_total)
+    report.update(generated_tokens=new_tokens, generation_tokens_per_s=new_tokens / max(seconds, 1e-9),
+                  samples=samples)
+    return report
+
+
+def _best_seconds(fn, repeats: int) -> float:
+    """The fastest of `repeats` calls: the least disturbed by whatever else runs on the machine."""
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def generation_latency(model, prompts: list[list[int]], batch_sizes: list[int], eval_cfg: EvalConfig,
+                       repeats: int = 5) -> dict:
+    """Time to first token and per-token decode time of `generate` at each batch size (rows are
+    the first prompts, cycled), after a warm-up compile, the fastest of `repeats` calls: TTFT =
+    a call with max_new_tokens=1 (prefill and one sample, host transfers included), decode = (a
+    call with M = max(2, eval.max_new_tokens) new tokens and no EOS stop, minus TTFT) / (M - 1).
+    Peak memory: the device's peak_bytes_in_use (memory_stats; the process's peak so far, model
+    included) when the backend reports it, else the compiled generate program's memory analysis
+    (parameters, KV cache and temporaries at the largest batch); `generation_peak_source` says which."""
+    device = jax.devices()[0]
+    M = max(2, eval_cfg.max_new_tokens)
+    report = {"device_kind": device.device_kind, "platform": device.platform, "device_count": jax.device_count(),
+              "latency_new_tokens": M, "latency_prompt_tokens": max(len(p) for p in prompts)}
+    for b in batch_sizes:
+        batch = [prompts[r % len(prompts)] for r in range(b)]
+        run = functools.partial(generate, model, batch, eos_ids=(), temperature=eval_cfg.sampling_temperature,
+                                top_p=eval_cfg.top_p)
+        run(max_new_tokens=1), run(max_new_tokens=M)  # compile both lengths
+        first = _best_seconds(functools.partial(run, max_new_tokens=1), repeats)
+        full = _best_seconds(functools.partial(run, max_new_tokens=M), repeats)
+        decode = max(full - first, 0.0) / (M - 1)
+        report[f"ttft_ms_b{b}"] = 1e3 * first
+        report[f"decode_ms_per_token_b{b}"] = 1e3 * decode
+        report[f"decode_tokens_per_s_b{b}"] = b / max(decode, 1e-12)
+    stats = device.memory_stats() or {}
+    if stats.get("peak_bytes_in_use"):
+        report.update(generation_peak_bytes=int(stats["peak_bytes_in_use"]), generation_peak_source="memory_stats")
+    else:
+        b, T = max(batch_sizes), -(-report["latency_prompt_tokens"] // 32) * 32  # generate's default bucket
+        graphdef, state = nnx.split(model)
+        compiled = _generate.lower(graphdef, state, jnp.zeros((b, T), jnp.int32), jnp.ones((b, T), bool),
+                                   jax.random.key(0), M, float(eval_cfg.sampling_temperature), float(eval_cfg.top_p),
+                                   jnp.asarray([-1], jnp.int32)).compile()
+        mem = compiled.memory_analysis()
+        peak = getattr(mem, "peak_memory_in_bytes", 0) or (mem.argument_size_in_bytes + mem.output_size_in_bytes
+                                                             + mem.temp_size_in_bytes - mem.alias_size_in_bytes)
+        report.update(generation_peak_bytes=int(peak), generation_peak_source="compiled memory analysis")
+    return report
 
 
 def load_for_eval(cfg: Config, which: str, mesh, *, untrained: bool = False):
@@ -105,30 +289,58 @@ def load_for_eval(cfg: Config, which: str, mesh, *, untrained: bool = False):
 
 
 def evaluate(cfg: Config, which: str = "student", max_examples: int | None = None, *,
-             untrained: bool = False) -> dict:
-    """Held-out KD losses, task accuracy and cost of the student (or teacher) of `cfg`; also
-    written to <run_dir>/eval_<which>.json."""
-    mesh = sharding.mesh_from_config(cfg.mesh)
-    model = load_for_eval(cfg, which, mesh, untrained=untrained)
+             untrained: bool = False, samples: int | None = None, latency: bool | None = None) -> dict:
+    """Task accuracy (and step accuracy, latency when configured), held-out KD losses and cost of
+    the student (or teacher) of `cfg`; also written to <run_dir>/eval_<which>.json. The problems
+    are `eval.data`'s when it is set, else the store's held-out split; `max_examples` caps them.
+    The KD losses need the store: they are computed on its held-out split whenever `data.store` is
+    set (with `eval.data` too: they are the model's distance to the teacher, not a task score) and
+    skipped otherwise. `samples` / `latency` override eval.samples / eval.latency (the flags)."""
+    overrides = {k: v for k, v in (("samples", samples), ("latency", latency)) if v is not None}
+    if overrides:
+        try:
+            cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, **overrides))
+        except ConfigError as e:
+            raise ConfigError(f"eval: {e}") from None
     tokenizer = load_tokenizer(cfg.tokenizer)
-    store = KDStore.open(cfg.data.store)
-    usable = usable_sequences(store, cfg)
-    _, eval_pos = split_indices(len(usable), cfg.data.eval_fraction, cfg.data.shuffle_seed)
-    eval_idx = usable[eval_pos][:max_examples]
+    store = KDStore.open(cfg.data.store) if cfg.data.store else None
+    eval_idx = None
+    if store is not None:
+        usable = usable_sequences(store, cfg)
+        _, eval_pos = split_indices(len(usable), cfg.data.eval_fraction, cfg.data.shuffle_seed)
+        eval_idx = usable[eval_pos][:max_examples]
+    if cfg.eval.data:
+        problems, source = data_problems(cfg.eval, tokenizer, max_examples), cfg.eval.data
+    elif store is not None:
+        problems, source = store_problems(store, eval_idx, tokenizer), f"{cfg.data.store} (held-out split)"
+    else:
+        raise ConfigError("nothing to evaluate on: set data.store (its held-out split) or eval.data (an eval set)")
+    if not problems:
+        raise ConfigError(f"no problems to evaluate on in {source}; raise data.eval_fraction or --max-examples")
+    mesh = sharding.mesh_from_config(cfg.mesh)
+    model = load_for_eval(cfg, which, mesh, untrained=untrained)  # after the problems: a bad eval set fails fast
+    batch = cfg.train.global_batch_size
+    # Generation first: with memory_stats, the peak it reports then holds no loss evaluation.
+    task = task_accuracy(model, tokenizer, problems, cfg.eval, batch, step_separator=cfg.data.step_separator,
+                         seed=cfg.run.seed)
+    cost = generation_latency(model, [p.tokens for p in problems], sorted({1, batch}), cfg.eval) \
+        if cfg.eval.latency else {}
     graphdef, params = nnx.split(model)
-    # An online teacher runs beside the evaluated model for the soft loss (no alignment term: the
-    # projections are training state, not part of the model).
-    teacher = build_model(cfg.teacher, mesh=mesh) if cfg.teacher.mode == "online" else None
-    objective = Objective(graphdef, cfg.loss, nnx.graphdef(teacher) if teacher is not None else None)
-    step = jax.jit(functools.partial(eval_step, objective))
-    teacher_params = nnx.state(teacher) if teacher is not None else None
-    eval_fn = lambda v, b: step(v, b, default_hyper(cfg.loss), teacher_params)  # noqa: E731
-    with jax.set_mesh(mesh):
-        losses = evaluate_losses(eval_fn, {"params": params}, cfg.data.store, eval_idx, cfg.data, cfg.loss,
-                                 batches=cfg.eval.batches, batch_size=cfg.train.global_batch_size, mesh=mesh) or {}
-    task = task_accuracy(model, tokenizer, store, eval_idx, cfg.eval, cfg.train.global_batch_size)
+    losses = {}
+    if store is not None:
+        # An online teacher runs beside the evaluated model for the soft loss (no alignment term: the
+        # projections are training state, not part of the model).
+        teacher = build_model(cfg.teacher, mesh=mesh) if cfg.teacher.mode == "online" else None
+        objective = Objective(graphdef, cfg.loss, nnx.graphdef(teacher) if teacher is not None else None)
+        step = jax.jit(functools.partial(eval_step, objective))
+        teacher_params = nnx.state(teacher) if teacher is not None else None
+        eval_fn = lambda v, b: step(v, b, default_hyper(cfg.loss), teacher_params)  # noqa: E731
+        with jax.set_mesh(mesh):
+            losses = evaluate_losses(eval_fn, {"params": params}, cfg.data.store, eval_idx, cfg.data, cfg.loss,
+                                     batches=cfg.eval.batches, batch_size=batch, mesh=mesh) or {}
     param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
-    report = {"model": which, "parameters": num_params(model), "parameter_bytes": param_bytes, **losses, **task}
+    report = {"model": which, "eval_set": source, "parameters": num_params(model), "parameter_bytes": param_bytes,
+              **losses, **task, **cost}
     os.makedirs(cfg.run_dir, exist_ok=True)
     with open(os.path.join(cfg.run_dir, f"eval_{which}.json"), "w") as f:
         json.dump(report, f, indent=2)
@@ -136,7 +348,18 @@ def evaluate(cfg: Config, which: str = "student", max_examples: int | None = Non
 
 
 def format_report(report: dict) -> str:
-    keys = ("model", "accuracy", "examples", "hard", "soft", "step_loss", "top1_agree", "perplexity",
-            "parameters", "parameter_bytes", "generation_tokens_per_s")
-    rows = [(k, f"{report[k]:.4g}" if isinstance(report.get(k), float) else str(report.get(k, "-"))) for k in keys]
+    """The report as a table: accuracy as "41.2% [37.0, 45.5] (n=512)" (the 95% Wilson interval
+    and the number of problems), then every other number it holds."""
+    rows = [("model", str(report.get("model", "-")))]
+    if "accuracy" in report:
+        n = report["samples_per_problem"]
+        per = f", {n} samples each" if n > 1 else ""
+        rows.append(("accuracy", f"{100 * report['accuracy']:.1f}% [{100 * report['accuracy_low']:.1f}, "
+                                 f"{100 * report['accuracy_high']:.1f}] (n={report['examples']}{per})"))
+    keys = ["eval_set", *sorted((k for k in report if k.startswith("pass@")), key=lambda k: int(k[5:])),
+            "step_accuracy", "all_steps_correct", "hard", "soft", "step_loss", "top1_agree", "perplexity",
+            "parameters", "parameter_bytes", "generation_tokens_per_s", "platform", "device_kind"]
+    keys += [k for k in report if k.startswith(("ttft_ms", "decode_"))]
+    keys += ["generation_peak_bytes", "generation_peak_source"]
+    rows += [(k, f"{report[k]:.4g}" if isinstance(report[k], float) else str(report[k])) for k in keys if k in report]
     return "\n".join(f"{k:>24}  {v}" for k, v in rows)

@@ -39,26 +39,24 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import glob
 import hashlib
 import json
 import logging
-import math
 import os
 import time
 import unicodedata
 
 import datasets
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from kd_jax.core import distributed, sharding
 from kd_jax.core.config import Config, GenerateConfig
 from kd_jax.core.errors import KDJaxError
-from kd_jax.core.evaluation import matcher
+from kd_jax.core.evaluation import matcher, pass_at_k, row_keys
 from kd_jax.core.generate import generate
 from kd_jax.core.progress import bar as progress_bar
+from kd_jax.data import tables
 from kd_jax.data.traces import render_prompt
 from kd_jax.models import build_model
 from kd_jax.models.hf import HFFormatError, eos_token_ids, load_tokenizer
@@ -68,7 +66,6 @@ log = logging.getLogger("kd_jax.core.tracegen")
 TRACES, DONE, SETTINGS, REPORT = "traces", "done", "settings.json", "report.json"
 # Why a sample is not written, in the order the checks run (the filters, then generate.keep).
 DROP_REASONS = ("unfinished", "empty_answer", "too_long", "duplicate", "language_mix", "wrong", "not_chosen")
-_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
 
 class GenerateError(KDJaxError, ValueError):
@@ -80,73 +77,17 @@ class GenerateError(KDJaxError, ValueError):
 
 def load_prompts(gen_cfg: GenerateConfig) -> datasets.Dataset:
     """`generate.prompts` (a JSONL/JSON/Parquet file, a folder of them, or a hub dataset id) with
-    its prompt and reference fields checked. Read without datasets' progress bars: an error then
-    stays the only line on stderr."""
-    quiet = datasets.utils.are_progress_bars_disabled()
-    datasets.disable_progress_bars()
-    try:
-        return _load_prompts(gen_cfg)
-    finally:
-        if not quiet:
-            datasets.enable_progress_bars()
-
-
-def _load_prompts(gen_cfg: GenerateConfig) -> datasets.Dataset:
-    source = gen_cfg.prompts
-    if not source:
-        raise GenerateError("generate.prompts is not set; point it at a JSONL/Parquet file, a folder of them or a "
-                            "hub dataset of prompts")
-    if os.path.isfile(source):
-        files = [source]
-    elif os.path.isdir(source):
-        files = sorted(f for suffix in _SUFFIXES for f in glob.glob(os.path.join(source, "**", "*" + suffix),
-                                                                     recursive=True))
-        if not files:
-            raise GenerateError(f"generate.prompts={source!r} is a folder with no *.jsonl, *.json or *.parquet files")
-    elif os.path.splitext(source)[1] in _SUFFIXES or source.startswith((".", "/", "~")) or source.count("/") > 1:
-        raise GenerateError(f"generate.prompts={source!r} does not exist; check the path")
-    else:
-        files = None
-    try:
-        if files is None:
-            dataset = datasets.load_dataset(source, split="train")
-        else:
-            by_builder: dict[str, list[str]] = {}
-            for path in files:
-                by_builder.setdefault(_SUFFIXES.get(os.path.splitext(path)[1], "?"), []).append(path)
-            if "?" in by_builder:
-                raise GenerateError(f"{by_builder['?'][0]!r}: unsupported prompts file type; use .jsonl, .json or "
-                                    ".parquet")
-            parts = [datasets.load_dataset(b, data_files=p, split="train") for b, p in by_builder.items()]
-            dataset = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
-    except GenerateError:
-        raise
-    except Exception as e:  # Arrow, JSON, hub and network errors all mean "cannot read the prompts"
-        first = (str(e).strip().splitlines() or [""])[0][:300]
-        raise GenerateError(f"cannot read generate.prompts={source!r} ({type(e).__name__}: {first}); pass valid "
-                            f"JSONL/Parquet files or a reachable hub dataset") from None
-    if dataset.num_rows == 0:
-        raise GenerateError(f"generate.prompts={source!r} has no rows")
-    for key in ("prompt_field", "reference_field"):
-        field = getattr(gen_cfg, key)
-        if field is not None and field not in dataset.column_names:
-            extra = "; or generate.reference_field=null to write unverified traces (keep: all)" \
-                if key == "reference_field" else ""
-            raise GenerateError(f"the prompts have no field {field!r}; available columns: "
-                                f"{', '.join(dataset.column_names)}; set generate.{key} to one of them{extra}")
-    return dataset
+    its prompt and reference fields checked (kd_jax/data/tables.py)."""
+    return tables.load_table(
+        gen_cfg.prompts, {"generate.prompt_field": gen_cfg.prompt_field,
+                          "generate.reference_field": gen_cfg.reference_field}, "generate.prompts",
+        error=GenerateError,
+        hints={"generate.reference_field": "; or generate.reference_field=null to write unverified traces (keep: all)"})
 
 
 def prompt_messages(value, index: int) -> list[dict]:
     """A prompt field's value (text, or role/content turns) as chat messages."""
-    if isinstance(value, str):
-        return [{"role": "user", "content": value}]
-    if isinstance(value, list) and value and all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-            for m in value):
-        return [{"role": m["role"], "content": m["content"]} for m in value]
-    raise GenerateError(f"prompt row {index}: the prompt must be text or a list of {{'role', 'content'}} turns, got "
-                        f"{str(value)[:200]!r}; check generate.prompt_field")
+    return tables.prompt_messages(value, index, "generate.prompt_field", GenerateError)
 
 
 def _reference(value, index: int, field: str) -> str:
@@ -191,20 +132,6 @@ def mixed_script_share(text: str) -> float:
     counts = collections.Counter(s for ch in text if ch.isalpha() and (s := _script(ch)) is not None)
     total = sum(counts.values())
     return 0.0 if total == 0 else 1.0 - max(counts.values()) / total
-
-
-def pass_at_k(n: int, c: int, k: int) -> float:
-    """The unbiased pass@k of one prompt with c correct of n samples: 1 - C(n-c, k) / C(n, k)."""
-    if n - c < k:
-        return 1.0
-    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
-
-
-def row_keys(seed: int, prompt_index: np.ndarray, sample: np.ndarray) -> jax.Array:
-    """[R] sampling keys: fold_in(fold_in(key(seed), prompt index), sample index) per row."""
-    base = jax.random.key(seed)
-    fold = jax.vmap(lambda p, s: jax.random.fold_in(jax.random.fold_in(base, p), s))
-    return fold(jnp.asarray(prompt_index, jnp.uint32), jnp.asarray(sample, jnp.uint32))
 
 
 # ---------------------------------------------------------------- one shard

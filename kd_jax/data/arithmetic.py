@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import random
+import re
 
 import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -54,6 +55,43 @@ def problem(rng: random.Random, max_ops: int = 3, max_value: int = 40) -> dict:
 def problems(n: int, seed: int = 0, max_ops: int = 3) -> list[dict]:
     rng = random.Random(seed)
     return [problem(rng, max_ops) for _ in range(n)]
+
+
+_START = re.compile(r"has (\d+) ")
+_CLAUSE = re.compile(r"\b(" + "|".join(GAIN + LOSE) + r") (\d+)\b")
+_STEP_START = re.compile(r"Start: (\d+)\.")
+_STEP_CHANGE = re.compile(r"(" + "|".join(v.capitalize() for v in GAIN + LOSE) + r") (\d+): (\d+) ([+-]) (\d+) = (-?\d+)\.")
+
+
+def check_steps(steps: list[str], prompt: str, reference: str) -> list[bool]:
+    """An `eval.step_checker` for this task (kd_jax.data.arithmetic:check_steps): one bool per
+    reasoning step. Step 0 must be "Start: s." with s the prompt's starting count; step i >= 1
+    must be "Verb n: a op n = b." with the verb and n of the prompt's i-th change, `op` the verb's
+    sign, `a` the previous step's result as written (so one wrong step does not fail the ones that
+    follow it correctly) and a op n == b. A step past the prompt's changes, or one that does not
+    parse, is wrong. `reference` is not needed: the prompt fixes every step."""
+    start = _START.search(prompt)
+    clauses = [(verb, int(n)) for verb, n in _CLAUSE.findall(prompt)]
+    out, previous = [], None
+    for i, step in enumerate(steps):
+        text = step.strip()
+        if i == 0:
+            m = _STEP_START.fullmatch(text)
+            previous = int(m.group(1)) if m else None
+            out.append(bool(m and start and int(m.group(1)) == int(start.group(1))))
+            continue
+        m = _STEP_CHANGE.fullmatch(text)
+        if m is None:
+            out.append(False)
+            previous = None
+            continue
+        verb, n, a, sign, n2, b = m.group(1).lower(), int(m.group(2)), int(m.group(3)), m.group(4), int(m.group(5)), \
+            int(m.group(6))
+        expected_sign = "+" if verb in GAIN else "-"
+        out.append(i <= len(clauses) and clauses[i - 1] == (verb, n) and sign == expected_sign and n2 == n
+                   and a == previous and (a + n if sign == "+" else a - n) == b)
+        previous = b
+    return out
 
 
 def train_tokenizer(corpus: list[str], vocab_size: int = 300,
