@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 
 from kd_jax.bench import (  # `input_`: not the builtin
-    flops_table, generate, input as input_, loss, memory, precompute, step, store, torch_baseline)
+    flops_table, generate, input as input_, loss, memory, onpolicy, precompute, step, store, torch_baseline)
 
 # Sub-command name -> module with `add_arguments(parser)` and `run(args)`.
 BENCHMARKS = {"flops": flops_table, "generate": generate, "input": input_, "loss": loss, "memory": memory,
-              "precompute": precompute, "step": step, "store": store, "torch": torch_baseline}
+              "onpolicy": onpolicy, "precompute": precompute, "step": step, "store": store, "torch": torch_baseline}
 
 
 def main(argv=None):

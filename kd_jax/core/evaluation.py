@@ -33,7 +33,7 @@ from flax import nnx
 
 from kd_jax.core import sharding
 from kd_jax.core.config import Config, ConfigError, EvalConfig
-from kd_jax.core.generate import _generate, generate
+from kd_jax.core.generate import generate, sample_tokens
 from kd_jax.core.loop import evaluate_losses, usable_sequences
 from kd_jax.core.runs import restore_student
 from kd_jax.core.step import Objective, default_hyper, eval_step
@@ -267,9 +267,9 @@ def generation_latency(model, prompts: list[list[int]], batch_sizes: list[int], 
     else:
         b, T = max(batch_sizes), -(-report["latency_prompt_tokens"] // 32) * 32  # generate's default bucket
         graphdef, state = nnx.split(model)
-        compiled = _generate.lower(graphdef, state, jnp.zeros((b, T), jnp.int32), jnp.ones((b, T), bool),
-                                   jax.random.key(0), M, float(eval_cfg.sampling_temperature), float(eval_cfg.top_p),
-                                   jnp.asarray([-1], jnp.int32)).compile()
+        compiled = sample_tokens.lower(graphdef, state, jnp.zeros((b, T), jnp.int32), jnp.ones((b, T), bool),
+                                       jax.random.key(0), M, float(eval_cfg.sampling_temperature),
+                                       float(eval_cfg.top_p), jnp.asarray([-1], jnp.int32)).compile()
         mem = compiled.memory_analysis()
         peak = getattr(mem, "peak_memory_in_bytes", 0) or (mem.argument_size_in_bytes + mem.output_size_in_bytes
                                                              + mem.temp_size_in_bytes - mem.alias_size_in_bytes)

@@ -35,7 +35,7 @@ from kd_jax.core.step import Steps, compile_steps, hyper_at, layer_pairs, loss_s
 from kd_jax.core.teacher import precompute
 from kd_jax.data.pipeline import make_eval_iter, make_train_iter, split_indices
 from kd_jax.data.store import KDStore, StoreError, tokenizer_fingerprint
-from kd_jax.data.traces import load_prompts
+from kd_jax.data.tables import load_table, prompt_messages
 from kd_jax.models import build_model, num_params
 from kd_jax.models.hf import eos_token_ids, load_tokenizer
 
@@ -249,7 +249,10 @@ def _on_policy(cfg: Config, mesh, store: KDStore, train_idx: np.ndarray, spec: T
     op = cfg.train.on_policy
     tokenizer = load_tokenizer(cfg.tokenizer)
     if cfg.data.prompts:
-        prompts = Prompts.from_messages(load_prompts(cfg.data), tokenizer, cfg.data.seq_len, op.seed)
+        field = cfg.data.prompts_field
+        rows = load_table(cfg.data.prompts, {"data.prompts_field": field}, "data.prompts")[field]
+        messages = [prompt_messages(v, i, "data.prompts_field") for i, v in enumerate(rows)]
+        prompts = Prompts.from_messages(messages, tokenizer, cfg.data.seq_len, op.seed)
     else:
         prompts = Prompts.from_store(cfg.data.store, train_idx, op.seed)
     loss_cfg = dataclasses.replace(cfg.loss, divergence=op.divergence)

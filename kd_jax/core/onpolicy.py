@@ -87,7 +87,7 @@ class Prompts:
 
     @classmethod
     def from_messages(cls, rows: list[list[dict]], tokenizer, seq_len: int, seed: int) -> "Prompts":
-        """Chat turns per prompt (kd_jax.data.traces.load_prompts), rendered with the chat template and
+        """Chat turns per prompt (kd_jax.data.tables.prompt_messages), rendered with the chat template and
         its generation prompt as the traces are; prompts with no room left in data.seq_len for a
         completion are left out."""
         ids = [tokenizer(render_prompt(tokenizer, m), add_special_tokens=False)["input_ids"] for m in rows]

@@ -77,46 +77,23 @@ def load_traces(data_cfg: DataConfig) -> datasets.Dataset:
     return dataset
 
 
-def trace_files(source: str | None, key: str = "data.traces") -> list[str] | None:
-    """The local files `data.traces` (or config `key`) names (sorted), or None for a hub dataset id."""
+def trace_files(source: str | None) -> list[str] | None:
+    """The local files `data.traces` names (sorted), or None for a hub dataset id."""
     if not source:
-        raise TraceError(f"{key} is not set; point it at a JSONL/Parquet file, a folder of them or a hub dataset")
+        raise TraceError("data.traces is not set; point it at a JSONL/Parquet file, a folder of them or a hub dataset")
     if os.path.isfile(source):
         return [source]
     if os.path.isdir(source):
         files = sorted(f for suffix in _LOCAL_SUFFIXES for f in glob.glob(os.path.join(source, "**", "*" + suffix),
                                                                          recursive=True))
         if not files:
-            raise TraceError(f"{key}={source!r} is a folder with no *.jsonl, *.json or *.parquet files in it")
+            raise TraceError(f"data.traces={source!r} is a folder with no *.jsonl, *.json or *.parquet files in it")
         return files
     # A hub id is `name` or `owner/name`: anything else that is not on disk is a missing path.
     if (os.path.splitext(source)[1] in _LOCAL_SUFFIXES or source.startswith((".", "/", "~"))
             or source.count("/") > 1):
-        raise TraceError(f"{key}={source!r} does not exist; check the path")
+        raise TraceError(f"data.traces={source!r} does not exist; check the path")
     return None
-
-
-def load_prompts(data_cfg: DataConfig) -> list[list[dict]]:
-    """`data.prompts` (a prompt-only dataset: file, folder or hub id) as chat turns per row, from
-    data.prompts_field (text: one user turn; or a list of role/content turns)."""
-    files = trace_files(data_cfg.prompts, "data.prompts")
-    if files is not None:
-        dataset = _load_files(files)
-    else:
-        try:
-            dataset = datasets.load_dataset(data_cfg.prompts, split="train")
-        except Exception as e:  # the hub client raises many types; all mean "cannot get it"
-            raise TraceError(f"data.prompts={data_cfg.prompts!r} is neither a local file or folder nor a reachable "
-                             f"hub dataset ({type(e).__name__}: {_first_line(e)}); pass an existing path, or a hub "
-                             "id with network access") from None
-    field = data_cfg.prompts_field
-    if field not in dataset.column_names:
-        raise TraceError(f"data.prompts has no field {field!r}; available columns: {', '.join(dataset.column_names)};"
-                         f" set data.prompts_field to one of them")
-    if dataset.num_rows == 0:
-        raise TraceError(f"data.prompts={data_cfg.prompts!r} has no rows")
-    return [[{"role": "user", "content": v}] if isinstance(v, str) else _as_messages(v, field)
-            for v in dataset[field]]
 
 
 def traces_fingerprint(data_cfg: DataConfig, dataset: datasets.Dataset) -> str:
