@@ -5,6 +5,7 @@ teacher's samples, prompts from data.prompts, and the logged sampling metrics.""
 
 from __future__ import annotations
 
+import argparse
 import json
 import signal
 
@@ -17,6 +18,7 @@ import pytest
 from flax import nnx
 from test_train import _cli, _losses, _run, signal_after_first_checkpoint
 
+from kd_jax.bench import onpolicy as bench
 from kd_jax.core.config import ConfigError, load_config
 from kd_jax.core.loop import prepare, to_global
 from kd_jax.core.onpolicy import completion_roles, is_on_policy, make_example, on_policy_steps_before
@@ -198,3 +200,15 @@ def test_teacher_samples_and_prompts_from_a_prompt_file(root):
     with jax.set_mesh(run.mesh):
         second, _ = run.on_policy.sample(run.teacher_params, prompts)
     assert first == second
+
+
+def test_bench_onpolicy_times_both_samplers_and_the_step(root, tmp_path):
+    """`python -m kd_jax.bench onpolicy` on the tiny setup: every side timed, the JSON written."""
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    report = bench.run(parser.parse_args([*_args(root, "bench"), "--steps", "1", "--out", str(tmp_path / "r.json")]))
+    assert report["prompts"] == 8 and report["max_new_tokens"] == 16
+    for side in ("kd_jax", "transformers", "train_step"):
+        assert report[side]["tokens_per_s"] > 0
+    assert report["ratio"] > 0 and 0 < report["sample_share"] < 1
+    assert json.load(open(tmp_path / "r.json"))["ratio"] == report["ratio"]

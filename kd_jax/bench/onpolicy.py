@@ -6,8 +6,8 @@ student as initialized, its first on-policy prompts (train.on_policy.prompts_per
 sample at train.on_policy.temperature / top_p for exactly max_new_tokens tokens (EOS disabled) from the
 same weights: kd_jax through `kd_jax.core.onpolicy.OnPolicy.sample` (jitted, sharded over the training
 mesh, in student.dtype) and transformers (PyTorch, fp32, the student exported to an HF folder, left
-padding + attention mask, `generate(do_sample=True)`). Then the on-policy train step on a batch of those
-samples (teacher forward + fused loss + update). Each is warmed up (compiles there), then timed
+padding + attention mask, `generate(do_sample=True)`). Then the on-policy train step on a batch sampled as
+the loop samples it (EOS on; teacher forward + fused loss + update). Each is warmed up (compiles there), then timed
 alternately, round robin; medians reported: tokens/s = prompts x max_new_tokens / seconds, prefill
 included, and sampling's share = sample / (sample + train step).
 """
@@ -54,7 +54,7 @@ def run(args) -> dict:
         raise SystemExit("set train.on_policy.fraction > 0 (and teacher.mode=online): this measures its sampler")
     prepared = prepare(cfg)
     policy, op = prepared.on_policy, cfg.train.on_policy
-    policy.eos = []  # every row runs max_new_tokens, on both sides
+    eos, policy.eos = policy.eos, []  # every row runs max_new_tokens on both sides (restored for the step's batch)
     prompts = policy.prompts.take(0, policy.n)
     B, N = len(prompts), op.max_new_tokens
     tokens, valid = left_pad(prompts, op.bucket)
@@ -79,7 +79,9 @@ def run(args) -> dict:
         assert out.shape[1] == tokens.shape[1] + N
 
     with jax.set_mesh(prepared.mesh):
+        policy.eos = eos  # the step trains on a batch as the loop makes it: completions end at EOS
         batch, _ = policy.next_batch(state["s"]["params"])
+        policy.eos = []
         batch = to_global(batch, prepared.mesh)
 
         def step():
