@@ -26,12 +26,13 @@ def main(argv=None) -> None:
     parser.add_argument("--out", default="runs/demo", help="folder for data, stores, runs and the report")
     parser.add_argument("--scale", type=float, default=1.0, help="multiplies the problem count and step budgets")
     parser.add_argument("--problems", type=int, default=8000, help="number of generated problems (before --scale)")
-    parser.add_argument("--max-examples", type=int, default=128, help="held-out problems generated for accuracy")
+    parser.add_argument("--max-examples", type=int, default=512, help="fresh held-out problems generated for accuracy")
+    parser.add_argument("--seed", type=int, default=0, help="parameter-init seed of every model (run.seed)")
     parser.add_argument("--fresh", action="store_true", help="delete --out first (else finished stages are reused)")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = parser.parse_args(argv)
     with reported(args.debug):
-        run(args.out, args.scale, args.problems, args.max_examples, args.fresh)
+        run(args.out, args.scale, args.problems, args.max_examples, args.fresh, args.seed)
 
 
 if __name__ == "__main__":

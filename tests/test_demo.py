@@ -90,9 +90,19 @@ def test_reduced_demo_runs_every_stage(tmp_path):
     rows = {r["model"]: r for r in report["rows"]}
     assert list(rows) == ["teacher", "student: hard", "student: soft+hard", "student: soft+hard+step"]
     for r in rows.values():
-        assert 0.0 <= r["accuracy"] <= 1.0 and r["examples"] == 8
+        assert 0.0 <= r["accuracy_low"] <= r["accuracy"] <= r["accuracy_high"] <= 1.0 and r["examples"] == 8
+        assert 0.0 <= r["step_accuracy"] <= 1.0 and r["eval_set"].endswith("heldout.jsonl")
         assert np.isfinite(r["hard"]) and r["generation_tokens_per_s"] > 0 and r["train_s"] > 0
         assert r["model"] in stdout  # the table
+    for name, r in rows.items():  # a point at each saved quarter of training, the final one last
+        if name != "teacher":
+            steps = [p["step"] for p in r["curve"]]
+            assert steps == sorted(steps) and steps[-1] == r["steps"] and len(steps) >= 3, steps
+            assert r["curve"][-1]["accuracy"] == r["accuracy"]
+    assert (out / "demo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    train_prompts = {json.loads(line)["prompt"] for line in open(out / "data" / "traces.jsonl")}
+    held_out = [json.loads(line)["question"] for line in open(out / "data" / "heldout.jsonl")]
+    assert len(held_out) == 8 and not train_prompts & set(held_out)
     assert rows["student: hard"]["parameters"] < rows["teacher"]["parameters"]
     assert rows["teacher"]["top1_agree"] > 0.99  # scored against its own stored top-K
     assert rows["student: hard"]["steps"] == rows["student: soft+hard+step"]["steps"]  # the same budget

@@ -8,8 +8,11 @@
   3. precompute  the teacher's top-16 next-token log-probs into the KD store
   4. students    three students of half the teacher's depth, the same budget, three losses:
                  hard labels only, soft + hard, soft + hard + step (configs/demo/student.yaml)
-  5. evaluate    teacher and students on held-out problems: answer accuracy by greedy generation,
-                 held-out losses, agreement with the teacher, parameters, generation tokens/s
+  5. evaluate    teacher and students on 512 fresh problems (none among the training problems):
+                 answer accuracy by greedy generation with its 95% Wilson interval, step accuracy
+                 (kd_jax.data.arithmetic:check_steps), held-out losses, agreement with the teacher,
+                 parameters, generation tokens/s; each student also at every quarter of its training
+                 (the first 128 problems), drawn as accuracy vs step into <out>/demo.png
   6. export      the best student to a Hugging Face folder, loaded back with transformers'
                  AutoModelForCausalLM and AutoTokenizer to answer one held-out problem
 
@@ -29,15 +32,21 @@ import time
 
 import transformers
 
+from kd_jax.core import sharding
 from kd_jax.core.config import Config, load_config
-from kd_jax.core.evaluation import evaluate, extract_answer, matcher
+from kd_jax.core.evaluation import data_problems, evaluate, extract_answer, matcher, task_accuracy
 from kd_jax.core.loop import train
-from kd_jax.core.runs import export_run
+from kd_jax.core.runs import export_run, restore_student
 from kd_jax.core.teacher import precompute
 from kd_jax.data import arithmetic
 from kd_jax.data.pipeline import split_indices
 from kd_jax.data.roles import Role
 from kd_jax.data.store import KDStore
+from kd_jax.models.hf import load_tokenizer
+
+HELD_OUT_SEED = 12345  # the evaluation problems: arithmetic.problems(..., seed=HELD_OUT_SEED), training ones removed
+CURVE_PROBLEMS = 128  # problems per point of the accuracy curves (the final point uses them all)
+EVAL_BATCH = 64  # generation rows per call in the evaluation
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs", "demo")
 # (name, loss overrides) of the three students: the same budget and model, only the loss differs
@@ -50,20 +59,93 @@ def _stage(n: int, title: str, command: str) -> None:
     print(f"\n=== [{n}/6] {title}\n    ({command})", flush=True)
 
 
-def _configs(out: str, scale: float) -> tuple[Config, dict[str, Config]]:
-    """The teacher's and the three students' configs, with every path under `out`."""
+def _configs(out: str, scale: float, seed: int = 0) -> tuple[Config, dict[str, Config]]:
+    """The teacher's and the three students' configs, with every path under `out`; `seed` is
+    run.seed (parameter init) of every model (the problems and the data order stay)."""
     data = os.path.join(out, "data")
-    paths = [f"run.output_dir={out}", f"data.traces={data}/traces.jsonl", f"data.tokenizer={data}/tokenizer"]
+    paths = [f"run.output_dir={out}", f"data.traces={data}/traces.jsonl", f"data.tokenizer={data}/tokenizer",
+             f"run.seed={seed}"]
 
     def steps(cfg_file: str) -> str:
         return f"train.steps={max(4, round(load_config(cfg_file).train.steps * scale))}"
 
     teacher_file, student_file = os.path.join(CONFIGS, "teacher.yaml"), os.path.join(CONFIGS, "student.yaml")
     teacher = load_config(teacher_file, paths + [f"data.store={out}/tokens_store", steps(teacher_file)])
+    student_steps = steps(student_file)
+    every = max(1, int(student_steps.split("=")[1]) // 4)  # a checkpoint at every quarter: the curves' points
     students = {name: load_config(student_file, paths + [
-        f"data.store={out}/kd_store", f"teacher.hf_path={out}/teacher/hf", steps(student_file),
+        f"data.store={out}/kd_store", f"teacher.hf_path={out}/teacher/hf", student_steps,
+        f"checkpoint.every_steps={every}", "checkpoint.max_to_keep=4",
         f"run.name=student_{name.replace('+', '_')}", *overrides]) for name, overrides in STUDENTS}
     return teacher, students
+
+
+def write_held_out(out: str, traces: str, n: int) -> str:
+    """<out>/heldout.jsonl: n problems (question, answer) drawn with HELD_OUT_SEED, none of them
+    among the training traces' prompts."""
+    with open(traces) as f:
+        seen = {json.loads(line)["prompt"] for line in f}
+    rows, drawn = [], 0
+    while len(rows) < n:
+        drawn += n
+        rows = [p for p in arithmetic.problems(drawn, seed=HELD_OUT_SEED) if p["prompt"] not in seen][:n]
+    path = os.path.join(out, "heldout.jsonl")
+    with open(path, "w") as f:
+        for p in rows:
+            f.write(json.dumps({"question": p["prompt"], "answer": p["answer"]}) + "\n")
+    return path
+
+
+def _eval_config(cfg: Config, held_out: str, problems: int) -> Config:
+    """`cfg` evaluating on the held-out file with the step checker, EVAL_BATCH rows per generation
+    call (fewer for fewer problems) and one KD-loss batch of as many rows."""
+    return dataclasses.replace(
+        cfg, train=dataclasses.replace(cfg.train, global_batch_size=min(EVAL_BATCH, problems)),
+        eval=dataclasses.replace(cfg.eval, data=held_out, batches=1,
+                                 step_checker="kd_jax.data.arithmetic:check_steps"))
+
+
+def accuracy_curve(cfg: Config, problems) -> list[dict]:
+    """(step, accuracy) of every checkpoint of the run but the last, on `problems`."""
+    from kd_jax.core.checkpoint import Checkpointer
+    with Checkpointer(cfg.checkpoint_dir, cfg.checkpoint) as ckpt:
+        steps = ckpt.all_steps()[:-1]
+    tokenizer, mesh = load_tokenizer(cfg.tokenizer), sharding.mesh_from_config(cfg.mesh)
+    points = []
+    for step in steps:
+        model, _ = restore_student(cfg, step, mesh)
+        task = task_accuracy(model, tokenizer, problems, cfg.eval, cfg.train.global_batch_size,
+                             step_separator=cfg.data.step_separator)
+        points.append({"step": step, "accuracy": task["accuracy"], "accuracy_low": task["accuracy_low"],
+                       "accuracy_high": task["accuracy_high"], "examples": task["examples"]})
+    return points
+
+
+def plot(rows: list[dict], path: str) -> None:
+    """Accuracy vs training step for each student (95% intervals as bars), the teacher as a line."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+    teacher = rows[0]
+    ax.axhline(100 * teacher["accuracy"], color="black", linestyle="--", label=f"teacher ({teacher['accuracy']:.1%})")
+    for r in rows[1:]:
+        pts = r["curve"]
+        x = [p["step"] for p in pts]
+        y = [100 * p["accuracy"] for p in pts]
+        err = [[100 * (p["accuracy"] - p["accuracy_low"]) for p in pts],
+               [100 * (p["accuracy_high"] - p["accuracy"]) for p in pts]]
+        ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=r["model"].replace("student: ", ""))
+    ax.set_xlabel("training step")
+    ax.set_ylabel("accuracy on held-out problems (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(f"kd_jax demo: students at equal steps, greedy, 95% Wilson intervals "
+                 f"(n={CURVE_PROBLEMS}; last point n={rows[1]['examples']})", fontsize=8)
+    ax.legend(fontsize=8, loc="upper left")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
 
 
 def _timed_train(cfg: Config) -> float:
@@ -106,31 +188,39 @@ def _held_out_problem(cfg: Config, tokenizer) -> tuple[list[int], str, str]:
 
 
 COLUMNS = (("model", "{}"), ("loss", "{}"), ("steps", "{}"), ("train_s", "{:.0f}"), ("accuracy", "{:.1%}"),
-           ("hard", "{:.3f}"), ("soft", "{:.3f}"), ("top1_agree", "{:.1%}"), ("parameters", "{:,}"),
-           ("generation_tokens_per_s", "{:,.0f}"))
+           ("interval", "{}"), ("step_accuracy", "{:.1%}"), ("hard", "{:.3f}"), ("soft", "{:.3f}"),
+           ("top1_agree", "{:.1%}"), ("parameters", "{:,}"), ("generation_tokens_per_s", "{:,.0f}"))
 HEADERS = {"hard": "held-out CE", "soft": "KL(teacher)", "top1_agree": "top-1 = teacher", "train_s": "train s",
-           "generation_tokens_per_s": "gen tok/s"}
+           "generation_tokens_per_s": "gen tok/s", "interval": "95% interval", "step_accuracy": "step acc"}
+
+
+def _interval(r: dict) -> str | None:
+    if "accuracy_low" not in r:
+        return None
+    return f"[{r['accuracy_low']:.1%}, {r['accuracy_high']:.1%}] n={r['examples']}"
 
 
 def format_table(rows: list[dict]) -> str:
     cells = [[HEADERS.get(k, k) for k, _ in COLUMNS]]
-    cells += [[fmt.format(r[k]) if r.get(k) is not None else "-" for k, fmt in COLUMNS] for r in rows]
+    cells += [[fmt.format(v) if (v := (_interval(r) if k == "interval" else r.get(k))) is not None else "-"
+               for k, fmt in COLUMNS] for r in rows]
     widths = [max(len(c[i]) for c in cells) for i in range(len(COLUMNS))]
     lines = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
              for row in cells]
     return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:]])
 
 
-def run(out: str = "runs/demo", scale: float = 1.0, problems: int = 8000, max_examples: int = 128,
-        fresh: bool = False) -> dict:
+def run(out: str = "runs/demo", scale: float = 1.0, problems: int = 8000, max_examples: int = 512,
+        fresh: bool = False, seed: int = 0) -> dict:
     t_start = time.perf_counter()
     if fresh and os.path.isdir(out):
         shutil.rmtree(out)
-    teacher_cfg, student_cfgs = _configs(out, scale)
+    teacher_cfg, student_cfgs = _configs(out, scale, seed)
 
     _stage(1, "traces and tokenizer", f"python -m kd_jax.data.arithmetic --out {out}/data --n {round(problems * scale)}")
     if not os.path.isdir(teacher_cfg.data.tokenizer):  # (a store made with another tokenizer would not fit)
         arithmetic.write(os.path.dirname(teacher_cfg.data.tokenizer), max(64, round(problems * scale)))
+    held_out = write_held_out(os.path.dirname(teacher_cfg.data.tokenizer), teacher_cfg.data.traces, max_examples)
 
     _stage(2, "teacher: hard labels only, from scratch, then exported",
            "python -m kd_jax.precompute --config configs/demo/teacher.yaml; "
@@ -150,16 +240,24 @@ def run(out: str = "runs/demo", scale: float = 1.0, problems: int = 8000, max_ex
                f"run.name={cfg.run.name} {overrides}")
         train_s[name] = _timed_train(cfg)
 
-    _stage(5, f"evaluate on {max_examples} held-out problems",
-           "python -m kd_jax.evaluate --config configs/demo/student.yaml [--model teacher]")
+    _stage(5, f"evaluate on {max_examples} fresh problems, and each student at every quarter of its training",
+           f"python -m kd_jax.evaluate --config configs/demo/student.yaml [--model teacher] eval.data={held_out} "
+           f"eval.step_checker=kd_jax.data.arithmetic:check_steps")
     # The teacher is scored against the same KD store (its own top-16: KL ~ 0, agreement ~ 100%).
     teacher_eval_cfg = dataclasses.replace(first, run=dataclasses.replace(first.run, name=teacher_cfg.run.name))
-    rows = [{**evaluate(teacher_eval_cfg, "teacher", max_examples), "model": "teacher",
+    rows = [{**evaluate(_eval_config(teacher_eval_cfg, held_out, max_examples), "teacher", max_examples), "model": "teacher",
              "loss": "hard (α=0, β=0)", "steps": teacher_cfg.train.steps, "train_s": teacher_s}]
+    curve_problems = data_problems(_eval_config(first, held_out, max_examples).eval,
+                                   load_tokenizer(first.tokenizer), CURVE_PROBLEMS)
     for name, cfg in student_cfgs.items():
         loss = f"α={cfg.loss.alpha:g}, β={cfg.loss.beta:g}"
-        rows.append({**evaluate(cfg, "student", max_examples), "model": f"student: {name}", "loss": loss,
+        final = evaluate(_eval_config(cfg, held_out, max_examples), "student", max_examples)
+        curve = accuracy_curve(_eval_config(cfg, held_out, min(max_examples, CURVE_PROBLEMS)), curve_problems)
+        curve.append({k: final[k] for k in ("accuracy", "accuracy_low", "accuracy_high", "examples")}
+                     | {"step": cfg.train.steps})
+        rows.append({**final, "model": f"student: {name}", "loss": loss, "curve": curve,
                      "steps": cfg.train.steps, "train_s": train_s[name], "variant": name})
+    plot(rows, os.path.join(out, "demo.png"))
 
     best = max(rows[1:], key=lambda r: (r["accuracy"], -r["hard"]))
     best_cfg = student_cfgs[best["variant"]]
@@ -182,5 +280,5 @@ def run(out: str = "runs/demo", scale: float = 1.0, problems: int = 8000, max_ex
           f"{time.perf_counter() - t_start:.0f} s in all\n")
     print(format_table(rows))
     print(f"\nbest student: {best['model']} ({best['accuracy']:.1%}); teacher {rows[0]['accuracy']:.1%}. "
-          f"Report: {out}/demo_report.json")
+          f"Report: {out}/demo_report.json; accuracy vs step: {out}/demo.png")
     return report
