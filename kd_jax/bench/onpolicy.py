@@ -39,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None, help="write the results as JSON here")
 
 
-def _median_time(fn, times: list[float]) -> None:
+def _timed(fn, times: list[float]) -> None:
     t0 = time.perf_counter()
     fn()
     times.append(time.perf_counter() - t0)
@@ -95,7 +95,7 @@ def run(args) -> dict:
                 fn()
         for _ in range(args.steps):
             for name, fn in sides.items():
-                _median_time(fn, times[name])
+                _timed(fn, times[name])
     med = {name: statistics.median(t) for name, t in times.items()}
     trained = int(np.asarray(jax.device_get(batch["segment_ids"]) > 0).sum())
     report = {"config": args.config, "parameters": num_params(prepared.student), "prompts": B,

@@ -33,6 +33,7 @@ import time
 import transformers
 
 from kd_jax.core import sharding
+from kd_jax.core.checkpoint import Checkpointer
 from kd_jax.core.config import Config, load_config
 from kd_jax.core.evaluation import data_problems, evaluate, extract_answer, matcher, task_accuracy
 from kd_jax.core.loop import train
@@ -66,15 +67,16 @@ def _configs(out: str, scale: float, seed: int = 0) -> tuple[Config, dict[str, C
     paths = [f"run.output_dir={out}", f"data.traces={data}/traces.jsonl", f"data.tokenizer={data}/tokenizer",
              f"run.seed={seed}"]
 
-    def steps(cfg_file: str) -> str:
-        return f"train.steps={max(4, round(load_config(cfg_file).train.steps * scale))}"
+    def steps(cfg_file: str) -> int:
+        return max(4, round(load_config(cfg_file).train.steps * scale))
 
     teacher_file, student_file = os.path.join(CONFIGS, "teacher.yaml"), os.path.join(CONFIGS, "student.yaml")
-    teacher = load_config(teacher_file, paths + [f"data.store={out}/tokens_store", steps(teacher_file)])
+    teacher = load_config(teacher_file, paths + [f"data.store={out}/tokens_store",
+                                                 f"train.steps={steps(teacher_file)}"])
     student_steps = steps(student_file)
-    every = max(1, int(student_steps.split("=")[1]) // 4)  # a checkpoint at every quarter: the curves' points
+    every = max(1, student_steps // 4)  # a checkpoint at every quarter: the curves' points
     students = {name: load_config(student_file, paths + [
-        f"data.store={out}/kd_store", f"teacher.hf_path={out}/teacher/hf", student_steps,
+        f"data.store={out}/kd_store", f"teacher.hf_path={out}/teacher/hf", f"train.steps={student_steps}",
         f"checkpoint.every_steps={every}", "checkpoint.max_to_keep=4",
         f"run.name=student_{name.replace('+', '_')}", *overrides]) for name, overrides in STUDENTS}
     return teacher, students
@@ -107,7 +109,6 @@ def _eval_config(cfg: Config, held_out: str, problems: int) -> Config:
 
 def accuracy_curve(cfg: Config, problems) -> list[dict]:
     """(step, accuracy) of every checkpoint of the run but the last, on `problems`."""
-    from kd_jax.core.checkpoint import Checkpointer
     with Checkpointer(cfg.checkpoint_dir, cfg.checkpoint) as ckpt:
         steps = ckpt.all_steps()[:-1]
     tokenizer, mesh = load_tokenizer(cfg.tokenizer), sharding.mesh_from_config(cfg.mesh)

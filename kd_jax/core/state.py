@@ -82,9 +82,7 @@ def init_train_state(model: Decoder, spec: TrainSpec, seed: int = 0) -> dict[str
     out like them, no skipped steps, and (when the spec has them) alignment projections drawn
     from N(0, 1/D_student)."""
     shardings = spec.shardings
-    # Copies: a student cut from the teacher (init=teacher_layers) shares its arrays, and the step
-    # donates the student's buffers while an online teacher still reads its own.
-    train_vars = {"params": jax.tree.map(lambda x: x.copy(), nnx.state(model))}
+    train_vars = {"params": nnx.state(model)}
     if "align" in spec.abstract:
         proj = spec.abstract["align"]["proj"]
         init = lambda key: jax.random.normal(key, proj.shape, proj.dtype) / jnp.sqrt(proj.shape[1])  # noqa: E731

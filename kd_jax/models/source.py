@@ -13,8 +13,9 @@ from kd_jax.models.hf import config_from_hf, load_hf, read_hf_config, resolve_pa
 
 
 def keep_layers(model: Decoder, layers: list[int], **overrides) -> Decoder:
-    """A copy of `model` with only the decoder layers `layers` (in that order); embeddings, final
-    norm and output head are shared. `overrides` change DecoderConfig fields (dtypes, remat)."""
+    """A copy of `model` with only the decoder layers `layers` (in that order), embeddings, final
+    norm and output head copied too: the student owns its arrays (the train step donates them while
+    an online teacher still reads its own). `overrides` change DecoderConfig fields (dtypes, remat)."""
     n = model.cfg.num_layers
     bad = [i for i in layers if not -n <= i < n]
     if not layers or bad:
@@ -25,7 +26,7 @@ def keep_layers(model: Decoder, layers: list[int], **overrides) -> Decoder:
     index = jnp.asarray(layers)
     for path, var in nnx.to_flat_state(state):
         value = source[path][...]
-        value = value[index] if path[0] == "layers" else value  # stacked: [L, ...]
+        value = value[index] if path[0] == "layers" else value.copy()  # stacked: [L, ...]
         var.set_value(value.astype(var.dtype))
     return nnx.merge(graphdef, state)
 
