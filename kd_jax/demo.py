@@ -1,6 +1,8 @@
-"""`python -m kd_jax.demo` (`make demo`): the R1-style recipe end to end, offline, on CPU: traces and
-tokenizer, a teacher trained from scratch, its top-16 store, three students with three losses, an
-evaluation table, and the best student exported and answered by transformers (kd_jax/core/recipe.py).
+"""`python -m kd_jax.demo` (`make demo`): the R1-style recipe end to end, offline, on CPU, as an
+experiment: traces and tokenizer, a teacher trained from scratch, its top-16 store, its verified
+traces, one student per way of using the teacher at equal training compute, an evaluation table with
+95% intervals and what they show, and the best student exported and answered by transformers
+(kd_jax/core/recipe.py).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import argparse  # noqa: E402
 
 from kd_jax.core.config import setup_logging  # noqa: E402
 from kd_jax.core.errors import reported  # noqa: E402
-from kd_jax.core.recipe import run  # noqa: E402
+from kd_jax.core.recipe import DEFAULT_ROWS, ROWS, run  # noqa: E402
 
 
 def main(argv=None) -> None:
@@ -28,11 +30,14 @@ def main(argv=None) -> None:
     parser.add_argument("--problems", type=int, default=8000, help="number of generated problems (before --scale)")
     parser.add_argument("--max-examples", type=int, default=512, help="fresh held-out problems generated for accuracy")
     parser.add_argument("--seed", type=int, default=0, help="parameter-init seed of every model (run.seed)")
+    parser.add_argument("--rows", default=",".join(DEFAULT_ROWS),
+                        help=f"students to train, comma-separated, from: {', '.join(ROWS)} (hard is always in)")
     parser.add_argument("--fresh", action="store_true", help="delete --out first (else finished stages are reused)")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = parser.parse_args(argv)
     with reported(args.debug):
-        run(args.out, args.scale, args.problems, args.max_examples, args.fresh, args.seed)
+        run(args.out, args.scale, args.problems, args.max_examples, args.fresh, args.seed,
+            tuple(r.strip() for r in args.rows.split(",") if r.strip()))
 
 
 if __name__ == "__main__":

@@ -121,6 +121,15 @@ def test_arithmetic_step_checker():
     assert check_steps(right + ["Wins 1: 10 + 1 = 11."], PROBLEM, "10") == [True] * 4 + [False]
     assert check_steps(["so the count is", "Start: 12."], PROBLEM, "10") == [False, False]
     assert check_steps([], PROBLEM, "10") == []
+    # the other phrasings of the same steps are right too
+    other = ["Dev starts with 12 stamps.", "Dev wins 2, so 12 + 2 = 14.", "Next, Dev gives away 8: 14 - 8 = 6.",
+             "Wins 4: 6 + 4 = 10."]
+    assert check_steps(other, PROBLEM, "10") == [True] * 4
+    assert check_steps(["At first there are 12.", "Wins 2: 12 + 2 = 14."], PROBLEM, "10") == [True, True]
+    # ... but not with another name or item, or a phrasing's fields mixed up
+    assert check_steps(["Ana starts with 12 stamps.", "Ana wins 2, so 12 + 2 = 14."], PROBLEM, "10") == [False, False]
+    assert check_steps(["Dev starts with 12 coins."], PROBLEM, "10") == [False]
+    assert check_steps(["Start: 12.", "Next, Dev wins 2: 12 + 3 = 15."], PROBLEM, "10") == [True, False]
 
 
 def teacher_args(root: str) -> list[str]:
