@@ -61,6 +61,10 @@ from kd_jax.models.hf import config_from_hf, load_tokenizer
 HELD_OUT_SEED = 12345  # the evaluation problems: arithmetic.problems(..., seed=HELD_OUT_SEED), training ones removed
 CURVE_PROBLEMS = 128  # problems per point of the accuracy curves (the final point uses them all)
 EVAL_BATCH = 64  # generation rows per call in the evaluation
+# Most prompts the teacher writes traces for: generation is the demo's dearest stage on CPU (~40 ms a
+# prompt), so the row on the teacher's traces reads about 2,000 verified traces twice where the hard
+# row reads about 5,000 reference traces once (R1's students, too, trained several epochs on them).
+TRACE_PROMPTS = 2048
 STAGES = 7
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs", "demo")
@@ -194,7 +198,7 @@ def write_held_out(out: str, traces: str, n: int) -> str:
 def write_teacher_prompts(cfg: Config, steps: int) -> str:
     """The prompts the teacher writes traces for (data/teacher_prompts.jsonl: prompt, answer): as many
     of the KD store's training problems, in the order of the traces file, as `steps` steps of `cfg`
-    read (batch x seq_len tokens over the mean problem length). The store's held-out problems stay out,
+    read (batch x seq_len tokens over the mean problem length), at most TRACE_PROMPTS. The store's held-out problems stay out,
     so held-out CE stays held out for the row trained on the teacher's traces."""
     store = KDStore.open(cfg.data.store)
     rows, seen = [], set()
@@ -208,7 +212,7 @@ def write_teacher_prompts(cfg: Config, steps: int) -> str:
         raise ValueError(f"{cfg.data.traces} has {len(rows)} problems but {cfg.data.store} {len(store)} sequences; "
                          f"rerun the demo with --fresh")
     mean_len = float(store.offsets[-1]) / len(store)
-    wanted = math.ceil(steps * cfg.train.global_batch_size * cfg.data.seq_len / mean_len)
+    wanted = min(TRACE_PROMPTS, math.ceil(steps * cfg.train.global_batch_size * cfg.data.seq_len / mean_len))
     train_rows = sorted(split_indices(len(store), cfg.data.eval_fraction, cfg.data.shuffle_seed)[0])[:wanted]
     path = os.path.join(os.path.dirname(cfg.data.traces), "teacher_prompts.jsonl")
     with open(path, "w") as f:
