@@ -168,8 +168,9 @@ def plan(out: str, scale: float, seed: int = 0, rows: tuple[str, ...] = DEFAULT_
         cfg = load_config(student_file, student + extra)
         own = budget_steps - (half if row.continues else 0)  # the steps' worth of compute left to this row
         n = max(1, round(own * per_step / step_flops(cfg, arch, teacher_arch)))
-        students[name] = load_config(student_file, student + extra + [
-            f"train.steps={n}", f"checkpoint.every_steps={max(1, n // 4)}"])
+        students[name] = dataclasses.replace(
+            cfg, train=dataclasses.replace(cfg.train, steps=n),
+            checkpoint=dataclasses.replace(cfg.checkpoint, every_steps=max(1, n // 4)))
         gflop[name] = (n * step_flops(cfg, arch, teacher_arch) + (half * per_step if row.continues else 0)) / 1e9
     traces = load_config(student_file, student + [
         f"generate.prompts={data}/teacher_prompts.jsonl", f"generate.out={out}/teacher_traces",
