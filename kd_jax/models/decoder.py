@@ -167,8 +167,10 @@ def layer(cfg: DecoderConfig, p: dict[str, jax.Array], x_BxTxD, positions_BxT, w
 
     `who` = (q_segment_BxT, kv_segment_BxS, q_pos_BxT, kv_pos_BxS): which key each query may see
     (kd_jax.models.attention). Without a cache the T tokens attend to each other (S = T). With
-    `kv_cache` = (k, v), each [B, S, K, H], the new keys and values are written at `cache_index`
-    and the T tokens attend to the whole cache (S slots); returns (x, kv_cache) then.
+    `kv_cache` = (k, v, l): the whole model's cache, each [L, B, S, K, H], and this layer's index
+    l; the new keys and values are written into layer l at slot `cache_index` (in place: the cache
+    is a loop carry, never sliced and restacked) and the T tokens attend to layer l's S slots;
+    returns (x, (k, v)) then.
     `implementation` overrides cfg.attention (generation's decode steps)."""
     dt = jnp.dtype(cfg.dtype)
     w = {k: v.astype(dt) for k, v in p.items()}
@@ -186,9 +188,13 @@ def layer(cfg: DecoderConfig, p: dict[str, jax.Array], x_BxTxD, positions_BxT, w
     q_BxTxNxH = constrain(apply_rope(q_BxTxNxH, positions_BxT, inv_freq), ("act_batch", "act_seq", "act_heads", None))
     k_BxTxKxH = constrain(apply_rope(k_BxTxKxH, positions_BxT, inv_freq), ("act_batch", "act_seq", "act_kv_heads", None))
     if kv_cache is not None:
-        k_BxSxKxH = jax.lax.dynamic_update_slice_in_dim(kv_cache[0], k_BxTxKxH.astype(kv_cache[0].dtype), cache_index, 1)
-        v_BxSxKxH = jax.lax.dynamic_update_slice_in_dim(kv_cache[1], v_BxTxKxH.astype(kv_cache[1].dtype), cache_index, 1)
-        kv_cache, k_BxTxKxH, v_BxTxKxH = (k_BxSxKxH, v_BxSxKxH), k_BxSxKxH, v_BxSxKxH
+        k_LxBxSxKxH, v_LxBxSxKxH, index = kv_cache
+        at = (index, 0, cache_index, 0, 0)
+        k_LxBxSxKxH = jax.lax.dynamic_update_slice(k_LxBxSxKxH, k_BxTxKxH[None].astype(k_LxBxSxKxH.dtype), at)
+        v_LxBxSxKxH = jax.lax.dynamic_update_slice(v_LxBxSxKxH, v_BxTxKxH[None].astype(v_LxBxSxKxH.dtype), at)
+        kv_cache = (k_LxBxSxKxH, v_LxBxSxKxH)
+        k_BxTxKxH = jax.lax.dynamic_index_in_dim(k_LxBxSxKxH, index, 0, keepdims=False)
+        v_BxTxKxH = jax.lax.dynamic_index_in_dim(v_LxBxSxKxH, index, 0, keepdims=False)
     q_segment_BxT, kv_segment_BxS, q_pos_BxT, kv_pos_BxS = who
     o_BxTxNxH = attn_lib.attention(
         q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, q_segment_BxT=q_segment_BxT, kv_segment_BxS=kv_segment_BxS,
@@ -317,11 +323,18 @@ class Decoder(nnx.Module):
         x_BxTxD = jnp.take(self.embed[...], tokens_BxT, axis=0).astype(jnp.dtype(cfg.dtype))
         stacked = {k: v[...] for k, v in vars(self.layers).items() if isinstance(v, nnx.Param)}
 
-        def body(x, xs):
-            p, k_cache, v_cache = xs
-            return layer(cfg, p, x, positions_BxT, who, inv_freq, (k_cache, v_cache), cache_index, impl)
+        # The cache rides in the scan's carry and each layer writes its slot in place: as scanned
+        # inputs and outputs it would be sliced and restacked (copied whole) at every token.
+        def body(carry, xs):
+            x, k_cache, v_cache = carry
+            p, index = xs
+            x, (k_cache, v_cache) = layer(cfg, p, x, positions_BxT, who, inv_freq, (k_cache, v_cache, index),
+                                          cache_index, impl)
+            return (x, k_cache, v_cache), None
 
-        x_BxTxD, kv_cache = jax.lax.scan(body, x_BxTxD, (stacked,) + tuple(kv_cache))
+        (x_BxTxD, *kv_cache), _ = jax.lax.scan(body, (x_BxTxD,) + tuple(kv_cache),
+                                               (stacked, jnp.arange(cfg.num_layers, dtype=jnp.int32)))
+        kv_cache = tuple(kv_cache)
         h_BxTxD = rms_norm(x_BxTxD, self.final_norm[...].astype(x_BxTxD.dtype), cfg.rms_norm_eps)
         return self._logits(h_BxTxD), kv_cache
 
