@@ -3,7 +3,7 @@
 
   1. traces      arithmetic word problems, one reasoning step per paragraph in one of several
                  equivalent phrasings, and a BPE tokenizer trained on them (kd_jax.data.arithmetic)
-  2. teacher     a llama with twice the student's depth and three times its training steps,
+  2. teacher     a llama with twice the student's depth and 2.25 times its training steps,
                  trained from scratch on a tokens-only store with hard labels only
                  (configs/demo/teacher.yaml), exported
   3. precompute  the teacher's top-16 next-token log-probs into the KD store
@@ -370,7 +370,7 @@ def verdicts(rows: list[dict]) -> list[str]:
     return lines
 
 
-def run(out: str = "runs/demo", scale: float = 1.0, problems: int = 8000, max_examples: int = 512,
+def run(out: str = "runs/demo", scale: float = 1.0, problems: int = 6000, max_examples: int = 512,
         fresh: bool = False, seed: int = 0, rows: tuple[str, ...] = DEFAULT_ROWS) -> dict:
     t_start = time.perf_counter()
     if fresh and os.path.isdir(out):

@@ -8,7 +8,7 @@ random, as real traces vary; the answer is the final count, so
 `eval.matcher=numeric` checks it. Numbers are drawn at random, so held-out problems are new
 problems, not repeats.
 
-    python -m kd_jax.data.arithmetic --out runs/demo/data --n 8000
+    python -m kd_jax.data.arithmetic --out runs/demo/data --n 6000
 """
 
 from __future__ import annotations
@@ -169,7 +169,7 @@ def write(out: str, n: int, seed: int = 0, max_ops: int = 3, vocab_size: int = 4
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="folder for traces.jsonl and tokenizer/")
-    parser.add_argument("--n", type=int, default=8000, help="number of problems (the demo uses 8000)")
+    parser.add_argument("--n", type=int, default=6000, help="number of problems (the demo uses 6000)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-ops", type=int, default=3, help="most changes per problem (at least 2)")
     parser.add_argument("--vocab-size", type=int, default=448, help="BPE vocabulary size")
