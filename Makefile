@@ -3,7 +3,7 @@
 # so that no dependency pulls a CUDA torch. Every install is constrained to constraints.txt (exact versions:
 # those the README's numbers were measured with), so a fresh clone does not resolve the newest of the day.
 # --no-compile: pip does not byte-compile every installed module (torch's and jax's thousands): the
-# install takes ~45 s instead of ~115 s on 2 cores, and Python compiles the modules a run imports.
+# install takes ~50 s instead of ~115 s on 2 cores, and Python compiles the modules a run imports.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
