@@ -19,7 +19,7 @@ import argparse  # noqa: E402
 
 from kd_jax.core.config import setup_logging  # noqa: E402
 from kd_jax.core.errors import reported  # noqa: E402
-from kd_jax.core.recipe import DEFAULT_ROWS, ROWS, run  # noqa: E402
+from kd_jax.core.recipe import DEFAULT_ROWS, PROBLEMS, ROWS, run  # noqa: E402
 
 
 def main(argv=None) -> None:
@@ -27,7 +27,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/demo", help="folder for data, stores, runs and the report")
     parser.add_argument("--scale", type=float, default=1.0, help="multiplies the problem count and step budgets")
-    parser.add_argument("--problems", type=int, default=6000, help="number of generated problems (before --scale)")
+    parser.add_argument("--problems", type=int, default=PROBLEMS, help="number of generated problems (before --scale)")
     parser.add_argument("--max-examples", type=int, default=512, help="fresh held-out problems generated for accuracy")
     parser.add_argument("--seed", type=int, default=0, help="parameter-init seed of every model (run.seed)")
     parser.add_argument("--rows", default=",".join(DEFAULT_ROWS),

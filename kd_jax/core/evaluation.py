@@ -182,6 +182,7 @@ def task_accuracy(model, tokenizer, problems: list[Problem], eval_cfg: EvalConfi
     run = functools.partial(generate, model, max_new_tokens=eval_cfg.max_new_tokens, eos_ids=eos,
                             temperature=eval_cfg.sampling_temperature, top_p=eval_cfg.top_p)
     timed_tokens = 0
+    single = len(rows) <= batch_size
     for start in range(0, len(rows), batch_size):
         batch = rows[start:start + batch_size]
         padded = batch + [batch[-1]] * (batch_size - len(batch))
@@ -189,12 +190,11 @@ def task_accuracy(model, tokenizer, problems: list[Problem], eval_cfg: EvalConfi
         keys = row_keys(seed, np.array([i for i, _ in padded]), np.array([j for _, j in padded]))
         # tokens/s excludes compiling: it counts every batch but the first, or, when there is only
         # one, that batch run a second time (the first run compiles).
-        timed = start > 0 or len(rows) <= batch_size
-        if len(rows) <= batch_size:
+        if single:
             run(prompts, keys=keys)
         t0 = time.perf_counter()
         outs = run(prompts, keys=keys)[:len(batch)]
-        if timed:
+        if single or start > 0:
             seconds += time.perf_counter() - t0
             timed_tokens += sum(len(out) for out in outs)
         for (i, _), out in zip(batch, outs):

@@ -65,6 +65,9 @@ EVAL_BATCH = 64  # generation rows per call in the evaluation
 # prompt), so the row on the teacher's traces reads about 2,000 verified traces twice where the hard
 # row reads about 5,000 reference traces once (R1's students, too, trained several epochs on them).
 TRACE_PROMPTS = 2048
+# Problems generated for training (the teacher reads them ~1.9 times in its 900 steps, the students
+# fewer than once): `make demo`'s default for `python -m kd_jax.demo --problems`.
+PROBLEMS = 6000
 STAGES = 7
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs", "demo")
@@ -370,7 +373,7 @@ def verdicts(rows: list[dict]) -> list[str]:
     return lines
 
 
-def run(out: str = "runs/demo", scale: float = 1.0, problems: int = 6000, max_examples: int = 512,
+def run(out: str = "runs/demo", scale: float = 1.0, problems: int = PROBLEMS, max_examples: int = 512,
         fresh: bool = False, seed: int = 0, rows: tuple[str, ...] = DEFAULT_ROWS) -> dict:
     t_start = time.perf_counter()
     if fresh and os.path.isdir(out):
