@@ -31,7 +31,7 @@ install: $(VENV)/.installed
 test: install
 	$(PY) -m pytest -q --durations=15 $(PYTEST_ARGS) tests
 
-# The whole recipe on the embedded default, offline, on CPU (kd_jax/core/recipe.py): traces -> teacher ->
+# The whole recipe on the embedded default, offline, on CPU (kd_jax/demo/recipe.py): traces -> teacher ->
 # precompute -> three students -> evaluation table -> HF export loaded by transformers.
 demo: $(VENV)/.installed-base
 	$(PY) -m kd_jax.demo --fresh

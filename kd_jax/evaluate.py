@@ -14,9 +14,9 @@ student as initialized, a baseline). Writes `<run_dir>/eval_<model>.json` and pr
 
 from __future__ import annotations
 
-from kd_jax.core.config import parse_command
-from kd_jax.core.errors import reported
-from kd_jax.core.evaluation import evaluate, format_report
+from kd_jax.base.cli import parse_command
+from kd_jax.base.errors import reported
+from kd_jax.core.evaluation import evaluate, format_eval_report
 
 
 def _arguments(parser) -> None:
@@ -35,7 +35,7 @@ def main(argv=None) -> None:
     with reported(args.debug):
         report = evaluate(cfg, args.model, args.max_examples, untrained=args.untrained, samples=args.samples,
                           latency=args.latency)
-    print(format_report(report))
+    print(format_eval_report(report))
     for s in report["samples"]:
         print(f"  {'ok ' if s['correct'] else 'bad'} predicted {s['prediction']!r} reference {s['reference']!r}")
 

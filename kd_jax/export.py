@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import argparse
 
-from kd_jax.core.config import setup_logging
-from kd_jax.core.errors import reported
+from kd_jax.base.cli import setup_logging
+from kd_jax.base.errors import reported
 from kd_jax.core.runs import export_run
 
 

@@ -12,10 +12,10 @@ several processes, each samples its own shards (kd_jax/core/tracegen.py).
 
 from __future__ import annotations
 
+from kd_jax.base.cli import parse_command
+from kd_jax.base.errors import reported
 from kd_jax.core import distributed
-from kd_jax.core.config import parse_command
-from kd_jax.core.errors import reported
-from kd_jax.core.tracegen import format_report, tracegen
+from kd_jax.core.tracegen import format_trace_report, tracegen
 
 
 def main(argv=None) -> None:
@@ -24,7 +24,7 @@ def main(argv=None) -> None:
         distributed.maybe_initialize()
         report = tracegen(cfg)
     if report:
-        print(format_report(report), flush=True)
+        print(format_trace_report(report), flush=True)
         print(f"traces in {cfg.generate.out}/traces (data.traces for precompute); report in "
               f"{cfg.generate.out}/report.json", flush=True)
 

@@ -2,7 +2,7 @@
 
 Process 0 tokenizes the traces into the store (once: a store that exists is reused when it was
 made from the same inputs); then every process runs the teacher over its own chunks of the store
-(`kd_jax.core.teacher.precompute`). With data.top_k=0 the store holds tokens only (no teacher is run):
+(`kd_jax.core.precompute.precompute`). With data.top_k=0 the store holds tokens only (no teacher is run):
 for hard-label training, e.g. of a teacher. Re-running the same command resumes: only chunks
 without a completion mark are computed. `--dry-run` sizes the teacher pass instead;
 `--max-seq-len` finds the longest data.seq_len whose teacher pass fits. With
@@ -12,10 +12,10 @@ precompute.import_logprobs the teacher rows come from a served teacher's prompt 
 
 from __future__ import annotations
 
+from kd_jax.base.cli import parse_command
+from kd_jax.base.errors import reported
 from kd_jax.core import distributed, dryrun
-from kd_jax.core.config import parse_command
-from kd_jax.core.errors import reported
-from kd_jax.core.teacher import precompute
+from kd_jax.core.precompute import precompute
 
 
 def main(argv=None) -> None:

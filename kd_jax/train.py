@@ -7,9 +7,9 @@ included; SIGTERM saves at the current step and exits 0. `--dry-run` sizes the r
 
 from __future__ import annotations
 
+from kd_jax.base.cli import parse_command
+from kd_jax.base.errors import reported
 from kd_jax.core import distributed, dryrun
-from kd_jax.core.config import parse_command
-from kd_jax.core.errors import reported
 from kd_jax.core.loop import train
 
 

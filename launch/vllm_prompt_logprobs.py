@@ -72,7 +72,7 @@ def main(argv=None) -> None:
     parser.add_argument("overrides", nargs="*", help="dotted config overrides, as for kd_jax's commands")
     args = parser.parse_args(argv)
 
-    from kd_jax.core.config import load_config
+    from kd_jax.base.loader import load_config
     cfg = load_config(args.config, args.overrides)
     k = (args.top_k or cfg.data.top_k) + args.extra
     model = args.model or cfg.teacher.hf_path

@@ -26,10 +26,10 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from kd_jax.base.schema import CheckpointConfig
+from kd_jax.base.sharding import make_mesh, state_shardings
 from kd_jax.core import distributed
 from kd_jax.core.checkpoint import Checkpointer, Preemption
-from kd_jax.core.config import CheckpointConfig
-from kd_jax.core.sharding import make_mesh, state_shardings
 from kd_jax.models.decoder import DecoderConfig, init_decoder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -7,17 +7,15 @@ import typing
 import pytest
 import yaml
 
-from kd_jax.core.config import (
-    Config,
-    ConfigError,
-    MeshConfig,
+from kd_jax.base.cli import parse_args
+from kd_jax.base.loader import (
     apply_overrides,
     from_dict,
     load_config,
-    parse_args,
     save_config,
     to_dict,
 )
+from kd_jax.base.schema import Config, ConfigError, MeshConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASE = os.path.join(ROOT, "configs", "base.yaml")
@@ -57,14 +55,15 @@ def test_base_yaml_lists_every_field():
     assert not missing, f"configs/base.yaml lacks {missing}"
 
 
-def test_readme_config_reference_is_base_yaml():
-    """The README's config reference is configs/base.yaml verbatim (it cannot drift)."""
-    with open(os.path.join(ROOT, "README.md")) as f:
-        readme = f.read()
+def test_base_yaml_and_the_reference_page_are_generated_from_the_schema():
+    """configs/base.yaml and docs/config.md are what `python -m kd_jax.config --defaults / --reference`
+    print from the dataclasses (they cannot drift; regenerate them after a schema change)."""
+    from kd_jax.base.reference import defaults_yaml, reference_markdown
     with open(BASE) as f:
-        base = f.read()
-    section = readme.split("## Config reference", 1)[1]
-    assert "```yaml\n" + base + "```" in section
+        assert f.read() == defaults_yaml(), "regenerate: python -m kd_jax.config --defaults > configs/base.yaml"
+    with open(os.path.join(ROOT, "docs", "config.md")) as f:
+        assert f.read() == reference_markdown(), "regenerate: python -m kd_jax.config --reference > docs/config.md"
+    assert "`data.format.kind`" in reference_markdown() and "`loss.hidden.weight_schedule.end`" in reference_markdown()
 
 
 def test_every_shipped_config_loads():
@@ -194,9 +193,10 @@ def test_parse_args():
     ("train.max_nonfinite=0", "train: max_nonfinite=0 must be >= 1"),
     ("data.num_workers=-1", "data: num_workers=-1 must be >= 0"),
     ("data.shuffle_seed=-1", "data: shuffle_seed=-1 must be >= 0"),
-    ("data.min_reasoning_tokens=-1", "data: min_reasoning_tokens=-1 must be >= 0"),
-    ("data.max_reasoning_tokens=0", "data: max_reasoning_tokens=0 must be null (no limit) or >= 1"),
-    ("data.min_reasoning_tokens=50 data.max_reasoning_tokens=10", "max_reasoning_tokens=10 must be null (no limit) or"),
+    ("data.filter.min_reasoning_tokens=-1", "data.filter: min_reasoning_tokens=-1 must be >= 0"),
+    ("data.filter.max_reasoning_tokens=0", "data.filter: max_reasoning_tokens=0 must be null (no limit) or >= 1"),
+    ("data.filter.min_reasoning_tokens=50 data.filter.max_reasoning_tokens=10",
+     "max_reasoning_tokens=10 must be null (no limit) or"),
     ("precompute.bucket=0", "precompute: bucket=0 must be >= 1"),
     ("checkpoint.every_steps=0", "checkpoint: every_steps=0 must be >= 1"),
     ("checkpoint.max_to_keep=0", "checkpoint: max_to_keep=0 must be >= 1"),
@@ -223,10 +223,49 @@ def test_run_name_may_have_subfolders():
 
 def test_a_saved_config_with_a_renamed_key_still_loads(tmp_path):
     """A run's config.yaml written before eval.temperature became eval.sampling_temperature."""
-    from kd_jax.core.config import to_dict
+    from kd_jax.base.loader import to_dict
     data = to_dict(load_config(None))
     data["eval"]["temperature"] = 0.7
     del data["eval"]["sampling_temperature"]
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(data))
     assert load_config(str(path)).eval.sampling_temperature == 0.7
+
+
+# The data section as configs were written before it had sub-sections (a saved run config among them).
+FLAT_DATA = {"format": "sharegpt", "conversations_field": "turns", "think_open": "<t>", "think_close": "</t>",
+             "step_separator": "\n", "step_weights_field": None, "min_reasoning_tokens": 3, "overlong": "truncate",
+             "curriculum_fraction": 0.5, "curriculum_easy": "low", "prompts": "p.jsonl", "prompts_field": "q",
+             "seq_len": 64}
+
+
+def test_old_flat_data_keys_load_at_their_new_places_with_a_warning(tmp_path, caplog):
+    path = tmp_path / "old.yaml"
+    path.write_text(yaml.safe_dump({"data": FLAT_DATA, "teacher": {"teacher_layers": None}}))
+    with caplog.at_level("WARNING", logger="kd_jax.config"):
+        cfg = load_config(str(path))
+    d = cfg.data
+    assert (d.format.kind, d.format.conversations_field, d.format.think_open, d.format.think_close) == (
+        "sharegpt", "turns", "<t>", "</t>")
+    assert (d.steps.separator, d.steps.weights_field, d.filter.min_reasoning_tokens, d.filter.overlong) == (
+        "\n", None, 3, "truncate")
+    assert (d.curriculum.fraction, d.curriculum.easy, d.seq_len) == (0.5, "low", 64)
+    assert (cfg.train.on_policy.prompts, cfg.train.on_policy.prompts_field) == ("p.jsonl", "q")
+    assert "data.format is now data.format.kind" in caplog.text
+    assert "data.curriculum_easy is now data.curriculum.easy" in caplog.text
+    assert "data.prompts is now train.on_policy.prompts" in caplog.text
+    # the same keys as command-line overrides, over a new-style file
+    cfg = load_config(None, ["data.format=messages", "data.messages_field=chat", "data.step_scorer=m:f"])
+    assert (cfg.data.format.kind, cfg.data.format.messages_field, cfg.data.steps.scorer) == ("messages", "chat", "m:f")
+    assert load_config(None, ["data.format.kind=sharegpt"]).data.format.kind == "sharegpt"
+
+
+def test_teacher_layers_is_a_student_key_only(tmp_path):
+    with pytest.raises(ConfigError, match="unknown config key 'teacher.teacher_layers'"):
+        load_config(None, ["teacher.teacher_layers=[0]"])
+    path = tmp_path / "old.yaml"
+    path.write_text(yaml.safe_dump({"teacher": {"teacher_layers": [0, 1]}}))
+    with pytest.raises(ConfigError, match="teacher.teacher_layers=.* is no longer a key"):
+        load_config(str(path))
+    with pytest.raises(ConfigError, match="init='teacher_layers' is not allowed"):
+        load_config(None, ["teacher.init=teacher_layers"])

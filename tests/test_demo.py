@@ -13,12 +13,13 @@ import sys
 import numpy as np
 import pytest
 
+from kd_jax.base.loader import load_config
+from kd_jax.base.schema import ConfigError
 from kd_jax.core import losses
-from kd_jax.core.config import ConfigError, load_config
-from kd_jax.core.evaluation import extract_answer
-from kd_jax.data import arithmetic as demo
-from kd_jax.data.arithmetic import check_steps
+from kd_jax.core.grading import extract_answer
 from kd_jax.data.store import KDStore
+from kd_jax.demo import arithmetic as demo
+from kd_jax.demo.arithmetic import check_steps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _OPS = {"finds": 1, "buys": 1, "wins": 1, "loses": -1, "gives away": -1, "sells": -1}
@@ -142,7 +143,7 @@ def test_reduced_demo_runs_every_stage(tmp_path):
 
 
 def test_verdicts_read_the_intervals():
-    from kd_jax.core.recipe import verdicts
+    from kd_jax.demo.recipe import verdicts
 
     def row(variant, acc, low, high):
         return {"variant": variant, "accuracy": acc, "accuracy_low": low, "accuracy_high": high}

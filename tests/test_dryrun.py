@@ -17,8 +17,9 @@ import sys
 import jax
 import pytest
 
-from kd_jax.core import dryrun, sharding
-from kd_jax.core.config import load_config
+from kd_jax.base import sharding
+from kd_jax.base.loader import load_config
+from kd_jax.core import dryrun
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPES = os.path.join(ROOT, "configs", "recipes")

@@ -13,12 +13,19 @@ import jax
 import pytest
 import tiny_kd
 
-from kd_jax.core.config import ConfigError, load_config
+from kd_jax.base.loader import load_config
+from kd_jax.base.schema import ConfigError
 from kd_jax.core.evaluation import evaluate as run
-from kd_jax.core.evaluation import (extract_answer, matcher, pass_at_k, reasoning_steps, reference_answer,
-                                    wilson_interval)
-from kd_jax.core.teacher import precompute
-from kd_jax.data.arithmetic import check_steps
+from kd_jax.core.grading import (
+    extract_answer,
+    matcher,
+    pass_at_k,
+    reasoning_steps,
+    reference_answer,
+    wilson_interval,
+)
+from kd_jax.core.precompute import precompute
+from kd_jax.demo.arithmetic import check_steps
 from kd_jax.evaluate import main as evaluate_main
 
 
@@ -159,7 +166,7 @@ def test_external_eval_set(eval_set):
     assert report["accuracy_low"] == pytest.approx(wilson_interval(3, 3)[0])
     assert [s["reference"] for s in report["samples"]] == ["5", "9", "7"]  # the text after '####'
     assert "hard" not in report  # no store: no KD losses
-    report = run(load_config(None, args + ["eval.step_checker=kd_jax.data.arithmetic:check_steps"]), "teacher", 2)
+    report = run(load_config(None, args + ["eval.step_checker=kd_jax.demo.arithmetic:check_steps"]), "teacher", 2)
     assert report["examples"] == 2 and 0.0 <= report["accuracy"] <= 1.0
     assert 0.0 <= report["step_accuracy"] <= 1.0 and 0.0 <= report["all_steps_correct"] <= 1.0
     with pytest.raises(ConfigError, match="eval.question_field"):

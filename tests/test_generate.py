@@ -9,9 +9,8 @@ import pytest
 import torch
 import transformers
 
-from kd_jax.core.generate import generate
 from kd_jax.models import load_hf
-
+from kd_jax.models.sampling import generate
 
 # blockwise: the prompt's prefill against the cache runs blockwise (4-token tiles), decode steps
 # one token at a time through the dense row; splash takes self-attention only, so generation's

@@ -11,7 +11,7 @@ import hf_tiny
 import pytest
 import safetensors.numpy
 
-from kd_jax.core.errors import KDJaxError
+from kd_jax.base.errors import KDJaxError
 from kd_jax.models import HFFormatError, load_hf, save_hf
 from kd_jax.models.hf import FolderNotEmptyError
 

@@ -75,7 +75,7 @@ def test_slurm_task_keeps_user_settings():
                          timeout=120)
     assert out.returncode == 0, out.stderr
     assert "XLA_PYTHON_CLIENT_MEM_FRACTION=0.75" in out.stderr and "CUDA_VISIBLE_DEVICES=0,1" in out.stderr
-    assert "fsdp: 8" in out.stdout  # kd_jax.core.config printed the resolved config
+    assert "fsdp: 8" in out.stdout  # kd_jax.config printed the resolved config
 
 
 @pytest.mark.parametrize("case", ["no_srun", "one_gpu_bound", "no_module"])

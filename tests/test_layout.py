@@ -1,6 +1,14 @@
-"""The two floors of the package, checked on the source: commands (`python -m kd_jax.X`) import
-libraries and are imported by nothing; libraries never import a command; only sharding.py names
-the mesh axes."""
+"""The floors of the package, checked on the source: imports only go down.
+
+    commands    kd_jax/{train,precompute,generate,evaluate,export,config}.py, kd_jax/demo/__main__.py,
+                kd_jax/bench/ (python -m targets; imported by nothing but themselves)
+    demo        kd_jax/demo/ (the demo's recipe and task, over the stages)
+    stages      kd_jax/core/
+    data, models kd_jax/data/, kd_jax/models/ (neither imports the other)
+    base        kd_jax/base/ (imports nothing of kd_jax but base)
+
+Only kd_jax/base/sharding.py names the mesh axes.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +16,8 @@ import ast
 import pathlib
 
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "kd_jax"
-# The `python -m` targets: the top-level modules of kd_jax and the bench package. The libraries are
-# the subfolders core/, models/ and data/.
-COMMANDS = {"kd_jax.train", "kd_jax.precompute", "kd_jax.evaluate", "kd_jax.export", "kd_jax.demo",
-            "kd_jax.config", "kd_jax.generate", "kd_jax.bench"}
+COMMANDS = {"kd_jax.train", "kd_jax.precompute", "kd_jax.evaluate", "kd_jax.export", "kd_jax.config",
+            "kd_jax.generate", "kd_jax.demo.__main__", "kd_jax.bench"}
 MESH_AXES = ("data", "fsdp", "tensor")
 
 
@@ -26,6 +32,18 @@ def _modules() -> dict[str, pathlib.Path]:
 
 def _is_command(name: str) -> bool:
     return any(name == c or name.startswith(c + ".") for c in COMMANDS)
+
+
+def floor(name: str) -> tuple[int, str]:
+    """(height, room) of a module: commands 4, demo 3, core 2, data and models 1, base 0."""
+    if _is_command(name):
+        return 4, "commands"
+    if name == "kd_jax.demo" or name.startswith("kd_jax.demo."):
+        return 3, "demo"
+    for height, room in ((2, "core"), (1, "data"), (1, "models"), (0, "base")):
+        if name == f"kd_jax.{room}" or name.startswith(f"kd_jax.{room}."):
+            return height, room
+    return 5, "package"  # kd_jax/__init__.py: the package's face
 
 
 def _imports(name: str, path: pathlib.Path, known: set[str]) -> set[str]:
@@ -47,25 +65,39 @@ def _imports(name: str, path: pathlib.Path, known: set[str]) -> set[str]:
     return out
 
 
+def _arrows():
+    modules = _modules()
+    known = set(modules)
+    for name, path in modules.items():
+        for target in _imports(name, path, known):
+            yield name, target
+
+
 def test_layout_lists_every_command_and_commands_exist():
     modules = _modules()
     top_level = {n for n, p in modules.items() if p.parent == PACKAGE and n != "kd_jax"}
-    assert top_level == COMMANDS - {"kd_jax.bench"}, "top-level modules of kd_jax are exactly the commands"
-    assert "kd_jax.bench.__main__" in modules
+    assert top_level == COMMANDS - {"kd_jax.bench", "kd_jax.demo.__main__"}, "top-level modules are the commands"
+    assert {"kd_jax.bench.__main__", "kd_jax.demo.__main__"} <= set(modules)
 
 
-def test_no_module_imports_a_command():
-    modules = _modules()
-    known = set(modules)
+def test_imports_only_go_down():
+    """No module imports one on a higher floor, and rooms of one floor do not import each other (data and
+    models stay apart); inside a room imports are free. Commands are imported by nothing but themselves."""
     offenders = []
-    for name, path in modules.items():
-        for target in _imports(name, path, known):
-            if not _is_command(target):
-                continue
-            same_command = any(name.startswith(c) and target.startswith(c) for c in COMMANDS)
-            if not same_command:  # bench's sub-commands import each other inside the bench package
-                offenders.append(f"{name} imports {target}")
-    assert not offenders, "commands are imported by nothing but themselves:\n" + "\n".join(offenders)
+    for name, target in _arrows():
+        (h, room), (th, troom) = floor(name), floor(target)
+        if room == troom:
+            if room == "commands" and not any(name.startswith(c) and target.startswith(c) for c in COMMANDS):
+                offenders.append(f"{name} imports the command {target}")
+            continue
+        if th >= h:
+            offenders.append(f"{name} ({room}) imports {target} ({troom})")
+    assert not offenders, "imports must only go down:\n" + "\n".join(sorted(offenders))
+
+
+def test_base_imports_nothing_above_it():
+    bad = [(n, t) for n, t in _arrows() if floor(n)[1] == "base" and floor(t)[1] != "base"]
+    assert not bad
 
 
 def test_commands_are_thin():
@@ -98,4 +130,4 @@ def test_mesh_axis_names_live_in_sharding_only():
     offenders = [f"{path.relative_to(PACKAGE.parent)}:{node.lineno}"
                  for name, path in _modules().items() if not name.endswith(".sharding")
                  for node in _axis_uses(ast.parse(path.read_text()))]
-    assert not offenders, "mesh axis names outside kd_jax/core/sharding.py:\n" + "\n".join(offenders)
+    assert not offenders, "mesh axis names outside kd_jax/base/sharding.py:\n" + "\n".join(offenders)

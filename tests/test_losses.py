@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kd_jax.core import losses, sharding
+from kd_jax.base import sharding
+from kd_jax.core import losses
 
 f32 = jnp.float32
 # XLA:CPU compile time dominates these tiny cases; LLVM's backend optimizations halve it and do

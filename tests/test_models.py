@@ -157,22 +157,23 @@ def test_keep_layers_equals_transformers_with_those_layers(tmp_path):
 
 
 def test_build_model_from_config_sections(folders):
-    from kd_jax.core.config import ModelSource, load_config
+    from kd_jax.base.loader import load_config
+    from kd_jax.base.schema import ModelSource, StudentSource
     cfg = load_config("configs/tiny_llama.yaml")
     student = build_model(cfg.student, seed=1)
     assert student.cfg.num_layers == 2 and student.cfg.vocab_size == 256
     teacher = build_model(ModelSource(hf_path=folders["llama3"][1], param_dtype="float32"))
     assert teacher.cfg.rope_scaling is not None and teacher.cfg.dtype == "bfloat16"
-    distilled = build_model(ModelSource(init="teacher_layers", teacher_layers=[1]), teacher=teacher)
+    distilled = build_model(StudentSource(init="teacher_layers", teacher_layers=[1]), teacher=teacher)
     np.testing.assert_array_equal(np.asarray(distilled.layers.wq[...][0]), np.asarray(teacher.layers.wq[...][1]))
     with pytest.raises(ValueError, match="teacher_layers"):
-        build_model(ModelSource(init="teacher_layers", teacher_layers=[5]), teacher=teacher)
+        build_model(StudentSource(init="teacher_layers", teacher_layers=[5]), teacher=teacher)
     with pytest.raises(ValueError, match="architecture"):
         build_model(ModelSource(init="random"))
 
 
 def test_every_remat_policy_name_is_a_jax_policy():
-    from kd_jax.core import config
+    from kd_jax.base import schema as config
     from kd_jax.models.decoder import remat_policy
     assert [remat_policy(name) is None for name in config.REMAT_POLICIES] == [
         name == "none" for name in config.REMAT_POLICIES]

@@ -18,7 +18,7 @@ import pytest
 import tiny_kd
 from flax import nnx
 
-from kd_jax.core.config import load_config
+from kd_jax.base.loader import load_config
 from kd_jax.core.distributed import init_args
 from kd_jax.core.runs import load_run_config, restore_student
 from kd_jax.data.pipeline import make_train_iter
@@ -58,8 +58,8 @@ def root(tmp_path_factory):
 def test_streams_give_the_same_batches_on_any_process_count(root):
     cfg = load_config(None, _train_args(root, "streams"))
     idx = np.arange(len(KDStore.open(cfg.data.store)))
-    one = make_train_iter(cfg.data.store, idx, cfg.data, global_batch_size=8, seed=0)
-    two = [make_train_iter(cfg.data.store, idx, cfg.data, global_batch_size=8, seed=0, process_index=p,
+    one = make_train_iter(KDStore.open(cfg.data.store), idx, cfg.data, global_batch_size=8, seed=0)
+    two = [make_train_iter(KDStore.open(cfg.data.store), idx, cfg.data, global_batch_size=8, seed=0, process_index=p,
                            process_count=2) for p in range(2)]
     for _ in range(3):
         batch, halves = next(one), [next(it) for it in two]
@@ -67,7 +67,7 @@ def test_streams_give_the_same_batches_on_any_process_count(root):
         for k in batch:
             np.testing.assert_array_equal(batch[k], np.concatenate([h[k] for h in halves]), err_msg=k)
     # the two-stream iterator of one process resumes from its saved position
-    again = make_train_iter(cfg.data.store, idx, cfg.data, global_batch_size=8, seed=0)
+    again = make_train_iter(KDStore.open(cfg.data.store), idx, cfg.data, global_batch_size=8, seed=0)
     again.set_state(json.loads(json.dumps(one.get_state())))
     want, got = next(one), next(again)
     for k in want:

@@ -19,11 +19,19 @@ import torch
 import transformers
 from test_train import _cli, _losses, _run, signal_after_first_checkpoint
 
-from kd_jax.core.config import ConfigError, HiddenConfig, LossConfig, ScheduleConfig, load_config
-from kd_jax.core.loop import TeacherMismatchError, check_online_teacher, prepare, to_global
-from kd_jax.core.step import default_hyper, hyper_at, layer_pairs, loss_schedules, trainable
-from kd_jax.data.arithmetic import write as write_arithmetic
+from kd_jax.base.loader import load_config
+from kd_jax.base.schema import ConfigError, HiddenConfig, LossConfig, ScheduleConfig
+from kd_jax.base.sharding import to_global
+from kd_jax.core.prepare import TeacherMismatchError, check_online_teacher, prepare
+from kd_jax.core.step import (
+    default_hyper,
+    hyper_at,
+    layer_pairs,
+    loss_schedules,
+    trainable,
+)
 from kd_jax.data.pipeline import make_eval_iter
+from kd_jax.demo.arithmetic import write as write_arithmetic
 from kd_jax.models.decoder import DecoderConfig
 from kd_jax.models.hf import load_tokenizer
 
@@ -118,7 +126,7 @@ def test_online_top_k_equals_the_offline_store_of_the_same_k(root):
     offline = prepare(load_config(None, base))
     online = prepare(load_config(None, base + ["teacher.mode=online", "loss.online_top_k=8"]))
     dense = prepare(load_config(None, base + ["teacher.mode=online"]))
-    batch = next(make_eval_iter(offline.cfg.data.store, offline.eval_idx, offline.cfg.data, batch_size=8))
+    batch = next(make_eval_iter(offline.store, offline.eval_idx, offline.cfg.data, batch_size=8))
     out = {}
     with jax.set_mesh(offline.mesh):
         for name, run in (("offline", offline), ("online", online), ("dense", dense)):

@@ -10,9 +10,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_losses import DIVS, FAST_COMPILE, _close, _divergence, _grad_fn, _grads, reference_loss
+from test_losses import (
+    DIVS,
+    FAST_COMPILE,
+    _close,
+    _divergence,
+    _grad_fn,
+    _grads,
+    reference_loss,
+)
 
-from kd_jax.core import losses, sharding
+from kd_jax.base import sharding
+from kd_jax.core import losses
 
 f32 = jnp.float32
 

@@ -1,7 +1,7 @@
 """On-policy distillation (train.on_policy): the step schedule, completion roles, a teacher that
 is the student's own copy (loss and gradient 0), loss and gradients on a sampled batch against a
 materialized reference, exact resume after SIGKILL at λ = 0.5, sequence-level KD from the
-teacher's samples, prompts from data.prompts, and the logged sampling metrics."""
+teacher's samples, prompts from train.on_policy.prompts, and the logged sampling metrics."""
 
 from __future__ import annotations
 
@@ -18,13 +18,20 @@ import pytest
 from flax import nnx
 from test_train import _cli, _losses, _run, signal_after_first_checkpoint
 
+from kd_jax.base.loader import load_config
+from kd_jax.base.schema import ConfigError
+from kd_jax.base.sharding import to_global
 from kd_jax.bench import onpolicy as bench
-from kd_jax.core.config import ConfigError, load_config
-from kd_jax.core.loop import prepare, to_global
-from kd_jax.core.onpolicy import completion_roles, is_on_policy, make_example, on_policy_steps_before
+from kd_jax.core.onpolicy import (
+    completion_roles,
+    is_on_policy,
+    make_example,
+    on_policy_steps_before,
+)
+from kd_jax.core.prepare import prepare
 from kd_jax.core.step import _weights, batch_loss, batch_totals, default_hyper
-from kd_jax.data.arithmetic import write as write_arithmetic
 from kd_jax.data.roles import Role
+from kd_jax.demo.arithmetic import write as write_arithmetic
 from kd_jax.models.hf import load_tokenizer
 
 STEPS = 8
@@ -180,12 +187,12 @@ def test_resume_after_sigkill_at_half_on_policy_is_bitwise_identical(root):
 
 def test_teacher_samples_and_prompts_from_a_prompt_file(root):
     """source=teacher (sequence-level KD): the completions are the teacher's, whatever the student;
-    data.prompts: the prompts are that file's rows through the chat template."""
+    train.on_policy.prompts: the prompts are that file's rows through the chat template."""
     with open(f"{root}/prompts.jsonl", "w") as f:
         for i in range(5):
             f.write(json.dumps({"question": f"Ana has {i} coins and finds 2. How many coins does Ana have?"}) + "\n")
-    extra = {"train.on_policy.source": "teacher", "data.prompts": f"{root}/prompts.jsonl",
-             "data.prompts_field": "question", "train.on_policy.fraction": 1.0}
+    extra = {"train.on_policy.source": "teacher", "train.on_policy.prompts": f"{root}/prompts.jsonl",
+             "train.on_policy.prompts_field": "question", "train.on_policy.fraction": 1.0}
     run = prepare(load_config(None, _args(root, "from_teacher", **extra)))
     assert run.on_policy.prompts.count == 5 and run.on_policy.graphdef == nnx.graphdef(run.teacher)
     tok = load_tokenizer(f"{root}/teacher")

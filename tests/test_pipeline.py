@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 import tiny_kd
 
-from kd_jax.core.config import DataConfig, load_config
-from kd_jax.core.teacher import precompute as run
+from kd_jax.base.loader import load_config
+from kd_jax.base.schema import DataConfig
+from kd_jax.core.precompute import precompute as run
 from kd_jax.data import pipeline
 from kd_jax.data.store import KDStore, StoreError
 
@@ -126,7 +127,7 @@ def test_split_indices():
 def test_packed_batches_align_with_store(store_path, ref, split, packing):
     train, _ = split
     cfg = dataclasses.replace(CFG, packing=packing)
-    it = pipeline.make_train_iter(store_path, train, cfg, global_batch_size=4, seed=0)
+    it = pipeline.make_train_iter(KDStore.open(store_path), train, cfg, global_batch_size=4, seed=0)
     found = [i for batch in take(it, 6) for i in check_batch(batch, ref, set(train), B=4)]
     assert len(found) > 6 * 4  # rows hold several sequences: packing happened
     assert set(found) == set(train)  # 6 batches run past one epoch
@@ -137,20 +138,20 @@ def test_resume_is_exact_and_seed_matters(store_path, ref, split, tmp_path):
     from grain.checkpoint import CheckpointHandler, CheckpointRestore, CheckpointSave
 
     train, _ = split
-    it = pipeline.make_train_iter(store_path, train, CFG, global_batch_size=4, seed=7)
+    it = pipeline.make_train_iter(KDStore.open(store_path), train, CFG, global_batch_size=4, seed=7)
     first = take(it, 5)
     state = json.loads(json.dumps(it.get_state()))  # the state is JSON, as grain.checkpoint writes it
     CheckpointHandler().save(epath.Path(tmp_path), args=CheckpointSave(it))  # what Orbax calls
     after = take(it, 3)
-    again = pipeline.make_train_iter(store_path, train, CFG, global_batch_size=4, seed=7)
+    again = pipeline.make_train_iter(KDStore.open(store_path), train, CFG, global_batch_size=4, seed=7)
     assert_same(take(again, 5), first)
-    fresh = pipeline.make_train_iter(store_path, train, CFG, global_batch_size=4, seed=7)
+    fresh = pipeline.make_train_iter(KDStore.open(store_path), train, CFG, global_batch_size=4, seed=7)
     fresh.set_state(state)
     assert_same(take(fresh, 3), after)
-    restored = pipeline.make_train_iter(store_path, train, CFG, global_batch_size=4, seed=7)
+    restored = pipeline.make_train_iter(KDStore.open(store_path), train, CFG, global_batch_size=4, seed=7)
     CheckpointHandler().restore(epath.Path(tmp_path), args=CheckpointRestore(restored))
     assert_same(take(restored, 3), after)
-    other = pipeline.make_train_iter(store_path, train, CFG, global_batch_size=4, seed=8)
+    other = pipeline.make_train_iter(KDStore.open(store_path), train, CFG, global_batch_size=4, seed=8)
     assert not np.array_equal(next(other)["inputs"], first[0]["inputs"])
 
 
@@ -158,26 +159,26 @@ def test_process_shards_are_disjoint_and_cover_an_epoch(store_path, ref, split):
     train, _ = split
     n = len(train)
     kw = dict(global_batch_size=4, seed=1, process_count=2)
-    streams = [pipeline.train_examples(store_path, train, CFG, process_index=p, **kw) for p in (0, 1)]
+    streams = [pipeline.train_examples(KDStore.open(store_path), train, CFG, process_index=p, **kw) for p in (0, 1)]
     shards = [[streams[p][j]["index"] for j in range((n + 1 - p) // 2)] for p in (0, 1)]
     assert not set(shards[0]) & set(shards[1]) and sorted(shards[0] + shards[1]) == sorted(train)
     # One global stream: process p's j-th example is the single-process stream's (2j + p)-th.
-    single = pipeline.train_examples(store_path, train, CFG, global_batch_size=4, seed=1)
+    single = pipeline.train_examples(KDStore.open(store_path), train, CFG, global_batch_size=4, seed=1)
     assert shards[0][:4] == [single[2 * j]["index"] for j in range(4)]
-    it = pipeline.make_train_iter(store_path, train, CFG, process_index=1, **kw)
+    it = pipeline.make_train_iter(KDStore.open(store_path), train, CFG, process_index=1, **kw)
     check_batch(next(it), ref, set(train), B=2)  # process-local batch
     with pytest.raises(ValueError, match="multiple of the 2 processes"):
-        pipeline.make_train_iter(store_path, train, CFG, global_batch_size=5, seed=1, process_count=2)
+        pipeline.make_train_iter(KDStore.open(store_path), train, CFG, global_batch_size=5, seed=1, process_count=2)
 
 
 def test_eval_is_one_deterministic_padded_pass(store_path, ref, split):
     _, ev = split
-    batches = list(pipeline.make_eval_iter(store_path, ev, CFG, batch_size=8))
+    batches = list(pipeline.make_eval_iter(KDStore.open(store_path), ev, CFG, batch_size=8))
     found = [i for batch in batches for i in check_batch(batch, ref, set(ev), B=8)]
     assert sorted(found) == sorted(ev)  # each eval sequence exactly once
     assert (batches[-1]["segment_ids"].max(axis=1) == 0).any()  # 6 sequences in 8 rows: empty rows added
-    assert_same(list(pipeline.make_eval_iter(store_path, ev, CFG, batch_size=8)), batches)
-    everything = list(pipeline.make_eval_iter(store_path, np.arange(N_SEQ), CFG, batch_size=3))
+    assert_same(list(pipeline.make_eval_iter(KDStore.open(store_path), ev, CFG, batch_size=8)), batches)
+    everything = list(pipeline.make_eval_iter(KDStore.open(store_path), np.arange(N_SEQ), CFG, batch_size=3))
     assert sorted(i for b in everything for i in check_batch(b, ref, set(range(N_SEQ)), B=3)) == list(range(N_SEQ))
 
 
@@ -187,14 +188,14 @@ def test_worker_processes(store_path, ref, split):
     and resume exactly."""
     train, _ = split
     cfg = dataclasses.replace(CFG, num_workers=2)
-    it = pipeline.make_train_iter(store_path, train, cfg, global_batch_size=4, seed=2)
+    it = pipeline.make_train_iter(KDStore.open(store_path), train, cfg, global_batch_size=4, seed=2)
     first = take(it, 3)
     for batch in first:
         check_batch(batch, ref, set(train), B=4)
     state = it.get_state()
     after = take(it, 2)
     it.close()
-    fresh = pipeline.make_train_iter(store_path, train, cfg, global_batch_size=4, seed=2)
+    fresh = pipeline.make_train_iter(KDStore.open(store_path), train, cfg, global_batch_size=4, seed=2)
     fresh.set_state(json.loads(json.dumps(state)))
     assert_same(take(fresh, 2), after)
     fresh.close()
@@ -206,16 +207,16 @@ def test_curriculum_starts_easiest_first(store_path, ref, split):
     reasoning = np.array([(s["role"] == 1).sum() for s in seqs])
     np.testing.assert_array_equal(pipeline.reasoning_lengths(KDStore.open(store_path)), reasoning)
     # 8 easy first, in the strict easiest-first order (the default, curriculum_stages=0)
-    cfg = dataclasses.replace(CFG, curriculum_fraction=0.5)
-    ds = pipeline.train_examples(store_path, train, cfg, global_batch_size=4, seed=0, steps=4)
+    cfg = dataclasses.replace(CFG, curriculum=dataclasses.replace(CFG.curriculum, fraction=0.5))
+    ds = pipeline.train_examples(KDStore.open(store_path), train, cfg, global_batch_size=4, seed=0, steps=4)
     head = [ds[j]["index"] for j in range(8)]
     assert list(reasoning[head]) == sorted(reasoning[train])[:8]
     # One stage: the same 8 easiest, shuffled among themselves.
-    one = pipeline.train_examples(store_path, train, dataclasses.replace(cfg, curriculum_stages=1),
+    one = pipeline.train_examples(KDStore.open(store_path), train, dataclasses.replace(cfg, curriculum=dataclasses.replace(cfg.curriculum, stages=1)),
                                   global_batch_size=4, seed=0, steps=4)
     assert sorted(reasoning[[one[j]["index"] for j in range(8)]]) == sorted(reasoning[train])[:8]
     assert sorted(ds[j]["index"] for j in range(8, 8 + len(train))) == sorted(train)  # then whole epochs
-    custom = pipeline.train_examples(store_path, train, cfg, global_batch_size=4, seed=0, steps=4,
+    custom = pipeline.train_examples(KDStore.open(store_path), train, cfg, global_batch_size=4, seed=0, steps=4,
                                      difficulty=-reasoning)  # hardest first
     assert reasoning[custom[0]["index"]] == reasoning[train].max()
 
@@ -223,12 +224,12 @@ def test_curriculum_starts_easiest_first(store_path, ref, split):
 def test_overlong_sequence_fails_clearly(store_path, split):
     train, _ = split
     with pytest.raises(StoreError, match="data.seq_len"):
-        pipeline.make_train_iter(store_path, train, DataConfig(seq_len=64), global_batch_size=4, seed=0)
+        pipeline.make_train_iter(KDStore.open(store_path), train, DataConfig(seq_len=64), global_batch_size=4, seed=0)
 
 
 def test_source_pickles_without_tensorstore(store_path):
     import pickle
-    src = pipeline.StoreSource(store_path, np.array([3, 5]))
+    src = pipeline.StoreSource(KDStore.open(store_path), np.array([3, 5]))
     assert src[1]["index"] == 5  # opens the store here
     copy = pickle.loads(pickle.dumps(src))
     assert copy._store is None and copy[0]["index"] == 3 and os.getpid() == copy._pid
@@ -308,13 +309,13 @@ def test_step_weights_reach_the_loss_coefficients(weighted):
     equal the hand computation from the trace file's weights."""
     import jax
 
+    from kd_jax.base.schema import LossConfig
     from kd_jax.core import step
-    from kd_jax.core.config import LossConfig
 
     path, rows = weighted
     store = KDStore.open(path)
     by_inputs = {store.read(i)["tokens"][:-1].tobytes(): i for i in range(len(store))}
-    batch = next(pipeline.make_eval_iter(path, np.arange(N_SEQ), CFG, batch_size=4))
+    batch = next(pipeline.make_eval_iter(KDStore.open(path), np.arange(N_SEQ), CFG, batch_size=4))
     seg = batch["segment_ids"]
     indices = {(b, s): by_inputs[batch["inputs"][b, seg[b] == s].tobytes()]
                for b in range(4) for s in range(1, seg[b].max() + 1)}
@@ -337,14 +338,13 @@ def test_curriculum_by_pass_rate(weighted, store_path, split):
     train, _ = split
     pass_rate = np.array([r["pass_rate"] for r in rows])
     ranked = train[np.argsort(-pass_rate[train], kind="stable")]  # easiest (highest pass rate) first
-    cfg = dataclasses.replace(CFG, curriculum_fraction=1.0, curriculum_difficulty_field="pass_rate",
-                              curriculum_stages=3)
-    ds = pipeline.train_examples(path, train, cfg, global_batch_size=4, seed=0, steps=3)  # 12 examples
+    cfg = dataclasses.replace(CFG, curriculum=dataclasses.replace(CFG.curriculum, fraction=1.0, difficulty_field='pass_rate', stages=3))
+    ds = pipeline.train_examples(KDStore.open(path), train, cfg, global_batch_size=4, seed=0, steps=3)  # 12 examples
     head = [ds[j]["index"] for j in range(12)]
     for s in range(3):
         assert set(head[4 * s:4 * s + 4]) == set(ranked[4 * s:4 * s + 4])
-    one = dataclasses.replace(cfg, curriculum_stages=1)
-    it = pipeline.make_train_iter(path, train, one, global_batch_size=4, seed=0, steps=3)
+    one = dataclasses.replace(cfg, curriculum=dataclasses.replace(cfg.curriculum, stages=1))
+    it = pipeline.make_train_iter(KDStore.open(path), train, one, global_batch_size=4, seed=0, steps=3)
     first = next(it)
     store = KDStore.open(path)
     by_inputs = {store.read(i)["tokens"][:-1].tobytes(): i for i in range(len(store))}
@@ -354,7 +354,7 @@ def test_curriculum_by_pass_rate(weighted, store_path, split):
     # The easiest sequences first: pass rates of the first batch are all above those left out of the head.
     assert pass_rate[list(packed)].min() >= pass_rate[ranked[12:]].max()
     with pytest.raises(StoreError, match="curriculum_difficulty_field"):  # a store without difficulties
-        pipeline.train_examples(store_path, train, cfg, global_batch_size=4, seed=0, steps=3)
+        pipeline.train_examples(KDStore.open(store_path), train, cfg, global_batch_size=4, seed=0, steps=3)
     with pytest.raises(StoreError, match="easy = high"):  # the other direction than the store's
-        pipeline.train_examples(path, train, dataclasses.replace(cfg, curriculum_easy="low"), global_batch_size=4,
+        pipeline.train_examples(KDStore.open(path), train, dataclasses.replace(cfg, curriculum=dataclasses.replace(cfg.curriculum, easy='low')), global_batch_size=4,
                                 seed=0, steps=3)

@@ -15,8 +15,8 @@ import tiny_kd
 import torch
 import transformers
 
-from kd_jax.core.config import load_config
-from kd_jax.core.teacher import precompute as run
+from kd_jax.base.loader import load_config
+from kd_jax.core.precompute import precompute as run
 from kd_jax.data.store import KDStore, StoreError
 
 K = 8

@@ -1,4 +1,4 @@
-"""kd_jax.core.progress: progress bars that write a few lines, not one per step, into logs."""
+"""kd_jax.base.progress: progress bars that write a few lines, not one per step, into logs."""
 
 import io
 import re
@@ -6,7 +6,7 @@ import time
 
 from tqdm import tqdm
 
-from kd_jax.core import progress
+from kd_jax.base import progress
 
 
 def _lines(make_bar) -> int:

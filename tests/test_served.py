@@ -22,9 +22,9 @@ import tiny_kd
 import torch
 import transformers
 
+from kd_jax.base.loader import load_config
 from kd_jax.core import dryrun
-from kd_jax.core.config import load_config
-from kd_jax.core.teacher import open_or_tokenize, precompute, run_import
+from kd_jax.core.precompute import open_or_tokenize, precompute, run_import
 from kd_jax.data.served import ServedLogprobs
 from kd_jax.data.store import KDStore, StoreError
 
@@ -130,7 +130,7 @@ def test_padded_ids_dropped_rows_kept_as_served(built, tmp_path, caplog):
     """prompt_logprobs=K over a padded vocabulary: padding ids among a position's top K are dropped
     (as precompute drops them); those positions keep what was served (the actual token, then id -1,
     which the loss ignores) and are counted once; every other row is the exact one."""
-    with caplog.at_level(logging.WARNING, logger="kd_jax.core.teacher"):
+    with caplog.at_level(logging.WARNING, logger="kd_jax.core.precompute"):
         precompute(config(built.root, "unused", built.files["k1"], **{"data.store": str(tmp_path / "store")}),
                    show_progress=False)
     got, full = arrays(tmp_path / "store"), arrays(built.root / "imported")

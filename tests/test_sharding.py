@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from kd_jax.core import sharding
+from kd_jax.base import sharding
 from kd_jax.models import DecoderConfig, init_decoder, load_hf
 
 # Dimensions that every mesh axis below divides, so the sharding rules are exercised in full.

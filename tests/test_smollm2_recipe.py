@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from kd_jax.core.config import load_config
+from kd_jax.base.loader import load_config
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 CONFIG = str(ROOT / "configs" / "smollm2" / "distill.yaml")
@@ -50,7 +50,7 @@ def test_recipe_runs_convert_traces_precompute_train_export(smollm2_dir, tmp_pat
     import transformers
 
     data, store, runs = tmp_path / "data", tmp_path / "store", tmp_path / "runs"
-    _run("kd_jax.data.arithmetic", "--out", str(data), "--n", "16")
+    _run("kd_jax.demo.arithmetic", "--out", str(data), "--n", "16")
     overrides = [f"teacher.hf_path={smollm2_dir}", f"data.traces={data / 'traces.jsonl'}", f"data.store={store}",
                  f"run.output_dir={runs}", "data.seq_len=256", "train.global_batch_size=4", "train.steps=3",
                  "train.eval_every=0", "run.log_every=1", "checkpoint.async_save=false"]

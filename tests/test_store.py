@@ -14,11 +14,12 @@ import pytest
 import tiny_kd
 import transformers
 
-from kd_jax.core.config import DataConfig, load_config
-from kd_jax.core.teacher import precompute
+from kd_jax.base.loader import load_config
+from kd_jax.base.schema import DataConfig
+from kd_jax.core.precompute import precompute
 from kd_jax.data import pipeline
-from kd_jax.data.arithmetic import train_tokenizer
 from kd_jax.data.store import KDStore, StoreError, StoreMeta
+from kd_jax.demo.arithmetic import train_tokenizer
 
 C = 64  # chunk_tokens
 
@@ -106,7 +107,7 @@ def test_corrupt_blosc_chunk_is_a_store_error(copy):
 def test_pipeline_reads_are_verified(copy):
     os.remove(os.path.join(copy, "step", "c", "0"))
     store = KDStore.open(copy)
-    it = pipeline.make_eval_iter(copy, np.arange(len(store)), DataConfig(seq_len=512), batch_size=2)
+    it = pipeline.make_eval_iter(KDStore.open(copy), np.arange(len(store)), DataConfig(seq_len=512), batch_size=2)
     with pytest.raises(StoreError, match="array 'step' chunk 0"):
         next(it)
 
@@ -181,7 +182,7 @@ def test_version_1_store_opens_and_reads(built, copy, caplog):
     assert len(store.check(k=4, tokenizer=other)) == len(store)  # no fingerprint recorded: not compared
     np.testing.assert_array_equal(store.read(0)["tokens"], want[0]["tokens"])
     assert (store.read(0)["step_weight"] == 1).all() and store.difficulty is None  # no optional arrays
-    it = pipeline.make_eval_iter(copy, store.check(), DataConfig(seq_len=512), batch_size=2)
+    it = pipeline.make_eval_iter(KDStore.open(copy), store.check(), DataConfig(seq_len=512), batch_size=2)
     assert next(it)["inputs"].shape == (2, 512)
 
 
@@ -221,3 +222,16 @@ def test_rerun_with_a_step_scorer_names_the_change(built):
     with pytest.raises(StoreError, match=r"data\.step_scorer None -> 'tiny_kd:step_length@[0-9a-f]{12}'"):
         precompute(overrides(built, **{"data.step_scorer": "tiny_kd:step_length"}), show_progress=False)
     assert KDStore.open(str(built / "store")).complete
+
+
+def test_a_tokens_only_store_refuses_an_alpha_scheduled_to_rise():
+    """"Is the soft loss on" has one definition (LossConfig.soft): alpha 0 at the start but scheduled to end
+    above 0 needs teacher log-probs, so a tokens-only store (K = 0) is refused before any step."""
+    from types import SimpleNamespace
+
+    from kd_jax.core.prepare import usable_sequences
+    store = SimpleNamespace(path="tokens", meta=SimpleNamespace(k=0))
+    rising = load_config(None, ["loss.alpha=0", "loss.alpha_schedule.kind=linear", "loss.alpha_schedule.end=0.5"])
+    assert rising.loss.soft
+    with pytest.raises(StoreError, match=r"loss.alpha=0.0 scheduled to 0.5 has no soft targets"):
+        usable_sequences(store, rising)

@@ -20,10 +20,11 @@ import tiny_kd
 import torch
 import transformers
 
+from kd_jax.base.loader import load_config
+from kd_jax.base.schema import ConfigError
 from kd_jax.bench.__main__ import main as bench_main
 from kd_jax.core import tracegen
-from kd_jax.core.config import ConfigError, load_config
-from kd_jax.core.teacher import precompute
+from kd_jax.core.precompute import precompute
 from kd_jax.data.store import KDStore
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -78,7 +79,7 @@ def test_pass_at_k_by_hand():
               "dropped": dict.fromkeys(tracegen.DROP_REASONS, 0)},
              {"correct": [4], "samples": 4, "kept": 4, "generated_tokens": 50, "seconds": 1.0,
               "dropped": {**dict.fromkeys(tracegen.DROP_REASONS, 0), "wrong": 6}}]
-    report = tracegen.summarize(marks, 4, verified=True)
+    report = tracegen.pass_summary(marks, 4, verified=True)
     assert report["pass_at_k"] == {"pass@1": pytest.approx((0 + 0.5 + 1) / 3),
                                    "pass@4": pytest.approx((0 + 1 + 1) / 3)}
     assert report["pass_rate_histogram"] == {"0/4": 1, "1/4": 0, "2/4": 1, "3/4": 0, "4/4": 1}
@@ -149,7 +150,7 @@ KEPT = {"all": [(0, 0), (0, 1), (1, 2), (1, 3), (2, 1), (2, 2), (2, 3)],
 
 
 def _scripted_generate(tokenizer, seed):
-    """A stand-in for core.generate.generate that answers each row from SCRIPTS by its key."""
+    """A stand-in for models.sampling.generate that answers each row from SCRIPTS by its key."""
     index = {}
     for p, samples in enumerate(SCRIPTS):
         for s in range(len(samples)):
@@ -196,7 +197,7 @@ def test_generated_traces_feed_precompute_and_a_rerun_resumes(teacher, tmp_path,
     out = str(tmp_path / "gen")
     cfg = load_config(None, overrides(*teacher, out))
     report = tracegen.tracegen(cfg, show_progress=False)
-    print(tracegen.format_report(report))
+    print(tracegen.format_trace_report(report))
     assert report["prompts"] == 12 and report["samples"] == 48
     assert report["kept"] + sum(report["dropped"].values()) == 48
     assert report["kept"] >= 8 and report["dropped"]["unfinished"] >= 4  # the scaled rows: some of each

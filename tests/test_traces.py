@@ -14,9 +14,17 @@ import pytest
 import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from kd_jax.core.config import DataConfig
-from kd_jax.data.traces import (TraceError, encode_example, encode_traces, load_traces, render_prompt,
-                                split_messages, stored_extras, tokenization_inputs)
+from kd_jax.base.schema import CurriculumConfig, DataConfig, FilterConfig, StepsConfig, TraceFormat
+from kd_jax.data.traces import (
+    TraceError,
+    encode_example,
+    encode_traces,
+    load_traces,
+    render_prompt,
+    split_messages,
+    stored_extras,
+    tokenization_inputs,
+)
 
 EOS = "<|endoftext|>"
 SPECIALS = [EOS, "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
@@ -139,7 +147,7 @@ def test_split_messages():
 def test_bad_rows_name_the_row(tokenizer):
     rows = datasets.Dataset.from_list([{"messages": [{"role": "user", "content": "hi"}]}])
     with pytest.raises(TraceError, match="trace row 0: .*no assistant turn"):
-        encode_traces(rows, tokenizer, DataConfig(format="messages"))
+        encode_traces(rows, tokenizer, DataConfig(format=TraceFormat(kind='messages')))
     numeric = datasets.Dataset.from_list([{"prompt": "6*7?", "reasoning": None, "answer": 42}])
     (example,), _ = encode_traces(numeric, tokenizer, DataConfig())
     assert tokenizer.decode(example.tokens.tolist()).endswith("<think>\n\n</think>\n\n42" + EOS)
@@ -148,7 +156,7 @@ def test_bad_rows_name_the_row(tokenizer):
 def test_messages_format_encodes_like_r1(tokenizer):
     earlier = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
     rows = [{"messages": earlier + QUESTION + [{"role": "assistant", "content": f"<think>{THREE_STEPS}</think>42"}]}]
-    (example,), report = encode_traces(datasets.Dataset.from_list(rows), tokenizer, DataConfig(format="messages"))
+    (example,), report = encode_traces(datasets.Dataset.from_list(rows), tokenizer, DataConfig(format=TraceFormat(kind='messages')))
     assert report.kept == 1
     expected = encode_example(tokenizer, earlier + QUESTION, THREE_STEPS, "42")
     np.testing.assert_array_equal(example.tokens, expected.tokens)
@@ -174,13 +182,19 @@ def filter_rows(tokenizer):
     assert len(measure(overlong)) > seq_len
     assert len(measure(long_prompt)) - measure(long_prompt).num_reasoning_tokens > seq_len  # cannot be truncated
     limits = dict(seq_len=seq_len, min_reasoning_tokens=measure(too_short).num_reasoning_tokens + 1,
-                  max_reasoning_tokens=measure(overlong).num_reasoning_tokens)
+                  max_reasoning_tokens=measure(overlong).num_reasoning_tokens)  # DataConfig / FilterConfig keys
     return datasets.Dataset.from_list(rows), limits, measure(fits), measure(overlong)
+
+
+def _limited(limits: dict, overlong: str) -> DataConfig:
+    return DataConfig(seq_len=limits["seq_len"], filter=FilterConfig(
+        min_reasoning_tokens=limits["min_reasoning_tokens"], max_reasoning_tokens=limits["max_reasoning_tokens"],
+        overlong=overlong))
 
 
 def test_filters_drop(tokenizer):
     dataset, limits, fits, _ = filter_rows(tokenizer)
-    encoded, report = encode_traces(dataset, tokenizer, DataConfig(overlong="drop", **limits))
+    encoded, report = encode_traces(dataset, tokenizer, _limited(limits, "drop"))
     assert (report.read, report.empty_answer, report.duplicate, report.reasoning_too_short, report.reasoning_too_long,
             report.overlong_dropped, report.overlong_truncated, report.kept) == (8, 2, 1, 1, 1, 2, 0, 1)
     np.testing.assert_array_equal(encoded[0].tokens, fits.tokens)
@@ -191,7 +205,7 @@ def test_filters_drop(tokenizer):
 def test_filters_truncate_keeps_answer_and_closing_tag(tokenizer):
     dataset, limits, fits, overlong = filter_rows(tokenizer)
     seq_len = limits["seq_len"]
-    encoded, report = encode_traces(dataset, tokenizer, DataConfig(overlong="truncate", **limits))
+    encoded, report = encode_traces(dataset, tokenizer, _limited(limits, "truncate"))
     assert (report.overlong_truncated, report.overlong_dropped, report.kept) == (1, 1, 2)  # the long prompt cannot fit
     first, cut = encoded  # input order kept
     np.testing.assert_array_equal(first.tokens, fits.tokens)
@@ -229,11 +243,11 @@ def test_load_errors(tmp_path):
     jsonl = tmp_path / "traces.jsonl"
     jsonl.write_text("".join(json.dumps(row) + "\n" for row in ROWS))
     with pytest.raises(TraceError) as error:
-        load_traces(DataConfig(traces=str(jsonl), reasoning_field="thoughts"))
+        load_traces(DataConfig(traces=str(jsonl), format=TraceFormat(reasoning_field='thoughts')))
     assert "'thoughts'" in str(error.value) and "prompt, reasoning, answer" in str(error.value)
     assert "data.reasoning_field" in str(error.value)
     with pytest.raises(TraceError, match="data.messages_field"):
-        load_traces(DataConfig(traces=str(jsonl), format="messages"))
+        load_traces(DataConfig(traces=str(jsonl), format=TraceFormat(kind='messages')))
     (tmp_path / "empty").mkdir()
     with pytest.raises(TraceError, match="no \\*.jsonl"):
         load_traces(DataConfig(traces=str(tmp_path / "empty")))
@@ -250,8 +264,7 @@ def test_real_smollm2_tokenizer(smollm2_dir):
 
 # ---------------------------------------------------------------- real R1-distillation formats
 
-STRATOS = DataConfig(format="sharegpt", think_open="<|begin_of_thought|>", think_close="<|end_of_thought|>",
-                     answer_open="<|begin_of_solution|>", answer_close="<|end_of_solution|>")
+STRATOS = DataConfig(format=TraceFormat(kind='sharegpt', think_open='<|begin_of_thought|>', think_close='<|end_of_thought|>', answer_open='<|begin_of_solution|>', answer_close='<|end_of_solution|>'))
 
 
 def test_sharegpt_bespoke_stratos_tags(tokenizer):
@@ -275,7 +288,7 @@ def test_messages_reasoning_content(tokenizer):
     """DeepSeek API / OpenAI-style turns: `reasoning_content` is the reasoning, `content` the answer."""
     rows = [{"messages": QUESTION + [{"role": "assistant", "content": " 42 ", "reasoning_content": THREE_STEPS}]},
             {"messages": QUESTION + [{"role": "assistant", "content": f"<think>{THREE_STEPS}</think>42"}]}]
-    encoded, report = encode_traces(datasets.Dataset.from_list(rows), tokenizer, DataConfig(format="messages"))
+    encoded, report = encode_traces(datasets.Dataset.from_list(rows), tokenizer, DataConfig(format=TraceFormat(kind='messages')))
     assert report.duplicate == 1 and len(encoded) == 1  # the two rows are the same trace
     expected = encode_example(tokenizer, QUESTION, THREE_STEPS, "42")
     np.testing.assert_array_equal(encoded[0].tokens, expected.tokens)
@@ -283,7 +296,7 @@ def test_messages_reasoning_content(tokenizer):
 
 def test_r1_configurable_think_tags(tokenizer):
     rows = [{"prompt": QUESTION[0]["content"], "reasoning": f"[think]{THREE_STEPS}[/think]", "answer": "42"}]
-    cfg = DataConfig(think_open="[think]", think_close="[/think]")
+    cfg = DataConfig(format=TraceFormat(think_open='[think]', think_close='[/think]'))
     (example,), _ = encode_traces(datasets.Dataset.from_list(rows), tokenizer, cfg)
     np.testing.assert_array_equal(example.tokens, encode_example(tokenizer, QUESTION, THREE_STEPS, "42").tokens)
 
@@ -310,10 +323,10 @@ def test_wrong_field_names_name_the_data_key(tmp_path):
     rows = [{"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "42"}]}]
     jsonl = tmp_path / "sharegpt.jsonl"
     jsonl.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    one_line_error(lambda: load_traces(DataConfig(traces=str(jsonl), format="sharegpt", conversations_field="turns")),
+    one_line_error(lambda: load_traces(DataConfig(traces=str(jsonl), format=TraceFormat(kind='sharegpt', conversations_field='turns'))),
                    "'turns'", "data.conversations_field")
     # ShareGPT turns read as messages: the error names the format to set.
-    cfg = DataConfig(traces=str(jsonl), format="messages", messages_field="conversations")
+    cfg = DataConfig(traces=str(jsonl), format=TraceFormat(kind='messages', messages_field='conversations'))
     one_line_error(lambda: encode_traces(load_traces(cfg), None, cfg), "trace row 0", "data.format=sharegpt")
 
 
@@ -367,7 +380,7 @@ def test_step_weights_field_per_token(tokenizer):
     extras = stored_extras([weighted, plain])
     assert list(extras) == ["step_weight"] and len(extras["step_weight"]) == len(weighted) + len(plain)
     assert (extras["step_weight"][len(weighted):] == 1).all()
-    none, _ = encode_traces(datasets.Dataset.from_list(rows), tokenizer, DataConfig(step_weights_field=None))
+    none, _ = encode_traces(datasets.Dataset.from_list(rows), tokenizer, DataConfig(steps=StepsConfig(weights_field=None)))
     assert stored_extras(none) == {}
 
 
@@ -384,7 +397,7 @@ def test_wrong_step_weights_name_the_trace(tokenizer):
 def test_step_scorer(tokenizer, tmp_path):
     rows = weighted_rows(boost=1, step_weights=None) + weighted_rows(boost=0, step_weights=[5, 5, 5])
     rows[1]["prompt"] = "What is seven times six?"
-    cfg = DataConfig(step_scorer=f"{__name__}:score_step")
+    cfg = DataConfig(steps=StepsConfig(scorer=f'{__name__}:score_step'))
     (scored, given), _ = encode_traces(datasets.Dataset.from_list(rows), tokenizer, cfg)
     steps = THREE_STEPS.split("\n\n")
     want = np.float32([score_step(text, k, rows[0]) for k, text in enumerate(steps)])
@@ -394,20 +407,20 @@ def test_step_scorer(tokenizer, tmp_path):
     cfg = dataclasses.replace(cfg, traces=write_jsonl(tmp_path / "t.jsonl", rows))
     assert tokenization_inputs(cfg, load_traces(cfg))["data.step_scorer"].startswith(f"{__name__}:score_step@")
     one_line_error(lambda: encode_traces(datasets.Dataset.from_list(rows), tokenizer,
-                                         DataConfig(step_scorer="no_such_module:f")), "data.step_scorer")
+                                         DataConfig(steps=StepsConfig(scorer='no_such_module:f'))), "data.step_scorer")
 
 
 def test_difficulty_from_pass_rate(tokenizer):
     rows = weighted_rows(pass_rate=0.75)
     (example,), _ = encode_traces(datasets.Dataset.from_list(rows), tokenizer,
-                                  DataConfig(curriculum_difficulty_field="pass_rate"))
+                                  DataConfig(curriculum=CurriculumConfig(difficulty_field='pass_rate')))
     assert example.difficulty == 0.25  # easy = high pass rate = low difficulty
     (low,), _ = encode_traces(datasets.Dataset.from_list(rows), tokenizer,
-                              DataConfig(curriculum_difficulty_field="pass_rate", curriculum_easy="low"))
+                              DataConfig(curriculum=CurriculumConfig(difficulty_field='pass_rate', easy='low')))
     assert low.difficulty == 0.75
     assert stored_extras([example])["difficulty"].tolist() == [0.25]
     one_line_error(lambda: encode_traces(datasets.Dataset.from_list(rows), tokenizer,
-                                         DataConfig(curriculum_difficulty_field="level")),
+                                         DataConfig(curriculum=CurriculumConfig(difficulty_field='level'))),
                    "'level'", "data.curriculum_difficulty_field")
 
 
@@ -419,12 +432,12 @@ def write_jsonl(path, rows) -> str:
 def test_store_identity_keys_only_when_used(tmp_path):
     """Stores built before per-step weights keep their identity: the new keys appear only when the
     traces have the field, a scorer or a difficulty field is set."""
-    def inputs(rows, **cfg):
-        cfg = DataConfig(traces=write_jsonl(tmp_path / "t.jsonl", rows), **cfg)
+    def inputs(rows, **sections):
+        cfg = DataConfig(traces=write_jsonl(tmp_path / "t.jsonl", rows), **sections)
         return tokenization_inputs(cfg, load_traces(cfg))
     base = inputs(ROWS)
     assert not any(k.startswith(("data.step_weights", "data.step_scorer", "data.curriculum")) for k in base)
     weighted = [dict(r, step_weights=[1.0]) for r in ROWS]
     assert inputs(weighted)["data.step_weights_field"] == "step_weights"
-    assert "data.step_weights_field" not in inputs(weighted, step_weights_field=None)
-    assert inputs(ROWS, curriculum_difficulty_field="answer")["data.curriculum_difficulty_field"] == "answer"
+    assert "data.step_weights_field" not in inputs(weighted, steps=StepsConfig(weights_field=None))
+    assert inputs(ROWS, curriculum=CurriculumConfig(difficulty_field="answer"))["data.curriculum_difficulty_field"] == "answer"

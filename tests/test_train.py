@@ -21,11 +21,14 @@ import tiny_kd
 import torch
 import transformers
 
-from kd_jax.core import sharding
+from kd_jax.base import sharding
+from kd_jax.base.loader import load_config, save_config
+from kd_jax.base.schema import RunConfig
+from kd_jax.base.sharding import to_global
 from kd_jax.core.checkpoint import Checkpointer, CheckpointError
-from kd_jax.core.config import RunConfig, load_config, save_config
 from kd_jax.core.evaluation import evaluate
-from kd_jax.core.loop import Logger, NonFiniteError, to_global, train
+from kd_jax.core.loop import NonFiniteError, train
+from kd_jax.core.metrics import Logger
 from kd_jax.core.runs import (
     RunDirError,
     RunLock,
@@ -149,7 +152,7 @@ def _setup(root, **overrides):
 def test_gradient_accumulation_gives_the_same_update(root):
     cfg, mesh, spec, state = _setup(root)
     store = KDStore.open(cfg.data.store)
-    batch = next(make_train_iter(cfg.data.store, np.arange(len(store)), cfg.data, global_batch_size=8, seed=0))
+    batch = next(make_train_iter(store, np.arange(len(store)), cfg.data, global_batch_size=8, seed=0))
     results = []
     for accum in (1, 4):
         steps = compile_steps(spec, cfg.loss, accum, mesh)
@@ -170,7 +173,7 @@ def test_packing_keeps_documents_apart(root):
     params = state["params"]
     store = KDStore.open(cfg.data.store)
     steps = compile_steps(spec, cfg.loss, 1, mesh)
-    packed = next(make_eval_iter(cfg.data.store, np.arange(len(store)), cfg.data, batch_size=8))
+    packed = next(make_eval_iter(store, np.arange(len(store)), cfg.data, batch_size=8))
     assert (packed["segment_ids"].max(axis=1) > 1).any(), "the batch must actually pack documents"
     alone = {k: np.zeros_like(v[:1]).repeat(8 * 8, axis=0) for k, v in packed.items()}
     for k, fill in (("topk_ids", -1), ("reasoning_step", -1)):

@@ -1,5 +1,5 @@
 """A tiny teacher folder for store/precompute tests: the demo's byte-level BPE tokenizer with a
-ChatML template (kd_jax.data.arithmetic) trained in-process, a random llama teacher whose vocab is
+ChatML template (kd_jax.demo.arithmetic) trained in-process, a random llama teacher whose vocab is
 padded past the tokenizer's (as Qwen's is), and a JSONL of R1-style traces (test support)."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import os
 
 import hf_tiny
 
-from kd_jax.data.arithmetic import train_tokenizer
+from kd_jax.demo.arithmetic import train_tokenizer
 
 
 def traces(n: int = 12) -> list[dict]:
@@ -52,8 +52,8 @@ def store_args(root: str) -> list[str]:
 
 def build_store(root: str) -> None:
     """`make(root)` with 40 traces, then its KD store on this process's devices."""
-    from kd_jax.core.config import load_config
-    from kd_jax.core.teacher import precompute
+    from kd_jax.base.loader import load_config
+    from kd_jax.core.precompute import precompute
     make(root, n_traces=40)
     precompute(load_config(None, store_args(root) + ["mesh.data=-1", f"run.output_dir={root}/runs"]),
                show_progress=False)

@@ -5,7 +5,17 @@ from __future__ import annotations
 import argparse
 
 from kd_jax.bench import (  # `input_`: not the builtin
-    flops_table, generate, input as input_, loss, memory, onpolicy, precompute, step, store, torch_baseline)
+    flops_table,
+    generate,
+    loss,
+    memory,
+    onpolicy,
+    precompute,
+    step,
+    store,
+    torch_baseline,
+)
+from kd_jax.bench import input as input_
 
 # Sub-command name -> module with `add_arguments(parser)` and `run(args)`.
 BENCHMARKS = {"flops": flops_table, "generate": generate, "input": input_, "loss": loss, "memory": memory,

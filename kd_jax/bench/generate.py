@@ -2,7 +2,7 @@
 
 Both decode greedily from the same random prompts (`--batch` rows of `--prompt-len` ids) for exactly
 `--max-new-tokens` tokens (EOS disabled), from the same Hugging Face folder: kd_jax
-(`kd_jax.core.generate.generate`, jitted, in `--dtype`) and transformers (PyTorch, fp32, its
+(`kd_jax.models.sampling.generate`, jitted, in `--dtype`) and transformers (PyTorch, fp32, its
 `generate` with the model's default cache). Each is warmed up (kd_jax's compile happens there), then
 they are timed alternately, round robin, and medians reported: tokens/s = batch x max_new_tokens /
 seconds, prefill included in both. The greedy tokens of the two are compared too (fp32 on both sides:
@@ -18,8 +18,8 @@ import time
 
 import numpy as np
 
-from kd_jax.core.generate import generate
 from kd_jax.models import load_hf, num_params
+from kd_jax.models.sampling import generate
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

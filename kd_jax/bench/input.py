@@ -20,7 +20,7 @@ import time
 
 import numpy as np
 
-from kd_jax.core.config import DataConfig
+from kd_jax.base.schema import DataConfig
 from kd_jax.data import pipeline
 from kd_jax.data.roles import Role
 from kd_jax.data.store import KDStore, StoreMeta
@@ -77,7 +77,7 @@ def measure(path: str, args) -> None:
     store = KDStore.open(args.store)
     usable = store.check(allow_incomplete=True)
     cfg = DataConfig(store=args.store, seq_len=args.seq_len, packing=args.packing, num_workers=args.workers)
-    it = pipeline.make_train_iter(args.store, usable, cfg, global_batch_size=args.batch, seed=0)
+    it = pipeline.make_train_iter(store, usable, cfg, global_batch_size=args.batch, seed=0)
     for _ in range(args.warmup):
         next(it)
     real = 0

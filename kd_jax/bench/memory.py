@@ -19,9 +19,10 @@ import time
 
 import jax
 
+from kd_jax.base import sharding
+from kd_jax.base.loader import load_config
 from kd_jax.bench.presets import architecture
-from kd_jax.core import dryrun, sharding
-from kd_jax.core.config import load_config
+from kd_jax.core import dryrun
 
 MiB = 2**20
 

@@ -23,12 +23,13 @@ import time
 import jax
 import numpy as np
 
-from kd_jax.core.config import load_config
-from kd_jax.core.generate import left_pad
-from kd_jax.core.loop import prepare, to_global
+from kd_jax.base.loader import load_config
+from kd_jax.base.sharding import to_global
+from kd_jax.core.prepare import prepare
 from kd_jax.core.step import default_hyper
 from kd_jax.models import num_params
 from kd_jax.models.hf import save_hf
+from kd_jax.models.sampling import left_pad
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

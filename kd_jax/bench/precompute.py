@@ -1,6 +1,6 @@
 """Teacher forward + top-K alone (the compute of `kd_jax.precompute`, no store I/O): tokens/s and MFU.
 
-Runs `kd_jax.core.teacher.topk_logprobs` (final hidden states, then logits one slice of `logits_chunk`
+Runs `kd_jax.core.precompute.topk_logprobs` (final hidden states, then logits one slice of `logits_chunk`
 positions at a time, log-softmax over the full vocabulary, top-K) on random tokens, for each
 `--logits-chunks` value, compiled once each, warmed up, then timed round robin with
 `block_until_ready`; medians. The teacher is a `--preset` shape with random bf16 weights, or the
@@ -21,11 +21,12 @@ import jax
 import numpy as np
 from flax import nnx
 
+from kd_jax.base import sharding
+from kd_jax.base.loader import load_config
 from kd_jax.bench.presets import architecture
-from kd_jax.core import flops, sharding
-from kd_jax.core.config import load_config
+from kd_jax.core import flops
 from kd_jax.core.dryrun import compiled_memory
-from kd_jax.core.teacher import topk_logprobs
+from kd_jax.core.precompute import topk_logprobs
 from kd_jax.models import Decoder, build_model
 
 

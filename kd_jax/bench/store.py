@@ -1,7 +1,7 @@
 """KD store size and precompute speed: bytes per token on disk for several K, teacher tokens/s.
 
 Runs `kd_jax.precompute` end to end (tokenize, teacher top-K, write) on the demo's arithmetic traces
-(kd_jax.data.arithmetic) with a real teacher folder, once per K, each into a fresh store; every K runs
+(kd_jax.demo.arithmetic) with a real teacher folder, once per K, each into a fresh store; every K runs
 twice and the second run is timed (the first pays for compilation). Bytes per token are for the
 two teacher arrays, beside the uncompressed layout (int32 ids + 16-bit log-probs = 6·K bytes per
 token).
@@ -16,9 +16,9 @@ import tempfile
 
 import jax
 
-from kd_jax.core.config import load_config
-from kd_jax.core.teacher import precompute
-from kd_jax.data.arithmetic import problems
+from kd_jax.base.loader import load_config
+from kd_jax.core.precompute import precompute
+from kd_jax.demo.arithmetic import problems
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

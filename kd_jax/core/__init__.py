@@ -1,3 +1,3 @@
-"""The libraries behind the commands: config, mesh and sharding rules, train state, step and
-fused loss, checkpoints, the training loop, the teacher pass, generation, evaluation, run
-directories, the dry run. Models are in kd_jax/models/, data in kd_jax/data/."""
+"""The stages behind the commands: precompute, trace generation, training (prepare, loop, step,
+fused losses, state, checkpoints, on-policy sampling), evaluation and grading, run directories and
+export, the dry run. They use kd_jax/data/ and kd_jax/models/, over the base in kd_jax/base/."""

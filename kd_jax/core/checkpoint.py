@@ -25,8 +25,8 @@ import orbax.checkpoint as ocp
 from grain import checkpoint as grain_checkpoint
 from jax.experimental import multihost_utils
 
-from kd_jax.core.config import CheckpointConfig
-from kd_jax.core.errors import KDJaxError
+from kd_jax.base.errors import KDJaxError
+from kd_jax.base.schema import CheckpointConfig
 
 STATE, DATA, EXTRA = "state", "data", "extra"  # item names inside a step directory
 

@@ -25,7 +25,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from kd_jax.core.errors import KDJaxError
+from kd_jax.base.errors import KDJaxError
 
 _TPU_HOSTS = ("TPU_PROCESS_ADDRESSES", "TPU_WORKER_HOSTNAMES")  # comma-separated hosts of the slice (jax reads them)
 

@@ -43,12 +43,12 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AbstractMesh
 
-from kd_jax.core import sharding
-from kd_jax.core.config import Config, ModelSource
-from kd_jax.core.errors import KDJaxError
+from kd_jax.base import sharding
+from kd_jax.base.errors import KDJaxError
+from kd_jax.base.schema import Config, ModelSource
+from kd_jax.core.precompute import topk_logprobs
 from kd_jax.core.state import abstract_params, abstract_train_state
 from kd_jax.core.step import compile_steps, default_hyper, layer_pairs
-from kd_jax.core.teacher import topk_logprobs
 from kd_jax.models import attention as attn_lib
 from kd_jax.models.decoder import Decoder, DecoderConfig
 from kd_jax.models.hf import read_hf_config
@@ -299,7 +299,7 @@ def train_estimate(cfg: Config, model_cfg: DecoderConfig, mesh, teacher_cfg: Dec
 
 def align_shape(cfg: Config, model_cfg: DecoderConfig, teacher_cfg: DecoderConfig):
     """(hidden-alignment layer pairs, the projections' shape [M, D_s, D_t] or None when the widths
-    agree), as `kd_jax.core.loop.prepare` builds them."""
+    agree), as `kd_jax.core.prepare.prepare` builds them."""
     pairs = layer_pairs(cfg.loss.hidden, model_cfg.num_layers, teacher_cfg.num_layers)
     widths = model_cfg.hidden_size, teacher_cfg.hidden_size
     return pairs, ((len(pairs), *widths) if pairs and widths[0] != widths[1] else None)
@@ -379,7 +379,7 @@ def compiled_memory(compiled) -> dict[str, int]:
 def compile_train(cfg: Config, model_cfg: DecoderConfig, mesh, teacher_cfg: DecoderConfig | None = None) -> dict:
     """memory_analysis() of the real train step (kd_jax.core.step.compile_steps) on the abstract train
     state; with `teacher_cfg`, the online teacher's abstract parameters (its param dtype, sharded on
-    `mesh`), its hidden-alignment pairs and the projections in the state, as `loop.prepare` builds them."""
+    `mesh`), its hidden-alignment pairs and the projections in the state, as `prepare.prepare` builds them."""
     teacher, teacher_params, pairs, proj = None, None, (), None
     if teacher_cfg is not None:
         teacher, teacher_params = abstract_params(teacher_cfg, mesh)
@@ -399,7 +399,7 @@ def compile_train(cfg: Config, model_cfg: DecoderConfig, mesh, teacher_cfg: Deco
 
 
 def compile_precompute(cfg: Config, model_cfg: DecoderConfig, mesh, rows: int, T: int) -> dict:
-    """memory_analysis() of the teacher's top-K pass (kd_jax.core.teacher.topk_logprobs) on its longest batch."""
+    """memory_analysis() of the teacher's top-K pass (kd_jax.core.precompute.topk_logprobs) on its longest batch."""
     graphdef, params = abstract_params(model_cfg, mesh)
     shards = sharding.logical_size(mesh, "batch")
     tokens = jax.ShapeDtypeStruct((rows * shards, T), jnp.int32, sharding=sharding.batch_sharding(mesh, 2))
@@ -487,15 +487,15 @@ def target(cfg: Config, entry: str) -> Target | None:
         num_devices = jax.device_count()
         if cfg.teacher.mode == "online":
             teacher_cfg, teacher_where = model_config(cfg.teacher, "teacher")
-            if teacher_cfg.vocab_size < model_cfg.vocab_size:  # as kd_jax.core.loop.check_online_teacher
+            if teacher_cfg.vocab_size < model_cfg.vocab_size:  # as kd_jax.core.prepare.check_online_teacher
                 raise DryRunError(f"the online teacher has {teacher_cfg.vocab_size} output rows, fewer than the "
                                   f"student's {model_cfg.vocab_size}: pick a pair of one tokenizer family")
             teacher_cfg = resolve_attention(teacher_cfg, platform)
     elif cfg.precompute.import_logprobs:  # a served teacher's log-probs are read: no teacher pass
         return None
-    elif cfg.data.top_k == 0:  # kd_jax.core.teacher.precompute: a tokens-only store, no teacher runs
+    elif cfg.data.top_k == 0:  # kd_jax.core.precompute.precompute: a tokens-only store, no teacher runs
         return None
-    else:  # precompute runs the teacher on each process's own devices (kd_jax.core.teacher.precompute)
+    else:  # precompute runs the teacher on each process's own devices (kd_jax.core.precompute.precompute)
         model_cfg, where = model_config(cfg.teacher, "teacher")
         num_devices = jax.local_device_count()
     return Target(entry, resolve_attention(model_cfg, platform), where, teacher_cfg, teacher_where, num_devices,

@@ -6,7 +6,7 @@ held-out split of the KD store or on an external set of questions and answers (`
 - Task accuracy by generation: the text after `</think>` is compared with the reference answer by
   `eval.matcher`, with a 95% Wilson interval over the problems; `eval.samples` answers per problem
   give pass@1 (their mean) and the unbiased pass@k of `eval.pass_k`.
-- Step accuracy (`eval.step_checker`): the generated reasoning, split at `data.step_separator`, is
+- Step accuracy (`eval.step_checker`): the generated reasoning, split at `data.steps.separator`, is
   judged step by step by a task's checker.
 - Cost: generation tokens/s, parameter memory and, with `eval.latency`, time to first token and
   per-token decode time at batch 1 and N, and generation's peak memory, with the hardware named.
@@ -19,11 +19,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib
 import json
-import math
 import os
-import re
 import time
 
 import jax
@@ -31,100 +28,29 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from kd_jax.core import sharding
-from kd_jax.core.config import Config, ConfigError, EvalConfig
-from kd_jax.core.generate import generate, sample_tokens
-from kd_jax.core.loop import evaluate_losses, usable_sequences
+from kd_jax.base import sharding
+from kd_jax.base.schema import Config, ConfigError, DataConfig, EvalConfig, LossConfig
+from kd_jax.core.grading import (
+    extract_answer,
+    matcher,
+    pass_at_k,
+    reasoning_steps,
+    reference_answer,
+    row_keys,
+    step_checker,
+    wilson_interval,
+)
+from kd_jax.core.prepare import usable_sequences
 from kd_jax.core.runs import restore_student
-from kd_jax.core.step import Objective, default_hyper, eval_step
+from kd_jax.core.step import Objective, default_hyper, eval_step, loss_metrics
 from kd_jax.data import tables
-from kd_jax.data.pipeline import split_indices
+from kd_jax.data.pipeline import make_eval_iter, split_indices
 from kd_jax.data.roles import Role
 from kd_jax.data.store import KDStore
-from kd_jax.data.traces import THINK_CLOSE, THINK_OPEN, render_prompt
+from kd_jax.data.traces import render_prompt
 from kd_jax.models import build_model, num_params
 from kd_jax.models.hf import load_tokenizer
-
-_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
-
-
-def extract_answer(text: str) -> str:
-    """The answer part of a generation: what follows the last `</think>`; "" when the reasoning
-    never closed (the model ran out of tokens or never answered: not a match by accident)."""
-    return text.rsplit(THINK_CLOSE, 1)[1].strip() if THINK_CLOSE in text else ""
-
-
-def matcher(spec: str):
-    """`exact` (whitespace-normalized equality), `numeric` (the last number of each, equal to 1e-6
-    relative) or `module.path:function` taking (prediction, reference) -> bool."""
-    if spec == "exact":
-        return lambda pred, ref: " ".join(pred.split()) == " ".join(ref.split())
-    if spec == "numeric":
-        def numeric(pred: str, ref: str) -> bool:
-            p, r = _NUMBER.findall(pred), _NUMBER.findall(ref)
-            return bool(p and r) and abs(float(p[-1]) - float(r[-1])) <= 1e-6 * max(1.0, abs(float(r[-1])))
-        return numeric
-    return _import_function(spec, "eval.matcher", "use exact, numeric or an importable module.path:function")
-
-
-def _import_function(spec: str, key: str, fix: str):
-    module, _, name = spec.partition(":")
-    try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as e:
-        raise ConfigError(f"{key}={spec!r}: cannot import {name!r} from {module!r} ({e}); {fix}") from None
-
-
-def step_checker(spec: str):
-    """`eval.step_checker`: a `module.path:function` called as fn(steps, prompt, reference) ->
-    one bool per step. `steps`: the generated reasoning (before `</think>`, or all of it when the
-    reasoning never closed) split at `data.step_separator`, stripped, empty pieces dropped;
-    `prompt`: the problem as the model saw it (the chat-rendered prompt, special tokens dropped);
-    `reference`: the reference answer. kd_jax.data.arithmetic:check_steps is the demo task's."""
-    return _import_function(spec, "eval.step_checker", "use an importable module.path:function taking "
-                            "(steps, prompt, reference) -> list[bool], or null")
-
-
-def wilson_interval(correct: float, n: int, z: float = 1.96) -> tuple[float, float]:
-    """The Wilson score interval of a proportion correct / n (95% at z = 1.96); (0, 1) when n = 0.
-    `correct` may be fractional: with several samples per problem it is the sum of the problems'
-    shares of correct samples, so the interval counts problems, not (correlated) samples."""
-    if n == 0:
-        return 0.0, 1.0
-    p = correct / n
-    center = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, center - half), min(1.0, center + half)
-
-
-def pass_at_k(n: int, c: int, k: int) -> float:
-    """The unbiased pass@k of one prompt with c correct of n samples: 1 - C(n-c, k) / C(n, k)."""
-    if n - c < k:
-        return 1.0
-    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
-
-
-def row_keys(seed: int, prompt_index: np.ndarray, sample: np.ndarray) -> jax.Array:
-    """[R] sampling keys: fold_in(fold_in(key(seed), prompt index), sample index) per row."""
-    base = jax.random.key(seed)
-    fold = jax.vmap(lambda p, s: jax.random.fold_in(jax.random.fold_in(base, p), s))
-    return fold(jnp.asarray(prompt_index, jnp.uint32), jnp.asarray(sample, jnp.uint32))
-
-
-def reference_answer(value) -> str:
-    """A reference answer as text: what follows the last "####" when there is one (GSM8K writes
-    its worked solution, then "#### 42"), else the whole value, stripped."""
-    text = str(value)
-    return (text.rsplit("####", 1)[1] if "####" in text else text).strip()
-
-
-def reasoning_steps(text: str, separator: str) -> list[str]:
-    """The reasoning steps of a generation: the text before the last `</think>` (all of it when the
-    reasoning never closed), without a leading `<think>`, split at `separator`, stripped, empty
-    pieces dropped."""
-    reasoning = text.rsplit(THINK_CLOSE, 1)[0] if THINK_CLOSE in text else text
-    reasoning = reasoning.split(THINK_OPEN, 1)[1] if THINK_OPEN in reasoning else reasoning
-    return [s.strip() for s in reasoning.split(separator) if s.strip()]
+from kd_jax.models.sampling import generate, sample_tokens
 
 
 @dataclasses.dataclass
@@ -281,6 +207,33 @@ def generation_latency(model, prompts: list[list[int]], batch_sizes: list[int], 
     return report
 
 
+def evaluate_losses(eval_fn, train_vars, store: KDStore, eval_idx: np.ndarray, data_cfg: DataConfig,
+                    loss_cfg: LossConfig, *, batches: int, batch_size: int, mesh,
+                    hyper: dict[str, float] | None = None) -> dict[str, float] | None:
+    """Held-out losses over up to `batches` batches: soft, hard, step, perplexity, top-1.
+    eval_fn(train_vars, batch) -> metric sums: the jitted `step.eval_step` with the hyper-values
+    and the teacher bound."""
+    if len(eval_idx) == 0:
+        return None
+    sums: dict[str, float] = {}
+    done = 0
+    for batch in make_eval_iter(store, eval_idx, data_cfg, batch_size=batch_size):
+        if done == batches:
+            break
+        batch = {k: sharding.process_share(v) for k, v in batch.items()}  # every process reads the whole batch
+        out = jax.device_get(eval_fn(train_vars, sharding.to_global(batch, mesh)))
+        for k, v in out.items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+        done += 1
+    # loss, step loss and hidden are per-batch means: average them; the other sums are per token
+    for k in ("loss", "step_loss", "hidden"):
+        if k in sums:
+            sums[k] /= done
+    out = loss_metrics(sums, loss_cfg, hyper)
+    out["perplexity"] = float(np.exp(out["hard"]))
+    return out
+
+
 # One jitted eval step for every evaluate() call: models of one structure and loss (the demo's
 # students) share its compile.
 _EVAL_STEP = jax.jit(eval_step, static_argnums=0)
@@ -330,7 +283,7 @@ def evaluate(cfg: Config, which: str = "student", max_examples: int | None = Non
     model = load_for_eval(cfg, which, mesh, untrained=untrained)  # after the problems: a bad eval set fails fast
     batch = cfg.train.global_batch_size
     # Generation first: with memory_stats, the peak it reports then holds no loss evaluation.
-    task = task_accuracy(model, tokenizer, problems, cfg.eval, batch, step_separator=cfg.data.step_separator,
+    task = task_accuracy(model, tokenizer, problems, cfg.eval, batch, step_separator=cfg.data.steps.separator,
                          seed=cfg.run.seed)
     cost = generation_latency(model, [p.tokens for p in problems], sorted({1, batch}), cfg.eval) \
         if cfg.eval.latency else {}
@@ -345,7 +298,7 @@ def evaluate(cfg: Config, which: str = "student", max_examples: int | None = Non
         teacher_params = nnx.state(teacher) if teacher is not None else None
         eval_fn = lambda v, b: step(v, b, default_hyper(cfg.loss), teacher_params)  # noqa: E731
         with jax.set_mesh(mesh):
-            losses = evaluate_losses(eval_fn, {"params": params}, cfg.data.store, eval_idx, cfg.data, cfg.loss,
+            losses = evaluate_losses(eval_fn, {"params": params}, store, eval_idx, cfg.data, cfg.loss,
                                      batches=cfg.eval.batches, batch_size=batch, mesh=mesh) or {}
     param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
     report = {"model": which, "eval_set": source, "parameters": num_params(model), "parameter_bytes": param_bytes,
@@ -356,7 +309,7 @@ def evaluate(cfg: Config, which: str = "student", max_examples: int | None = Non
     return report
 
 
-def format_report(report: dict) -> str:
+def format_eval_report(report: dict) -> str:
     """The report as a table: accuracy as "41.2% [37.0, 45.5] (n=512)" (the 95% Wilson interval
     and the number of problems), then every other number it holds."""
     rows = [("model", str(report.get("model", "-")))]

@@ -1,6 +1,6 @@
-"""The training loop behind `python -m kd_jax.train`: `prepare` builds the pieces (mesh, store
-check, Grain pipeline, student, train state, jitted steps), `train` runs or resumes the loop: one
-jitted step per global batch (kd_jax/core/step.py), logging, held-out evaluation, checkpoints.
+"""The training loop behind `python -m kd_jax.train`: `train` runs or resumes the loop over the
+`Run` that kd_jax/core/prepare.py builds: one jitted step per global batch (kd_jax/core/step.py),
+logging (kd_jax/core/metrics.py), held-out evaluation, checkpoints, disk-full and SIGTERM handling.
 
 Started again with the same config, it resumes from the newest complete checkpoint, data order
 included. SIGTERM saves at the current step and returns. The run directory is locked for the
@@ -10,257 +10,31 @@ life of the loop and its config is checked against the one its checkpoints were 
 
 from __future__ import annotations
 
-import dataclasses
 import errno
-import json
 import logging
-import os
 import time
-from typing import Any
 
 import jax
-import numpy as np
-from flax import nnx
-from tqdm import tqdm
 
-from kd_jax.core import distributed, flops, sharding
+from kd_jax.base.errors import KDJaxError
+from kd_jax.base.progress import bar
+from kd_jax.base.schema import Config
+from kd_jax.base.sharding import to_global
+from kd_jax.core import distributed, flops
 from kd_jax.core.checkpoint import Checkpointer, CheckpointError, Preemption
-from kd_jax.core.config import Config, DataConfig, LossConfig, RunConfig
-from kd_jax.core.errors import KDJaxError
-from kd_jax.core.onpolicy import OnPolicy, Prompts, Sampled
-from kd_jax.core.progress import bar
+from kd_jax.core.evaluation import evaluate_losses
+from kd_jax.core.metrics import Logger
+from kd_jax.core.onpolicy import Sampled
+from kd_jax.core.prepare import prepare
 from kd_jax.core.runs import RunLock, check_and_save_config
-from kd_jax.core.state import TrainSpec, abstract_train_state, init_train_state
-from kd_jax.core.step import Steps, compile_steps, hyper_at, layer_pairs, loss_schedules, summarize, trainable
-from kd_jax.core.teacher import precompute
-from kd_jax.data.pipeline import make_eval_iter, make_train_iter, split_indices
-from kd_jax.data.store import KDStore, StoreError, tokenizer_fingerprint
-from kd_jax.data.tables import load_table, prompt_messages
-from kd_jax.models import build_model, num_params
-from kd_jax.models.hf import eos_token_ids, load_tokenizer
+from kd_jax.core.step import hyper_at, loss_metrics, trainable
+from kd_jax.models import num_params
 
 log = logging.getLogger("kd_jax.train")
 
 
 class NonFiniteError(KDJaxError, RuntimeError):
     """Too many steps in a row with a non-finite loss or gradient."""
-
-
-def to_global(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
-    """This process's share of the batch -> global arrays sharded over the batch axes."""
-    return {k: jax.make_array_from_process_local_data(sharding.batch_sharding(mesh, v.ndim), v)
-            for k, v in batch.items()}
-
-
-def _logged_step(line: str) -> float:
-    """The step of a metrics.jsonl line; inf for a blank or cut line (a run killed mid-write)."""
-    try:
-        return json.loads(line)["step"]
-    except (ValueError, KeyError, TypeError):
-        return float("inf")
-
-
-class Logger:
-    """Console + TensorBoard + metrics.jsonl, on process 0 only. Resuming at `start`, lines of
-    metrics.jsonl past `start` (logged after the checkpoint, by the run that was stopped) are
-    dropped, so each step appears once."""
-
-    def __init__(self, run_dir: str, run_cfg: RunConfig, start: int = 0):
-        self.on = jax.process_index() == 0
-        self.writer = None
-        self.jsonl = None
-        if not self.on:
-            return
-        if run_cfg.tensorboard:
-            from tensorboardX import SummaryWriter
-            self.writer = SummaryWriter(os.path.join(run_dir, "tb"))
-        path = os.path.join(run_dir, "metrics.jsonl")
-        if os.path.exists(path):
-            with open(path) as f:
-                kept = [line for line in f if _logged_step(line) <= start]
-            with open(path, "w") as f:
-                f.writelines(kept)
-        self.jsonl = open(path, "a")
-
-    def write(self, step: int, prefix: str, values: dict[str, float]) -> None:
-        if not self.on:
-            return
-        self.jsonl.write(json.dumps({"step": step, "split": prefix, **values}) + "\n")
-        self.jsonl.flush()
-        if self.writer is not None:
-            for k, v in values.items():
-                if v is not None:
-                    self.writer.add_scalar(f"{prefix}/{k}", v, step)
-        text = " ".join(f"{k}={v:.4g}" for k, v in values.items() if v is not None)
-        tqdm.write(f"[{prefix} step {step}] {text}")
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-        if self.jsonl is not None:
-            self.jsonl.close()
-
-
-def evaluate_losses(eval_fn, train_vars, store_path: str, eval_idx: np.ndarray, data_cfg: DataConfig,
-                    loss_cfg: LossConfig, *, batches: int, batch_size: int, mesh,
-                    hyper: dict[str, float] | None = None) -> dict[str, float] | None:
-    """Held-out losses over up to `batches` batches: soft, hard, step, perplexity, top-1.
-    eval_fn(train_vars, batch) -> metric sums: the jitted `step.eval_step` with the hyper-values
-    and the teacher bound."""
-    if len(eval_idx) == 0:
-        return None
-    sums: dict[str, float] = {}
-    done = 0
-    for batch in make_eval_iter(store_path, eval_idx, data_cfg, batch_size=batch_size):
-        if done == batches:
-            break
-        if jax.process_count() > 1:  # every process reads the same eval batch; keep its share
-            share = len(batch["inputs"]) // jax.process_count()
-            batch = {k: v[jax.process_index() * share:(jax.process_index() + 1) * share] for k, v in batch.items()}
-        out = jax.device_get(eval_fn(train_vars, to_global(batch, mesh)))
-        for k, v in out.items():
-            sums[k] = sums.get(k, 0.0) + float(v)
-        done += 1
-    # loss, step loss and hidden are per-batch means: average them; the other sums are per token
-    for k in ("loss", "step_loss", "hidden"):
-        if k in sums:
-            sums[k] /= done
-    out = summarize(sums, loss_cfg, hyper)
-    out["perplexity"] = float(np.exp(out["hard"]))
-    return out
-
-
-def usable_sequences(store: KDStore, cfg: Config, vocab_size: int | None = None) -> np.ndarray:
-    """Store checks for this config (vocab, tokenizer, completeness; K comes from the store and
-    must be > 0 when the soft loss is on and the teacher is offline); the usable sequence indices."""
-    if store.meta.k == 0 and cfg.loss.alpha > 0 and cfg.teacher.mode == "offline":
-        raise StoreError(f"store {store.path} holds tokens only (built with data.top_k=0, no teacher log-probs), so "
-                         f"loss.alpha={cfg.loss.alpha} has no soft targets; set loss.alpha=0 (hard labels only), "
-                         f"build a store with data.top_k >= 1, or set teacher.mode=online (the teacher runs in "
-                         f"the train step)")
-    return store.check(vocab_size=vocab_size, tokenizer=load_tokenizer(cfg.tokenizer),
-                       allow_incomplete=cfg.data.allow_incomplete)
-
-
-def tokens_store(cfg: Config) -> Config:
-    """With an online teacher and no data.store: the config with a tokens-only store built from
-    data.traces in the run directory (tokenized once; a rerun reuses it, as precompute does)."""
-    if cfg.data.store or cfg.teacher.mode != "online":
-        return cfg
-    if not cfg.data.traces:
-        raise StoreError("set data.store (a KD store; tokens only is enough with teacher.mode=online) or "
-                         "data.traces (tokenized into <run_dir>/tokens)")
-    path = os.path.join(cfg.run_dir, "tokens")
-    store_cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, store=path, top_k=0))
-    precompute(store_cfg, show_progress=False)
-    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, store=path))
-
-
-class TeacherMismatchError(KDJaxError, ValueError):
-    """An online teacher whose vocabulary or tokenizer does not fit the student's."""
-
-
-def check_online_teacher(cfg: Config, student_cfg, teacher_cfg) -> None:
-    """The online teacher must predict over the student's vocabulary: as many output rows or more
-    (extra rows are padding, dropped in the loss) and, when both come from HF folders, the same
-    tokenizer."""
-    if teacher_cfg.vocab_size < student_cfg.vocab_size:
-        raise TeacherMismatchError(
-            f"online teacher {cfg.teacher.hf_path or 'random'} has {teacher_cfg.vocab_size} output rows, fewer than "
-            f"the student {cfg.student.hf_path or 'random'}'s {student_cfg.vocab_size}: the two vocabularies "
-            f"differ; pick a teacher and student of one tokenizer family")
-    if cfg.student.init == "hf" and cfg.teacher.init == "hf":
-        fingerprints = {role: tokenizer_fingerprint(load_tokenizer(src.hf_path))
-                        for role, src in (("teacher", cfg.teacher), ("student", cfg.student))}
-        if fingerprints["teacher"] != fingerprints["student"]:
-            raise TeacherMismatchError(
-                f"online teacher {cfg.teacher.hf_path} and student {cfg.student.hf_path} have different tokenizers "
-                f"(fingerprints {fingerprints['teacher']} vs {fingerprints['student']}): the teacher's distribution "
-                f"would be over other tokens; pick a pair of one tokenizer family")
-    if teacher_cfg.vocab_size > student_cfg.vocab_size and jax.process_index() == 0:
-        log.warning("teacher vocab %d is padded past the student's %d: ids >= %d are left out of the soft loss "
-                    "(the student cannot emit them)", teacher_cfg.vocab_size, student_cfg.vocab_size,
-                    student_cfg.vocab_size)
-
-
-@dataclasses.dataclass
-class Run:
-    """Everything the loop (or a benchmark) needs, built from the config."""
-    cfg: Config
-    mesh: Any
-    student: Any
-    spec: TrainSpec
-    state: dict[str, Any]  # {"params", "opt_state", "nonfinite"[, "align"]}: a fresh train state
-    steps: Steps
-    data_iter: Any
-    train_idx: np.ndarray
-    eval_idx: np.ndarray
-    teacher: Any = None  # the online teacher (frozen, sharded on the mesh); None offline
-    schedules: dict = dataclasses.field(default_factory=dict)  # loss value name -> step -> value
-    on_policy: OnPolicy | None = None  # the sampling of on-policy steps (train.on_policy); None = off
-
-    @property
-    def teacher_params(self):
-        return None if self.teacher is None else nnx.state(self.teacher)
-
-
-def prepare(cfg: Config) -> Run:
-    """Mesh, store checks, student (and online teacher), train state, jitted steps and the train
-    iterator (fresh state)."""
-    cfg = tokens_store(cfg)
-    if not cfg.data.store:
-        raise StoreError("data.store is not set: build a store with `python -m kd_jax.precompute` first")
-    mesh = sharding.mesh_from_config(cfg.mesh)
-    store = KDStore.open(cfg.data.store)
-    online = cfg.teacher.mode == "online"
-    needs_teacher = online or cfg.student.init == "teacher_layers"
-    teacher = build_model(cfg.teacher, mesh=mesh, seed=cfg.run.seed) if needs_teacher else None
-    student = build_model(cfg.student, mesh=mesh, seed=cfg.run.seed, teacher=teacher)
-    if not online:
-        teacher = None
-    usable = usable_sequences(store, cfg, student.cfg.vocab_size)
-    train_pos, eval_pos = split_indices(len(usable), cfg.data.eval_fraction, cfg.data.shuffle_seed)
-    pairs, align_shape = (), None
-    if online:
-        check_online_teacher(cfg, student.cfg, teacher.cfg)
-        pairs = layer_pairs(cfg.loss.hidden, student.cfg.num_layers, teacher.cfg.num_layers)
-        if pairs and student.cfg.hidden_size != teacher.cfg.hidden_size:
-            align_shape = (len(pairs), student.cfg.hidden_size, teacher.cfg.hidden_size)
-    spec = abstract_train_state(student.cfg, cfg.optim, cfg.train.steps, mesh, align_shape)
-    state = init_train_state(student, spec, seed=cfg.run.seed)
-    steps = compile_steps(spec, cfg.loss, cfg.train.grad_accum, mesh,
-                          teacher=nnx.graphdef(teacher) if online else None, pairs=pairs)
-    data_iter = make_train_iter(cfg.data.store, usable[train_pos], cfg.data,
-                                global_batch_size=cfg.train.global_batch_size, seed=cfg.data.shuffle_seed,
-                                process_index=jax.process_index(), process_count=jax.process_count(),
-                                steps=cfg.train.steps)
-    on_policy = None
-    if cfg.train.on_policy.on:
-        on_policy = _on_policy(cfg, mesh, store, usable[train_pos], spec, steps, teacher, pairs)
-    return Run(cfg, mesh, student, spec, state, steps, data_iter, usable[train_pos], usable[eval_pos], teacher,
-               loss_schedules(cfg.loss, cfg.train.steps), on_policy)
-
-
-def _on_policy(cfg: Config, mesh, store: KDStore, train_idx: np.ndarray, spec: TrainSpec, steps: Steps, teacher,
-               pairs) -> OnPolicy:
-    """The on-policy sampler: prompts from data.prompts or the training split's prompt part; the
-    student's (or the teacher's) structure to sample with; the step compiled with the on-policy
-    divergence (the same step when it is loss.divergence)."""
-    op = cfg.train.on_policy
-    tokenizer = load_tokenizer(cfg.tokenizer)
-    if cfg.data.prompts:
-        field = cfg.data.prompts_field
-        rows = load_table(cfg.data.prompts, {"data.prompts_field": field}, "data.prompts")[field]
-        messages = [prompt_messages(v, i, "data.prompts_field") for i, v in enumerate(rows)]
-        prompts = Prompts.from_messages(messages, tokenizer, cfg.data.seq_len, op.seed)
-    else:
-        prompts = Prompts.from_store(cfg.data.store, train_idx, op.seed)
-    loss_cfg = dataclasses.replace(cfg.loss, divergence=op.divergence)
-    if loss_cfg != cfg.loss:
-        steps = compile_steps(spec, loss_cfg, cfg.train.grad_accum, mesh, teacher=nnx.graphdef(teacher), pairs=pairs)
-    graphdef = nnx.graphdef(teacher) if op.source == "teacher" else spec.graphdef
-    eos = eos_token_ids(tokenizer, cfg.teacher.hf_path if cfg.teacher.init == "hf" else None, cfg.teacher.revision)
-    return OnPolicy(cfg, mesh, tokenizer, prompts, graphdef, eos, steps, store.meta.k)
 
 
 def _disk_full(e: BaseException | None) -> bool:
@@ -424,7 +198,7 @@ def _loop(cfg: Config, ckpt: Checkpointer) -> dict[str, float]:
                     m = jax.device_get(metrics)
                     elapsed = time.perf_counter() - t0
                     train_s = max(elapsed - window.seconds, 1e-9)  # sampling is not training time
-                    last = summarize({k: float(v) for k, v in m.items()}, cfg.loss, hyper)
+                    last = loss_metrics({k: float(v) for k, v in m.items()}, cfg.loss, hyper)
                     last.update(grad_norm=float(m["grad_norm"]), skipped=float(m["skipped"]),
                                 lr=float(spec.schedule(step - 1)), tokens_per_s=tokens / train_s,
                                 mfu=flops.mfu(student.cfg, cfg.data.seq_len, tokens / train_s),
@@ -436,7 +210,7 @@ def _loop(cfg: Config, ckpt: Checkpointer) -> dict[str, float]:
                     tokens, t0, window = 0, time.perf_counter(), _SampleWindow()
                 if cfg.train.eval_every and step % cfg.train.eval_every == 0:
                     eval_fn = lambda v, b: steps.eval(v, b, hyper, teacher_params)  # noqa: E731
-                    result = evaluate_losses(eval_fn, trainable(state), cfg.data.store, run.eval_idx, cfg.data,
+                    result = evaluate_losses(eval_fn, trainable(state), run.store, run.eval_idx, cfg.data,
                                              cfg.loss, batches=cfg.eval.batches,
                                              batch_size=cfg.train.global_batch_size, mesh=mesh, hyper=hyper)
                     if result:

@@ -19,8 +19,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from kd_jax.core.config import DIVERGENCES, HIDDEN_DISTANCES, LossConfig
-from kd_jax.core.sharding import constrain
+from kd_jax.base.schema import DIVERGENCES, HIDDEN_DISTANCES, LossConfig
+from kd_jax.base.sharding import constrain
 from kd_jax.data.roles import Role
 
 # Floor for the teacher's leftover mass 1 − Σ_k p_k: fp32 rounding can make it 0 or negative.
@@ -339,29 +339,28 @@ def _scan_chunks(hidden_NxD, out_embed_DxV, labels_N, topk_ids_NxK, topk_logprob
     return _scan_tokens(hidden_NxD, out_embed_DxV, data, chunk_loss, cfg.chunk_size, with_grad)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(8,))
-def _fused(hidden_NxD, out_embed_DxV, labels_N, topk_ids_NxK, topk_logprobs_NxK, a_N, b_N, temperature, cfg):
+# One custom VJP for the offline and the online loss: `scan` (`_scan_chunks` or `_scan_online`) walks
+# the chunks and, in the forward pass of differentiation, computes the gradients too.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _fused(scan, cfg, hidden_NxD, out_embed_DxV, data, temperature):
     # Primal without differentiation (evaluation): values only, no gradient work.
-    return _scan_chunks(hidden_NxD, out_embed_DxV, labels_N, topk_ids_NxK, topk_logprobs_NxK, a_N, b_N,
-                        temperature, cfg, with_grad=False)
+    return scan(hidden_NxD, out_embed_DxV, *data, temperature, cfg, with_grad=False)
 
 
-def _fused_fwd(hidden_NxD, out_embed_DxV, labels_N, topk_ids_NxK, topk_logprobs_NxK, a_N, b_N, temperature,
-               cfg):
-    loss, metrics, dh_NxD, dw_DxV = _scan_chunks(hidden_NxD, out_embed_DxV, labels_N, topk_ids_NxK,
-                                                 topk_logprobs_NxK, a_N, b_N, temperature, cfg, with_grad=True)
+def _fused_fwd(scan, cfg, hidden_NxD, out_embed_DxV, data, temperature):
+    loss, metrics, dh_NxD, dw_DxV = scan(hidden_NxD, out_embed_DxV, *data, temperature, cfg, with_grad=True)
     # Kept in the primals' dtypes (gradients must match them); g is 1 in training anyway.
     return (loss, metrics), (dh_NxD.astype(hidden_NxD.dtype), dw_DxV.astype(out_embed_DxV.dtype))
 
 
-def _fused_bwd(cfg, residuals, cotangents):
+def _fused_bwd(scan, cfg, residuals, cotangents):
     # The gradients were computed in the forward pass; the loss is a scalar, so the backward rule
-    # only scales them. Metrics are not differentiable; a, b, labels, teacher arrays and the
-    # temperature are data.
+    # only scales them. Metrics are not differentiable; the data (labels, a, b, the teacher's top-K or
+    # its hidden states and embedding) and the temperature get None: a symbolic zero, nothing is
+    # allocated for the frozen teacher.
     dh_NxD, dw_DxV = residuals
     g = cotangents[0]
-    return (g.astype(dh_NxD.dtype) * dh_NxD, g.astype(dw_DxV.dtype) * dw_DxV, None, None, None, None, None,
-            None)
+    return g.astype(dh_NxD.dtype) * dh_NxD, g.astype(dw_DxV.dtype) * dw_DxV, None, None
 
 
 _fused.defvjp(_fused_fwd, _fused_bwd)
@@ -385,8 +384,8 @@ def kd_loss(hidden_NxD, out_embed_DxV, labels_N, topk_ids_NxK, topk_logprobs_NxK
     """
     cfg = dataclasses.replace(cfg or LossConfig(), **overrides)
     temperature = jnp.asarray(cfg.temperature if temperature is None else temperature, jnp.float32)
-    return _fused(hidden_NxD, out_embed_DxV, labels_N, topk_ids_NxK, topk_logprobs_NxK, a_N, b_N, temperature,
-                  cfg)
+    return _fused(_scan_chunks, cfg, hidden_NxD, out_embed_DxV, (labels_N, topk_ids_NxK, topk_logprobs_NxK, a_N, b_N),
+                  temperature)
 
 
 # --- The online teacher: its logits per chunk, next to the student's -------------------------
@@ -430,32 +429,6 @@ def _scan_online(hidden_NxD, out_embed_DxV, teacher_hidden_NxE, teacher_embed_Ex
     return _scan_tokens(hidden_NxD, out_embed_DxV, data, chunk_loss, cfg.chunk_size, with_grad, _ONLINE_METRICS)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(8,))
-def _fused_online(hidden_NxD, out_embed_DxV, teacher_hidden_NxE, teacher_embed_ExV, labels_N, a_N, b_N, temperature,
-                  cfg):
-    # Primal without differentiation (evaluation): values only, no gradient work.
-    return _scan_online(hidden_NxD, out_embed_DxV, teacher_hidden_NxE, teacher_embed_ExV, labels_N, a_N, b_N,
-                        temperature, cfg, with_grad=False)
-
-
-def _fused_online_fwd(hidden_NxD, out_embed_DxV, teacher_hidden_NxE, teacher_embed_ExV, labels_N, a_N, b_N,
-                      temperature, cfg):
-    loss, metrics, dh_NxD, dw_DxV = _scan_online(hidden_NxD, out_embed_DxV, teacher_hidden_NxE, teacher_embed_ExV,
-                                                 labels_N, a_N, b_N, temperature, cfg, with_grad=True)
-    return (loss, metrics), (dh_NxD.astype(hidden_NxD.dtype), dw_DxV.astype(out_embed_DxV.dtype))
-
-
-def _fused_online_bwd(cfg, residuals, cotangents):
-    # As `_fused_bwd`: only scale. The teacher's hidden states and embedding, labels, a, b and the
-    # temperature get None (a symbolic zero: nothing is allocated for the frozen teacher).
-    dh_NxD, dw_DxV = residuals
-    g = cotangents[0]
-    return (g.astype(dh_NxD.dtype) * dh_NxD, g.astype(dw_DxV.dtype) * dw_DxV, None, None, None, None, None, None)
-
-
-_fused_online.defvjp(_fused_online_fwd, _fused_online_bwd)
-
-
 def kd_loss_online(hidden_NxD, out_embed_DxV, teacher_hidden_NxE, teacher_embed_ExW, labels_N, a_N, b_N,
                    cfg: LossConfig | None = None, *, temperature=None, **overrides):
     """`kd_loss` against a teacher run in the same step: Σ_t a_t·soft_t + b_t·hard_t and its metrics.
@@ -492,8 +465,8 @@ def kd_loss_online(hidden_NxD, out_embed_DxV, teacher_hidden_NxE, teacher_embed_
     teacher_embed_ExV = teacher_embed_ExW if cfg.online_top_k else teacher_embed_ExW[:, :V]
     teacher_embed_ExV = teacher_embed_ExV.astype(teacher_hidden_NxE.dtype)
     temperature = jnp.asarray(cfg.temperature if temperature is None else temperature, jnp.float32)
-    return _fused_online(hidden_NxD, out_embed_DxV, teacher_hidden_NxE, teacher_embed_ExV, labels_N, a_N, b_N,
-                         temperature, cfg)
+    return _fused(_scan_online, cfg, hidden_NxD, out_embed_DxV,
+                  (teacher_hidden_NxE, teacher_embed_ExV, labels_N, a_N, b_N), temperature)
 
 
 # --- Intermediate-layer alignment ------------------------------------------------------------

@@ -5,11 +5,11 @@ A deterministic fraction λ of optimizer steps (step s is one when floor((s+1)λ
 λ = 0.5 is every second step) trains on completions sampled in the loop instead of the next batch
 of traces:
 
-  prompts (the traces' prompt part, or data.prompts) in a seeded order -> left-padded to a
-  multiple of `bucket` -> sampled with the KV cache (kd_jax.core.generate) by the student's
+  prompts (the traces' prompt part, or train.on_policy.prompts) in a seeded order -> left-padded to a
+  multiple of `bucket` -> sampled with the KV cache (kd_jax.models.sampling) by the student's
   current parameters (source: student) or by the teacher (source: teacher), sharded over the
   mesh's batch axes, one compile per bucket -> each completion cut after its EOS, its tokens
-  tagged reasoning up to and including `</think>` (split into steps at data.step_separator) and
+  tagged reasoning up to and including `</think>` (split into steps at data.steps.separator) and
   answer after it (no `</think>`: all reasoning, a reasoning cut off by max_new_tokens) -> packed
   into a training batch by the pipeline's packer -> the online teacher's forward on the same
   sequences and the fused dense loss on the completion tokens (the prompt is never supervised),
@@ -34,14 +34,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from kd_jax.core import sharding
-from kd_jax.core.config import Config, OnPolicyConfig
-from kd_jax.core.errors import KDJaxError
-from kd_jax.core.generate import cut_at_eos, left_pad, sample_tokens
+from kd_jax.base import sharding
+from kd_jax.base.errors import KDJaxError
+from kd_jax.base.schema import Config, OnPolicyConfig
 from kd_jax.data.pipeline import pack_examples
 from kd_jax.data.roles import Role
 from kd_jax.data.store import KDStore
 from kd_jax.data.traces import THINK_CLOSE, render_prompt
+from kd_jax.models.sampling import cut_at_eos, left_pad, sample_tokens
 
 
 class OnPolicyError(KDJaxError, ValueError):
@@ -67,14 +67,13 @@ class Prompts:
     def __init__(self, get: Callable[[int], list[int]], count: int, seed: int):
         if count == 0:
             raise OnPolicyError("no prompts to sample from: the training split is empty; check data.traces / "
-                                "data.prompts")
+                                "train.on_policy.prompts")
         self.get, self.count, self.seed = get, count, seed
         self._perm: tuple[int, np.ndarray] | None = None
 
     @classmethod
-    def from_store(cls, store_path: str, indices: np.ndarray, seed: int) -> "Prompts":
+    def from_store(cls, store: KDStore, indices: np.ndarray, seed: int) -> "Prompts":
         """The prompt part (role 0) of the store's sequences `indices` (the training split)."""
-        store = KDStore.open(store_path)
         indices = np.asarray(indices, np.int64)
 
         def get(i: int) -> list[int]:
@@ -93,7 +92,7 @@ class Prompts:
         ids = [tokenizer(render_prompt(tokenizer, m), add_special_tokens=False)["input_ids"] for m in rows]
         kept = [p for p in ids if len(p) < seq_len]
         if not kept:
-            raise OnPolicyError(f"every one of the {len(ids)} data.prompts is {min(map(len, ids))} tokens or longer, "
+            raise OnPolicyError(f"every one of the {len(ids)} train.on_policy.prompts is {min(map(len, ids))} tokens or longer, "
                                 f"leaving no room for a completion in data.seq_len={seq_len}; raise data.seq_len")
         return cls(kept.__getitem__, len(kept), seed)
 
@@ -215,9 +214,8 @@ class OnPolicy:
 
     def _to_mesh(self, x: np.ndarray) -> jax.Array:
         """The global [n, ...] array (the same on every process) sharded over the batch axes."""
-        share = len(x) // jax.process_count()
-        local = x[jax.process_index() * share:(jax.process_index() + 1) * share]
-        return jax.make_array_from_process_local_data(sharding.batch_sharding(self.mesh, x.ndim), local)
+        return jax.make_array_from_process_local_data(sharding.batch_sharding(self.mesh, x.ndim),
+                                                      sharding.process_share(x))
 
     def sample(self, params, prompts: list[list[int]]) -> tuple[list[list[int]], float]:
         """(completions cut after EOS, seconds) from nnx.merge(graphdef, params), with the next keys."""
@@ -240,7 +238,7 @@ class OnPolicy:
         completions, seconds = self.sample(params, prompts)
         examples, closed, truncated = [], 0, 0
         for prompt, completion in zip(prompts, completions):
-            role, step, did_close = completion_roles(completion, self.closing, self.data_cfg.step_separator,
+            role, step, did_close = completion_roles(completion, self.closing, self.data_cfg.steps.separator,
                                                      self._piece)
             example, cut = make_example(prompt, completion, role, step, self.data_cfg.seq_len, self.top_k)
             examples.append(example)
@@ -248,8 +246,7 @@ class OnPolicy:
             truncated += cut
         batch, packed = pack_examples(examples, self.data_cfg, self.batch_size)
         self.done += 1
-        share = self.batch_size // jax.process_count()
-        batch = {k: v[jax.process_index() * share:(jax.process_index() + 1) * share] for k, v in batch.items()}
+        batch = {k: sharding.process_share(v) for k, v in batch.items()}
         eos = set(self.eos)
         return batch, Sampled(samples=len(completions), tokens=sum(map(len, completions)), closed=closed,
                               ended=sum(bool(c) and c[-1] in eos for c in completions), truncated=truncated,

@@ -18,10 +18,11 @@ import logging
 import os
 import socket
 
-from kd_jax.core import sharding
+from kd_jax.base import sharding
+from kd_jax.base.errors import KDJaxError
+from kd_jax.base.loader import load_config, save_config, to_dict
+from kd_jax.base.schema import Config, ConfigError
 from kd_jax.core.checkpoint import Checkpointer, CheckpointError
-from kd_jax.core.config import Config, ConfigError, load_config, save_config, to_dict
-from kd_jax.core.errors import KDJaxError
 from kd_jax.core.state import restore_params
 from kd_jax.models.hf import check_export_folder, load_tokenizer, save_hf
 from kd_jax.models.source import source_config

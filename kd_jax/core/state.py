@@ -20,9 +20,9 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from kd_jax.core import sharding
+from kd_jax.base import sharding
+from kd_jax.base.schema import OptimConfig
 from kd_jax.core.checkpoint import Checkpointer
-from kd_jax.core.config import OptimConfig
 from kd_jax.core.step import make_optimizer, optimized
 from kd_jax.models.decoder import Decoder, DecoderConfig
 

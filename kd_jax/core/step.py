@@ -19,8 +19,8 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from kd_jax.base.schema import ConfigError, LossConfig, OptimConfig, ScheduleConfig
 from kd_jax.core import losses
-from kd_jax.core.config import ConfigError, LossConfig, OptimConfig, ScheduleConfig
 
 # Parameters that get weight decay: the matrices. Norm scales and biases do not (as in most LLM recipes).
 DECAYED = frozenset({"embed", "lm_head", "wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"})
@@ -280,7 +280,7 @@ def compile_steps(spec, loss_cfg: LossConfig, grad_accum: int, mesh, *, teacher=
     return Steps(train, evaluate, objective)
 
 
-def summarize(sums: dict[str, float], loss_cfg: LossConfig, hyper: dict[str, float] | None = None) -> dict[str, float]:
+def loss_metrics(sums: dict[str, float], loss_cfg: LossConfig, hyper: dict[str, float] | None = None) -> dict[str, float]:
     """Per-token means from summed metrics: soft and hard losses, the step loss, top-1 agreement,
     the hidden-alignment loss when there is one. `hyper`: the step's scheduled values."""
     hyper = hyper or default_hyper(loss_cfg)

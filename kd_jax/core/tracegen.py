@@ -3,7 +3,7 @@
 The teacher (`teacher.*`) samples `generate.samples_per_prompt` completions for every prompt of
 `generate.prompts`, each prompt rendered with the chat template and the generation prompt as
 kd_jax/data/traces.py renders them. Every sample is split into reasoning and answer at the think
-close (`data.think_close`), checked against the reference answer with `eval.matcher`, and passed
+close (`data.format.think_close`), checked against the reference answer with `eval.matcher`, and passed
 through the R1 filters (each counted): unfinished (no think close), empty answer, reasoning over
 `generate.max_reasoning_tokens`, duplicate (the same reasoning and answer for the same prompt), and
 optionally mixed scripts (`generate.language_mix`, see `mixed_script_share`). `generate.keep` picks
@@ -13,7 +13,7 @@ the correct ones, the first correct one, or the one with the shortest reasoning.
 `generate.out` holds
 
     traces/shard-00000.jsonl  r1 traces of prompts [0, P), P = generate.prompts_per_shard: the
-                              data.prompt_field / reasoning_field / answer_field of kd_jax.data.traces
+                              data.format.prompt_field / reasoning_field / answer_field of kd_jax.data.traces
                               plus `pass_rate` (the prompt's correct / samples), `correct`,
                               `sample`, `index` (the prompt's row) and `reference`; a shard whose
                               samples were all dropped has no file
@@ -26,7 +26,7 @@ so `python -m kd_jax.precompute ... data.traces=<out>/traces` reads the traces u
 report sits outside traces/: a folder of traces is read with every *.json in it).
 
 Determinism. Sample j of prompt i draws from the key fold_in(fold_in(key(generate.seed), i), j)
-through core/generate's per-row keys, so its random numbers do not depend on its batch. Its logits
+through models/sampling's per-row keys, so its random numbers do not depend on its batch. Its logits
 might (XLA is free to order a reduction differently for another batch shape), so the batches are a
 fixed function of the shard: its rows (prompt, sample) in order of prompt length, cut every
 `generate.batch_size` rows, the last one padded with copies. Shards are assigned round robin
@@ -50,16 +50,17 @@ import datasets
 import jax
 import numpy as np
 
-from kd_jax.core import distributed, sharding
-from kd_jax.core.config import Config, GenerateConfig
-from kd_jax.core.errors import KDJaxError
-from kd_jax.core.evaluation import matcher, pass_at_k, row_keys
-from kd_jax.core.generate import generate
-from kd_jax.core.progress import bar as progress_bar
+from kd_jax.base import sharding
+from kd_jax.base.errors import KDJaxError
+from kd_jax.base.progress import bar as progress_bar
+from kd_jax.base.schema import Config, GenerateConfig
+from kd_jax.core import distributed
+from kd_jax.core.grading import matcher, pass_at_k, row_keys
 from kd_jax.data import tables
 from kd_jax.data.traces import render_prompt
 from kd_jax.models import build_model
-from kd_jax.models.hf import HFFormatError, eos_token_ids, load_tokenizer
+from kd_jax.models.hf import load_tokenizer, source_eos_ids
+from kd_jax.models.sampling import generate
 
 log = logging.getLogger("kd_jax.core.tracegen")
 
@@ -147,7 +148,7 @@ class _Prompt:
 
 
 def _prompts(cfg: Config, dataset, tokenizer, indices: range) -> list[_Prompt]:
-    gen, think_open = cfg.generate, cfg.data.think_open.strip()
+    gen, think_open = cfg.generate, cfg.data.format.think_open.strip()
     rows = dataset.select(indices)
     refs = rows[gen.reference_field] if gen.reference_field else [None] * len(rows)
     out = []
@@ -188,7 +189,7 @@ def _judge(cfg: Config, prompt: _Prompt, samples: list[list[int]], tokenizer, eo
     survivors, seen, correct = [], set(), 0
     for j, ids in enumerate(samples):
         text = tokenizer.decode([t for t in ids if t not in eos])  # special tokens kept: think tags may be special
-        split = split_sample(text, data.think_open, data.think_close, prompt.inside)
+        split = split_sample(text, data.format.think_open, data.format.think_close, prompt.inside)
         reasoning, answer = split or ("", "")
         ok = None if prompt.reference is None else bool(split and answer and match(answer, prompt.reference))
         correct += bool(ok)
@@ -220,7 +221,7 @@ def _judge(cfg: Config, prompt: _Prompt, samples: list[list[int]], tokenizer, eo
         dropped["not_chosen"] += len(survivors) - 1
         survivors = [chosen]
     pass_rate = None if prompt.reference is None else correct / n
-    rows = [{data.prompt_field: prompt.value, data.reasoning_field: reasoning, data.answer_field: answer,
+    rows = [{data.format.prompt_field: prompt.value, data.format.reasoning_field: reasoning, data.format.answer_field: answer,
              "pass_rate": pass_rate, "correct": ok, "sample": j, "index": prompt.index, "reference": prompt.reference}
             for _, j, reasoning, answer, ok in survivors]
     return correct, rows
@@ -315,16 +316,7 @@ def _claim_output(out: str, current: dict) -> None:
     _write_atomic(path, json.dumps(current, indent=2, sort_keys=True))
 
 
-def eos_ids(cfg: Config, tokenizer) -> list[int]:
-    """The tokenizer's EOS and the teacher folder's generation_config.json eos_token_id(s)."""
-    try:
-        return eos_token_ids(tokenizer, cfg.teacher.hf_path if cfg.teacher.init == "hf" else None,
-                             cfg.teacher.revision)
-    except HFFormatError as e:
-        raise GenerateError(str(e)) from None
-
-
-def summarize(marks: list[dict], samples_per_prompt: int, verified: bool) -> dict:
+def pass_summary(marks: list[dict], samples_per_prompt: int, verified: bool) -> dict:
     """The report of a finished run from its shards' marks."""
     n = samples_per_prompt
     correct = [c for m in marks for c in m["correct"]]
@@ -341,7 +333,7 @@ def summarize(marks: list[dict], samples_per_prompt: int, verified: bool) -> dic
     return report
 
 
-def format_report(report: dict) -> str:
+def format_trace_report(report: dict) -> str:
     lines = [f"prompts {report['prompts']}, samples {report['samples']} ({report['samples_per_prompt']} per prompt), "
              f"{report['generated_tokens']:,} tokens generated in {report['generation_seconds']:.1f} s "
              f"({report['tokens_per_s']:,.0f} tokens/s, compiles included)"]
@@ -368,7 +360,7 @@ def tracegen(cfg: Config, *, show_progress: bool = True) -> dict:
     todo = [s for s in range(process, num_shards, processes) if not os.path.exists(mark_path(gen.out, s))]
     if todo:
         tokenizer = load_tokenizer(cfg.tokenizer)
-        eos = eos_ids(cfg, tokenizer)
+        eos = source_eos_ids(cfg.teacher, tokenizer)
         mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=jax.local_devices())
         model = build_model(cfg.teacher, mesh=mesh, seed=cfg.run.seed)
         rows = sum(min((s + 1) * gen.prompts_per_shard, len(dataset)) - s * gen.prompts_per_shard for s in todo)
@@ -389,7 +381,7 @@ def tracegen(cfg: Config, *, show_progress: bool = True) -> dict:
                                     f"run the same command again to write it")
             with open(mark_path(gen.out, s)) as f:
                 marks.append(json.load(f))
-        summary = summarize(marks, gen.samples_per_prompt, gen.reference_field is not None)
+        summary = pass_summary(marks, gen.samples_per_prompt, gen.reference_field is not None)
         _write_atomic(os.path.join(gen.out, REPORT), json.dumps(summary, indent=2))
         return summary
 

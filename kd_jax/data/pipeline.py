@@ -37,7 +37,7 @@ from grain.experimental import (
     ZipIterDataset,
 )
 
-from kd_jax.core.config import DataConfig
+from kd_jax.base.schema import DataConfig
 from kd_jax.data.roles import Role
 from kd_jax.data.store import KDStore, StoreError
 
@@ -57,13 +57,13 @@ class StoreSource:
     """Grain random-access source: item i is sequence `indices[i]` of the KD store, target-aligned
     (tokens, role, step [n]; topk_ids, topk_logprobs [n, K]) plus its store `index`.
 
-    Holds only the path: the store is opened on first read in the process that reads, because
-    TensorStore handles must not cross fork/spawn into Grain's worker processes."""
+    Pickles as the path only: a Grain worker process opens the store again on its first read, because
+    TensorStore handles must not cross fork/spawn; in the process that made it, the open store is used."""
 
-    def __init__(self, path: str, indices: np.ndarray):
-        self.path, self.indices = path, np.asarray(indices, np.int64)
-        self._store: KDStore | None = None
-        self._pid: int | None = None
+    def __init__(self, store: KDStore, indices: np.ndarray):
+        self.path, self.indices = store.path, np.asarray(indices, np.int64)
+        self._store: KDStore | None = store
+        self._pid: int | None = os.getpid()
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -77,8 +77,8 @@ class StoreSource:
     def __getstate__(self):
         return {"path": self.path, "indices": self.indices}  # no TensorStore handles
 
-    def __setstate__(self, state):
-        self.__init__(state["path"], state["indices"])
+    def __setstate__(self, state):  # in a worker process: opened again on the first read
+        self.path, self.indices, self._store, self._pid = state["path"], state["indices"], None, None
 
     def __repr__(self) -> str:
         return f"StoreSource({self.path!r}, {len(self)} sequences)"
@@ -91,7 +91,7 @@ def shift_example(seq: dict[str, np.ndarray], seq_len: int) -> dict[str, np.ndar
     if n - 1 > seq_len:
         raise StoreError(f"sequence {seq.get('index')} has {n} tokens, more than data.seq_len + 1 = "
                          f"{seq_len + 1}; rebuild the store with this seq_len (precompute drops or "
-                         f"truncates longer ones, data.overlong) or raise data.seq_len")
+                         f"truncates longer ones, data.filter.overlong) or raise data.seq_len")
     return {"inputs": seq["tokens"][:-1], "labels": seq["tokens"][1:], "role": seq["role"][1:],
             "reasoning_step": seq["step"][1:], "step_weight": seq["step_weight"][1:],
             "topk_ids": seq["topk_ids"][1:], "topk_logprobs": seq["topk_logprobs"][1:], "index": seq["index"]}
@@ -124,7 +124,7 @@ def _checked_indices(store: KDStore, indices: np.ndarray, seq_len: int) -> np.nd
         bad = int(indices[np.argmax(lengths)])
         raise StoreError(f"store {store.path}: sequence {bad} has {int(lengths.max())} tokens, more than "
                          f"data.seq_len + 1 = {seq_len + 1}; rebuild the store with this seq_len (precompute "
-                         f"drops or truncates longer ones, data.overlong) or raise data.seq_len")
+                         f"drops or truncates longer ones, data.filter.overlong) or raise data.seq_len")
     indices = indices[lengths >= 2]
     if len(indices) == 0:
         raise StoreError(f"store {store.path}: no usable sequences in this split; check the store "
@@ -170,21 +170,21 @@ def _concat_rows(batches: tuple[dict[str, np.ndarray], ...]) -> dict[str, np.nda
 
 
 def curriculum_difficulty(store: KDStore, data_cfg: DataConfig) -> np.ndarray:
-    """[N_seq], ascending = easiest: the store's `difficulty` when data.curriculum_difficulty_field
+    """[N_seq], ascending = easiest: the store's `difficulty` when data.curriculum.difficulty_field
     names a field (precompute stored it from that field), else reasoning tokens per sequence."""
-    field = data_cfg.curriculum_difficulty_field
+    field = data_cfg.curriculum.difficulty_field
     if field is None:
         return reasoning_lengths(store)
     stored = store.difficulty
     if stored is None:
-        raise StoreError(f"store {store.path} holds no curriculum difficulty, but data.curriculum_difficulty_field="
+        raise StoreError(f"store {store.path} holds no curriculum difficulty, but data.curriculum.difficulty_field="
                          f"{field!r}; rebuild the store with precompute and that setting (the traces need the field), "
                          f"or set it to null (reasoning length)")
     built = (store.meta.inputs.get("data.curriculum_difficulty_field"), store.meta.inputs.get("data.curriculum_easy"))
-    if built != (field, data_cfg.curriculum_easy):
+    if built != (field, data_cfg.curriculum.easy):
         raise StoreError(f"store {store.path} orders its curriculum by {built[0]!r} (easy = {built[1]}), this run "
-                         f"asks for {field!r} (easy = {data_cfg.curriculum_easy}); set data.curriculum_difficulty_field"
-                         f" and data.curriculum_easy as the store was built, or rebuild it")
+                         f"asks for {field!r} (easy = {data_cfg.curriculum.easy}); set data.curriculum.difficulty_field"
+                         f" and data.curriculum.easy as the store was built, or rebuild it")
     return stored
 
 
@@ -206,7 +206,7 @@ def _curriculum_head(store: KDStore, train_idx: np.ndarray, difficulty: np.ndarr
     return head
 
 
-def train_examples(store_path: str, train_idx: np.ndarray, data_cfg: DataConfig, *, global_batch_size: int,
+def train_examples(store: KDStore, train_idx: np.ndarray, data_cfg: DataConfig, *, global_batch_size: int,
                    seed: int, process_index: int = 0, process_count: int = 1,
                    difficulty: np.ndarray | None = None, steps: int | None = None) -> grain.MapDataset:
     """This process's endless stream of shifted examples (before packing), each a dict of
@@ -215,25 +215,24 @@ def train_examples(store_path: str, train_idx: np.ndarray, data_cfg: DataConfig,
     Examples are the store sequences `train_idx` in a seeded shuffle, a new order each epoch. The
     global stream is one sequence for all processes and process p takes every process_count-th
     example from p, so processes read disjoint examples and together read each epoch once.
-    Curriculum (data.curriculum_fraction > 0 and `steps`): the stream starts with
+    Curriculum (data.curriculum.fraction > 0 and `steps`): the stream starts with
     curriculum_fraction * steps * global_batch_size examples ordered easiest first by `difficulty`
     ([N_seq], indexed by store sequence; default `curriculum_difficulty`: the store's difficulty
-    from data.curriculum_difficulty_field, else reasoning tokens per sequence) in
-    order (or data.curriculum_stages stages, each shuffled within), then the shuffled epochs. The count is in
+    from data.curriculum.difficulty_field, else reasoning tokens per sequence) in
+    order (or data.curriculum.stages stages, each shuffled within), then the shuffled epochs. The count is in
     examples and a packed row holds one or more, so the easy phase lasts at most that fraction of
     the steps.
     """
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index={process_index} is not in [0, process_count={process_count})")
-    store = KDStore.open(store_path)
     train_idx = _checked_indices(store, train_idx, data_cfg.seq_len)
-    ds = grain.MapDataset.source(StoreSource(store_path, train_idx)).shuffle(seed=seed)
-    head = int(data_cfg.curriculum_fraction * (steps or 0) * global_batch_size)
+    ds = grain.MapDataset.source(StoreSource(store, train_idx)).shuffle(seed=seed)
+    head = int(data_cfg.curriculum.fraction * (steps or 0) * global_batch_size)
     if head > 0:
         if difficulty is None:
             difficulty = curriculum_difficulty(store, data_cfg)
-        easy = _curriculum_head(store, train_idx, difficulty, head, seed, data_cfg.curriculum_stages)
-        ds = grain.MapDataset.concatenate([grain.MapDataset.source(StoreSource(store_path, easy)),
+        easy = _curriculum_head(store, train_idx, difficulty, head, seed, data_cfg.curriculum.stages)
+        ds = grain.MapDataset.concatenate([grain.MapDataset.source(StoreSource(store, easy)),
                                            ds.repeat(_MANY_EPOCHS)])
     else:
         ds = ds.repeat()  # forever; each epoch reshuffled
@@ -241,7 +240,7 @@ def train_examples(store_path: str, train_idx: np.ndarray, data_cfg: DataConfig,
     return ds.map(functools.partial(shift_example, seq_len=data_cfg.seq_len))
 
 
-def make_train_iter(store_path: str, train_idx: np.ndarray, data_cfg: DataConfig, *, global_batch_size: int,
+def make_train_iter(store: KDStore, train_idx: np.ndarray, data_cfg: DataConfig, *, global_batch_size: int,
                     seed: int, process_index: int = 0, process_count: int = 1,
                     difficulty: np.ndarray | None = None, steps: int | None = None) -> grain.DatasetIterator:
     """Endless iterator of packed batches for this process: dicts of numpy arrays [B, L] / [B, L, K]
@@ -260,7 +259,7 @@ def make_train_iter(store_path: str, train_idx: np.ndarray, data_cfg: DataConfig
     per_process = streams // process_count
     parts = []
     for s in range(process_index * per_process, (process_index + 1) * per_process):
-        ds = train_examples(store_path, train_idx, data_cfg, global_batch_size=global_batch_size, seed=seed,
+        ds = train_examples(store, train_idx, data_cfg, global_batch_size=global_batch_size, seed=seed,
                             process_index=s, process_count=streams, difficulty=difficulty, steps=steps)
         parts.append(_pack_and_batch(ds.to_iter_dataset(_READ), data_cfg, rows, seed, shuffle_bins=True,
                                      drop_remainder=True))
@@ -286,14 +285,13 @@ def pack_examples(examples: list[dict[str, np.ndarray]], data_cfg: DataConfig,
     return batch, int(batch["segment_ids"].max(axis=1).sum())
 
 
-def make_eval_iter(store_path: str, eval_idx: np.ndarray, data_cfg: DataConfig, *,
+def make_eval_iter(store: KDStore, eval_idx: np.ndarray, data_cfg: DataConfig, *,
                    batch_size: int) -> grain.DatasetIterator:
     """One deterministic pass over the store sequences `eval_idx` (in order), packed and batched
     like training; the last batch is padded with empty rows (segment 0) to [batch_size, L].
     Runs in this process (no workers): evaluation reads a few batches at a time and starting
     worker processes each time would cost more than it saves."""
-    store = KDStore.open(store_path)
     eval_idx = _checked_indices(store, eval_idx, data_cfg.seq_len)
-    ds = grain.MapDataset.source(StoreSource(store_path, eval_idx))
+    ds = grain.MapDataset.source(StoreSource(store, eval_idx))
     ds = ds.map(functools.partial(shift_example, seq_len=data_cfg.seq_len)).to_iter_dataset(_READ)
     return iter(_pack_and_batch(ds, data_cfg, batch_size, seed=0, shuffle_bins=False, drop_remainder=False))

@@ -4,7 +4,7 @@ Teachers too large for kd_jax (R1-class MoE/MLA models) run in vLLM or SGLang; a
 `prompt_logprobs=K` on kd_jax's own token ids (`launch/vllm_prompt_logprobs.py`), the server
 returns, per position t, a map of the K most likely ids at t (plus the actual token t when it is not
 among them) to their log-probs given tokens 0..t-1: exactly a KD store row t ("target" alignment).
-`precompute.import_logprobs` names such a file (or folder of them); `kd_jax.core.teacher` reads it
+`precompute.import_logprobs` names such a file (or folder of them); `kd_jax.core.precompute` reads it
 with `ServedLogprobs` instead of running the teacher.
 
 The format: one JSON object per line (JSONL), one line per kd_jax sequence, in the store's order:

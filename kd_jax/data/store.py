@@ -49,7 +49,7 @@ from typing import Any
 import numpy as np
 import tensorstore as ts
 
-from kd_jax.core.errors import KDJaxError
+from kd_jax.base.errors import KDJaxError
 
 FORMAT_VERSION = 2
 _READABLE_VERSIONS = (1, 2)  # 1: no checksums or fingerprints; read without those checks

@@ -11,7 +11,7 @@ import os
 
 import datasets
 
-from kd_jax.core.errors import KDJaxError
+from kd_jax.base.errors import KDJaxError
 
 SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 

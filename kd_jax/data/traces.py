@@ -20,11 +20,11 @@ the answer) in the traces are configurable (data.think_*, data.answer_*); the st
 always uses kd_jax's own `<think>` tags, so training and evaluation do not depend on the source.
 
 Two optional inputs of the objective also come from the traces. Per-step weights: a row's
-`data.step_weights_field` (one float >= 0 per reasoning step as data.step_separator splits it), or
-for rows without it `data.step_scorer` (module:function scoring each step's text), become the
+`data.steps.weights_field` (one float >= 0 per reasoning step as data.steps.separator splits it), or
+for rows without it `data.steps.scorer` (module:function scoring each step's text), become the
 per-token `step_weight` (a reasoning token gets its step's weight; 1 elsewhere and by default).
-Curriculum difficulty: `data.curriculum_difficulty_field` (e.g. a generator's `pass_rate`) becomes
-one `difficulty` per trace, ascending = easiest first (1 - value when data.curriculum_easy=high).
+Curriculum difficulty: `data.curriculum.difficulty_field` (e.g. a generator's `pass_rate`) becomes
+one `difficulty` per trace, ascending = easiest first (1 - value when data.curriculum.easy=high).
 """
 
 from __future__ import annotations
@@ -42,8 +42,8 @@ import os
 import datasets
 import numpy as np
 
-from kd_jax.core.config import DataConfig
-from kd_jax.core.errors import KDJaxError
+from kd_jax.base.errors import KDJaxError
+from kd_jax.base.schema import DataConfig
 from kd_jax.data.roles import Role
 
 THINK_OPEN = "<think>"
@@ -118,29 +118,31 @@ def tokenization_inputs(data_cfg: DataConfig, dataset: datasets.Dataset) -> dict
     """Everything the tokenized store depends on besides the tokenizer: the traces' content hash
     and the data.* settings that read, filter, cut and label them (KD store identity)."""
     fields = {"r1": ("prompt_field", "reasoning_field", "answer_field"), "messages": ("messages_field",),
-              "sharegpt": ("conversations_field",)}[data_cfg.format]
+              "sharegpt": ("conversations_field",)}[data_cfg.format.kind]
     keys = ("format", *fields, "think_open", "think_close", "answer_open", "answer_close", "step_separator",
             "seq_len", "overlong", "min_reasoning_tokens", "max_reasoning_tokens")
     inputs = {"traces": traces_fingerprint(data_cfg, dataset), **{f"data.{k}": getattr(data_cfg, k) for k in keys}}
     # The per-step weights and difficulties, recorded only when used, so that stores built without
     # them keep their identity: the traces' hash covers the values, these keys where they are read.
-    if data_cfg.step_weights_field and data_cfg.step_weights_field in dataset.column_names:
-        inputs["data.step_weights_field"] = data_cfg.step_weights_field
-    if data_cfg.step_scorer:
-        inputs["data.step_scorer"] = f"{data_cfg.step_scorer}@{_source_hash(step_scorer(data_cfg.step_scorer))}"
-    if data_cfg.curriculum_difficulty_field:
-        inputs["data.curriculum_difficulty_field"] = data_cfg.curriculum_difficulty_field
-        inputs["data.curriculum_easy"] = data_cfg.curriculum_easy
+    if data_cfg.steps.weights_field and data_cfg.steps.weights_field in dataset.column_names:
+        # The identity keys keep the names the settings had when stores first recorded them (data.step_*,
+        # data.curriculum_*), so a store written before they moved into sections still matches.
+        inputs["data.step_weights_field"] = data_cfg.steps.weights_field
+    if data_cfg.steps.scorer:
+        inputs["data.step_scorer"] = f"{data_cfg.steps.scorer}@{_source_hash(step_scorer(data_cfg.steps.scorer))}"
+    if data_cfg.curriculum.difficulty_field:
+        inputs["data.curriculum_difficulty_field"] = data_cfg.curriculum.difficulty_field
+        inputs["data.curriculum_easy"] = data_cfg.curriculum.easy
     return inputs
 
 
 def step_scorer(spec: str):
-    """The function `module.path:function` of data.step_scorer."""
+    """The function `module.path:function` of data.steps.scorer."""
     module, _, name = spec.partition(":")
     try:
         return getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError) as e:
-        raise TraceError(f"data.step_scorer={spec!r}: cannot import {name!r} from {module!r} ({e}); use an "
+        raise TraceError(f"data.steps.scorer={spec!r}: cannot import {name!r} from {module!r} ({e}); use an "
                          f"importable module.path:function, or null") from None
 
 
@@ -224,19 +226,20 @@ def _check_json_lines(path: str) -> None:
 
 def check_fields(dataset: datasets.Dataset, data_cfg: DataConfig) -> None:
     """Raises TraceError naming the config key when a configured field is not a column."""
-    if data_cfg.format == "r1":
-        wanted = {"prompt_field": data_cfg.prompt_field, "reasoning_field": data_cfg.reasoning_field,
-                  "answer_field": data_cfg.answer_field}
-    elif data_cfg.format == "sharegpt":
-        wanted = {"conversations_field": data_cfg.conversations_field}
+    if data_cfg.format.kind == "r1":
+        wanted = {"format.prompt_field": data_cfg.format.prompt_field,
+                  "format.reasoning_field": data_cfg.format.reasoning_field,
+                  "format.answer_field": data_cfg.format.answer_field}
+    elif data_cfg.format.kind == "sharegpt":
+        wanted = {"format.conversations_field": data_cfg.format.conversations_field}
     else:
-        wanted = {"messages_field": data_cfg.messages_field}
-    if data_cfg.curriculum_difficulty_field:
-        wanted["curriculum_difficulty_field"] = data_cfg.curriculum_difficulty_field
+        wanted = {"format.messages_field": data_cfg.format.messages_field}
+    if data_cfg.curriculum.difficulty_field:
+        wanted["curriculum.difficulty_field"] = data_cfg.curriculum.difficulty_field
     for key, field in wanted.items():
         if field not in dataset.column_names:
-            raise TraceError(f"traces have no field {field!r} (format={data_cfg.format}); available columns: "
-                             f"{', '.join(dataset.column_names)}; set data.{key} to one of them (or data.format)")
+            raise TraceError(f"traces have no field {field!r} (format={data_cfg.format.kind}); available columns: "
+                             f"{', '.join(dataset.column_names)}; set data.{key} to one of them (or data.format.kind)")
 
 
 # ---------------------------------------------------------------- row formats
@@ -245,26 +248,26 @@ def check_fields(dataset: datasets.Dataset, data_cfg: DataConfig) -> None:
 def parse_row(row: dict, data_cfg: DataConfig) -> tuple[list[dict], str, str]:
     """One dataset row -> (prompt messages, reasoning, answer), reasoning and answer stripped, the
     configured think/answer tags (data.think_*, data.answer_*) removed."""
-    tags = dict(think_open=data_cfg.think_open, think_close=data_cfg.think_close)
-    if data_cfg.format == "messages":
-        prompt, reasoning, answer = split_messages(_as_messages(row[data_cfg.messages_field],
-                                                                data_cfg.messages_field), **tags)
-    elif data_cfg.format == "sharegpt":
-        prompt, reasoning, answer = split_messages(_sharegpt_messages(row[data_cfg.conversations_field],
-                                                                      data_cfg.conversations_field), **tags)
+    tags = dict(think_open=data_cfg.format.think_open, think_close=data_cfg.format.think_close)
+    if data_cfg.format.kind == "messages":
+        prompt, reasoning, answer = split_messages(_as_messages(row[data_cfg.format.messages_field],
+                                                                data_cfg.format.messages_field), **tags)
+    elif data_cfg.format.kind == "sharegpt":
+        prompt, reasoning, answer = split_messages(_sharegpt_messages(row[data_cfg.format.conversations_field],
+                                                                      data_cfg.format.conversations_field), **tags)
     else:
-        value = row[data_cfg.prompt_field]
+        value = row[data_cfg.format.prompt_field]
         prompt = [{"role": "user", "content": value}] if isinstance(value, str) else _as_messages(
-            value, data_cfg.prompt_field)
-        reasoning = _text(row[data_cfg.reasoning_field])
+            value, data_cfg.format.prompt_field)
+        reasoning = _text(row[data_cfg.format.reasoning_field])
         # Some dumps keep the tags in the reasoning field; they are added back once by encode_example.
-        if reasoning.startswith(data_cfg.think_open) and reasoning.endswith(data_cfg.think_close):
-            reasoning = reasoning[len(data_cfg.think_open):-len(data_cfg.think_close)].strip()
-        answer = _text(row[data_cfg.answer_field])
-    if data_cfg.answer_open and answer.startswith(data_cfg.answer_open):
-        answer = answer[len(data_cfg.answer_open):].strip()
-    if data_cfg.answer_close and answer.endswith(data_cfg.answer_close):
-        answer = answer[:-len(data_cfg.answer_close)].strip()
+        if reasoning.startswith(data_cfg.format.think_open) and reasoning.endswith(data_cfg.format.think_close):
+            reasoning = reasoning[len(data_cfg.format.think_open):-len(data_cfg.format.think_close)].strip()
+        answer = _text(row[data_cfg.format.answer_field])
+    if data_cfg.format.answer_open and answer.startswith(data_cfg.format.answer_open):
+        answer = answer[len(data_cfg.format.answer_open):].strip()
+    if data_cfg.format.answer_close and answer.endswith(data_cfg.format.answer_close):
+        answer = answer[:-len(data_cfg.format.answer_close)].strip()
     return prompt, reasoning, answer
 
 
@@ -282,7 +285,7 @@ def split_messages(messages: list[dict], *, think_open: str = THINK_OPEN,
     last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
     if last is None:
         raise TraceError(f"a chat row has no assistant turn to learn from (roles: "
-                         f"{[m['role'] for m in messages]}); each row needs one (or check data.format)")
+                         f"{[m['role'] for m in messages]}); each row needs one (or check data.format.kind)")
     turn = messages[last]
     prompt = [{"role": m["role"], "content": m["content"]} for m in messages[:last]]
     content = turn["content"]
@@ -302,7 +305,7 @@ def _as_messages(value, field: str) -> list[dict]:
     def is_turn(m) -> bool:
         return isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
     if not isinstance(value, list) or not all(is_turn(m) for m in value):
-        hint = ("; these are from/value turns: set data.format=sharegpt"
+        hint = ("; these are from/value turns: set data.format.kind=sharegpt"
                 if isinstance(value, list) and value and isinstance(value[0], dict) and "from" in value[0]
                 else "")
         raise TraceError(f"field {field!r} must be a list of {{'role': str, 'content': str}} turns, got "
@@ -325,7 +328,7 @@ def _sharegpt_messages(value, field: str) -> list[dict]:
     def is_turn(m) -> bool:
         return isinstance(m, dict) and m.get("from") in _SHAREGPT_ROLES and isinstance(m.get("value"), str)
     if not isinstance(value, list) or not all(is_turn(m) for m in value):
-        hint = ("; these are role/content turns: set data.format=messages"
+        hint = ("; these are role/content turns: set data.format.kind=messages"
                 if isinstance(value, list) and value and isinstance(value[0], dict) and "role" in value[0] else "")
         raise TraceError(f"field {field!r} must be a list of {{'from': human|gpt|system, 'value': str}} turns, "
                          f"got {str(value)[:200]!r}{hint}")
@@ -344,7 +347,7 @@ class Encoded:
     step: np.ndarray  # int32 reasoning step index; -1 outside the reasoning
     reasoning_span: tuple[int, int]  # [start, end) token indices of the reasoning text, tags excluded
     step_weight: np.ndarray | None = None  # float32 [n]: the token's step weight (reasoning), 1 elsewhere; None = all 1
-    difficulty: float | None = None  # the curriculum's difficulty of the trace (data.curriculum_difficulty_field)
+    difficulty: float | None = None  # the curriculum's difficulty of the trace (data.curriculum.difficulty_field)
 
     @property
     def num_reasoning_tokens(self) -> int:
@@ -480,15 +483,15 @@ def encode_traces(dataset: datasets.Dataset, tokenizer, data_cfg: DataConfig) ->
             report.duplicate += 1
             continue
         seen.add(key)
-        example = _encode_rendered(tokenizer, prompt_text, reasoning, answer, data_cfg.step_separator)
-        if example.num_reasoning_tokens < data_cfg.min_reasoning_tokens:
+        example = _encode_rendered(tokenizer, prompt_text, reasoning, answer, data_cfg.steps.separator)
+        if example.num_reasoning_tokens < data_cfg.filter.min_reasoning_tokens:
             report.reasoning_too_short += 1
             continue
-        if data_cfg.max_reasoning_tokens is not None and example.num_reasoning_tokens > data_cfg.max_reasoning_tokens:
+        if data_cfg.filter.max_reasoning_tokens is not None and example.num_reasoning_tokens > data_cfg.filter.max_reasoning_tokens:
             report.reasoning_too_long += 1
             continue
         if len(example) > data_cfg.seq_len:
-            example = truncate_reasoning(example, data_cfg.seq_len) if data_cfg.overlong == "truncate" else None
+            example = truncate_reasoning(example, data_cfg.seq_len) if data_cfg.filter.overlong == "truncate" else None
             if example is None:
                 report.overlong_dropped += 1
                 continue
@@ -496,7 +499,7 @@ def encode_traces(dataset: datasets.Dataset, tokenizer, data_cfg: DataConfig) ->
         weights = step_weights(row, index, reasoning, data_cfg)
         if weights is not None:
             example.step_weight = token_step_weights(example, weights)
-        if data_cfg.curriculum_difficulty_field:
+        if data_cfg.curriculum.difficulty_field:
             example.difficulty = trace_difficulty(row, index, data_cfg)
         encoded.append(example)
     report.kept = len(encoded)
@@ -504,30 +507,30 @@ def encode_traces(dataset: datasets.Dataset, tokenizer, data_cfg: DataConfig) ->
 
 
 def step_weights(row: dict, index: int, reasoning: str, data_cfg: DataConfig) -> np.ndarray | None:
-    """float64 [steps]: the row's weight of each reasoning step (split by data.step_separator), from
-    data.step_weights_field, else data.step_scorer; None when neither gives any (every step weighs 1)."""
-    steps = reasoning.split(data_cfg.step_separator) if data_cfg.step_separator else [reasoning]
-    field = data_cfg.step_weights_field
+    """float64 [steps]: the row's weight of each reasoning step (split by data.steps.separator), from
+    data.steps.weights_field, else data.steps.scorer; None when neither gives any (every step weighs 1)."""
+    steps = reasoning.split(data_cfg.steps.separator) if data_cfg.steps.separator else [reasoning]
+    field = data_cfg.steps.weights_field
     given = row.get(field) if field else None
     if given is not None:
         if not isinstance(given, (list, tuple)):
-            raise TraceError(f"trace row {index}: field {field!r} (data.step_weights_field) must be a list of "
+            raise TraceError(f"trace row {index}: field {field!r} (data.steps.weights_field) must be a list of "
                              f"{len(steps)} numbers, one per reasoning step, got {str(given)[:100]!r}")
         if len(given) != len(steps):
-            raise TraceError(f"trace row {index}: {len(steps)} reasoning steps (split by data.step_separator="
-                             f"{data_cfg.step_separator!r}) but {field!r} holds {len(given)} weights; give one "
+            raise TraceError(f"trace row {index}: {len(steps)} reasoning steps (split by data.steps.separator="
+                             f"{data_cfg.steps.separator!r}) but {field!r} holds {len(given)} weights; give one "
                              f"weight per step")
         source = f"field {field!r}"
-    elif data_cfg.step_scorer:
-        scorer = step_scorer(data_cfg.step_scorer)
+    elif data_cfg.steps.scorer:
+        scorer = step_scorer(data_cfg.steps.scorer)
         given = []
         for k, text in enumerate(steps):
             try:
                 given.append(scorer(text, k, row))
             except Exception as e:  # the user's function: any failure names the trace and step
-                raise TraceError(f"trace row {index}: data.step_scorer={data_cfg.step_scorer!r} failed on step {k} "
+                raise TraceError(f"trace row {index}: data.steps.scorer={data_cfg.steps.scorer!r} failed on step {k} "
                                  f"({type(e).__name__}: {_first_line(e)})") from None
-        source = f"data.step_scorer={data_cfg.step_scorer!r}"
+        source = f"data.steps.scorer={data_cfg.steps.scorer!r}"
     else:
         return None
     values = [_number(w) for w in given]
@@ -560,13 +563,13 @@ def token_step_weights(example: Encoded, weights: np.ndarray) -> np.ndarray:
 
 def trace_difficulty(row: dict, index: int, data_cfg: DataConfig) -> float:
     """The trace's curriculum difficulty, ascending = easier first: the field's value, or 1 - value
-    when data.curriculum_easy=high (a pass rate of 0.9 is easier than one of 0.2)."""
-    field = data_cfg.curriculum_difficulty_field
+    when data.curriculum.easy=high (a pass rate of 0.9 is easier than one of 0.2)."""
+    field = data_cfg.curriculum.difficulty_field
     value = _number(row.get(field))
     if value is None:
-        raise TraceError(f"trace row {index}: field {field!r} (data.curriculum_difficulty_field) must be a finite "
+        raise TraceError(f"trace row {index}: field {field!r} (data.curriculum.difficulty_field) must be a finite "
                          f"number, got {row.get(field)!r}")
-    return 1.0 - value if data_cfg.curriculum_easy == "high" else value
+    return 1.0 - value if data_cfg.curriculum.easy == "high" else value
 
 
 def stored_extras(encoded: list[Encoded]) -> dict[str, np.ndarray]:

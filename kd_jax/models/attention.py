@@ -60,7 +60,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from kd_jax.core.config import ATTENTION
+from kd_jax.base.schema import ATTENTION
 
 IMPLEMENTATIONS = ATTENTION  # ("auto", "xla", "blockwise", "splash", "cudnn"), the config's choices
 

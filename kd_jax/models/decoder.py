@@ -19,13 +19,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from kd_jax.core.config import ATTENTION, REMAT_POLICIES
-from kd_jax.core.sharding import constrain, create_sharded
+from kd_jax.base.schema import ATTENTION, REMAT_POLICIES
+from kd_jax.base.sharding import constrain, create_sharded
 from kd_jax.models import attention as attn_lib
 
 
 def remat_policy(name: str):
-    """jax's checkpoint policy for a name of kd_jax.core.config.REMAT_POLICIES ("none": no remat)."""
+    """jax's checkpoint policy for a name of kd_jax.base.schema.REMAT_POLICIES ("none": no remat)."""
     if name == "none":
         return None
     if name == "offload_dots":  # the saved projections go to host memory instead of staying on device
@@ -58,8 +58,8 @@ class DecoderConfig:
     param_dtype: str = "float32"  # storage dtype of the parameters (fp32 master weights)
     dtype: str = "float32"  # compute dtype of activations and matmuls
     scan_layers: bool = True  # one jax.lax.scan over layers (fast compile) vs a Python loop
-    remat: str = "none"  # rematerialization policy, one of kd_jax.core.config.REMAT_POLICIES
-    attention: str = "auto"  # dot-product attention, one of kd_jax.core.config.ATTENTION (kd_jax.models.attention)
+    remat: str = "none"  # rematerialization policy, one of kd_jax.base.schema.REMAT_POLICIES
+    attention: str = "auto"  # dot-product attention, one of kd_jax.base.schema.ATTENTION (kd_jax.models.attention)
     attention_block: int = 512  # query/key tile of "blockwise" (and the largest "splash" may use)
 
     def __post_init__(self):
@@ -129,7 +129,7 @@ def _param(rngs: nnx.Rngs, shape, names, dtype, init="normal") -> nnx.Param:
     return nnx.Param(value, out_sharding=tuple(names), eager_sharding=False)
 
 
-class Block(nnx.Module):
+class Layers(nnx.Module):
     """All L decoder layers, each parameter stacked on a leading `layers` axis."""
 
     def __init__(self, cfg: DecoderConfig, *, rngs: nnx.Rngs):
@@ -225,7 +225,7 @@ class Decoder(nnx.Module):
         pd = jnp.dtype(cfg.param_dtype)
         self.cfg = cfg
         self.embed = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), pd)
-        self.layers = Block(cfg, rngs=rngs)
+        self.layers = Layers(cfg, rngs=rngs)
         self.final_norm = _param(rngs, (cfg.hidden_size,), ("norm",), pd, "ones")
         if not cfg.tie_word_embeddings:
             self.lm_head = _param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), pd)

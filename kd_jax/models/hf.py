@@ -21,8 +21,8 @@ import safetensors
 import safetensors.numpy
 from flax import nnx
 
-from kd_jax.core import sharding
-from kd_jax.core.errors import KDJaxError
+from kd_jax.base import sharding
+from kd_jax.base.errors import KDJaxError
 from kd_jax.models.decoder import Decoder, DecoderConfig
 
 SUPPORTED = {  # model_type -> architecture class name in transformers
@@ -345,6 +345,12 @@ def eos_token_ids(tokenizer, hf_path: str | None = None, revision: str | None = 
         raise HFFormatError("neither the tokenizer nor the model's generation_config.json names an EOS token; "
                             "set tokenizer.eos_token so that samples can end")
     return sorted(set(ids))
+
+
+def source_eos_ids(src, tokenizer) -> list[int]:
+    """`eos_token_ids` of a config's model section (student or teacher): its folder's generation
+    config counts when the model is loaded from one (init=hf)."""
+    return eos_token_ids(tokenizer, src.hf_path if src.init == "hf" else None, src.revision)
 
 
 def read_hf_config(folder: str) -> dict[str, Any]:

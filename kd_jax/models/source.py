@@ -32,7 +32,7 @@ def keep_layers(model: Decoder, layers: list[int], **overrides) -> Decoder:
 
 
 def build_model(src, *, mesh=None, seed: int = 0, teacher: Decoder | None = None) -> Decoder:
-    """The model a `ModelSource` config section describes, sharded over `mesh`.
+    """The model a config section (`StudentSource` or `TeacherSource`) describes, sharded over `mesh`.
 
     init=hf loads `hf_path`; init=random builds `architecture` (an HF config.json-style dict);
     init=teacher_layers copies `teacher_layers` of `teacher`."""

@@ -101,7 +101,7 @@ def logical_to_spec(names: Sequence[str | None] | None, shape: Sequence[int] | N
     for i, name in enumerate(names):
         axes = _RULES.get(name) if name is not None else None
         if name is not None and name not in _RULES:
-            raise KeyError(f"logical axis {name!r} has no rule in kd_jax.core.sharding.RULES")
+            raise KeyError(f"logical axis {name!r} has no rule in kd_jax.base.sharding.RULES")
         axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
         kept = []
         for ax in axes:
@@ -166,3 +166,15 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     if mesh.empty:
         return x
     return jax.lax.with_sharding_constraint(x, logical_to_spec(names, x.shape, mesh))
+
+
+def process_share(x_N: np.ndarray) -> np.ndarray:
+    """This process's rows of an array that every process holds whole: the p-th of jax.process_count()
+    equal parts (N must be a multiple of the process count)."""
+    share = len(x_N) // jax.process_count()
+    return x_N[jax.process_index() * share:(jax.process_index() + 1) * share]
+
+
+def to_global(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """This process's share of a batch -> global arrays sharded over the batch axes."""
+    return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, v.ndim), v) for k, v in batch.items()}

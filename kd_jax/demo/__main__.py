@@ -2,7 +2,7 @@
 experiment: traces and tokenizer, a teacher trained from scratch, its top-16 store, its verified
 traces, one student per way of using the teacher at equal training compute, an evaluation table with
 95% intervals and what they show, and the best student exported and answered by transformers
-(kd_jax/core/recipe.py).
+(kd_jax/demo/recipe.py).
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ if "jax" not in sys.modules and "device_count" not in os.environ.get("XLA_FLAGS"
 
 import argparse  # noqa: E402
 
-from kd_jax.core.config import setup_logging  # noqa: E402
-from kd_jax.core.errors import reported  # noqa: E402
-from kd_jax.core.recipe import DEFAULT_ROWS, PROBLEMS, ROWS, run  # noqa: E402
+from kd_jax.base.cli import setup_logging  # noqa: E402
+from kd_jax.base.errors import reported  # noqa: E402
+from kd_jax.demo.recipe import DEFAULT_ROWS, PROBLEMS, ROWS, run  # noqa: E402
 
 
 def main(argv=None) -> None:

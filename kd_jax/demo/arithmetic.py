@@ -1,5 +1,5 @@
 """The embedded demo task: multi-step arithmetic word problems with verifiable answers, and a
-tokenizer trained on them (`make demo`, kd_jax/core/recipe.py).
+tokenizer trained on them (`make demo`, kd_jax/demo/recipe.py).
 
 A problem is a starting count and 2 to `max_ops` changes to it (of 1 to `max_change`, the count
 stays within 0..`max_value`: 5 and 20 by default); the reasoning writes one step per paragraph (the start, then one paragraph per
@@ -8,7 +8,7 @@ random, as real traces vary; the answer is the final count, so
 `eval.matcher=numeric` checks it. Numbers are drawn at random, so held-out problems are new
 problems, not repeats.
 
-    python -m kd_jax.data.arithmetic --out runs/demo/data --n 6000
+    python -m kd_jax.demo.arithmetic --out runs/demo/data --n 6000
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ def _match(regexes, text: str) -> dict | None:
 
 
 def check_steps(steps: list[str], prompt: str, reference: str) -> list[bool]:
-    """An `eval.step_checker` for this task (kd_jax.data.arithmetic:check_steps): one bool per
+    """An `eval.step_checker` for this task (kd_jax.demo.arithmetic:check_steps): one bool per
     reasoning step, in any of the task's phrasings (START_FORMS, CHANGE_FORMS). Step 0 must state the
     prompt's starting count (and its name and item where the phrasing has them); step i >= 1 must
     state the prompt's i-th change (its verb and n; the name where the phrasing has it) as

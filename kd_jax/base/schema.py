@@ -1,37 +1,21 @@
-"""Run configuration: typed, frozen dataclasses that mirror the YAML file.
+"""The run configuration's schema: typed, frozen dataclasses that mirror the YAML file, each field
+with its default and a one-line comment, and the checks of each section.
 
 A run is described by one YAML file (`--config`) plus dotted command-line overrides
-(`train.steps=10 loss.temperature=2`). `configs/base.yaml` lists every key with its default.
+(`train.steps=10 loss.temperature=2`); kd_jax/base/loader.py reads those into a `Config`, and
+`python -m kd_jax.config --reference` prints every key of it (docs/config.md).
 """
 
 from __future__ import annotations
 
-import argparse
-import copy
 import dataclasses
-import difflib
 import os
-import re
-import sys
-import types
-import typing
 
-import yaml
-
-from kd_jax.core.errors import KDJaxError
+from kd_jax.base.errors import KDJaxError
 
 
 class ConfigError(KDJaxError, ValueError):
     """A config file or override that does not fit the schema below."""
-
-
-class _Loader(yaml.SafeLoader):
-    """SafeLoader that also reads `1e-4` as a float; plain PyYAML (YAML 1.1) wants `1.0e-4`."""
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789")
-)
 
 
 def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -103,10 +87,10 @@ class MeshConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ModelSource:
+    """Where a model comes from and how it runs: the fields student and teacher share."""
     hf_path: str | None = None  # local Hugging Face folder or hub id to load config/weights/tokenizer from
     revision: str | None = None  # hub revision (branch, tag or commit) for hf_path; None = default branch
-    init: str = "hf"  # weight init: "hf" (load hf_path), "random", or "teacher_layers" (copy chosen teacher layers)
-    teacher_layers: list[int] | None = None  # teacher layer indices to keep when init=teacher_layers
+    init: str = "hf"  # weight init: "hf" (load hf_path) or "random" (the student also: "teacher_layers")
     architecture: dict | None = None  # HF config.json-style dict for init=random, e.g. {"model_type": "llama", ...}
     param_dtype: str = "float32"  # dtype the parameters are stored in
     dtype: str = "bfloat16"  # compute dtype of activations and matmuls
@@ -114,19 +98,31 @@ class ModelSource:
     remat: str = "nothing_saveable"  # activation rematerialization policy per layer
     attention: str = "auto"  # dot-product attention: auto, xla, blockwise, splash (TPU) or cudnn (GPU); see ATTENTION
 
+    INITS = ("hf", "random")
+
     def __post_init__(self):
-        _check_choice("init", self.init, ("hf", "random", "teacher_layers"))
+        _check_choice("init", self.init, self.INITS)
         _check_choice("param_dtype", self.param_dtype, DTYPES)
         _check_choice("dtype", self.dtype, DTYPES)
         _check_choice("remat", self.remat, REMAT_POLICIES)
         _check_choice("attention", self.attention, ATTENTION)
-        layers = self.teacher_layers or []
-        _check(all(i >= 0 for i in layers), f"teacher_layers={layers} must be layer indices >= 0")
 
     def decoder_options(self) -> dict:
         """The DecoderConfig fields this section sets (the rest come from the model's config.json)."""
         return dict(param_dtype=self.param_dtype, dtype=self.dtype, scan_layers=self.scan_layers, remat=self.remat,
                     attention=self.attention)
+
+
+@dataclasses.dataclass(frozen=True)
+class StudentSource(ModelSource):
+    teacher_layers: list[int] | None = None  # teacher layer indices to keep when init=teacher_layers
+
+    INITS = ("hf", "random", "teacher_layers")
+
+    def __post_init__(self):
+        super().__post_init__()
+        layers = self.teacher_layers or []
+        _check(all(i >= 0 for i in layers), f"teacher_layers={layers} must be layer indices >= 0")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,68 +136,92 @@ class TeacherSource(ModelSource):
 
 
 @dataclasses.dataclass(frozen=True)
-class DataConfig:
-    traces: str | None = None  # teacher traces: JSONL/Parquet file, folder of them, or hub dataset id
-    format: str = "r1"  # trace layout: "r1" (prompt/reasoning/answer fields), "messages" (role/content chat list) or "sharegpt" (from/value chat list)
-    prompt_field: str = "prompt"  # field holding the prompt (format=r1)
-    reasoning_field: str = "reasoning"  # field holding the reasoning trace (format=r1)
-    answer_field: str = "answer"  # field holding the final answer (format=r1)
-    messages_field: str = "messages"  # field holding the chat messages (format=messages)
-    conversations_field: str = "conversations"  # field holding the from/value turns (format=sharegpt)
+class TraceFormat:
+    kind: str = "r1"  # trace layout: "r1" (prompt/reasoning/answer fields), "messages" (role/content chat list) or "sharegpt" (from/value chat list)
+    prompt_field: str = "prompt"  # field holding the prompt (kind=r1)
+    reasoning_field: str = "reasoning"  # field holding the reasoning trace (kind=r1)
+    answer_field: str = "answer"  # field holding the final answer (kind=r1)
+    messages_field: str = "messages"  # field holding the chat messages (kind=messages)
+    conversations_field: str = "conversations"  # field holding the from/value turns (kind=sharegpt)
     think_open: str = "<think>"  # tag opening the reasoning in the traces as read, e.g. "<|begin_of_thought|>"
     think_close: str = "</think>"  # tag closing the reasoning in the traces as read, e.g. "<|end_of_thought|>"
     answer_open: str = ""  # tag stripped from the start of the answer, e.g. "<|begin_of_solution|>"; "" = none
     answer_close: str = ""  # tag stripped from the end of the answer, e.g. "<|end_of_solution|>"; "" = none
+
+    def __post_init__(self):
+        _check_choice("kind", self.kind, ("r1", "messages", "sharegpt"))
+        _check(bool(self.think_open) and bool(self.think_close),
+               f"think_open={self.think_open!r} / think_close={self.think_close!r} must both be set (the tags "
+               f"around the reasoning in the traces, default <think> / </think>)")
+
+
+@dataclasses.dataclass(frozen=True)
+class StepsConfig:
+    separator: str = "\n\n"  # text that splits the reasoning into steps
+    weights_field: str | None = "step_weights"  # trace field with one weight per reasoning step (list of floats >= 0); a trace without it weighs every step 1; None = never read
+    scorer: str | None = None  # "module.path:function" (step_text, step_index, trace_row) -> weight >= 0 of each step of the traces without weights_field; None = weight 1
+
+    def __post_init__(self):
+        _check(self.weights_field != "", "weights_field='' names no field; use null to never read one")
+        _check(self.scorer is None or ":" in self.scorer,
+               f"scorer={self.scorer!r} must be 'module.path:function' or null")
+
+
+@dataclasses.dataclass(frozen=True)
+class FilterConfig:
+    min_reasoning_tokens: int = 0  # drop examples whose reasoning is shorter than this (tokens)
+    max_reasoning_tokens: int | None = None  # drop traces whose reasoning is longer than this (tokens); None = no limit
+    overlong: str = "drop"  # what to do with examples longer than data.seq_len: "drop" or "truncate"
+
+    def __post_init__(self):
+        _check_choice("overlong", self.overlong, ("drop", "truncate"))
+        low, high = self.min_reasoning_tokens, self.max_reasoning_tokens
+        _check(low >= 0, f"min_reasoning_tokens={low} must be >= 0 (0 = no minimum)")
+        _check(high is None or high >= max(low, 1),
+               f"max_reasoning_tokens={high} must be null (no limit) or >= 1 and >= min_reasoning_tokens={low}")
+
+
+@dataclasses.dataclass(frozen=True)
+class CurriculumConfig:
+    fraction: float = 0.0  # first fraction of training steps fed easiest-first; 0 = plain shuffle
+    difficulty_field: str | None = None  # trace field that orders the curriculum (stored by precompute), e.g. "pass_rate"; None = reasoning tokens per trace
+    easy: str = "high"  # which end of difficulty_field is easy: "high" (a pass rate, an accuracy) or "low" (a level)
+    stages: int = 0  # 0 = the curriculum strictly easiest first; N = N stages of increasing difficulty, each shuffled within
+
+    def __post_init__(self):
+        _check(0.0 <= self.fraction <= 1.0, f"fraction={self.fraction} must be in [0, 1]")
+        _check_choice("easy", self.easy, ("high", "low"))
+        _check(self.stages >= 0, f"stages={self.stages} must be >= 0 (0 = strictly easiest first; N = N stages, "
+                                 f"each shuffled)")
+        _check(self.difficulty_field != "", "difficulty_field='' names no field; use null for the reasoning length")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    traces: str | None = None  # teacher traces: JSONL/Parquet file, folder of them, or hub dataset id
     tokenizer: str | None = None  # HF tokenizer folder or hub id; None = the teacher's (teacher.hf_path)
     store: str | None = None  # KD store (folder or TensorStore kvstore URL) written by kd_jax.precompute
     allow_incomplete: bool = False  # train on the finished part of an incomplete KD store instead of failing
     top_k: int = 64  # teacher logits kept per token (count); 0 = tokens only, no teacher (needs loss.alpha=0)
     seq_len: int = 2048  # packed sequence length in tokens
-    step_separator: str = "\n\n"  # text that splits the reasoning into steps
-    step_weights_field: str | None = "step_weights"  # trace field with one weight per reasoning step (list of floats >= 0); a trace without it weighs every step 1; None = never read
-    step_scorer: str | None = None  # "module.path:function" (step_text, step_index, trace_row) -> weight >= 0 of each step of the traces without step_weights_field; None = weight 1
-    min_reasoning_tokens: int = 0  # drop examples whose reasoning is shorter than this (tokens)
-    max_reasoning_tokens: int | None = None  # drop traces whose reasoning is longer than this (tokens); None = no limit
-    overlong: str = "drop"  # what to do with examples longer than seq_len: "drop" or "truncate"
     eval_fraction: float = 0.02  # fraction of examples held out for evaluation
     packing: str = "first_fit"  # sequence packing: "first_fit" or "best_fit"
     num_workers: int = 0  # data loader worker processes; 0 = load in the main process
     streams: int = 0  # example streams packed apart, side by side in a batch; 0 = one per process (fix: same batches at any process count)
-    curriculum_fraction: float = 0.0  # first fraction of training steps fed easiest-first; 0 = plain shuffle
-    curriculum_difficulty_field: str | None = None  # trace field that orders the curriculum (stored by precompute), e.g. "pass_rate"; None = reasoning tokens per trace
-    curriculum_easy: str = "high"  # which end of curriculum_difficulty_field is easy: "high" (a pass rate, an accuracy) or "low" (a level)
-    curriculum_stages: int = 0  # 0 = the curriculum strictly easiest first; N = N stages of increasing difficulty, each shuffled within
     shuffle_seed: int = 0  # seed of the example shuffle
-    prompts: str | None = None  # prompt-only dataset for on-policy sampling (train.on_policy), a file, folder or hub id like data.traces; None = the traces' prompts
-    prompts_field: str = "prompt"  # field of data.prompts holding the prompt: text, or a list of role/content turns
+    format: TraceFormat = dataclasses.field(default_factory=TraceFormat)  # how the traces are laid out
+    steps: StepsConfig = dataclasses.field(default_factory=StepsConfig)  # reasoning steps and their weights
+    filter: FilterConfig = dataclasses.field(default_factory=FilterConfig)  # which examples are kept
+    curriculum: CurriculumConfig = dataclasses.field(default_factory=CurriculumConfig)  # easiest-first ordering
 
     def __post_init__(self):
-        _check_choice("format", self.format, ("r1", "messages", "sharegpt"))
-        _check(bool(self.think_open) and bool(self.think_close),
-               f"think_open={self.think_open!r} / think_close={self.think_close!r} must both be set (the tags "
-               f"around the reasoning in the traces, default <think> / </think>)")
-        _check_choice("overlong", self.overlong, ("drop", "truncate"))
         _check_choice("packing", self.packing, ("first_fit", "best_fit"))
         _check(self.top_k >= 0, f"top_k={self.top_k} must be >= 0 (0 = a tokens-only store, no teacher)")
         _check(self.seq_len >= 1, f"seq_len={self.seq_len} must be >= 1 token")
         _check(0.0 <= self.eval_fraction < 1.0, f"eval_fraction={self.eval_fraction} must be in [0, 1)")
-        fraction = self.curriculum_fraction
-        _check(0.0 <= fraction <= 1.0, f"curriculum_fraction={fraction} must be in [0, 1]")
-        _check_choice("curriculum_easy", self.curriculum_easy, ("high", "low"))
-        _check(self.curriculum_stages >= 0, f"curriculum_stages={self.curriculum_stages} must be >= 0 (0 = strictly "
-                                             f"easiest first; N = N stages, each shuffled)")
-        _check(self.curriculum_difficulty_field != "", "curriculum_difficulty_field='' names no field; use null for "
-                                                       "the reasoning length")
-        _check(self.step_weights_field != "", "step_weights_field='' names no field; use null to never read one")
-        _check(self.step_scorer is None or ":" in self.step_scorer,
-               f"step_scorer={self.step_scorer!r} must be 'module.path:function' or null")
         _check(self.streams >= 0, f"streams={self.streams} must be >= 0 (0 = one stream per process)")
         _check(self.num_workers >= 0, f"num_workers={self.num_workers} must be >= 0 (0 = the main process)")
         _check(self.shuffle_seed >= 0, f"shuffle_seed={self.shuffle_seed} must be >= 0")
-        low, high = self.min_reasoning_tokens, self.max_reasoning_tokens
-        _check(low >= 0, f"min_reasoning_tokens={low} must be >= 0 (0 = no minimum)")
-        _check(high is None or high >= max(low, 1),
-               f"max_reasoning_tokens={high} must be null (no limit) or >= 1 and >= min_reasoning_tokens={low}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -285,6 +305,11 @@ class LossConfig:
         for name in ("beta", "step_weight", "answer_weight"):
             _check(getattr(self, name) >= 0.0, f"{name}={getattr(self, name)} must be >= 0 (a loss weight)")
 
+    @property
+    def soft(self) -> bool:
+        """Whether the soft (teacher) term is ever on: alpha > 0 at the start, or scheduled to end above 0."""
+        return self.alpha > 0 or bool(self.alpha_schedule.end)
+
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
@@ -325,6 +350,8 @@ class OnPolicyConfig:
     prompts_per_step: int = 0  # prompts sampled per on-policy step (one completion each), packed into the batch; 0 = train.global_batch_size
     bucket: int = 64  # prompts are left-padded to a multiple of this (one sampling compile per bucket)
     seed: int = 0  # seed of the sampling keys and of the prompt order
+    prompts: str | None = None  # prompt-only dataset to sample from, a file, folder or hub id like data.traces; None = the traces' prompts
+    prompts_field: str = "prompt"  # field of prompts holding the prompt: text, or a list of role/content turns
 
     def __post_init__(self):
         _check(0.0 <= self.fraction <= 1.0, f"fraction={self.fraction} must be in [0, 1] (0 = off, 1 = every step)")
@@ -463,7 +490,7 @@ class GenerateConfig:
 class Config:
     run: RunConfig = dataclasses.field(default_factory=RunConfig)  # naming, output folder, seed, logging
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)  # device mesh axis sizes
-    student: ModelSource = dataclasses.field(default_factory=ModelSource)  # the model being trained
+    student: StudentSource = dataclasses.field(default_factory=StudentSource)  # the model being trained
     # The teacher is only run forward, so it is kept in bfloat16 by default.
     teacher: TeacherSource = dataclasses.field(default_factory=TeacherSource)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)  # traces, tokenization and packing
@@ -477,8 +504,7 @@ class Config:
 
     def __post_init__(self):
         online = self.teacher.mode == "online"
-        soft = self.loss.alpha > 0 or bool(self.loss.alpha_schedule.end)
-        if self.data.top_k == 0 and soft and not online:
+        if self.data.top_k == 0 and self.loss.soft and not online:
             raise ConfigError(f"data.top_k=0 (tokens only, no teacher log-probs) needs loss.alpha=0 (hard labels "
                               f"only), not {self.loss.alpha}; set loss.alpha=0, data.top_k >= 1, or "
                               f"teacher.mode=online (the teacher runs in the train step)")
@@ -514,230 +540,3 @@ class Config:
     def checkpoint_dir(self) -> str:
         """checkpoint.dir, or <run_dir>/checkpoints (absolute: Orbax wants one)."""
         return self.checkpoint.dir or os.path.join(os.path.abspath(self.run_dir), "checkpoints")
-
-
-# ---------------------------------------------------------------- building from dicts
-
-
-def _type_name(tp) -> str:
-    if tp is type(None):
-        return "None"
-    if tp is typing.Any:
-        return "any"
-    if dataclasses.is_dataclass(tp):
-        return "a mapping of keys"
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        return " | ".join(_type_name(arg) for arg in typing.get_args(tp))
-    if origin is not None:
-        return f"{origin.__name__}[{', '.join(_type_name(arg) for arg in typing.get_args(tp))}]"
-    return tp.__name__
-
-
-def _convert(value, tp, path: str):
-    """Checks `value` against the annotation `tp` and returns it (int -> float where a float is expected)."""
-    if dataclasses.is_dataclass(tp):
-        return from_dict(tp, value, path)
-    if tp is typing.Any:
-        return value
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        for arg in typing.get_args(tp):
-            try:
-                return _convert(value, arg, path)
-            except ConfigError:
-                pass
-    elif tp is type(None):
-        if value is None:
-            return None
-    elif tp is float:
-        # bool is an int subclass, but `true` for a float is almost surely a mistake.
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif tp in (int, str, bool):
-        if isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
-            return value
-    elif origin is list or tp is list:
-        (item_type,) = typing.get_args(tp) or (typing.Any,)
-        if isinstance(value, (list, tuple)):
-            return [_convert(item, item_type, f"{path}[{i}]") for i, item in enumerate(value)]
-    elif origin is dict or tp is dict:
-        if isinstance(value, dict):
-            return copy.deepcopy(value)
-    else:
-        raise TypeError(f"config field {path!r} has an unsupported annotation {tp!r}")
-    hint = ""
-    if str in (typing.get_args(tp) or (tp,)) and isinstance(value, (int, float, bool)):
-        hint = f"; quote it to pass text, e.g. {path}='\"{value}\"'"  # YAML read the bare value as a number/bool
-    raise ConfigError(f"{path!r} expects {_type_name(tp)}, got {value!r} ({type(value).__name__}){hint}")
-
-
-def _dotted_keys(cls, prefix: str = "") -> list[str]:
-    """All keys under a dataclass, sections included: ["run", "run.name", ...]."""
-    keys = []
-    for name, field_type in typing.get_type_hints(cls).items():
-        keys.append(prefix + name)
-        if dataclasses.is_dataclass(field_type):
-            keys += _dotted_keys(field_type, f"{prefix}{name}.")
-    return keys
-
-
-def _unknown_key_error(cls, key, path: str) -> ConfigError:
-    prefix = f"{path}." if path else ""
-    names = [f.name for f in dataclasses.fields(cls)]
-    all_keys = _dotted_keys(cls, prefix)
-    # Close to a key of this section or below (`temperature` -> `loss.temperature`), or a leaf name in the wrong place.
-    guesses = [prefix + k for k in difflib.get_close_matches(str(key), _dotted_keys(cls), n=3)]
-    guesses += [k for k in all_keys if difflib.get_close_matches(str(key), [k.rsplit(".", 1)[-1]], cutoff=0.8)]
-    guesses = list(dict.fromkeys(guesses))[:3]
-    hint = f"did you mean {' or '.join(map(repr, guesses))}? " if guesses else ""
-    where = f"in {path!r}" if path else "at the top level"
-    return ConfigError(f"unknown config key {prefix + str(key)!r}; {hint}valid keys {where}: {', '.join(names)}")
-
-
-def from_dict(cls, data: dict | None, path: str = ""):
-    """Builds dataclass `cls` from a nested dict, checking every key and type. None means all defaults."""
-    if data is None:  # a YAML section whose keys are all commented out
-        data = {}
-    if not isinstance(data, dict):
-        where = repr(path) if path else "the config"
-        raise ConfigError(f"{where} is a section and expects a mapping of keys, got {data!r} ({type(data).__name__})")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls) if f.init}
-    kwargs = {}
-    for key, value in data.items():
-        if key not in names:
-            raise _unknown_key_error(cls, key, path)
-        kwargs[key] = _convert(value, hints[key], f"{path}.{key}" if path else key)
-    try:
-        return cls(**kwargs)
-    except ConfigError as e:  # __post_init__ checks know the field, not where the section sits
-        raise ConfigError(f"{path}: {e}" if path else str(e)) from None
-
-
-# ---------------------------------------------------------------- files and command line
-
-
-def apply_overrides(data: dict, overrides: typing.Iterable[str]) -> dict:
-    """Returns a copy of `data` with each `dotted.key=value` set; values are YAML (2 int, 2.0 float, null None)."""
-    data = copy.deepcopy(data)
-    for override in overrides:
-        key, sep, raw = override.partition("=")
-        parts = key.strip().split(".")
-        if not sep or not all(parts):
-            raise ConfigError(f"override {override!r} is not dotted.key=value; write e.g. train.steps=10")
-        try:
-            value = yaml.load(raw, Loader=_Loader)
-        except yaml.YAMLError as e:
-            raise ConfigError(f"override {override!r}: the value is not valid YAML ({e}); quote it if it is text") from None
-        node = data
-        for i, part in enumerate(parts[:-1]):
-            if node.get(part) is None:
-                node[part] = {}
-            node = node[part]
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {override!r}: {'.'.join(parts[: i + 1])!r} is a value, not a section")
-        node[parts[-1]] = value
-    return data
-
-
-# Keys renamed since a config could have been written (a run's saved config.yaml among them): old -> new.
-RENAMED = {("eval", "temperature"): ("eval", "sampling_temperature")}
-
-
-def _renamed(data: dict, path: str | None) -> dict:
-    """`data` with the keys of RENAMED moved to their new names (a warning says so)."""
-    import logging
-    for (section, old), (new_section, new) in RENAMED.items():
-        if isinstance(data.get(section), dict) and old in data[section]:
-            data = copy.deepcopy(data)
-            value = data[section].pop(old)
-            data.setdefault(new_section, {}).setdefault(new, value)
-            logging.getLogger("kd_jax.config").warning("%s: %s.%s is now %s.%s; read as such", path or "config",
-                                                       section, old, new_section, new)
-    return data
-
-
-def load_config(path: str | None, overrides: typing.Iterable[str] = ()) -> Config:
-    """Reads a YAML config (None = all defaults), applies dotted overrides and builds a checked Config."""
-    data = {}
-    if path is not None:
-        if not os.path.isfile(path):
-            raise ConfigError(f"config file {path!r} not found; pass an existing YAML file (see configs/base.yaml)")
-        with open(path) as f:
-            try:
-                data = yaml.load(f, Loader=_Loader)
-            except yaml.YAMLError as e:
-                raise ConfigError(f"config file {path!r} is not valid YAML: {e}") from None
-        if data is None:  # an empty file means all defaults
-            data = {}
-        if not isinstance(data, dict):
-            kind = type(data).__name__
-            raise ConfigError(f"config file {path!r} must hold a mapping of sections (run:, train:, ...), got a {kind}")
-    return from_dict(Config, apply_overrides(_renamed(data, path), overrides))
-
-
-def to_dict(cfg) -> dict:
-    """The config as plain nested dicts, in field order, ready for YAML."""
-    return dataclasses.asdict(cfg)
-
-
-def save_config(cfg: Config, run_dir: str | None = None, filename: str = "config.yaml") -> str:
-    """Writes the resolved config to run_dir/filename (run_dir defaults to cfg.run_dir); returns the path."""
-    run_dir = cfg.run_dir if run_dir is None else run_dir
-    os.makedirs(run_dir, exist_ok=True)
-    path = os.path.join(run_dir, filename)
-    with open(path, "w") as f:
-        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
-    return path
-
-
-def setup_logging() -> None:
-    """INFO lines of kd_jax on stdout for the entry points. `force`: grain and absl install root
-    handlers at import, which would swallow them; jax's backend probing and Orbax's save chatter
-    stay at WARNING."""
-    import logging
-    import sys
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stdout,
-                        force=True)
-    for noisy in ("jax", "absl"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
-def parse_args(argv: list[str] | None = None, description: str = "kd_jax") -> Config:
-    """`--config file.yaml key=value ...` -> Config, for the entry points (which also get logging
-    set up). A config error exits 1 with its one-line message."""
-    return parse_command(argv, description)[0]
-
-
-def parse_command(argv: list[str] | None = None, description: str = "kd_jax", *, dry_run: bool = False,
-                  add_arguments=None) -> tuple[Config, argparse.Namespace]:
-    """`parse_args` plus the parsed flags: `--debug` (a traceback instead of the one-line error,
-    kd_jax.core.errors.reported), with dry_run=True `--dry-run`, `--no-compile` and `--max-seq-len`
-    (kd_jax/core/dryrun.py; it implies --dry-run), and whatever `add_arguments(parser)` adds."""
-    setup_logging()
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--config", help="YAML config file; configs/base.yaml lists every key")
-    if dry_run:
-        parser.add_argument("--dry-run", action="store_true",
-                            help="print parameter counts and per-device memory, check the fit, and exit; "
-                                 "reads no weights, store or traces")
-        parser.add_argument("--no-compile", action="store_true",
-                            help="with --dry-run: analytic estimate only, no ahead-of-time compile")
-        parser.add_argument("--max-seq-len", action="store_true",
-                            help="a dry run that searches the longest data.seq_len (multiples of 128, rows per "
-                                 "device kept) fitting the device memory by the analytic estimate, and prints it")
-    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
-    if add_arguments is not None:
-        add_arguments(parser)
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.steps=10")
-    args = parser.parse_intermixed_args(argv)
-    if getattr(args, "max_seq_len", False):
-        args.dry_run = True
-    try:
-        return load_config(args.config, args.overrides), args
-    except ConfigError as e:
-        if args.debug:
-            raise
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        raise SystemExit(1) from None

@@ -2,23 +2,23 @@
 `python -m kd_jax.demo` (`make demo`). What did the teacher buy?
 
   1. traces      arithmetic word problems, one reasoning step per paragraph in one of several
-                 equivalent phrasings, and a BPE tokenizer trained on them (kd_jax.data.arithmetic)
+                 equivalent phrasings, and a BPE tokenizer trained on them (kd_jax.demo.arithmetic)
   2. teacher     a llama with twice the student's depth and 2.25 times its training steps,
                  trained from scratch on a tokens-only store with hard labels only
-                 (configs/demo/teacher.yaml), exported
+                 (kd_jax/demo/configs/teacher.yaml), exported
   3. precompute  the teacher's top-16 next-token log-probs into the KD store
   4. teacher traces  the teacher writes a trace for each of the students' training prompts
                  (greedy), kept when its answer is right (R1's rejection sampling; kd_jax.generate),
                  into a tokens-only store
   5. students    one row per way of using the teacher, every one at the same training compute
                  (FLOPs, the teacher's forward included where it runs inside the step;
-                 configs/demo/student.yaml): hard labels on the reference traces; soft + hard
+                 kd_jax/demo/configs/student.yaml): hard labels on the reference traces; soft + hard
                  (the top-16 store); hard labels on the teacher's traces; on-policy (the hard row's
                  half-way checkpoint, continued on its own samples graded by the online teacher);
                  optionally soft + hard + step and hidden-state alignment (`--rows`)
   6. evaluate    teacher and students on 512 fresh problems (none among the training problems):
                  answer accuracy by greedy generation with its 95% Wilson interval, step accuracy
-                 (kd_jax.data.arithmetic:check_steps), held-out losses on the reference traces,
+                 (kd_jax.demo.arithmetic:check_steps), held-out losses on the reference traces,
                  agreement with the teacher; each student also at every quarter of its training
                  (the first 128 problems), drawn as accuracy vs training compute into <out>/demo.png;
                  the verdicts (does the teacher beat the hard-label student, does any row beat it)
@@ -44,18 +44,21 @@ import time
 
 import transformers
 
-from kd_jax.core import flops, sharding
+from kd_jax.base import sharding
+from kd_jax.base.loader import load_config
+from kd_jax.base.schema import Config
+from kd_jax.core import flops
 from kd_jax.core.checkpoint import Checkpointer
-from kd_jax.core.config import Config, load_config
-from kd_jax.core.evaluation import data_problems, evaluate, extract_answer, matcher, task_accuracy
+from kd_jax.core.evaluation import data_problems, evaluate, task_accuracy
+from kd_jax.core.grading import extract_answer, matcher
 from kd_jax.core.loop import train
+from kd_jax.core.precompute import precompute
 from kd_jax.core.runs import export_run, restore_student
-from kd_jax.core.teacher import precompute
-from kd_jax.core.tracegen import format_report, tracegen
-from kd_jax.data import arithmetic
+from kd_jax.core.tracegen import format_trace_report, tracegen
 from kd_jax.data.pipeline import split_indices
 from kd_jax.data.roles import Role
 from kd_jax.data.store import KDStore
+from kd_jax.demo import arithmetic
 from kd_jax.models.hf import config_from_hf, load_tokenizer
 
 HELD_OUT_SEED = 12345  # the evaluation problems: arithmetic.problems(..., seed=HELD_OUT_SEED), training ones removed
@@ -75,7 +78,7 @@ CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.a
 
 @dataclasses.dataclass(frozen=True)
 class Row:
-    """One student of the table: configs/demo/student.yaml with `overrides`."""
+    """One student of the table: kd_jax/demo/configs/student.yaml with `overrides`."""
     name: str
     loss: str  # the table's description of what it learns from
     overrides: tuple[str, ...] = ()
@@ -111,7 +114,7 @@ class Plan:
     """Every config of one demo run, with every path under `out`."""
     out: str
     teacher: Config
-    base: Config  # the students' config as configs/demo/student.yaml has it (the KD store)
+    base: Config  # the students' config as kd_jax/demo/configs/student.yaml has it (the KD store)
     students: dict[str, Config]  # row name -> config
     gflop: dict[str, float]  # row name -> training compute of the whole row (its first half included)
     half: int  # the checkpoint a `continues` row starts from
@@ -231,7 +234,7 @@ def _eval_config(cfg: Config, held_out: str, problems: int) -> Config:
     return dataclasses.replace(
         cfg, train=dataclasses.replace(cfg.train, global_batch_size=min(EVAL_BATCH, problems)),
         eval=dataclasses.replace(cfg.eval, data=held_out, batches=1,
-                                 step_checker="kd_jax.data.arithmetic:check_steps"))
+                                 step_checker="kd_jax.demo.arithmetic:check_steps"))
 
 
 def _as_run(base: Config, run_name: str) -> Config:
@@ -247,7 +250,7 @@ def accuracy_curve(cfg: Config, problems, steps: list[int]) -> list[dict]:
     for step in steps:
         model, _ = restore_student(cfg, step, mesh)
         task = task_accuracy(model, tokenizer, problems, cfg.eval, cfg.train.global_batch_size,
-                             step_separator=cfg.data.step_separator)
+                             step_separator=cfg.data.steps.separator)
         points.append({"step": step, "accuracy": task["accuracy"], "accuracy_low": task["accuracy_low"],
                        "accuracy_high": task["accuracy_high"], "examples": task["examples"]})
     return points
@@ -381,19 +384,19 @@ def run(out: str = "runs/demo", scale: float = 1.0, problems: int = PROBLEMS, ma
     p = plan(out, scale, seed, rows)
     data = os.path.dirname(p.teacher.data.tokenizer)
 
-    _stage(1, "traces and tokenizer", f"python -m kd_jax.data.arithmetic --out {out}/data --n {round(problems * scale)}")
+    _stage(1, "traces and tokenizer", f"python -m kd_jax.demo.arithmetic --out {out}/data --n {round(problems * scale)}")
     if not os.path.isdir(p.teacher.data.tokenizer):  # (a store made with another tokenizer would not fit)
         arithmetic.write(data, max(64, round(problems * scale)))
     held_out = write_held_out(data, p.teacher.data.traces, max_examples)
 
     _stage(2, "teacher: hard labels only, from scratch, then exported",
-           "python -m kd_jax.precompute --config configs/demo/teacher.yaml; "
-           "python -m kd_jax.train --config configs/demo/teacher.yaml; python -m kd_jax.export --run runs/demo/teacher")
+           "python -m kd_jax.precompute --config kd_jax/demo/configs/teacher.yaml; "
+           "python -m kd_jax.train --config kd_jax/demo/configs/teacher.yaml; python -m kd_jax.export --run runs/demo/teacher")
     precompute(p.teacher, show_progress=False)
     teacher_s = _timed(os.path.join(p.teacher.run_dir, "demo_seconds.json"), lambda: train(p.teacher))
     export_run(p.teacher.run_dir, os.path.join(p.teacher.run_dir, "hf"), overwrite=True)
 
-    _stage(3, "precompute the teacher's top-16 log-probs", "python -m kd_jax.precompute --config configs/demo/student.yaml")
+    _stage(3, "precompute the teacher's top-16 log-probs", "python -m kd_jax.precompute --config kd_jax/demo/configs/student.yaml")
     precompute(p.base, show_progress=False)
 
     seconds = {}
@@ -401,13 +404,13 @@ def run(out: str = "runs/demo", scale: float = 1.0, problems: int = PROBLEMS, ma
         hard = p.students["hard"]
         prompts = write_teacher_prompts(p.base, hard.train.steps)
         _stage(4, "the teacher writes a trace for each student training prompt, kept when its answer is right",
-               f"python -m kd_jax.generate --config configs/demo/student.yaml generate.prompts={prompts} "
+               f"python -m kd_jax.generate --config kd_jax/demo/configs/student.yaml generate.prompts={prompts} "
                f"generate.out={p.traces.generate.out} generate.samples_per_prompt=1 generate.temperature=0")
         seconds["teacher traces"] = _timed(os.path.join(p.traces.generate.out, "demo_seconds.json"),
                                            lambda: tracegen(p.traces, show_progress=False))
         with open(os.path.join(p.traces.generate.out, "report.json")) as f:
             trace_report = json.load(f)
-        print(f"    {format_report(trace_report)}", flush=True)
+        print(f"    {format_trace_report(trace_report)}", flush=True)
         if trace_report["kept"]:
             precompute(p.students["teacher traces"], show_progress=False)
         else:  # (a teacher trained far too briefly, as in the tests' reduced demo)
@@ -419,7 +422,7 @@ def run(out: str = "runs/demo", scale: float = 1.0, problems: int = PROBLEMS, ma
     for i, (name, cfg) in enumerate(p.students.items()):
         row = ROWS[name]
         _stage(5, f"student {i + 1}/{len(p.students)}: {name} ({p.gflop[name]:,.0f} GFLOP)",
-               f"python -m kd_jax.train --config configs/demo/student.yaml {' '.join(row.overrides)} "
+               f"python -m kd_jax.train --config kd_jax/demo/configs/student.yaml {' '.join(row.overrides)} "
                f"run.name={cfg.run.name} train.steps={cfg.train.steps}")
         if row.continues:
             parent = p.students[row.continues]
@@ -430,8 +433,8 @@ def run(out: str = "runs/demo", scale: float = 1.0, problems: int = PROBLEMS, ma
             + seconds.get(name, 0.0)
 
     _stage(6, f"evaluate on {max_examples} fresh problems, and each student at every quarter of its training",
-           f"python -m kd_jax.evaluate --config configs/demo/student.yaml [--model teacher] eval.data={held_out} "
-           f"eval.step_checker=kd_jax.data.arithmetic:check_steps")
+           f"python -m kd_jax.evaluate --config kd_jax/demo/configs/student.yaml [--model teacher] eval.data={held_out} "
+           f"eval.step_checker=kd_jax.demo.arithmetic:check_steps")
     # Every model is scored against the same KD store (the teacher against its own top-16: KL ~ 0).
     table = [{**evaluate(_eval_config(_as_run(p.base, p.teacher.run.name), held_out, max_examples), "teacher",
                          max_examples),

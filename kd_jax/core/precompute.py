@@ -25,9 +25,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from kd_jax.core import distributed, sharding
-from kd_jax.core.config import Config, save_config
-from kd_jax.core.progress import bar as progress_bar
+from kd_jax.base import sharding
+from kd_jax.base.loader import save_config
+from kd_jax.base.progress import bar as progress_bar
+from kd_jax.base.schema import Config
+from kd_jax.core import distributed
 from kd_jax.data import served
 from kd_jax.data.served import ServedLogprobs, ServedLogprobsError
 from kd_jax.data.store import (
@@ -38,7 +40,12 @@ from kd_jax.data.store import (
     template_hash,
     tokenizer_fingerprint,
 )
-from kd_jax.data.traces import encode_traces, load_traces, stored_extras, tokenization_inputs
+from kd_jax.data.traces import (
+    encode_traces,
+    load_traces,
+    stored_extras,
+    tokenization_inputs,
+)
 from kd_jax.models import build_model
 from kd_jax.models.hf import load_tokenizer, read_hf_config, resolve_path
 
@@ -226,7 +233,7 @@ def _np_dtype(name: str):
 
 # ---------------------------------------------------------------- traces -> store -> teacher rows
 
-log = logging.getLogger("kd_jax.core.teacher")
+log = logging.getLogger("kd_jax.core.precompute")
 # The config precompute ran with, in the run directory; apart from the trainer's config.yaml, which
 # a precompute must never replace (a run's checkpoints are read with it).
 PRECOMPUTE_CONFIG = "precompute.yaml"

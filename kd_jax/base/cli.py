@@ -1,0 +1,61 @@
+"""The command line shared by the commands: `--config file.yaml key=value ...` (plus `--debug` and,
+for the commands that compile, the dry-run flags) into a `Config`, and kd_jax's log lines on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from kd_jax.base.loader import load_config
+from kd_jax.base.schema import Config, ConfigError
+
+
+def setup_logging() -> None:
+    """INFO lines of kd_jax on stdout for the entry points. `force`: grain and absl install root
+    handlers at import, which would swallow them; jax's backend probing and Orbax's save chatter
+    stay at WARNING."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stdout,
+                        force=True)
+    for noisy in ("jax", "absl"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def parse_args(argv: list[str] | None = None, description: str = "kd_jax") -> Config:
+    """`--config file.yaml key=value ...` -> Config, for the entry points (which also get logging
+    set up). A config error exits 1 with its one-line message."""
+    return parse_command(argv, description)[0]
+
+
+def parse_command(argv: list[str] | None = None, description: str = "kd_jax", *, dry_run: bool = False,
+                  add_arguments=None) -> tuple[Config, argparse.Namespace]:
+    """`parse_args` plus the parsed flags: `--debug` (a traceback instead of the one-line error,
+    kd_jax.base.errors.reported), with dry_run=True `--dry-run`, `--no-compile` and `--max-seq-len`
+    (kd_jax/core/dryrun.py; it implies --dry-run), and whatever `add_arguments(parser)` adds."""
+    setup_logging()
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", help="YAML config file; configs/base.yaml lists every key")
+    if dry_run:
+        parser.add_argument("--dry-run", action="store_true",
+                            help="print parameter counts and per-device memory, check the fit, and exit; "
+                                 "reads no weights, store or traces")
+        parser.add_argument("--no-compile", action="store_true",
+                            help="with --dry-run: analytic estimate only, no ahead-of-time compile")
+        parser.add_argument("--max-seq-len", action="store_true",
+                            help="a dry run that searches the longest data.seq_len (multiples of 128, rows per "
+                                 "device kept) fitting the device memory by the analytic estimate, and prints it")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    if add_arguments is not None:
+        add_arguments(parser)
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.steps=10")
+    args = parser.parse_intermixed_args(argv)
+    if getattr(args, "max_seq_len", False):
+        args.dry_run = True
+    try:
+        return load_config(args.config, args.overrides), args
+    except ConfigError as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
