@@ -77,3 +77,30 @@ def test_every_makefile_pip_install_uses_constraints():
     assert not unconstrained, f"pip install without -c constraints.txt: {unconstrained}"
     base = next(ln for ln in (ROOT / "Makefile").read_text().splitlines() if ln.startswith("$(VENV)/.installed-base:"))
     assert {"pyproject.toml", "constraints.txt"} <= set(base.partition(":")[2].split()), base
+
+
+def test_the_demo_runs_from_an_installed_wheel(tmp_path):
+    """The demo's configs are package data: a wheel installed outside the checkout finds and loads them
+    (the recipe never climbs out of the package), and `python -m kd_jax.demo --help` runs from it."""
+    import shutil
+    import subprocess
+    import sys
+    source, wheels, target = tmp_path / "source", tmp_path / "wheels", tmp_path / "site"
+    # Built from a copy: setuptools' build/ folder in the checkout could hold files of an older build.
+    shutil.copytree(ROOT / "kd_jax", source / "kd_jax", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
+                    str(wheels), str(source)], check=True, capture_output=True)
+    (wheel,) = wheels.glob("kd_jax-*.whl")
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-compile", "--target",
+                    str(target), str(wheel)], check=True, capture_output=True)
+    env = {"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    probe = ("import os, kd_jax.demo.recipe as r; from kd_jax.base.loader import load_config; "
+             "print(r.CONFIGS); [load_config(os.path.join(r.CONFIGS, n)) for n in ('student.yaml', 'teacher.yaml')]")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().startswith(str(target))
+    help_ = subprocess.run([sys.executable, "-m", "kd_jax.demo", "--help"], cwd=tmp_path, env=env,
+                           capture_output=True, text=True)
+    assert help_.returncode == 0 and "--out" in help_.stdout, help_.stderr

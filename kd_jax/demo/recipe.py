@@ -73,7 +73,7 @@ TRACE_PROMPTS = 2048
 PROBLEMS = 6000
 STAGES = 7
 
-CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs", "demo")
+CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")  # package data: found in a wheel too
 
 
 @dataclasses.dataclass(frozen=True)
