@@ -31,10 +31,10 @@ def _arguments(parser) -> None:
 
 
 def main(argv=None) -> None:
-    cfg, args = parse_command(argv, description=__doc__, add_arguments=_arguments)
+    cfg, args = parse_command(argv, description=__doc__, add_arguments=_arguments,
+                              flag_keys={"samples": "eval.samples", "latency": "eval.latency"})
     with reported(args.debug):
-        report = evaluate(cfg, args.model, args.max_examples, untrained=args.untrained, samples=args.samples,
-                          latency=args.latency)
+        report = evaluate(cfg, args.model, args.max_examples, untrained=args.untrained)
     print(format_eval_report(report))
     for s in report["samples"]:
         print(f"  {'ok ' if s['correct'] else 'bad'} predicted {s['prediction']!r} reference {s['reference']!r}")

@@ -329,3 +329,24 @@ def test_resolve_and_errors():
     with pytest.raises(ValueError, match="kv_pos has shape"):
         attn.attention(q, k, v, q_segment_BxT=ids, kv_segment_BxS=ids, q_pos_BxT=ids, kv_pos_BxS=ids[:, :4],
                        window=None, implementation="blockwise")
+
+
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="checks a machine without cuDNN")
+def test_cudnn_without_a_gpu_is_one_line_naming_what_runs_here():
+    """jax raises "cuDNN is not detected" deep in tracing (a 60-line traceback): one KDJaxError line instead,
+    from the model's forward under jit, naming the implementations this machine runs."""
+    from kd_jax.base.errors import KDJaxError
+    cfg = decoder.DecoderConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                                num_kv_heads=2, head_dim=8, dtype="bfloat16", attention="cudnn")
+    with pytest.raises(KDJaxError) as err:
+        attn.check_runnable("cudnn")
+    message = str(err.value)
+    assert message == (f"attention 'cudnn' needs an NVIDIA GPU with cuDNN; on {jax.default_backend()} use auto, "
+                       f"xla or blockwise (student.attention / teacher.attention)")
+    assert attn.check_runnable("cudnn", "gpu") == "cudnn"  # the dry run sizes a GPU machine from here
+    assert attn.check_runnable("auto") == attn.resolve("auto")
+    model = decoder.Decoder(cfg, rngs=__import__("flax").nnx.Rngs(0))
+    tokens = jnp.ones((1, 16), jnp.int32)
+    with pytest.raises(KDJaxError) as err:
+        jax.jit(model.hidden_states)(tokens)
+    assert str(err.value) == message

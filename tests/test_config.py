@@ -269,3 +269,87 @@ def test_teacher_layers_is_a_student_key_only(tmp_path):
         load_config(str(path))
     with pytest.raises(ConfigError, match="init='teacher_layers' is not allowed"):
         load_config(None, ["teacher.init=teacher_layers"])
+
+
+@pytest.mark.parametrize("overrides, fragment", [
+    (["loss.hidden.weight_schedule.kind=linear", "loss.hidden.weight_schedule.end=-0.5"],
+     "loss.hidden: weight_schedule.end=-0.5 must be >= 0"),
+    (["loss.alpha_schedule.kind=cosine", "loss.alpha_schedule.end=1.5"], "loss: alpha_schedule.end=1.5 must be in [0, 1]"),
+    (["loss.temperature_schedule.kind=linear", "loss.temperature_schedule.end=0"],
+     "loss: temperature_schedule.end=0.0 must be > 0"),
+])
+def test_every_schedule_end_is_checked_like_its_start_value(overrides, fragment):
+    """A schedule's end obeys its value's range: a negative hidden weight would reward divergence."""
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    assert fragment in str(err.value)
+
+
+@pytest.mark.parametrize("section", ["loss.alpha_schedule", "loss.temperature_schedule", "loss.hidden.weight_schedule"])
+def test_a_constant_schedule_refuses_an_end_it_would_ignore(section):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["teacher.mode=online", f"{section}.end=0.5"])
+    message = str(err.value)
+    assert f"{section}: end=0.5 is ignored by kind='constant'" in message and "kind=linear" in message
+    assert "\n" not in message
+    assert load_config(None, ["teacher.mode=online", f"{section}.kind=linear", f"{section}.end=0.5"])  # the fix
+
+
+def _config_command(*args, timeout=30):
+    """`python -m kd_jax.config ARGS` in a subprocess: (exit code, stderr); fails the test if it hangs."""
+    import subprocess
+    import sys
+    done = subprocess.run([sys.executable, "-m", "kd_jax.config", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+    return done.returncode, done.stderr
+
+
+def test_a_yaml_alias_bomb_is_refused_before_it_expands(tmp_path):
+    """9 levels of 9 aliases each would be 9**9 values once expanded: refused while reading, in one line."""
+    levels = [f"    l0: &l0 [{', '.join(['lol'] * 9)}]"]
+    levels += [f"    l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]" for i in range(1, 9)]
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text("student:\n  architecture:\n" + "\n".join(levels) + "\n")
+    code, err = _config_command("--config", str(bomb), timeout=20)
+    assert code == 1 and err.count("\n") == 1, err[-2000:]
+    assert f"error: config file {str(bomb)!r}" in err and "aliases" in err
+    with pytest.raises(ConfigError, match="aliases"):
+        apply_overrides({}, ["student.architecture=" + "{" + ", ".join(s.strip() for s in levels) + "}"])
+
+
+@pytest.mark.parametrize("text", [
+    "student:\n  architecture:\n    a: &a [*a]\n",
+    "student:\n  architecture: &m\n    model_type: llama\n    self: *m\n",
+])
+def test_a_recursive_yaml_alias_is_one_line_not_a_recursion_error(tmp_path, text):
+    path = tmp_path / "loop.yaml"
+    path.write_text(text)
+    code, err = _config_command("--config", str(path))
+    assert code == 1 and err.count("\n") == 1, err[-2000:]
+    assert f"error: config file {str(path)!r}" in err and "contains itself" in err
+    with pytest.raises(ConfigError, match="contains itself"):
+        load_config(None, ["student.architecture=&m {self: *m}"])
+
+
+def test_a_deeply_nested_config_is_one_line_not_a_recursion_error(tmp_path):
+    path = tmp_path / "deep.yaml"
+    path.write_text("student:\n  architecture:\n    x: " + "[" * 5000 + "]" * 5000 + "\n")
+    code, err = _config_command("--config", str(path))
+    assert code == 1 and err.count("\n") == 1, err[-2000:]
+    assert f"error: config file {str(path)!r}" in err and "nested" in err
+
+
+def test_a_config_file_over_one_mib_is_refused(tmp_path):
+    path = tmp_path / "huge.yaml"
+    path.write_text("# padding\n" * 110_000 + "train:\n  steps: 1\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(str(path))
+    assert f"config file {str(path)!r}" in str(err.value) and "1 MiB" in str(err.value)
+
+
+def test_on_policy_completions_must_fit_the_sequence_length():
+    online = ["teacher.mode=online", "train.on_policy.fraction=0.5", "data.seq_len=256"]
+    with pytest.raises(ConfigError, match=r"max_new_tokens=256 leaves no room for a prompt in data.seq_len=256"):
+        load_config(None, online + ["train.on_policy.max_new_tokens=256"])
+    assert load_config(None, online + ["train.on_policy.max_new_tokens=200"]).train.on_policy.max_new_tokens == 200
+    load_config(None, ["data.seq_len=64"])  # off: the default max_new_tokens (256) is not checked

@@ -12,6 +12,7 @@ import sys
 
 import numpy as np
 import pytest
+import yaml
 
 from kd_jax.base.loader import load_config
 from kd_jax.base.schema import ConfigError
@@ -136,6 +137,15 @@ def test_reduced_demo_runs_every_stage(tmp_path):
     # the exported best student, loaded by transformers, answered a held-out problem
     assert report["best"] in rows and os.path.isfile(out / "export" / "config.json")
     assert report["generated"] and report["generated"] in stdout
+    # the commands each stage prints are exact for this --out: the students' config they name resolves
+    # to this run's store, teacher and runs folder
+    command = re.search(r"\(python -m kd_jax\.train (--config \S+student\.yaml .*?)\)\n", stdout).group(1)
+    resolved = subprocess.run([sys.executable, "-m", "kd_jax.config", *command.split()], cwd=ROOT,
+                              capture_output=True, text=True, timeout=120)
+    assert resolved.returncode == 0, resolved.stderr
+    cfg = yaml.safe_load(resolved.stdout)
+    assert (cfg["data"]["store"], cfg["teacher"]["hf_path"], cfg["run"]["output_dir"]) == (
+        f"{out}/kd_store", f"{out}/teacher/hf", str(out))
     # a second run reuses every finished stage and prints the same table
     _demo(out, "--scale", "0.05", "--max-examples", "8")
     again = json.load(open(out / "demo_report.json"))

@@ -180,8 +180,9 @@ def test_samples_and_latency_through_the_command(eval_set, capsys):
     args = teacher_args(root) + [f"eval.data={path}", "eval.matcher=test_evaluate:always_true"]
     with pytest.raises(ConfigError, match="sampling_temperature > 0"):
         load_config(None, args + ["eval.samples=3"])
+    # The flags are config keys applied before the config is checked: pass_k=[3] needs the 3 samples.
     evaluate_main(["--model", "teacher", "--samples", "3", "--latency", "eval.sampling_temperature=0.7",
-                   *args, "eval.max_new_tokens=16"])  # 15 decode steps: a time above the noise
+                   *args, "eval.max_new_tokens=16", "eval.pass_k=[1,3]"])  # 15 decode steps: above the noise
     out = capsys.readouterr().out
     assert re.search(r"accuracy  100\.0% \[\d+\.\d, 100\.0\] \(n=3, 3 samples each\)", out), out
     with open(os.path.join(root, "runs", "kd", "eval_teacher.json")) as f:
@@ -194,3 +195,15 @@ def test_samples_and_latency_through_the_command(eval_set, capsys):
     assert report["generation_peak_bytes"] > 0
     assert report["generation_peak_source"] in ("memory_stats", "compiled memory analysis")
     assert "ttft_ms_b1" in out and "generation_peak_bytes" in out
+
+
+def test_eval_rows_without_a_reference_are_refused_not_scored(eval_set, tmp_path):
+    """A null or empty reference is not a problem to score ('None' would count as a wrong answer): the
+    rows are named, before any model is loaded."""
+    root, _ = eval_set
+    path = tmp_path / "holes.jsonl"
+    rows = [{"question": "What is 1 plus 1?", "answer": "2"}, {"question": "What is 2 plus 2?", "answer": None},
+            {"question": "What is 3 plus 3?", "answer": "  "}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ConfigError, match=r"row\(s\) 1, 2 have no reference answer in 'answer'"):
+        run(load_config(None, teacher_args(root) + [f"eval.data={path}"]), "teacher")

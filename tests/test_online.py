@@ -169,3 +169,33 @@ def test_schedules_and_layer_maps():
         load_config(None, ["loss.hidden.weight=0.5"])
     with pytest.raises(ConfigError, match="teacher.mode=online"):
         load_config(None, ["loss.online_top_k=8"])
+
+
+def test_online_teacher_with_another_tokenizer_than_the_store_is_refused(root):
+    """The student is random (no tokenizer of its own to compare), data.tokenizer names the store's
+    tokenizer, and the teacher folder carries another one: refused before any model is built."""
+    import shutil
+    other = f"{root}/other_teacher"
+    shutil.copytree(f"{root}/arith_teacher", other)
+    for name in os.listdir(other):
+        if "token" in name or name.endswith(".jinja"):
+            os.remove(os.path.join(other, name))
+    load_tokenizer(f"{root}/teacher").save_pretrained(other)  # tiny_kd's tokenizer: other merges
+    args = _online_args(root, "other_tokenizer") + [f"teacher.hf_path={other}",
+                                                   f"data.tokenizer={root}/arith_teacher"]
+    with pytest.raises(TeacherMismatchError, match=r"has another tokenizer .* than the one store .* tokenized"):
+        prepare(load_config(None, args))
+
+
+def test_online_top_k_above_the_student_vocabulary_is_one_line_before_the_step_compiles():
+    """K past the vocabulary would fail while tracing the loss (a 30-line traceback): refused with the sizes."""
+    from kd_jax.base.errors import KDJaxError
+    cfg = load_config(None, ["teacher.mode=online", "teacher.hf_path=t", "student.hf_path=s", "student.init=random",
+                             "loss.online_top_k=200"])
+    student, teacher = DecoderConfig(vocab_size=128), DecoderConfig(vocab_size=144)
+    with pytest.raises(KDJaxError) as err:
+        check_online_teacher(cfg, student, teacher)
+    assert str(err.value).startswith("loss.online_top_k=200 is more than the student's vocabulary of 128 tokens")
+    assert "\n" not in str(err.value)
+    check_online_teacher(load_config(None, ["teacher.mode=online", "teacher.hf_path=t", "student.init=random",
+                                            "loss.online_top_k=128"]), student, teacher)  # all of it is fine

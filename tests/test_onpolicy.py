@@ -178,7 +178,15 @@ def test_resume_after_sigkill_at_half_on_policy_is_bitwise_identical(root):
         r = train[s]
         assert 1 <= r["sampled_len"] <= 16 and 0 <= r["closed_think"] <= 1 and 0 <= r["ended_eos"] <= 1
         assert r["teacher_logprob_sampled"] < 0 and r["sample_tokens_per_s"] > 0 and 0 < r["sample_share"] < 1
+        assert 0 <= r["sample_truncated"] <= 1 and 0 <= r["sample_left_out"] <= 1
     assert "sampled_len" not in train[1]
+    # The step loss is derived from the loss with the step's own alpha: train.on_policy.alpha (1.0) on
+    # on-policy steps, loss.alpha (0.5) on the others; it is a mean of losses, so never negative.
+    for s, r in train.items():
+        alpha = 1.0 if r["on_policy"] else 0.5
+        assert r["step_loss"] >= 0, (s, r["step_loss"])
+        assert r["loss"] == pytest.approx(alpha * r["soft"] + (1 - alpha) * r["hard"] + 0.5 * r["step_loss"],
+                                          rel=1e-5)
 
     assert len(_losses(root, "killed")) < STEPS
     _run("kd_jax.train", _args(root, "killed"))

@@ -261,7 +261,7 @@ def weighted(tmp_path_factory):
     traces.write_text("".join(json.dumps(r) + "\n" for r in rows))
     path = str(root / "store")
     kw = {"data.tokenizer": teacher, "data.traces": str(traces), "data.store": path, "data.top_k": 0,
-          "loss.alpha": 0, "data.seq_len": 512, "data.curriculum_difficulty_field": "pass_rate",
+          "loss.alpha": 0, "data.seq_len": 512, "data.curriculum.difficulty_field": "pass_rate",
           "precompute.chunk_tokens": 256, "run.output_dir": str(root)}
     run(load_config(None, [f"{k}={v}" for k, v in kw.items()]), show_progress=False)
     return path, rows
@@ -332,7 +332,7 @@ def test_step_weights_reach_the_loss_coefficients(weighted):
 
 
 def test_curriculum_by_pass_rate(weighted, store_path, split):
-    """data.curriculum_difficulty_field=pass_rate: the first stage is the highest pass rates, so the
+    """data.curriculum.difficulty_field=pass_rate: the first stage is the highest pass rates, so the
     first batch packs only those; stages come in order of pass rate, each shuffled within."""
     path, rows = weighted
     train, _ = split
@@ -353,7 +353,7 @@ def test_curriculum_by_pass_rate(weighted, store_path, split):
     assert len(packed) >= 4 and packed <= set(ranked[:12])
     # The easiest sequences first: pass rates of the first batch are all above those left out of the head.
     assert pass_rate[list(packed)].min() >= pass_rate[ranked[12:]].max()
-    with pytest.raises(StoreError, match="curriculum_difficulty_field"):  # a store without difficulties
+    with pytest.raises(StoreError, match=r"curriculum\.difficulty_field"):  # a store without difficulties
         pipeline.train_examples(KDStore.open(store_path), train, cfg, global_batch_size=4, seed=0, steps=3)
     with pytest.raises(StoreError, match="easy = high"):  # the other direction than the store's
         pipeline.train_examples(KDStore.open(path), train, dataclasses.replace(cfg, curriculum=dataclasses.replace(cfg.curriculum, easy='low')), global_batch_size=4,

@@ -252,3 +252,80 @@ def test_launch_script(tmp_path):
     out.write_text('{"index": 0}\n{"index": 1}\n{"ind')  # killed mid-line: resumes after the last whole one
     assert launch.rows_written(str(out)) == 2 and out.read_text().endswith("}\n")
     assert launch.rows_written(str(tmp_path / "none.jsonl")) == 0
+
+
+def _corrupted(built, tmp_path, name, index, t, change):
+    """A served file whose row `index` has map t changed by `change(entry) -> entry`; the refusal
+    (one line naming the file, its line index + 1 and position t) and that the chunk holding that
+    position was not written as complete."""
+    def edit(i, ids, entries):
+        if i == index:
+            entries[t] = change(dict(entries[t]))
+    served = write_served(tmp_path / f"{name}.jsonl", built.seqs, built.logps, K + PAD, edit=edit)
+    store = str(tmp_path / f"store_{name}")
+    message = _refused(built, tmp_path, served, f"position {t}:", store=store)
+    assert message.startswith(f"{served}:{index + 1}: position {t}: ") and "\n" not in message, message
+    opened = KDStore.open(store)
+    chunk = (int(opened.offsets[index]) + t) // opened.meta.chunk_tokens
+    assert not opened.done_chunks()[chunk] and not opened.complete
+    return message
+
+
+def _best(entry):
+    return max(entry, key=lambda i: entry[i].logprob)
+
+
+def test_probabilities_instead_of_logprobs_refused(built, tmp_path):
+    """exp(log-prob) stored as they are read 3.24 instead of 0.50 in the soft loss: refused."""
+    message = _corrupted(built, tmp_path, "probs", 3, 1, lambda e: {i: float(np.exp(v.logprob)) for i, v in e.items()})
+    assert "above 0" in message and "probabilities" in message
+    # log-probs <= 0 whose probabilities add up past 1 (not one distribution) are refused too
+    message = _corrupted(built, tmp_path, "mass", 4, 2, lambda e: {i: float(np.log(0.5)) for i in e})
+    assert "sum to " in message and "above 1" in message
+
+
+def test_nan_logprob_refused(built, tmp_path):
+    """A NaN top-1 was dropped (the teacher's best id lost) under the padded-vocabulary warning: refused."""
+    def change(entry):
+        entry[_best(entry)] = float("nan")
+        return entry
+    message = _corrupted(built, tmp_path, "nan", 5, 7, change)
+    assert "nan" in message.lower() and "finite" in message
+
+
+def test_out_of_vocab_id_refused(built, tmp_path):
+    """An id past the teacher's (padded) vocabulary was dropped as padding: refused, naming it; ids
+    in the padded range alone are dropped (test_padded_ids_dropped_rows_kept_as_served)."""
+    far = 10 ** 6
+
+    def change(entry):
+        entry[far] = entry.pop(_best(entry))
+        return entry
+    message = _corrupted(built, tmp_path, "oov", 2, 4, change)
+    assert f"id {far}" in message and f"[0, {len(built.tokenizer) + PAD})" in message
+
+
+def test_refused_import_closes_its_progress_bar(built, tmp_path, monkeypatch):
+    """The error is printed on a line of its own: the bar is closed before the exception leaves run_import."""
+    from kd_jax.core import precompute as module
+    bars = []
+
+    class Bar:
+        def __init__(self, **kwargs):
+            self.closed, self.n = False, 0
+            bars.append(self)
+
+        def update(self, n=1):
+            self.n += n
+
+        def set_postfix(self, *args, **kwargs):
+            pass
+
+        def close(self):
+            self.closed = True
+
+    monkeypatch.setattr(module, "progress_bar", Bar)
+
+    served = write_served(tmp_path / "bar.jsonl", built.seqs, built.logps, K - 1)
+    _refused(built, tmp_path, served, "fewer than data.top_k")
+    assert len(bars) == 1 and bars[0].closed

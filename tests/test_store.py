@@ -220,7 +220,7 @@ def test_optional_arrays_are_verified(tmp_path):
 
 def test_rerun_with_a_step_scorer_names_the_change(built):
     with pytest.raises(StoreError, match=r"data\.step_scorer None -> 'tiny_kd:step_length@[0-9a-f]{12}'"):
-        precompute(overrides(built, **{"data.step_scorer": "tiny_kd:step_length"}), show_progress=False)
+        precompute(overrides(built, **{"data.steps.scorer": "tiny_kd:step_length"}), show_progress=False)
     assert KDStore.open(str(built / "store")).complete
 
 
@@ -235,3 +235,29 @@ def test_a_tokens_only_store_refuses_an_alpha_scheduled_to_rise():
     assert rising.loss.soft
     with pytest.raises(StoreError, match=r"loss.alpha=0.0 scheduled to 0.5 has no soft targets"):
         usable_sequences(store, rising)
+
+
+@pytest.mark.parametrize("url", ["s3://bucket/x", "http://host/x", "https://host/x", "ftp://host/x"])
+def test_an_unsupported_store_url_is_refused_at_config_load(url):
+    """TensorStore would wait forever on s3:// or http:// here; the config says which stores work instead."""
+    from kd_jax.base.schema import ConfigError
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [f"data.store={url}"])
+    message = str(err.value)
+    assert message.startswith(f"data: store={url!r}") and "gs://" in message and "memory://" in message
+    assert "\n" not in message
+    for fine in ("runs/store", "/abs/store", "file:///tmp/store", "gs://bucket/store", "memory://store"):
+        assert load_config(None, [f"data.store={fine}"]).data.store == fine
+
+
+def test_an_unreachable_store_fails_in_bounded_time_naming_its_url(monkeypatch):
+    """gs:// with no network (or no credentials) must not block: StoreError with the URL after the bound."""
+    import time
+
+    from kd_jax.data import store as store_module
+    monkeypatch.setattr(store_module, "OPEN_TIMEOUT_S", 2.0)
+    for call in (KDStore.exists, KDStore.open):
+        start = time.monotonic()
+        with pytest.raises(StoreError, match=r"KD store gs://kd-jax-unreachable-test/x/ did not answer within 2 s"):
+            call("gs://kd-jax-unreachable-test/x")
+        assert time.monotonic() - start < 30

@@ -332,3 +332,152 @@ def test_bench_generate_beside_transformers(teacher, tmp_path):
         assert result[side]["tokens_per_s"] > 0 and len(result[side]["times_s"]) == 1
     assert result["ratio"] == pytest.approx(result["kd_jax"]["tokens_per_s"] / result["transformers"]["tokens_per_s"])
     assert result["rows_identical"] == 2  # fp32 greedy on both sides: the same tokens
+
+
+# ---------------------------------------------------------------- checks before any model is loaded
+
+
+def _no_model(monkeypatch):
+    """Loading a model or tokenizer fails the test: the checks must come first."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model or tokenizer was loaded before the checks")
+    monkeypatch.setattr(tracegen, "build_model", refuse)
+    monkeypatch.setattr(tracegen, "load_tokenizer", refuse)
+
+
+def _text(path: str) -> str:
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
+
+def _one_line_error(args, capsys) -> str:
+    from kd_jax.generate import main
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 1 and len(err.splitlines()) == 1 and err.startswith("error: "), err
+    return err
+
+
+def test_out_folders_generate_did_not_write_are_refused_untouched(teacher, tmp_path, monkeypatch, capsys):
+    _no_model(monkeypatch)
+    mine = tmp_path / "mine"  # a user's folder: a report and traces of their own
+    (mine / "traces").mkdir(parents=True)
+    (mine / "report.json").write_text('{"mine": 1}')
+    (mine / "traces" / "mine.jsonl").write_text('{"prompt": "p", "reasoning": "r", "answer": "a"}\n')
+    other = tmp_path / "other"  # a settings.json generate did not write
+    other.mkdir()
+    (other / "settings.json").write_text('{"lr": 0.1}')
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    folder = tmp_path / "prompts"  # a folder of prompts, read recursively
+    folder.mkdir()
+    (folder / "p.jsonl").write_text(_text(teacher[1]))
+    holder = tmp_path / "holder"  # the prompts inside the output folder
+    holder.mkdir()
+    (holder / "p.jsonl").write_text(_text(teacher[1]))
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    for prompts, out, fragment in (
+            (teacher[1], mine, (r"generate.out='.*mine' is not empty \(2 entries, e.g. 'report.json'\) and is not a "
+                                r"generate output \(no settings.json\).*new or empty folder")),
+            (teacher[1], other, r"holds a settings.json that generate did not write"),
+            (teacher[1], a_file, r"generate.out='.*a_file' is a file; set generate.out to a folder"),
+            (folder, folder / "gen", (r"generate.out=.* is inside generate.prompts=.*read its own traces back as "
+                                      r"prompts; set generate.out to a folder outside the prompts folder")),
+            (holder / "p.jsonl", holder, r"generate.prompts=.* is inside generate.out=.*read its own output")):
+        err = _one_line_error(overrides(teacher[0], str(prompts), str(out)), capsys)
+        assert re.search(fragment, err), err
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+    assert not (folder / "gen").exists()
+    # an empty folder, or one a run killed while claiming it left, is claimed
+    for leftover in ((), ("traces", "done")):
+        empty = tmp_path / f"empty{len(leftover)}"
+        for sub in ("", *leftover):
+            (empty / sub).mkdir(exist_ok=True)
+        tracegen._claim_output(str(empty), {"prompts_sha256": "x"})
+        assert json.loads((empty / "settings.json").read_text()) == {"prompts_sha256": "x"}
+
+
+def test_changed_teacher_weights_are_refused(teacher, tmp_path, monkeypatch):
+    folder = str(tmp_path / "teacher")
+    transformers.AutoTokenizer.from_pretrained(teacher[0]).save_pretrained(folder)
+    model = transformers.AutoModelForCausalLM.from_pretrained(teacher[0])
+    model.save_pretrained(folder)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"What is {i} plus 1?", "answer": "x"}) + "\n" for i in range(3)))
+    out = str(tmp_path / "out")
+    cfg = load_config(None, overrides(folder, str(prompts), out))
+    monkeypatch.setattr(tracegen, "generate", _scripted_generate(
+        transformers.AutoTokenizer.from_pretrained(folder), cfg.generate.seed))
+    tracegen.tracegen(cfg, show_progress=False)
+    tracegen.tracegen(cfg, show_progress=False)  # the same weights resume
+    # another checkpoint of the same architecture (same safetensors headers and sizes) in the same folder
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    model.save_pretrained(folder)
+    with pytest.raises(tracegen.GenerateError, match=r"holds traces made with other settings \(teacher.weights: "
+                                                     r"the teacher's weights at teacher.hf_path=.* changed"):
+        tracegen.tracegen(cfg, show_progress=False)
+    # an output written before the weights were recorded still resumes
+    with open(os.path.join(out, "settings.json")) as f:
+        settings = json.load(f)
+    settings.pop("teacher.weights", None)
+    with open(os.path.join(out, "settings.json"), "w") as f:
+        json.dump(settings, f)
+    tracegen.tracegen(cfg, show_progress=False)
+
+
+def test_bad_prompt_rows_are_all_reported_before_any_model_is_loaded(teacher, tmp_path, monkeypatch, capsys):
+    _no_model(monkeypatch)
+    rows = [{"prompt": "a", "answer": "1"}, {"prompt": "b", "answer": None}, {"prompt": "c", "answer": "  "},
+            {"prompt": None, "answer": "3"}, {"prompt": "e", "answer": "4"}, {"prompt": "f", "answer": ""}]
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out"
+    err = _one_line_error(overrides(teacher[0], str(prompts), str(out)), capsys)
+    assert re.search(r"generate.prompts='.*prompts.jsonl' \(rows counted from 0\): row 3 has no prompt in 'prompt' "
+                     r"\(generate.prompt_field.*\); rows 1, 2, 5 have no reference answer in 'answer' "
+                     r"\(generate.reference_field\); fill them or drop the rows, or set generate.reference_field=null",
+                     err), err
+    assert not out.exists()  # nothing claimed, nothing sampled
+
+
+def test_an_error_while_sampling_starts_its_own_line(teacher, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(tracegen, "build_model", lambda *a, **k: None)
+
+    def fail(*args, **kwargs):
+        raise tracegen.GenerateError("the teacher failed")
+    monkeypatch.setattr(tracegen, "generate", fail)
+    from kd_jax.generate import main
+    with pytest.raises(SystemExit):
+        main(overrides(*teacher, str(tmp_path / "out")))  # with its progress bar
+    err = capsys.readouterr().err
+    assert "teacher samples" in err and "error: the teacher failed\n" in err, err
+    assert any(line.startswith("error: the teacher failed") for line in err.split("\n")), repr(err)
+
+
+def test_an_empty_prompts_file_says_it_is_empty(teacher, tmp_path, monkeypatch, capsys):
+    _no_model(monkeypatch)
+    empty = tmp_path / "prompts.jsonl"
+    empty.write_text("")
+    err = _one_line_error(overrides(teacher[0], str(empty), str(tmp_path / "out")), capsys)
+    assert err == (f"error: {empty} is empty (generate.prompts={str(empty)!r}); fill it or point generate.prompts "
+                   f"elsewhere"), err
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "a.jsonl").write_text(_text(teacher[1]))
+    (folder / "b.jsonl").write_text("\n")
+    err = _one_line_error(overrides(teacher[0], str(folder), str(tmp_path / "out")), capsys)
+    assert re.search(r"b.jsonl is empty \(generate.prompts=.*\); remove it from the folder or fill it", err), err
+
+
+def test_config_errors_come_before_any_model_is_loaded(teacher, tmp_path, monkeypatch, capsys):
+    _no_model(monkeypatch)
+    for extra, fragment in (({"eval.matcher": "no_such_module:match"}, r"eval.matcher='no_such_module:match'"),
+                            ({"teacher.hf_path": str(tmp_path / "no_teacher"), "data.tokenizer": teacher[0]},
+                             r"no_teacher.* is not a local folder")):
+        err = _one_line_error(overrides(teacher[0], teacher[1], str(tmp_path / "out"), **extra), capsys)
+        assert re.search(fragment, err), err
+    assert not (tmp_path / "out").exists()

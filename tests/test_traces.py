@@ -245,8 +245,8 @@ def test_load_errors(tmp_path):
     with pytest.raises(TraceError) as error:
         load_traces(DataConfig(traces=str(jsonl), format=TraceFormat(reasoning_field='thoughts')))
     assert "'thoughts'" in str(error.value) and "prompt, reasoning, answer" in str(error.value)
-    assert "data.reasoning_field" in str(error.value)
-    with pytest.raises(TraceError, match="data.messages_field"):
+    assert "data.format.reasoning_field" in str(error.value)
+    with pytest.raises(TraceError, match="data.format.messages_field"):
         load_traces(DataConfig(traces=str(jsonl), format=TraceFormat(kind='messages')))
     (tmp_path / "empty").mkdir()
     with pytest.raises(TraceError, match="no \\*.jsonl"):
@@ -324,10 +324,10 @@ def test_wrong_field_names_name_the_data_key(tmp_path):
     jsonl = tmp_path / "sharegpt.jsonl"
     jsonl.write_text("".join(json.dumps(row) + "\n" for row in rows))
     one_line_error(lambda: load_traces(DataConfig(traces=str(jsonl), format=TraceFormat(kind='sharegpt', conversations_field='turns'))),
-                   "'turns'", "data.conversations_field")
+                   "'turns'", "data.format.conversations_field")
     # ShareGPT turns read as messages: the error names the format to set.
     cfg = DataConfig(traces=str(jsonl), format=TraceFormat(kind='messages', messages_field='conversations'))
-    one_line_error(lambda: encode_traces(load_traces(cfg), None, cfg), "trace row 0", "data.format=sharegpt")
+    one_line_error(lambda: encode_traces(load_traces(cfg), None, cfg), "trace row 0", "data.format.kind=sharegpt")
 
 
 def test_chat_row_without_assistant_turn_names_the_row(tokenizer):
@@ -407,7 +407,7 @@ def test_step_scorer(tokenizer, tmp_path):
     cfg = dataclasses.replace(cfg, traces=write_jsonl(tmp_path / "t.jsonl", rows))
     assert tokenization_inputs(cfg, load_traces(cfg))["data.step_scorer"].startswith(f"{__name__}:score_step@")
     one_line_error(lambda: encode_traces(datasets.Dataset.from_list(rows), tokenizer,
-                                         DataConfig(steps=StepsConfig(scorer='no_such_module:f'))), "data.step_scorer")
+                                         DataConfig(steps=StepsConfig(scorer='no_such_module:f'))), "data.steps.scorer")
 
 
 def test_difficulty_from_pass_rate(tokenizer):
@@ -421,7 +421,7 @@ def test_difficulty_from_pass_rate(tokenizer):
     assert stored_extras([example])["difficulty"].tolist() == [0.25]
     one_line_error(lambda: encode_traces(datasets.Dataset.from_list(rows), tokenizer,
                                          DataConfig(curriculum=CurriculumConfig(difficulty_field='level'))),
-                   "'level'", "data.curriculum_difficulty_field")
+                   "'level'", "data.curriculum.difficulty_field")
 
 
 def write_jsonl(path, rows) -> str:

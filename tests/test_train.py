@@ -3,6 +3,7 @@ transformers, exact resume after SIGKILL and SIGTERM, gradient accumulation, pac
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
@@ -297,3 +298,23 @@ def test_precompute_bad_traces_is_one_line_exit_1(root):
     out = proc.communicate(timeout=120)[0].decode()
     assert proc.returncode == 1 and "Traceback" not in out, out[-2000:]
     assert out.strip().splitlines()[-1].startswith("error: ") and "missing.jsonl" in out.strip().splitlines()[-1]
+
+
+def test_extending_a_run_with_a_loss_schedule_is_refused(tmp_path):
+    """A run trained 2 steps with alpha linear to 0.1 and resumed with train.steps=4 would log alpha 0.5,
+    0.1, 0.233, 0.1 (the schedule re-stretched over steps already taken): refused, the saved config kept.
+    Without a loss schedule, extending a run stays allowed."""
+    from kd_jax.core.runs import check_and_save_config
+    base = [f"run.output_dir={tmp_path}", "run.name=r", "train.steps=2"]
+    scheduled_cfg = load_config(None, base + ["loss.alpha_schedule.kind=linear", "loss.alpha_schedule.end=0.1"])
+    check_and_save_config(scheduled_cfg)
+    os.makedirs(os.path.join(scheduled_cfg.checkpoint_dir, "2"))  # a checkpoint at step 2
+    saved = open(tmp_path / "r" / "config.yaml").read()
+    longer = dataclasses.replace(scheduled_cfg, train=dataclasses.replace(scheduled_cfg.train, steps=4))
+    with pytest.raises(RunDirError, match=r"train.steps=2 with loss.alpha_schedule .* keep train.steps=2"):
+        check_and_save_config(longer)
+    assert open(tmp_path / "r" / "config.yaml").read() == saved
+    plain = load_config(None, [f"run.output_dir={tmp_path}", "run.name=p", "train.steps=2"])
+    check_and_save_config(plain)
+    os.makedirs(os.path.join(plain.checkpoint_dir, "2"))
+    check_and_save_config(dataclasses.replace(plain, train=dataclasses.replace(plain.train, steps=4)))

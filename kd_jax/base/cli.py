@@ -5,6 +5,7 @@ for the commands that compile, the dry-run flags) into a `Config`, and kd_jax's 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 
@@ -29,10 +30,12 @@ def parse_args(argv: list[str] | None = None, description: str = "kd_jax") -> Co
 
 
 def parse_command(argv: list[str] | None = None, description: str = "kd_jax", *, dry_run: bool = False,
-                  add_arguments=None) -> tuple[Config, argparse.Namespace]:
+                  add_arguments=None, flag_keys: dict[str, str] | None = None) -> tuple[Config, argparse.Namespace]:
     """`parse_args` plus the parsed flags: `--debug` (a traceback instead of the one-line error,
     kd_jax.base.errors.reported), with dry_run=True `--dry-run`, `--no-compile` and `--max-seq-len`
-    (kd_jax/core/dryrun.py; it implies --dry-run), and whatever `add_arguments(parser)` adds."""
+    (kd_jax/core/dryrun.py; it implies --dry-run), and whatever `add_arguments(parser)` adds.
+    `flag_keys` maps a flag's dest to the config key it sets (`{"samples": "eval.samples"}`): a flag
+    given is one more override, applied last, so the config is checked with it."""
     setup_logging()
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", help="YAML config file; configs/base.yaml lists every key")
@@ -52,8 +55,10 @@ def parse_command(argv: list[str] | None = None, description: str = "kd_jax", *,
     args = parser.parse_intermixed_args(argv)
     if getattr(args, "max_seq_len", False):
         args.dry_run = True
+    flagged = [f"{key}={json.dumps(getattr(args, dest))}" for dest, key in (flag_keys or {}).items()
+               if getattr(args, dest, None) is not None]
     try:
-        return load_config(args.config, args.overrides), args
+        return load_config(args.config, [*args.overrides, *flagged]), args
     except ConfigError as e:
         if args.debug:
             raise

@@ -20,8 +20,59 @@ from kd_jax.base.schema import Config, ConfigError
 log = logging.getLogger("kd_jax.config")
 
 
+# Bounds on what one config file or override value may hold: a config is a few hundred values, so these
+# only stop a hostile or broken file (an alias bomb, a value that contains itself) before it expands.
+MAX_FILE_BYTES = 1 << 20  # 1 MiB
+MAX_VALUES = 100_000  # values (mapping keys included) once every alias is expanded
+MAX_DEPTH = 100  # levels of nested mappings / lists
+
+
+class _Refused(yaml.YAMLError):
+    """A YAML document beyond the bounds above; its message is one line, said before anything expands."""
+
+
 class _Loader(yaml.SafeLoader):
-    """SafeLoader that also reads `1e-4` as a float; plain PyYAML (YAML 1.1) wants `1.0e-4`."""
+    """SafeLoader that also reads `1e-4` as a float (plain PyYAML, YAML 1.1, wants `1.0e-4`), and refuses
+    recursive aliases, alias bombs and deep nesting while composing: before any value is built."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self._open_anchors: set[str] = set()  # anchors of the nodes being composed (an alias to one is a loop)
+        self._depth = 0
+        self._sizes: dict[int, int] = {}  # id(node) -> values in it once its aliases are expanded
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        line = event.start_mark.line + 1
+        if isinstance(event, yaml.AliasEvent):
+            if event.anchor in self._open_anchors:
+                raise _Refused(f"alias *{event.anchor} (line {line}) sits inside the value &{event.anchor} it names, "
+                               f"a structure that contains itself; write the value out instead of the alias")
+            return super().compose_node(parent, index)
+        self._depth += 1
+        if self._depth > MAX_DEPTH:
+            raise _Refused(f"values are nested more than {MAX_DEPTH} levels deep (line {line}); a config needs a few "
+                           f"levels: flatten it")
+        anchor = event.anchor
+        if anchor is not None:
+            self._open_anchors.add(anchor)
+        try:
+            node = super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+            self._open_anchors.discard(anchor)
+        # Children are composed (and sized) before their parent, aliased ones included: one sum per node.
+        if isinstance(node, yaml.SequenceNode):
+            size = 1 + sum(self._sizes[id(child)] for child in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            size = 1 + sum(self._sizes[id(k)] + self._sizes[id(v)] for k, v in node.value)
+        else:
+            size = 1
+        if size > MAX_VALUES:
+            raise _Refused(f"its aliases (*name) expand to more than {MAX_VALUES} values (line {line}), an alias "
+                           f"bomb; a config needs few aliases: write the values out")
+        self._sizes[id(node)] = size
+        return node
 
 
 _Loader.add_implicit_resolver(
@@ -142,6 +193,8 @@ def apply_overrides(data: dict, overrides: typing.Iterable[str], source: str = "
             raise ConfigError(f"override {override!r} is not dotted.key=value; write e.g. train.steps=10")
         try:
             value = yaml.load(raw, Loader=_Loader)
+        except _Refused as e:
+            raise ConfigError(f"override {override!r}: {e}") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"override {override!r}: the value is not valid YAML ({e}); quote it if it is text") from None
         parts = _new_key(parts, value, source)
@@ -233,11 +286,18 @@ def load_config(path: str | None, overrides: typing.Iterable[str] = ()) -> Confi
     if path is not None:
         if not os.path.isfile(path):
             raise ConfigError(f"config file {path!r} not found; pass an existing YAML file (see configs/base.yaml)")
+        size = os.path.getsize(path)
+        if size > MAX_FILE_BYTES:
+            raise ConfigError(f"config file {path!r} is {size} bytes, over the 1 MiB a config may be; pass the "
+                              f"YAML config itself (see configs/base.yaml), not data")
         with open(path) as f:
             try:
                 data = yaml.load(f, Loader=_Loader)
+            except _Refused as e:
+                raise ConfigError(f"config file {path!r}: {e}") from None
             except yaml.YAMLError as e:
-                raise ConfigError(f"config file {path!r} is not valid YAML: {e}") from None
+                where = " ".join(str(e).split())  # PyYAML's message spans lines; an error is one
+                raise ConfigError(f"config file {path!r} is not valid YAML: {where}") from None
         if data is None:  # an empty file means all defaults
             data = {}
         if not isinstance(data, dict):

@@ -41,6 +41,9 @@ TEACHER_MODES = ("offline", "online")  # where the teacher's distribution comes 
 SCHEDULES = ("constant", "linear", "cosine")  # shapes of a loss weight's path over training (kd_jax.core.step)
 HIDDEN_DISTANCES = ("mse", "cosine")  # intermediate-layer alignment distances (kd_jax.core.losses)
 KEEP = ("all", "correct", "first_correct", "shortest_correct")  # which teacher samples become traces (kd_jax.core.tracegen)
+# URL schemes a KD store (data.store) can live at: TensorStore kvstores kd_jax reads and writes (a plain path is
+# file://). TensorStore's s3:// and http(s):// (read-only) are not among them: untested here, they wait on the network.
+STORE_SCHEMES = ("file", "gs", "memory")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -222,6 +225,11 @@ class DataConfig:
         _check(self.streams >= 0, f"streams={self.streams} must be >= 0 (0 = one stream per process)")
         _check(self.num_workers >= 0, f"num_workers={self.num_workers} must be >= 0 (0 = the main process)")
         _check(self.shuffle_seed >= 0, f"shuffle_seed={self.shuffle_seed} must be >= 0")
+        scheme = self.store.split("://", 1)[0] if self.store and "://" in self.store else None
+        _check(scheme is None or scheme in STORE_SCHEMES,
+               f"store={self.store!r}: a KD store is a local folder, file://, gs:// or memory:// URL; {scheme}:// is "
+               f"not supported (TensorStore's http is read-only, s3 is untested here): copy the store to a local "
+               f"folder or a gs:// bucket")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -249,6 +257,9 @@ class ScheduleConfig:
         _check_choice("kind", self.kind, SCHEDULES)
         _check(self.kind == "constant" or self.end is not None,
                f"kind={self.kind!r} needs end: the value at the last step (or kind='constant')")
+        _check(self.kind != "constant" or self.end is None,
+               f"end={self.end} is ignored by kind='constant' (the value never moves); set kind=linear or cosine "
+               f"to move to it, or drop end")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -260,6 +271,9 @@ class HiddenConfig:
 
     def __post_init__(self):
         _check(self.weight >= 0.0, f"weight={self.weight} must be >= 0 (0 = no hidden alignment)")
+        end = self.weight_schedule.end
+        _check(end is None or end >= 0.0, f"weight_schedule.end={end} must be >= 0 (a loss weight; 0 = alignment "
+                                          f"off by the last step)")
         _check_choice("distance", self.distance, HIDDEN_DISTANCES)
         pairs = self.layers or {}
         _check(all(isinstance(k, int) and isinstance(v, int) and k >= 0 and v >= 0 for k, v in pairs.items()),
@@ -516,6 +530,11 @@ class Config:
                               f"that no store holds: the teacher must grade them in the train step; set "
                               f"teacher.mode=online (or train.on_policy.fraction=0)")
         if self.train.on_policy.on:
+            new = self.train.on_policy.max_new_tokens
+            _check(new < self.data.seq_len,
+                   f"train.on_policy.max_new_tokens={new} leaves no room for a prompt in data.seq_len="
+                   f"{self.data.seq_len} (the prompt plus the completion must fit one packed row); lower it or "
+                   f"raise data.seq_len")
             pps = self.train.on_policy.prompts_per_step or self.train.global_batch_size
             _check(pps % self.train.global_batch_size == 0,
                    f"train.on_policy.prompts_per_step={pps} must be a multiple of train.global_batch_size="

@@ -82,6 +82,12 @@ def data_problems(eval_cfg: EvalConfig, tokenizer, max_examples: int | None = No
                                 error=ConfigError)
     if max_examples is not None:
         dataset = dataset.select(range(min(max_examples, len(dataset))))
+    missing = [i for i, value in enumerate(dataset[eval_cfg.answer_field]) if value is None or not str(value).strip()]
+    if missing:
+        rows = ", ".join(map(str, missing[:5])) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise ConfigError(f"eval.data={eval_cfg.data}: row(s) {rows} have no reference answer in "
+                          f"{eval_cfg.answer_field!r} (eval.answer_field; null or empty), so they could only be "
+                          f"scored wrong; fill them in or drop those rows")
     out = []
     for i, row in enumerate(dataset):
         messages = tables.prompt_messages(row[eval_cfg.question_field], i, "eval.question_field", ConfigError)
@@ -251,19 +257,13 @@ def load_for_eval(cfg: Config, which: str, mesh, *, untrained: bool = False):
 
 
 def evaluate(cfg: Config, which: str = "student", max_examples: int | None = None, *,
-             untrained: bool = False, samples: int | None = None, latency: bool | None = None) -> dict:
+             untrained: bool = False) -> dict:
     """Task accuracy (and step accuracy, latency when configured), held-out KD losses and cost of
     the student (or teacher) of `cfg`; also written to <run_dir>/eval_<which>.json. The problems
     are `eval.data`'s when it is set, else the store's held-out split; `max_examples` caps them.
     The KD losses need the store: they are computed on its held-out split whenever `data.store` is
     set (with `eval.data` too: they are the model's distance to the teacher, not a task score) and
-    skipped otherwise. `samples` / `latency` override eval.samples / eval.latency (the flags)."""
-    overrides = {k: v for k, v in (("samples", samples), ("latency", latency)) if v is not None}
-    if overrides:
-        try:
-            cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, **overrides))
-        except ConfigError as e:
-            raise ConfigError(f"eval: {e}") from None
+    skipped otherwise."""
     tokenizer = load_tokenizer(cfg.tokenizer)
     store = KDStore.open(cfg.data.store) if cfg.data.store else None
     eval_idx = None

@@ -27,7 +27,7 @@ from kd_jax.core.metrics import Logger
 from kd_jax.core.onpolicy import Sampled
 from kd_jax.core.prepare import prepare
 from kd_jax.core.runs import RunLock, check_and_save_config
-from kd_jax.core.step import hyper_at, loss_metrics, trainable
+from kd_jax.core.step import hyper_at, loss_metrics, scheduled, trainable
 from kd_jax.models import num_params
 
 log = logging.getLogger("kd_jax.train")
@@ -116,7 +116,8 @@ class _SampleWindow:
         return sum(s.seconds for s in self.sampled)
 
     def summary(self, elapsed: float) -> dict[str, float]:
-        """Mean sampled length, shares that closed `</think>` / ended with EOS, the teacher's mean
+        """Mean sampled length, shares that closed `</think>` / ended with EOS (the rest hit max_new_tokens) /
+        were cut to data.seq_len / were left out of the batch, the teacher's mean
         log-probability of the sampled tokens, sampling tokens/s and its share of the wall time."""
         if not self.sampled:
             return {}
@@ -126,6 +127,7 @@ class _SampleWindow:
         return {"sampled_len": sampled_tokens / n, "closed_think": sum(s.closed for s in self.sampled) / n,
                 "ended_eos": sum(s.ended for s in self.sampled) / n,
                 "sample_left_out": sum(s.samples - s.packed for s in self.sampled) / n,
+                "sample_truncated": sum(s.truncated for s in self.sampled) / n,
                 "teacher_logprob_sampled": -nll / max(count, 1.0),
                 "sample_tokens_per_s": sampled_tokens / max(self.seconds, 1e-9),
                 "sample_share": self.seconds / max(elapsed, 1e-9)}
@@ -158,8 +160,7 @@ def _loop(cfg: Config, ckpt: Checkpointer) -> dict[str, float]:
             log.info("online teacher: %s, %.2fM parameters in %s; hidden alignment pairs %s",
                      run.teacher.cfg.model_type, num_params(run.teacher) / 1e6, run.teacher.cfg.param_dtype,
                      list(steps.objective.pairs) or "none")
-    scheduled = [k for k, sched in (("alpha", cfg.loss.alpha_schedule), ("temperature", cfg.loss.temperature_schedule),
-                                    ("hidden_weight", cfg.loss.hidden.weight_schedule)) if sched.kind != "constant"]
+    moving = list(scheduled(cfg.loss))  # logged beside the losses
     preemption = Preemption()
     progress = bar(total=cfg.train.steps, initial=start, disable=not logger.on, desc="train", unit="step")
     tokens, t0, last = 0, time.perf_counter(), {}
@@ -177,12 +178,12 @@ def _loop(cfg: Config, ckpt: Checkpointer) -> dict[str, float]:
     try:
         with jax.set_mesh(mesh):
             while step < cfg.train.steps:
-                hyper = hyper_at(run.schedules, step)
+                hyper = step_hyper = hyper_at(run.schedules, step)
                 if policy is not None and policy.due(step):
                     sampler_params = teacher_params if policy.cfg.source == "teacher" else state["params"]
                     batch, sampled = policy.next_batch(sampler_params)
-                    state, metrics = policy.steps.train(state, to_global(batch, mesh),
-                                                        dict(hyper, alpha=policy.cfg.alpha), teacher_params)
+                    step_hyper = dict(hyper, alpha=policy.cfg.alpha)  # the soft weight of on-policy steps
+                    state, metrics = policy.steps.train(state, to_global(batch, mesh), step_hyper, teacher_params)
                     window.add(sampled, metrics)
                 else:
                     batch = next(data_iter)
@@ -198,11 +199,11 @@ def _loop(cfg: Config, ckpt: Checkpointer) -> dict[str, float]:
                     m = jax.device_get(metrics)
                     elapsed = time.perf_counter() - t0
                     train_s = max(elapsed - window.seconds, 1e-9)  # sampling is not training time
-                    last = loss_metrics({k: float(v) for k, v in m.items()}, cfg.loss, hyper)
+                    last = loss_metrics({k: float(v) for k, v in m.items()}, cfg.loss, step_hyper)
                     last.update(grad_norm=float(m["grad_norm"]), skipped=float(m["skipped"]),
                                 lr=float(spec.schedule(step - 1)), tokens_per_s=tokens / train_s,
                                 mfu=flops.mfu(student.cfg, cfg.data.seq_len, tokens / train_s),
-                                **{k: hyper[k] for k in scheduled})
+                                **{k: hyper[k] for k in moving})
                     if policy is not None:
                         last.update(on_policy=float(policy.due(step - 1)), **window.summary(elapsed))
                     logger.write(step, "train", last)

@@ -135,13 +135,25 @@ def _place(buf: np.ndarray, rows: np.ndarray, start: int, lo: int, hi: int) -> N
     buf[a - lo:b - lo] = rows[a - start:b - start]
 
 
-def _write_window(store: KDStore, window, lo: int, ids_buf, lp_buf, progress: "Progress", bar) -> None:
+def _write_window(store: KDStore, window, lo: int, ids_buf, lp_buf, progress: "Progress") -> None:
     C, meta = store.meta.chunk_tokens, store.meta
     for c in window:
         a, b = c * C, min((c + 1) * C, meta.num_tokens)
         store.write_chunk(c, ids_buf[a - lo:b - lo], lp_buf[a - lo:b - lo].astype(_np_dtype(meta.logprob_dtype)))
         progress.chunks += 1
-        bar.update(b - a)
+
+
+def _counted(in_window: np.ndarray, lo: int, hi: int):
+    """start, end of a sequence -> its tokens in the window's unfinished chunks: what the bar counts
+    (each such token belongs to one sequence, so a window's sequences add up to its share of the total)."""
+    cum = np.concatenate([[0], np.cumsum(in_window, dtype=np.int64)])
+    return lambda start, end: int(cum[min(max(end, lo), hi) - lo] - cum[min(max(start, lo), hi) - lo])
+
+
+def _bar(store: KDStore, process: int, processes: int, show: bool, desc: str):
+    """Tokens of this process's unfinished chunks, advanced as they are computed, with tokens/s."""
+    return progress_bar(total=_todo_tokens(store, process, processes), unit="tok", unit_scale=True,
+                        disable=not show, desc=desc)
 
 
 def run_teacher(store: KDStore, model, mesh, pre_cfg, *, process: int = 0, processes: int = 1,
@@ -152,33 +164,35 @@ def run_teacher(store: KDStore, model, mesh, pre_cfg, *, process: int = 0, proce
     batch_sharding = sharding.batch_sharding(mesh, 2)
     multiple = sharding.logical_size(mesh, "batch")
     progress = Progress()
-    bar = progress_bar(total=_todo_tokens(store, process, processes), unit="tok", disable=not show_progress,
-                       desc=f"teacher top-{K}")
+    bar = _bar(store, process, processes, show_progress, f"teacher top-{K}")
     t0 = time.perf_counter()
     lengths = np.diff(offsets)
-    for window, lo, hi, _, seqs, first, last in _windows(store, process, processes, pre_cfg.window_chunks):
-        ids_buf = np.full((hi - lo, K), -1, np.int32)
-        lp_buf = np.zeros((hi - lo, K), np.float32)
-        order = np.array(sorted(seqs, key=lambda s: (lengths[s], s)), dtype=np.int64)
-        base = int(offsets[first])  # one read of every token the window's sequences hold
-        window_tokens = store.read_range("tokens", base, int(offsets[last]))
-        for length, batch, rows in _batches(lengths, order, pre_cfg.bucket, pre_cfg.batch_tokens, multiple):
-            tokens = np.zeros((rows, length), np.int32)
-            for r, s in enumerate(batch):
-                tokens[r, :lengths[s]] = window_tokens[offsets[s] - base:offsets[s + 1] - base]
-            with jax.set_mesh(mesh):
-                ids, lps = _topk_jit(model, jax.device_put(tokens, batch_sharding), k=K, vocab_size=meta.vocab_size,
-                              logits_chunk=min(pre_cfg.logits_chunk, length))
-            ids, lps = np.asarray(ids), np.asarray(lps)
-            for r, s in enumerate(batch):
-                start, n = int(offsets[s]), int(lengths[s])
-                # target alignment: the prediction made at position t is token t+1's row
-                _place(ids_buf, np.concatenate([np.full((1, K), -1, np.int32), ids[r, :n - 1]]), start, lo, hi)
-                _place(lp_buf, np.concatenate([np.zeros((1, K), np.float32), lps[r, :n - 1]]), start, lo, hi)
-                progress.tokens += n
-        _write_window(store, window, lo, ids_buf, lp_buf, progress, bar)
-        bar.set_postfix(tok_s=f"{progress.tokens / (time.perf_counter() - t0):.0f}")
-    bar.close()
+    try:  # the bar ends its line before an error is printed
+        for window, lo, hi, in_window, seqs, first, last in _windows(store, process, processes, pre_cfg.window_chunks):
+            counted = _counted(in_window, lo, hi)
+            ids_buf = np.full((hi - lo, K), -1, np.int32)
+            lp_buf = np.zeros((hi - lo, K), np.float32)
+            order = np.array(sorted(seqs, key=lambda s: (lengths[s], s)), dtype=np.int64)
+            base = int(offsets[first])  # one read of every token the window's sequences hold
+            window_tokens = store.read_range("tokens", base, int(offsets[last]))
+            for length, batch, rows in _batches(lengths, order, pre_cfg.bucket, pre_cfg.batch_tokens, multiple):
+                tokens = np.zeros((rows, length), np.int32)
+                for r, s in enumerate(batch):
+                    tokens[r, :lengths[s]] = window_tokens[offsets[s] - base:offsets[s + 1] - base]
+                with jax.set_mesh(mesh):
+                    ids, lps = _topk_jit(model, jax.device_put(tokens, batch_sharding), k=K, vocab_size=meta.vocab_size,
+                                  logits_chunk=min(pre_cfg.logits_chunk, length))
+                ids, lps = np.asarray(ids), np.asarray(lps)
+                for r, s in enumerate(batch):
+                    start, n = int(offsets[s]), int(lengths[s])
+                    # target alignment: the prediction made at position t is token t+1's row
+                    _place(ids_buf, np.concatenate([np.full((1, K), -1, np.int32), ids[r, :n - 1]]), start, lo, hi)
+                    _place(lp_buf, np.concatenate([np.zeros((1, K), np.float32), lps[r, :n - 1]]), start, lo, hi)
+                    progress.tokens += n
+                bar.update(sum(counted(int(offsets[s]), int(offsets[s + 1])) for s in batch))  # per batch, not window
+            _write_window(store, window, lo, ids_buf, lp_buf, progress)
+    finally:
+        bar.close()
     progress.seconds = time.perf_counter() - t0
     return progress
 
@@ -196,33 +210,38 @@ def run_import(store: KDStore, source: ServedLogprobs, tokenizer, pre_cfg, *, pr
             f"(launch/vllm_prompt_logprobs.py --config ...), one row per sequence")
     K = meta.k
     progress = Progress()
-    bar = progress_bar(total=_todo_tokens(store, process, processes), unit="tok", disable=not show_progress,
-                       desc=f"import top-{K}")
-    t0, short = time.perf_counter(), 0
-    for window, lo, hi, in_window, seqs, first, last in _windows(store, process, processes, pre_cfg.window_chunks):
-        ids_buf = np.full((hi - lo, K), -1, np.int32)
-        lp_buf = np.zeros((hi - lo, K), np.float32)
-        inexact_buf = np.zeros(hi - lo, bool)
-        base = int(offsets[first])
-        window_tokens = store.read_range("tokens", base, int(offsets[last]))
-        for s in seqs:
-            start, end = int(offsets[s]), int(offsets[s + 1])
-            row, where = source.row(s)
-            served.check_row(row, where, s, window_tokens[start - base:end - base], tokenizer)
-            ids, lps, inexact = served.topk_rows(row["prompt_logprobs"], K, meta.vocab_size, where)
-            _place(ids_buf, ids, start, lo, hi)
-            _place(lp_buf, lps, start, lo, hi)
-            _place(inexact_buf, inexact, start, lo, hi)
-            progress.tokens += end - start
-        short += int(inexact_buf[in_window].sum())  # each position once, in the chunk written
-        _write_window(store, window, lo, ids_buf, lp_buf, progress, bar)
-        bar.set_postfix(tok_s=f"{progress.tokens / (time.perf_counter() - t0):.0f}")
-    bar.close()
+    bar = _bar(store, process, processes, show_progress, f"import top-{K}")
+    t0 = time.perf_counter()
+    short = 0
+    try:  # the bar ends its line before an error (a refused row) is printed
+        for window, lo, hi, in_window, seqs, first, last in _windows(store, process, processes, pre_cfg.window_chunks):
+            counted = _counted(in_window, lo, hi)
+            ids_buf = np.full((hi - lo, K), -1, np.int32)
+            lp_buf = np.zeros((hi - lo, K), np.float32)
+            inexact_buf = np.zeros(hi - lo, bool)
+            base = int(offsets[first])
+            window_tokens = store.read_range("tokens", base, int(offsets[last]))
+            for s in seqs:
+                start, end = int(offsets[s]), int(offsets[s + 1])
+                row, where = source.row(s)
+                served.check_row(row, where, s, window_tokens[start - base:end - base], tokenizer)
+                ids, lps, inexact = served.topk_rows(row["prompt_logprobs"], K, meta.vocab_size, where,
+                                                     teacher_vocab=meta.teacher_vocab_size)
+                _place(ids_buf, ids, start, lo, hi)
+                _place(lp_buf, lps, start, lo, hi)
+                _place(inexact_buf, inexact, start, lo, hi)
+                progress.tokens += end - start
+                bar.update(counted(start, end))
+            short += int(inexact_buf[in_window].sum())  # each position once, in the chunk written
+            _write_window(store, window, lo, ids_buf, lp_buf, progress)
+    finally:
+        bar.close()
     if short:
         log.warning("%d positions had fewer than %d ids below the store's vocab size %d among the server's top ones "
-                    "(a padded teacher vocabulary's ids ranked high and were dropped): those rows keep what was served "
-                    "(the actual token, then id -1, which the loss ignores); ask the server for more per position "
-                    "(launch/vllm_prompt_logprobs.py --extra N) for exact rows", short, K, meta.vocab_size)
+                    "(a padded teacher vocabulary's ids, %d to %d, ranked high and were dropped): those rows keep what "
+                    "was served (the actual token, then id -1, which the loss ignores); ask the server for more per "
+                    "position (launch/vllm_prompt_logprobs.py --extra N) for exact rows", short, K, meta.vocab_size,
+                    meta.vocab_size, meta.teacher_vocab_size - 1)
     progress.seconds = time.perf_counter() - t0
     return progress
 

@@ -71,6 +71,10 @@ def check_online_teacher(cfg: Config, student_cfg, teacher_cfg) -> None:
             f"online teacher {cfg.teacher.hf_path or 'random'} has {teacher_cfg.vocab_size} output rows, fewer than "
             f"the student {cfg.student.hf_path or 'random'}'s {student_cfg.vocab_size}: the two vocabularies "
             f"differ; pick a teacher and student of one tokenizer family")
+    if cfg.loss.online_top_k > student_cfg.vocab_size:  # else lax.top_k fails while the step traces
+        raise TeacherMismatchError(
+            f"loss.online_top_k={cfg.loss.online_top_k} is more than the student's vocabulary of "
+            f"{student_cfg.vocab_size} tokens; set it to at most {student_cfg.vocab_size} (0 = the full vocabulary)")
     if cfg.student.init == "hf" and cfg.teacher.init == "hf":
         fingerprints = {role: tokenizer_fingerprint(load_tokenizer(src.hf_path))
                         for role, src in (("teacher", cfg.teacher), ("student", cfg.student))}
@@ -83,6 +87,22 @@ def check_online_teacher(cfg: Config, student_cfg, teacher_cfg) -> None:
         log.warning("teacher vocab %d is padded past the student's %d: ids >= %d are left out of the soft loss "
                     "(the student cannot emit them)", teacher_cfg.vocab_size, student_cfg.vocab_size,
                     student_cfg.vocab_size)
+
+
+def check_teacher_reads_the_store(store: KDStore, cfg: Config) -> None:
+    """An online teacher grades the store's token ids: its tokenizer must be the one the store was
+    tokenized with, whatever the student is (random, cut from the teacher or pretrained). A random
+    teacher has no tokenizer: its vocabulary size is all there is to check (check_online_teacher)."""
+    built = store.meta.tokenizer_fingerprint
+    if cfg.teacher.init != "hf" or not built:  # a version-1 store records no fingerprint
+        return
+    teacher = tokenizer_fingerprint(load_tokenizer(cfg.teacher.hf_path, cfg.teacher.revision))
+    if teacher != built:
+        raise TeacherMismatchError(
+            f"online teacher {cfg.teacher.hf_path} has another tokenizer (fingerprint {teacher[:12]}) than the one "
+            f"store {store.path} was tokenized with ({store.meta.tokenizer!r}, {built[:12]}): it would grade "
+            f"other tokens; set data.tokenizer to the teacher's (and rebuild the store), or pick a teacher of "
+            f"that tokenizer")
 
 
 @dataclasses.dataclass
@@ -116,6 +136,8 @@ def prepare(cfg: Config) -> Run:
     mesh = sharding.mesh_from_config(cfg.mesh)
     store = KDStore.open(cfg.data.store)
     online = cfg.teacher.mode == "online"
+    if online:
+        check_teacher_reads_the_store(store, cfg)  # before any model is built
     needs_teacher = online or cfg.student.init == "teacher_layers"
     teacher = build_model(cfg.teacher, mesh=mesh, seed=cfg.run.seed) if needs_teacher else None
     student = build_model(cfg.student, mesh=mesh, seed=cfg.run.seed, teacher=teacher)

@@ -24,6 +24,7 @@ from kd_jax.base.loader import load_config, save_config, to_dict
 from kd_jax.base.schema import Config, ConfigError
 from kd_jax.core.checkpoint import Checkpointer, CheckpointError
 from kd_jax.core.state import restore_params
+from kd_jax.core.step import scheduled
 from kd_jax.models.hf import check_export_folder, load_tokenizer, save_hf
 from kd_jax.models.source import source_config
 
@@ -84,6 +85,15 @@ def check_and_save_config(cfg: Config) -> None:
             diff = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
             raise RunDirError(f"{cfg.run_dir} was trained with another config and its checkpoints do not fit this "
                               f"one ({diff}); resume with the saved config ({path}), or pick a new run.name")
+        # A loss schedule runs from its start value at step 0 to its end at train.steps: another
+        # train.steps would re-stretch the part already trained (alpha 0.1 at the end of 2 steps would be
+        # 0.5 again at step 3 of 4). The learning rate's decay may move its end (a resumable change).
+        if old.train.steps != cfg.train.steps and scheduled(cfg.loss):
+            keys = ", ".join(scheduled(cfg.loss).values())
+            raise RunDirError(f"{cfg.run_dir} was trained for train.steps={old.train.steps} with {keys} running to "
+                              f"its end over those steps; train.steps={cfg.train.steps} would re-stretch it over "
+                              f"the steps already taken; keep train.steps={old.train.steps}, or start a new run "
+                              f"(e.g. from an export of this one) with the schedule you want")
     save_config(cfg)
 
 

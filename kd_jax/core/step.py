@@ -84,6 +84,14 @@ def loss_schedules(loss_cfg: LossConfig, steps: int) -> dict[str, optax.Schedule
             "hidden_weight": _scheduled(loss_cfg.hidden.weight, loss_cfg.hidden.weight_schedule, steps)}
 
 
+def scheduled(loss_cfg: LossConfig) -> dict[str, str]:
+    """{loss value: its schedule's config key} for the values that move over training (kind != constant)."""
+    sections = (("alpha", "loss.alpha_schedule", loss_cfg.alpha_schedule),
+                ("temperature", "loss.temperature_schedule", loss_cfg.temperature_schedule),
+                ("hidden_weight", "loss.hidden.weight_schedule", loss_cfg.hidden.weight_schedule))
+    return {name: key for name, key, sched in sections if sched.kind != "constant"}
+
+
 def hyper_at(schedules: dict[str, optax.Schedule], step: int) -> dict[str, float]:
     """The scheduled loss values of optimizer step `step` (0-based), as Python floats: the step
     takes them as traced fp32 scalars, so a schedule never recompiles."""

@@ -18,8 +18,10 @@ the correct ones, the first correct one, or the one with the shortest reasoning.
                               `sample`, `index` (the prompt's row) and `reference`; a shard whose
                               samples were all dropped has no file
     done/00000                the shard's completion mark: its counts as JSON, written after it
-    settings.json             what the output depends on; a rerun with other settings is refused
-                              (but for generate.batch_size and bucket: see _RESUMABLE_WITH_CHANGES)
+    settings.json             what the output depends on (the teacher's weights by fingerprint too);
+                              a rerun with other settings is refused (but for generate.batch_size and
+                              bucket: see _RESUMABLE_WITH_CHANGES), and so is a folder that holds
+                              files but no settings.json (not a generate output)
     report.json               prompts, pass rates, pass@k, kept and dropped counts, tokens/s
 
 so `python -m kd_jax.precompute ... data.traces=<out>/traces` reads the traces unchanged (the
@@ -59,7 +61,14 @@ from kd_jax.core.grading import matcher, pass_at_k, row_keys
 from kd_jax.data import tables
 from kd_jax.data.traces import render_prompt
 from kd_jax.models import build_model
-from kd_jax.models.hf import load_tokenizer, source_eos_ids
+from kd_jax.models.hf import (
+    config_from_hf,
+    load_tokenizer,
+    read_hf_config,
+    resolve_path,
+    source_eos_ids,
+    weights_fingerprint,
+)
 from kd_jax.models.sampling import generate
 
 log = logging.getLogger("kd_jax.core.tracegen")
@@ -96,6 +105,43 @@ def _reference(value, index: int, field: str) -> str:
         raise GenerateError(f"prompt row {index} has no reference answer in {field!r} (generate.reference_field); "
                             f"fill it, drop the row, or set generate.reference_field=null (keep: all)")
     return str(value).strip()
+
+
+def check_rows(gen: GenerateConfig, dataset) -> None:
+    """Every row's prompt (text or role/content turns) and, with generate.reference_field set, its
+    reference answer (not null, not blank), before any model is loaded: a bad row met when its shard
+    is reached would cost the shards sampled before it (the fixed file then changes prompts_sha256)."""
+    bad: dict[str, list[int]] = {"prompt": [], "reference": []}
+    fields = [f for f in (gen.prompt_field, gen.reference_field) if f]
+    offset = 0
+    for batch in dataset.select_columns(fields).iter(batch_size=4096):
+        for i, value in enumerate(batch[gen.prompt_field]):
+            try:
+                prompt_messages(value, offset + i)
+                usable = not (isinstance(value, str) and not value.strip())
+            except GenerateError:
+                usable = False
+            if not usable:
+                bad["prompt"].append(offset + i)
+        for i, value in enumerate(batch[gen.reference_field] if gen.reference_field else ()):
+            if value is None or (isinstance(value, str) and not value.strip()):
+                bad["reference"].append(offset + i)
+        offset += len(batch[gen.prompt_field])
+
+    def rows(indices: list[int]) -> str:
+        shown = ", ".join(map(str, indices[:8])) + (f", ... ({len(indices)} in all)" if len(indices) > 8 else "")
+        return f"{'row' if len(indices) == 1 else 'rows'} {shown} {'has' if len(indices) == 1 else 'have'}"
+    problems = []
+    if bad["prompt"]:
+        problems.append(f"{rows(bad['prompt'])} no prompt in "
+                        f"{gen.prompt_field!r} (generate.prompt_field: text or a list of role/content turns)")
+    if bad["reference"]:
+        problems.append(f"{rows(bad['reference'])} no reference answer in "
+                        f"{gen.reference_field!r} (generate.reference_field)")
+    if problems:
+        raise GenerateError(f"generate.prompts={gen.prompts!r} (rows counted from 0): " + "; ".join(problems)
+                            + "; fill them or drop the rows" + (
+            ", or set generate.reference_field=null (keep: all)" if bad["reference"] else "") + "; nothing was sampled")
 
 
 # ---------------------------------------------------------------- one sample
@@ -281,8 +327,8 @@ _RESUMABLE_WITH_CHANGES = ("out", "batch_size", "bucket")
 
 def settings(cfg: Config, dataset) -> dict:
     """Everything the written traces depend on, as dotted keys: the generate section (but `out`
-    and the batching), the teacher and tokenizer, the matcher and think tags, the output field
-    names and the prompts' content (sha256). The process count is not among them: it does not
+    and the batching), the teacher (and its weights' fingerprint) and tokenizer, the matcher and think
+    tags, the output field names and the prompts' content (sha256). The process count is not among them: it does not
     change the output."""
     digest = hashlib.sha256()
     fields = [f for f in (cfg.generate.prompt_field, cfg.generate.reference_field) if f]
@@ -293,27 +339,92 @@ def settings(cfg: Config, dataset) -> dict:
     if cfg.teacher.init == "random":
         out["run.seed"] = cfg.run.seed
     out.update({"tokenizer": cfg.tokenizer, "eval.matcher": cfg.eval.matcher, "prompts_sha256": digest.hexdigest()})
-    out.update({f"data.{k}": getattr(cfg.data, k)
+    out.update({f"data.{k}": getattr(cfg.data.format, k)  # the keys as before data.* moved into data.format
                 for k in ("think_open", "think_close", "prompt_field", "reasoning_field", "answer_field")})
+    if cfg.teacher.init == "hf":
+        out[_WEIGHTS] = teacher_weights(cfg.teacher)
     return json.loads(json.dumps(out))  # as it reads back from the file
+
+
+_WEIGHTS = "teacher.weights"  # not in settings written before it was recorded: such an output still resumes
+
+
+def teacher_weights(teacher) -> str:
+    """What identifies an init=hf teacher's weights: a local folder's models.hf.weights_fingerprint
+    (sizes, safetensors headers and sampled bytes; cheap), or a hub id's snapshot commit (its config
+    files only are fetched here)."""
+    if os.path.isdir(teacher.hf_path):
+        return "sha256:" + weights_fingerprint(teacher.hf_path)
+    return "hub commit " + os.path.basename(resolve_path(teacher.hf_path, teacher.revision, weights=False))
 
 
 def _claim_output(out: str, current: dict) -> None:
     """Writes settings.json into a new output folder, or checks that an existing one was made
     with the same settings (process 0)."""
     path = os.path.join(out, SETTINGS)
-    if os.path.exists(path):
-        with open(path) as f:
-            before = json.load(f)
-        changes = [f"{k}: {before.get(k)!r} -> {current.get(k)!r}" for k in sorted(set(before) | set(current))
-                   if before.get(k) != current.get(k)]
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise GenerateError(f"generate.out={out!r} is a file; set generate.out to a folder (a new one, or an "
+                            f"earlier generate output to resume)")
+    before = None
+    if os.path.isfile(path):
+        try:
+            with open(path) as f:
+                before = json.load(f)
+        except (OSError, ValueError):
+            before = None
+        if not (isinstance(before, dict) and "prompts_sha256" in before):
+            raise GenerateError(f"generate.out={out!r} holds a {SETTINGS} that generate did not write: it is not a "
+                                f"generate output; set generate.out to a new or empty folder")
+    if before is not None:
+        if _WEIGHTS not in before:  # written before the weights were recorded
+            before[_WEIGHTS] = current.get(_WEIGHTS)
+        changes = [f"{k}: {before.get(k)!r} -> {current.get(k)!r}" if k != _WEIGHTS else
+                   f"{_WEIGHTS}: the teacher's weights at teacher.hf_path={current.get('teacher.hf_path')!r} changed "
+                   f"({str(before.get(k))[:19]} -> {str(current.get(k))[:19]})"
+                   for k in sorted(set(before) | set(current)) if before.get(k) != current.get(k)]
         if changes:
             raise GenerateError(f"generate.out={out!r} holds traces made with other settings ({'; '.join(changes)}); "
                                 f"set generate.out to a new folder, or delete it to start over")
         return
+    held = _held(out)
+    if held:
+        raise GenerateError(f"generate.out={out!r} is not empty ({len(held)} entries, e.g. {held[0]!r}) and is not a "
+                            f"generate output (no {SETTINGS}); generate would write beside and over what it holds: "
+                            f"set generate.out to a new or empty folder")
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:  # a file on the way (NotADirectoryError, FileExistsError), no permission
+        raise GenerateError(f"cannot create generate.out={out!r} ({type(e).__name__}: {e.strerror or e}); set "
+                            f"generate.out to a folder that can be created") from None
+    _write_atomic(path, json.dumps(current, indent=2, sort_keys=True))  # first: the folder is now a generate output
     for sub in (TRACES, DONE):
         os.makedirs(os.path.join(out, sub), exist_ok=True)
-    _write_atomic(path, json.dumps(current, indent=2, sort_keys=True))
+
+
+def _held(out: str) -> list[str]:
+    """What a folder without settings holds, but what a run killed while claiming it left: the
+    settings' temporary file and empty traces/ and done/ folders."""
+    if not os.path.isdir(out):
+        return []
+    leftover = {"." + SETTINGS + ".tmp"}
+    return sorted(n for n in os.listdir(out) if n not in leftover and not (
+        n in (TRACES, DONE) and os.path.isdir(os.path.join(out, n)) and not os.listdir(os.path.join(out, n))))
+
+
+def check_paths(gen: GenerateConfig) -> None:
+    """generate.out neither inside a prompts folder (read recursively: the traces written would be
+    read back as prompts) nor holding the prompts (writing could replace them)."""
+    if not gen.prompts or not os.path.exists(gen.prompts):
+        return  # a hub dataset id (or a missing path, which load_prompts reports)
+    out, prompts = os.path.realpath(gen.out), os.path.realpath(gen.prompts)
+    if os.path.isdir(prompts) and os.path.commonpath([out, prompts]) == prompts:
+        raise GenerateError(f"generate.out={gen.out!r} is inside generate.prompts={gen.prompts!r}, a folder read "
+                            f"recursively: generate would read its own traces back as prompts; set generate.out to a "
+                            f"folder outside the prompts folder")
+    if os.path.commonpath([out, prompts]) == out:
+        raise GenerateError(f"generate.prompts={gen.prompts!r} is inside generate.out={gen.out!r}: generate would read "
+                            f"its own output as prompts (and could write over them); move the prompts out of "
+                            f"generate.out, or set generate.out to another folder")
 
 
 def pass_summary(marks: list[dict], samples_per_prompt: int, verified: bool) -> dict:
@@ -347,6 +458,21 @@ def format_trace_report(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _check_teacher(cfg: Config) -> None:
+    """The teacher section, read without its weights: init=hf names a folder or hub id whose config.json
+    kd_jax supports, init=random an architecture it supports."""
+    src = cfg.teacher
+    if src.init == "hf":
+        if not src.hf_path:
+            raise GenerateError("teacher.hf_path is not set: the teacher's Hugging Face folder or hub id (or "
+                                "teacher.init=random with teacher.architecture)")
+        config_from_hf(read_hf_config(resolve_path(src.hf_path, src.revision, weights=False)))
+    elif src.init == "random":
+        if not src.architecture:
+            raise GenerateError("teacher.init=random needs teacher.architecture: an HF config.json-style dict")
+        config_from_hf(src.architecture)
+
+
 def tracegen(cfg: Config, *, show_progress: bool = True) -> dict:
     """Sample, judge and write every shard of `generate.prompts` that has no completion mark yet
     (this process's share), then (process 0) the report; returns it (process 0; {} elsewhere)."""
@@ -354,23 +480,32 @@ def tracegen(cfg: Config, *, show_progress: bool = True) -> dict:
     if not gen.out:
         raise GenerateError("generate.out is not set: the folder to write the traces to")
     process, processes = jax.process_index(), jax.process_count()
+    # Everything the config and the prompts alone can tell, before a model or tokenizer is loaded.
+    check_paths(gen)
+    _check_teacher(cfg)
+    matcher(cfg.eval.matcher)
     dataset = load_prompts(gen)
+    check_rows(gen, dataset)
     distributed.on_process_0(lambda: _claim_output(gen.out, settings(cfg, dataset)))
     num_shards = -(-len(dataset) // gen.prompts_per_shard)
     todo = [s for s in range(process, num_shards, processes) if not os.path.exists(mark_path(gen.out, s))]
     if todo:
         tokenizer = load_tokenizer(cfg.tokenizer)
         eos = source_eos_ids(cfg.teacher, tokenizer)
+        first = todo[0] * gen.prompts_per_shard
+        render_prompt(tokenizer, prompt_messages(dataset[first][gen.prompt_field], first))  # the chat template
         mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=jax.local_devices())
         model = build_model(cfg.teacher, mesh=mesh, seed=cfg.run.seed)
         rows = sum(min((s + 1) * gen.prompts_per_shard, len(dataset)) - s * gen.prompts_per_shard for s in todo)
         bar = progress_bar(total=rows * gen.samples_per_prompt, unit="sample", desc="teacher samples",
                            disable=not (show_progress and process == 0))
-        tokens, t0 = 0, time.perf_counter()
-        for shard in todo:
-            tokens += run_shard(cfg, shard, model, dataset, tokenizer, eos, bar)["generated_tokens"]
-            bar.set_postfix(tok_s=f"{tokens / (time.perf_counter() - t0):.0f}")
-        bar.close()
+        try:  # closed before an error propagates: its message then starts a line of its own
+            tokens, t0 = 0, time.perf_counter()
+            for shard in todo:
+                tokens += run_shard(cfg, shard, model, dataset, tokenizer, eos, bar)["generated_tokens"]
+                bar.set_postfix(tok_s=f"{tokens / (time.perf_counter() - t0):.0f}")
+        finally:
+            bar.close()
     distributed.barrier("generate_shards_written")
 
     def report() -> dict:

@@ -22,7 +22,9 @@ A folder holds several such files (*.jsonl, *.parquet), read in sorted path orde
 of rows. Parquet files have the same three columns, `prompt_logprobs` a list of map<int|string,
 float> (null for position 0). Each position keeps the K largest log-probs among its ids below the
 store's vocabulary (a padded teacher vocabulary's ids are dropped, as precompute does); ties go to
-the smaller id, as jax.lax.top_k's do.
+the smaller id, as jax.lax.top_k's do. A file that is not log-probs is refused at its first bad
+position: an id outside the teacher's vocabulary, a log-prob that is not finite or is above 0
+(probabilities), or a position whose probabilities add up past 1.
 """
 
 from __future__ import annotations
@@ -48,6 +50,10 @@ _FIX_TOKENS = ("the server tokenized the text itself (another chat template or t
 
 class ServedLogprobsError(StoreError):
     """A served log-prob file that does not fit the store being built."""
+
+
+LOGPROB_TOLERANCE = 1e-6  # a served log-prob may round to just above 0
+MASS_TOLERANCE = 1e-3  # a position's probabilities may add up to just above 1 (fp16 rounding)
 
 
 def served_files(source: str) -> list[str]:
@@ -231,10 +237,47 @@ def _logprob(value) -> float:
     return getattr(value, "logprob", value)
 
 
-def topk_rows(entries: list, k: int, vocab_size: int, where: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _check_values(ids_E: np.ndarray, vals_E: np.ndarray, rows_E: np.ndarray, n: int, teacher_vocab: int,
+                  where: str) -> None:
+    """Every served entry is an id of the teacher's vocabulary with a finite log-prob <= 0, and each
+    position's probabilities add up to at most 1; else an error naming the file, line and position."""
+    nan, above = np.isnan(vals_E), ~(vals_E <= LOGPROB_TOLERANCE)  # above: > 0, +-inf, NaN
+    outside = (ids_E < 0) | (ids_E >= teacher_vocab)
+    bad = np.flatnonzero(outside | above | np.isneginf(vals_E))
+    if len(bad):
+        e = int(bad[0])
+        t, i, v = int(rows_E[e]) + 1, int(ids_E[e]), float(vals_E[e])
+        if outside[e]:
+            problem = (f"id {i} is outside the teacher's vocabulary [0, {teacher_vocab}) (teacher.hf_path's "
+                       f"config.json vocab_size, or the tokenizer's length without it): the file was written by "
+                       f"another model, or is corrupt; write it again with this config's teacher "
+                       f"(launch/vllm_prompt_logprobs.py), or set teacher.hf_path to the served model")
+        elif nan[e] or not np.isfinite(v):
+            problem = (f"log-prob {v} for id {i}: every log-prob must be finite and <= 0; the server's output is "
+                       f"broken there: score this sequence again (launch/vllm_prompt_logprobs.py)")
+        else:
+            problem = (f"log-prob {v:.6g} for id {i} is above 0 (probabilities in the file instead of log-probs?): "
+                       f"each value must be a log-prob <= 0, as vLLM's Logprob.logprob (write log(p), or the file "
+                       f"again with launch/vllm_prompt_logprobs.py)")
+        raise ServedLogprobsError(f"{where}: position {t}: {problem}")
+    mass = np.bincount(rows_E, weights=np.exp(vals_E), minlength=n - 1)
+    over = np.flatnonzero(mass > 1 + MASS_TOLERANCE)
+    if len(over):
+        t = int(over[0])
+        raise ServedLogprobsError(f"{where}: position {t + 1}: its probabilities sum to {mass[t]:.4g}, above 1: "
+                                  f"these are not one distribution's log-probs (unnormalized logits, a temperature, "
+                                  f"or probabilities?); write log_softmax values, as vLLM's Logprob.logprob "
+                                  f"(launch/vllm_prompt_logprobs.py)")
+
+
+def topk_rows(entries: list, k: int, vocab_size: int, where: str, *,
+              teacher_vocab: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One sequence's served maps -> its store rows: ids [n, k] int32 and log-probs [n, k] float32,
     row 0 the store's "no teacher" fill (ids -1, log-probs 0), row t the k largest log-probs of map t
-    over ids < vocab_size (ties to the smaller id). A map with fewer than k entries is an error.
+    over ids < vocab_size (ties to the smaller id). A map with fewer than k entries is an error; so
+    is an id outside [0, teacher_vocab), a log-prob that is not finite or is above 0, and a position
+    whose probabilities add up past 1 (`_check_values`). Ids in [vocab_size, teacher_vocab), a
+    padded teacher vocabulary's, are dropped.
 
     Also returns which positions [n] are not the teacher's exact top-k over those ids: a server asked
     for its top-P (P = the sequence's smallest map; a larger one adds the actual token) returns
@@ -264,12 +307,13 @@ def topk_rows(entries: list, k: int, vocab_size: int, where: str) -> tuple[np.nd
     except (TypeError, ValueError):
         vals_E = np.asarray([_logprob(v) for v in values], np.float64)
     rows_E = np.repeat(np.arange(n - 1), counts)
+    _check_values(ids_E, vals_E, rows_E, n, teacher_vocab, where)
     cols_E = np.arange(len(ids_E)) - np.repeat(np.cumsum(counts) - counts, counts)
     width = int(counts.max())
     ids_NxM = np.full((n - 1, width), np.iinfo(np.int64).max, np.int64)
     vals_NxM = np.full((n - 1, width), -np.inf)
     ids_NxM[rows_E, cols_E] = ids_E
-    vals_NxM[rows_E, cols_E] = np.where(np.isnan(vals_E), -np.inf, vals_E)
+    vals_NxM[rows_E, cols_E] = vals_E
     valid_NxM = (ids_NxM >= 0) & (ids_NxM < vocab_size) & np.isfinite(vals_NxM)
     # the served top-P as ranked: are k of them below vocab_size?
     ranked = np.lexsort((ids_NxM, -vals_NxM), axis=-1)[:, :int(counts.min())]

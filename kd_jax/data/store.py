@@ -61,6 +61,20 @@ class StoreError(KDJaxError, ValueError):
     """A KD store that cannot be used as asked, with what is wrong and what to do."""
 
 
+# Seconds a store has to answer when it is opened (the kvstore, kd_store.json, an array's metadata) before it
+# counts as unreachable: an unreachable gs:// bucket (no network, no credentials) would otherwise wait forever.
+OPEN_TIMEOUT_S = 60.0
+
+
+def _answered(future, url: str, what: str):
+    """`future.result()`, or a StoreError naming `url` when it has not answered within OPEN_TIMEOUT_S."""
+    try:
+        return future.result(timeout=OPEN_TIMEOUT_S)
+    except TimeoutError:
+        raise StoreError(f"KD store {url} did not answer within {OPEN_TIMEOUT_S:g} s ({what}); check the network and "
+                         f"credentials (gs://: `gcloud auth application-default login`) or use a local copy") from None
+
+
 @dataclasses.dataclass(frozen=True)
 class StoreMeta:
     """The contents of kd_store.json."""
@@ -226,11 +240,15 @@ class KDStore:
     @staticmethod
     def exists(path: str) -> bool:
         """Whether a store's creation finished at `path` (its kd_store.json is written last)."""
-        return ts.KvStore.open(kvstore_url(path)).result().read("kd_store.json").result().state == "value"
+        url = kvstore_url(path)
+        kv = _answered(ts.KvStore.open(url), url, "opening it")
+        return _answered(kv.read("kd_store.json"), url, "reading kd_store.json").state == "value"
 
     @classmethod
     def open(cls, path: str) -> "KDStore":
-        raw = ts.KvStore.open(kvstore_url(path)).result().read("kd_store.json").result()
+        url = kvstore_url(path)
+        raw = _answered(_answered(ts.KvStore.open(url), url, "opening it").read("kd_store.json"), url,
+                        "reading kd_store.json")
         if raw.state != "value":
             raise StoreError(f"no KD store at {path} (kd_store.json missing); build one with "
                              f"`python -m kd_jax.precompute --config X.yaml` and set data.store to it")
@@ -247,7 +265,7 @@ class KDStore:
         return store
 
     def _kv(self) -> ts.KvStore:
-        return ts.KvStore.open(self.url).result()
+        return _answered(ts.KvStore.open(self.url), self.url, "opening it")
 
     def _create(self, name, dtype, shape, chunk, fill=0) -> ts.TensorStore:
         itemsize = np.dtype("uint16" if dtype == "bfloat16" else dtype).itemsize
@@ -263,7 +281,8 @@ class KDStore:
         if self._pid != os.getpid():  # forked: handles from the parent must not be used
             self._arrays, self._pid = {}, os.getpid()
         if name not in self._arrays:
-            self._arrays[name] = ts.open({"driver": "zarr3", "kvstore": self.url + name + "/"}).result()
+            self._arrays[name] = _answered(ts.open({"driver": "zarr3", "kvstore": self.url + name + "/"}), self.url,
+                                           f"opening array {name!r}")
         return self._arrays[name]
 
     @property

@@ -50,6 +50,10 @@ def _load(source, fields, what, error, hints) -> datasets.Dataset:
         raise error(f"{what}={source!r} does not exist; check the path")
     else:
         files = None
+    for path in files or ():  # datasets fails on an empty JSON file with a bare StopIteration
+        if _is_empty(path):
+            fix = "remove it from the folder or fill it" if path != source else f"fill it or point {what} elsewhere"
+            raise error(f"{path} is empty ({what}={source!r}); {fix}")
     try:
         if files is None:
             dataset = datasets.load_dataset(source, split="train")
@@ -75,6 +79,17 @@ def _load(source, fields, what, error, hints) -> datasets.Dataset:
             raise error(f"{what} has no field {field!r}; available columns: {', '.join(dataset.column_names)}; "
                         f"set {key} to one of them{hints.get(key, '')}")
     return dataset
+
+
+def _is_empty(path: str) -> bool:
+    """No bytes, or (a small file) only whitespace."""
+    size = os.path.getsize(path)
+    if size == 0:
+        return True
+    if size > 1 << 16:
+        return False
+    with open(path, "rb") as f:
+        return not f.read().strip()
 
 
 def prompt_messages(value, index: int, key: str, error: type = TableError) -> list[dict]:

@@ -119,14 +119,18 @@ def tokenization_inputs(data_cfg: DataConfig, dataset: datasets.Dataset) -> dict
     and the data.* settings that read, filter, cut and label them (KD store identity)."""
     fields = {"r1": ("prompt_field", "reasoning_field", "answer_field"), "messages": ("messages_field",),
               "sharegpt": ("conversations_field",)}[data_cfg.format.kind]
-    keys = ("format", *fields, "think_open", "think_close", "answer_open", "answer_close", "step_separator",
-            "seq_len", "overlong", "min_reasoning_tokens", "max_reasoning_tokens")
-    inputs = {"traces": traces_fingerprint(data_cfg, dataset), **{f"data.{k}": getattr(data_cfg, k) for k in keys}}
+    # The identity keys keep the flat names the settings had when stores first recorded them
+    # (data.format, data.step_separator, data.overlong, ...), so a store written before they moved
+    # into sections (data.format.kind, data.steps.separator, data.filter.overlong) still matches.
+    fmt, steps, filt = data_cfg.format, data_cfg.steps, data_cfg.filter
+    values = {"format": fmt.kind, **{k: getattr(fmt, k) for k in fields}, "think_open": fmt.think_open,
+              "think_close": fmt.think_close, "answer_open": fmt.answer_open, "answer_close": fmt.answer_close,
+              "step_separator": steps.separator, "seq_len": data_cfg.seq_len, "overlong": filt.overlong,
+              "min_reasoning_tokens": filt.min_reasoning_tokens, "max_reasoning_tokens": filt.max_reasoning_tokens}
+    inputs = {"traces": traces_fingerprint(data_cfg, dataset), **{f"data.{k}": v for k, v in values.items()}}
     # The per-step weights and difficulties, recorded only when used, so that stores built without
     # them keep their identity: the traces' hash covers the values, these keys where they are read.
     if data_cfg.steps.weights_field and data_cfg.steps.weights_field in dataset.column_names:
-        # The identity keys keep the names the settings had when stores first recorded them (data.step_*,
-        # data.curriculum_*), so a store written before they moved into sections still matches.
         inputs["data.step_weights_field"] = data_cfg.steps.weights_field
     if data_cfg.steps.scorer:
         inputs["data.step_scorer"] = f"{data_cfg.steps.scorer}@{_source_hash(step_scorer(data_cfg.steps.scorer))}"

@@ -45,7 +45,7 @@ import time
 import transformers
 
 from kd_jax.base import sharding
-from kd_jax.base.loader import load_config
+from kd_jax.base.loader import load_config, to_dict
 from kd_jax.base.schema import Config
 from kd_jax.core import flops
 from kd_jax.core.checkpoint import Checkpointer
@@ -119,6 +119,24 @@ class Plan:
     gflop: dict[str, float]  # row name -> training compute of the whole row (its first half included)
     half: int  # the checkpoint a `continues` row starts from
     traces: Config  # kd_jax.generate's config for the teacher's traces
+    teacher_args: list[str]  # the overrides that put the teacher's paths under `out`
+    student_args: list[str]  # the overrides that put the students' paths under `out`
+
+    def command(self, module: str, which: str, *extra: str) -> str:
+        """`python -m kd_jax.<module>` on the demo config `which` (teacher or student) with the overrides
+        that differ from that file: exact for this `out` (and short for the default runs/demo)."""
+        path = os.path.join(CONFIGS, f"{which}.yaml")
+        file = to_dict(load_config(path))
+        args = [a for a in (self.teacher_args if which == "teacher" else self.student_args)
+                if _value(file, a.partition("=")[0]) != _value(to_dict(load_config(path, [a])), a.partition("=")[0])]
+        shown = os.path.relpath(path) if not os.path.relpath(path).startswith("..") else path
+        return " ".join([f"python -m kd_jax.{module} --config {shown}", *args, *extra])
+
+
+def _value(tree: dict, dotted: str):
+    for part in dotted.split("."):
+        tree = tree[part]
+    return tree
 
 
 def step_flops(cfg: Config, student_arch: dict, teacher_arch: dict) -> float:
@@ -155,8 +173,8 @@ def plan(out: str, scale: float, seed: int = 0, rows: tuple[str, ...] = DEFAULT_
         return max(4, round(load_config(cfg_file).train.steps * scale))
 
     teacher_file, student_file = os.path.join(CONFIGS, "teacher.yaml"), os.path.join(CONFIGS, "student.yaml")
-    teacher = load_config(teacher_file, paths + [f"data.store={out}/tokens_store",
-                                                 f"train.steps={steps(teacher_file)}"])
+    teacher_args = paths + [f"data.store={out}/tokens_store"]
+    teacher = load_config(teacher_file, teacher_args + [f"train.steps={steps(teacher_file)}"])
     student = [*paths, f"data.store={out}/kd_store", f"teacher.hf_path={out}/teacher/hf", "checkpoint.max_to_keep=4"]
     base = load_config(student_file, student)
     arch, teacher_arch = base.student.architecture, teacher.student.architecture
@@ -183,7 +201,7 @@ def plan(out: str, scale: float, seed: int = 0, rows: tuple[str, ...] = DEFAULT_
         "generate.samples_per_prompt=1", "generate.temperature=0", "generate.keep=correct",
         f"generate.max_new_tokens={base.eval.max_new_tokens}", "generate.batch_size=256", "generate.bucket=64",
         "generate.prompts_per_shard=1024"])
-    return Plan(out, teacher, base, students, gflop, half, traces)
+    return Plan(out, teacher, base, students, gflop, half, traces, teacher_args, student)
 
 
 def write_held_out(out: str, traces: str, n: int) -> str:
@@ -390,13 +408,13 @@ def run(out: str = "runs/demo", scale: float = 1.0, problems: int = PROBLEMS, ma
     held_out = write_held_out(data, p.teacher.data.traces, max_examples)
 
     _stage(2, "teacher: hard labels only, from scratch, then exported",
-           "python -m kd_jax.precompute --config kd_jax/demo/configs/teacher.yaml; "
-           "python -m kd_jax.train --config kd_jax/demo/configs/teacher.yaml; python -m kd_jax.export --run runs/demo/teacher")
+           f"{p.command('precompute', 'teacher')}; {p.command('train', 'teacher')}; "
+           f"python -m kd_jax.export --run {p.teacher.run_dir}")
     precompute(p.teacher, show_progress=False)
     teacher_s = _timed(os.path.join(p.teacher.run_dir, "demo_seconds.json"), lambda: train(p.teacher))
     export_run(p.teacher.run_dir, os.path.join(p.teacher.run_dir, "hf"), overwrite=True)
 
-    _stage(3, "precompute the teacher's top-16 log-probs", "python -m kd_jax.precompute --config kd_jax/demo/configs/student.yaml")
+    _stage(3, "precompute the teacher's top-16 log-probs", p.command("precompute", "student"))
     precompute(p.base, show_progress=False)
 
     seconds = {}
@@ -404,8 +422,8 @@ def run(out: str = "runs/demo", scale: float = 1.0, problems: int = PROBLEMS, ma
         hard = p.students["hard"]
         prompts = write_teacher_prompts(p.base, hard.train.steps)
         _stage(4, "the teacher writes a trace for each student training prompt, kept when its answer is right",
-               f"python -m kd_jax.generate --config kd_jax/demo/configs/student.yaml generate.prompts={prompts} "
-               f"generate.out={p.traces.generate.out} generate.samples_per_prompt=1 generate.temperature=0")
+               p.command("generate", "student", f"generate.prompts={prompts}", f"generate.out={p.traces.generate.out}",
+                         "generate.samples_per_prompt=1", "generate.temperature=0"))
         seconds["teacher traces"] = _timed(os.path.join(p.traces.generate.out, "demo_seconds.json"),
                                            lambda: tracegen(p.traces, show_progress=False))
         with open(os.path.join(p.traces.generate.out, "report.json")) as f:
@@ -422,8 +440,8 @@ def run(out: str = "runs/demo", scale: float = 1.0, problems: int = PROBLEMS, ma
     for i, (name, cfg) in enumerate(p.students.items()):
         row = ROWS[name]
         _stage(5, f"student {i + 1}/{len(p.students)}: {name} ({p.gflop[name]:,.0f} GFLOP)",
-               f"python -m kd_jax.train --config kd_jax/demo/configs/student.yaml {' '.join(row.overrides)} "
-               f"run.name={cfg.run.name} train.steps={cfg.train.steps}")
+               p.command("train", "student", *row.overrides, f"run.name={cfg.run.name}",
+                         f"train.steps={cfg.train.steps}"))
         if row.continues:
             parent = p.students[row.continues]
             start = os.path.join(parent.run_dir, f"hf-{p.half}")
@@ -433,8 +451,8 @@ def run(out: str = "runs/demo", scale: float = 1.0, problems: int = PROBLEMS, ma
             + seconds.get(name, 0.0)
 
     _stage(6, f"evaluate on {max_examples} fresh problems, and each student at every quarter of its training",
-           f"python -m kd_jax.evaluate --config kd_jax/demo/configs/student.yaml [--model teacher] eval.data={held_out} "
-           f"eval.step_checker=kd_jax.demo.arithmetic:check_steps")
+           p.command("evaluate", "student", "[--model teacher]", f"eval.data={held_out}",
+                     "eval.step_checker=kd_jax.demo.arithmetic:check_steps"))
     # Every model is scored against the same KD store (the teacher against its own top-16: KL ~ 0).
     table = [{**evaluate(_eval_config(_as_run(p.base, p.teacher.run.name), held_out, max_examples), "teacher",
                          max_examples),

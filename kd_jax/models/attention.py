@@ -60,6 +60,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from kd_jax.base.errors import KDJaxError
 from kd_jax.base.schema import ATTENTION
 
 IMPLEMENTATIONS = ATTENTION  # ("auto", "xla", "blockwise", "splash", "cudnn"), the config's choices
@@ -103,6 +104,26 @@ def attention_mask(q_segment_BxT: jax.Array, kv_segment_BxS: jax.Array, q_pos_Bx
     mask_BxTxS = _allowed(q_segment_BxT, kv_segment_BxS, q_pos_BxT, kv_pos_BxS, jnp.arange(T), jnp.arange(S),
                           window, T == S)
     return mask_BxTxS[:, None]
+
+
+class AttentionError(KDJaxError, ValueError):
+    """An attention implementation this machine cannot run (student.attention / teacher.attention)."""
+
+
+def _cannot_run(implementation: str, platform: str) -> AttentionError:
+    return AttentionError(f"attention {implementation!r} needs an NVIDIA GPU with cuDNN; on {platform} use auto, xla "
+                          f"or blockwise (student.attention / teacher.attention)")
+
+
+def check_runnable(implementation: str, platform: str | None = None) -> str:
+    """resolve(implementation, platform), refusing what cannot run there: "cudnn" off a GPU (cheap, for
+    model-build time; the forward says the same while tracing). "splash" runs anywhere (interpret
+    mode off TPU, slowly)."""
+    impl = resolve(implementation, platform)
+    platform = platform or jax.default_backend()
+    if impl == "cudnn" and platform != "gpu":
+        raise _cannot_run(impl, platform)
+    return impl
 
 
 def attention(q_BxTxNxH: jax.Array, k_BxSxKxH: jax.Array, v_BxSxKxH: jax.Array, *, q_segment_BxT: jax.Array,
@@ -414,5 +435,10 @@ def _cudnn(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, q_segment_BxT, kv_segment_BxS, q_pos
         mask = attention_mask(q_segment_BxT, kv_segment_BxS, q_pos_BxT, kv_pos_BxS, window)
         return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation="cudnn")
 
-    return jax.lax.cond(unpacked, one_segment, packed, q_BxTxNxH, k_BxSxKxH, v_BxSxKxH)
+    try:
+        return jax.lax.cond(unpacked, one_segment, packed, q_BxTxNxH, k_BxSxKxH, v_BxSxKxH)
+    except RuntimeError as e:  # jax's own words are one frame of a long trace; say what runs here instead
+        if "cuDNN is not detected" not in str(e):
+            raise
+        raise _cannot_run("cudnn", jax.default_backend()) from None
 

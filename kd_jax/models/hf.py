@@ -325,6 +325,39 @@ def resolve_path(path: str, revision: str | None = None, *, weights: bool = True
                             f"hub ({type(e).__name__}: {reason}); pass a local HF folder") from e
 
 
+def weights_fingerprint(folder: str) -> str:
+    """sha256 that changes when the weights of the local HF folder `folder` do, read cheaply (never a
+    whole file): model.safetensors.index.json's bytes when there is one, and for every *.safetensors
+    file its name, size and header (tensor names, dtypes, shapes and offsets: the first 8 bytes give the
+    header's length) plus 16 blocks of 4 KiB spread over its tensor data, so that another checkpoint of
+    the same architecture (same headers and sizes: a fine-tune) differs as well."""
+    import hashlib
+    digest = hashlib.sha256()
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index, "rb") as f:
+            digest.update(b"index\0" + f.read())
+    names = sorted(n for n in os.listdir(folder) if n.endswith(".safetensors"))
+    if not names:
+        raise HFFormatError(f"no *.safetensors weights in {folder}; pass the Hugging Face folder with its weights")
+    for name in names:
+        path = os.path.join(folder, name)
+        size = os.path.getsize(path)
+        digest.update(f"{name}\0{size}\0".encode())
+        with open(path, "rb") as f:
+            head = f.read(8)
+            length = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if not 0 <= length <= size - 8:
+                raise HFFormatError(f"{path} is not a safetensors file (no valid header); download it again (a "
+                                    f"git-lfs pointer is not the weights: run `git lfs pull`)")
+            digest.update(f.read(length))
+            start, span = 8 + length, size - 8 - length
+            for i in range(16):
+                f.seek(start + span * i // 16)
+                digest.update(f.read(min(4096, span)))
+    return digest.hexdigest()
+
+
 def load_tokenizer(path: str, revision: str | None = None):
     """transformers' AutoTokenizer from a local folder or hub id (`Config.tokenizer`)."""
     import transformers

@@ -8,6 +8,7 @@ import dataclasses
 import jax.numpy as jnp
 from flax import nnx
 
+from kd_jax.models.attention import check_runnable
 from kd_jax.models.decoder import Decoder, DecoderConfig, init_decoder
 from kd_jax.models.hf import config_from_hf, load_hf, read_hf_config, resolve_path
 
@@ -35,7 +36,9 @@ def build_model(src, *, mesh=None, seed: int = 0, teacher: Decoder | None = None
     """The model a config section (`StudentSource` or `TeacherSource`) describes, sharded over `mesh`.
 
     init=hf loads `hf_path`; init=random builds `architecture` (an HF config.json-style dict);
-    init=teacher_layers copies `teacher_layers` of `teacher`."""
+    init=teacher_layers copies `teacher_layers` of `teacher`. An attention this machine cannot run
+    (cudnn off a GPU) is refused here, before any weight is read."""
+    check_runnable(src.attention)
     opts = src.decoder_options()
     if src.init == "hf":
         if not src.hf_path:
