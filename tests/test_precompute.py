@@ -178,27 +178,13 @@ def test_progress_moves_per_teacher_batch(built, tmp_path, monkeypatch):
     from kd_jax.core import precompute as module
     teacher, traces, _, _ = built
     bars, seen = [], []
-
-    class Bar:
-        def __init__(self, **kwargs):
-            self.kwargs, self.n, self.closed = kwargs, 0, False
-            bars.append(self)
-
-        def update(self, n=1):
-            self.n += n
-
-        def set_postfix(self, *args, **kwargs):
-            pass
-
-        def close(self):
-            self.closed = True
-
+    monkeypatch.setattr(tiny_kd.RecordingBar, "made", bars)
     topk = module._topk_jit
 
     def recorded(*args, **kwargs):
         seen.append(bars[-1].n)  # the bar's count as each teacher batch starts
         return topk(*args, **kwargs)
-    monkeypatch.setattr(module, "progress_bar", Bar)
+    monkeypatch.setattr(module, "progress_bar", tiny_kd.RecordingBar)
     monkeypatch.setattr(module, "_topk_jit", recorded)
     # one window of every chunk, several length buckets: several teacher batches in the one window
     cfg = load_config(None, overrides(teacher, traces, str(tmp_path / "store"), **{"precompute.window_chunks": 1000}))

@@ -309,22 +309,8 @@ def test_refused_import_closes_its_progress_bar(built, tmp_path, monkeypatch):
     """The error is printed on a line of its own: the bar is closed before the exception leaves run_import."""
     from kd_jax.core import precompute as module
     bars = []
-
-    class Bar:
-        def __init__(self, **kwargs):
-            self.closed, self.n = False, 0
-            bars.append(self)
-
-        def update(self, n=1):
-            self.n += n
-
-        def set_postfix(self, *args, **kwargs):
-            pass
-
-        def close(self):
-            self.closed = True
-
-    monkeypatch.setattr(module, "progress_bar", Bar)
+    monkeypatch.setattr(tiny_kd.RecordingBar, "made", bars)
+    monkeypatch.setattr(module, "progress_bar", tiny_kd.RecordingBar)
 
     served = write_served(tmp_path / "bar.jsonl", built.seqs, built.logps, K - 1)
     _refused(built, tmp_path, served, "fewer than data.top_k")

@@ -70,3 +70,22 @@ def train_args(root: str, name: str, steps: int, **extra) -> list[str]:
           "optim.warmup_steps": 2, "data.eval_fraction": 0.1, "checkpoint.every_steps": 4, "loss.beta": 0.5,
           "loss.chunk_size": 128, **extra}
     return store_args(root) + [f"{k}={v}" for k, v in kw.items()]
+
+
+class RecordingBar:
+    """A stand-in for kd_jax.base.progress.bar that records every bar made (`RecordingBar.made`; reset it
+    per test): its keyword arguments, its count and whether it was closed."""
+    made: list["RecordingBar"] = []
+
+    def __init__(self, **kwargs):
+        self.kwargs, self.n, self.closed = kwargs, 0, False
+        RecordingBar.made.append(self)
+
+    def update(self, n=1):
+        self.n += n
+
+    def set_postfix(self, *args, **kwargs):
+        pass
+
+    def close(self):
+        self.closed = True

@@ -27,6 +27,9 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/demo", help="folder for data, stores, runs and the report")
     parser.add_argument("--scale", type=float, default=1.0, help="multiplies the problem count and step budgets")
+    parser.add_argument("--teacher-scale", type=float, default=None,
+                        help="multiplies the teacher's steps instead of --scale (a reduced demo whose teacher "
+                             "still answers some prompts right, so the teacher-traces row has traces)")
     parser.add_argument("--problems", type=int, default=PROBLEMS, help="number of generated problems (before --scale)")
     parser.add_argument("--max-examples", type=int, default=512, help="fresh held-out problems generated for accuracy")
     parser.add_argument("--seed", type=int, default=0, help="parameter-init seed of every model (run.seed)")
@@ -37,7 +40,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     with reported(args.debug):
         run(args.out, args.scale, args.problems, args.max_examples, args.fresh, args.seed,
-            tuple(r.strip() for r in args.rows.split(",") if r.strip()))
+            tuple(r.strip() for r in args.rows.split(",") if r.strip()), args.teacher_scale)
 
 
 if __name__ == "__main__":

@@ -156,7 +156,8 @@ def step_flops(cfg: Config, student_arch: dict, teacher_arch: dict) -> float:
     return total
 
 
-def plan(out: str, scale: float, seed: int = 0, rows: tuple[str, ...] = DEFAULT_ROWS) -> Plan:
+def plan(out: str, scale: float, seed: int = 0, rows: tuple[str, ...] = DEFAULT_ROWS,
+         teacher_scale: float | None = None) -> Plan:
     """The teacher's and every row's config, `seed` as run.seed (parameter init) of every model (the
     problems and the data order stay). Every row gets the hard row's training compute: train.steps of
     student.yaml for the rows that cost what it costs per step, fewer steps for the ones that run the
@@ -172,9 +173,12 @@ def plan(out: str, scale: float, seed: int = 0, rows: tuple[str, ...] = DEFAULT_
     def steps(cfg_file: str) -> int:
         return max(4, round(load_config(cfg_file).train.steps * scale))
 
+    def teacher_steps(cfg_file: str) -> int:  # `teacher_scale`, when given, instead of `scale`
+        return max(4, round(load_config(cfg_file).train.steps * (scale if teacher_scale is None else teacher_scale)))
+
     teacher_file, student_file = os.path.join(CONFIGS, "teacher.yaml"), os.path.join(CONFIGS, "student.yaml")
     teacher_args = paths + [f"data.store={out}/tokens_store"]
-    teacher = load_config(teacher_file, teacher_args + [f"train.steps={steps(teacher_file)}"])
+    teacher = load_config(teacher_file, teacher_args + [f"train.steps={teacher_steps(teacher_file)}"])
     student = [*paths, f"data.store={out}/kd_store", f"teacher.hf_path={out}/teacher/hf", "checkpoint.max_to_keep=4"]
     base = load_config(student_file, student)
     arch, teacher_arch = base.student.architecture, teacher.student.architecture
@@ -395,11 +399,12 @@ def verdicts(rows: list[dict]) -> list[str]:
 
 
 def run(out: str = "runs/demo", scale: float = 1.0, problems: int = PROBLEMS, max_examples: int = 512,
-        fresh: bool = False, seed: int = 0, rows: tuple[str, ...] = DEFAULT_ROWS) -> dict:
+        fresh: bool = False, seed: int = 0, rows: tuple[str, ...] = DEFAULT_ROWS,
+        teacher_scale: float | None = None) -> dict:
     t_start = time.perf_counter()
     if fresh and os.path.isdir(out):
         shutil.rmtree(out)
-    p = plan(out, scale, seed, rows)
+    p = plan(out, scale, seed, rows, teacher_scale)
     data = os.path.dirname(p.teacher.data.tokenizer)
 
     _stage(1, "traces and tokenizer", f"python -m kd_jax.demo.arithmetic --out {out}/data --n {round(problems * scale)}")
