@@ -32,6 +32,7 @@ from kd_jax.base import sharding
 from kd_jax.base.schema import Config, ConfigError, DataConfig, EvalConfig, LossConfig
 from kd_jax.core.grading import (
     extract_answer,
+    has_reference,
     matcher,
     pass_at_k,
     reasoning_steps,
@@ -82,7 +83,7 @@ def data_problems(eval_cfg: EvalConfig, tokenizer, max_examples: int | None = No
                                 error=ConfigError)
     if max_examples is not None:
         dataset = dataset.select(range(min(max_examples, len(dataset))))
-    missing = [i for i, value in enumerate(dataset[eval_cfg.answer_field]) if value is None or not str(value).strip()]
+    missing = [i for i, value in enumerate(dataset[eval_cfg.answer_field]) if not has_reference(value)]
     if missing:
         rows = ", ".join(map(str, missing[:5])) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise ConfigError(f"eval.data={eval_cfg.data}: row(s) {rows} have no reference answer in "

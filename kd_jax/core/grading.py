@@ -90,6 +90,11 @@ def reference_answer(value) -> str:
     return (text.rsplit("####", 1)[1] if "####" in text else text).strip()
 
 
+def has_reference(value) -> bool:
+    """Whether a row's reference answer can be scored against: not null, not blank."""
+    return value is not None and bool(str(value).strip())
+
+
 def reasoning_steps(text: str, separator: str) -> list[str]:
     """The reasoning steps of a generation: the text before the last `</think>` (all of it when the
     reasoning never closed), without a leading `<think>`, split at `separator`, stripped, empty

@@ -57,12 +57,11 @@ from kd_jax.base.errors import KDJaxError
 from kd_jax.base.progress import bar as progress_bar
 from kd_jax.base.schema import Config, GenerateConfig
 from kd_jax.core import distributed
-from kd_jax.core.grading import matcher, pass_at_k, row_keys
+from kd_jax.core.grading import has_reference, matcher, pass_at_k, row_keys
 from kd_jax.data import tables
 from kd_jax.data.traces import render_prompt
 from kd_jax.models import build_model
 from kd_jax.models.hf import (
-    config_from_hf,
     load_tokenizer,
     read_hf_config,
     resolve_path,
@@ -70,6 +69,7 @@ from kd_jax.models.hf import (
     weights_fingerprint,
 )
 from kd_jax.models.sampling import generate
+from kd_jax.models.source import source_config
 
 log = logging.getLogger("kd_jax.core.tracegen")
 
@@ -101,7 +101,7 @@ def prompt_messages(value, index: int) -> list[dict]:
 
 
 def _reference(value, index: int, field: str) -> str:
-    if value is None or (isinstance(value, str) and not value.strip()):
+    if not has_reference(value):
         raise GenerateError(f"prompt row {index} has no reference answer in {field!r} (generate.reference_field); "
                             f"fill it, drop the row, or set generate.reference_field=null (keep: all)")
     return str(value).strip()
@@ -124,7 +124,7 @@ def check_rows(gen: GenerateConfig, dataset) -> None:
             if not usable:
                 bad["prompt"].append(offset + i)
         for i, value in enumerate(batch[gen.reference_field] if gen.reference_field else ()):
-            if value is None or (isinstance(value, str) and not value.strip()):
+            if not has_reference(value):
                 bad["reference"].append(offset + i)
         offset += len(batch[gen.prompt_field])
 
@@ -466,11 +466,10 @@ def _check_teacher(cfg: Config) -> None:
         if not src.hf_path:
             raise GenerateError("teacher.hf_path is not set: the teacher's Hugging Face folder or hub id (or "
                                 "teacher.init=random with teacher.architecture)")
-        config_from_hf(read_hf_config(resolve_path(src.hf_path, src.revision, weights=False)))
-    elif src.init == "random":
-        if not src.architecture:
-            raise GenerateError("teacher.init=random needs teacher.architecture: an HF config.json-style dict")
-        config_from_hf(src.architecture)
+    elif src.init == "random" and not src.architecture:
+        raise GenerateError("teacher.init=random needs teacher.architecture: an HF config.json-style dict")
+    source_config(src, read_config=lambda s, role: s.architecture if s.init == "random" else
+                  read_hf_config(resolve_path(s.hf_path, s.revision, weights=False)), role="teacher")
 
 
 def tracegen(cfg: Config, *, show_progress: bool = True) -> dict:
