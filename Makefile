@@ -28,6 +28,11 @@ $(VENV)/.installed: $(VENV)/.installed-base
 
 install: $(VENV)/.installed
 
+# glibc keeps the memory XLA's CPU runtime frees after each step instead of faulting it in again
+# (kd_jax/base/allocator.py, whose ENV these equal; `make demo` sets them itself).
+test: export MALLOC_MMAP_MAX_ = 0
+test: export MALLOC_TRIM_THRESHOLD_ = 17179869184
+test: export MALLOC_ARENA_MAX = 2
 test: install
 	$(PY) -m pytest -q --durations=15 $(PYTEST_ARGS) tests
 

@@ -17,6 +17,7 @@ if "jax" not in sys.modules and "device_count" not in os.environ.get("XLA_FLAGS"
 
 import argparse  # noqa: E402
 
+from kd_jax.base.allocator import restart_with_allocator  # noqa: E402
 from kd_jax.base.cli import setup_logging  # noqa: E402
 from kd_jax.base.errors import reported  # noqa: E402
 from kd_jax.demo.recipe import DEFAULT_ROWS, PROBLEMS, ROWS, run  # noqa: E402
@@ -44,4 +45,5 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
+    restart_with_allocator("kd_jax.demo", sys.argv[1:])  # glibc settings for XLA on CPU: kd_jax/base/allocator.py
     main()
