@@ -23,7 +23,8 @@ def main(argv=None) -> None:
                                dry_run=True)
     with reported(flags.debug):
         if flags.dry_run:  # size the run on abstract arrays, check it fits, exit
-            return dryrun.main(cfg, "precompute", compile=not flags.no_compile, max_seq_len=flags.max_seq_len)
+            return dryrun.main(cfg, "precompute", compile=not flags.no_compile, max_seq_len=flags.max_seq_len,
+                               topology=flags.topology)
         distributed.maybe_initialize()
         precompute(cfg)
 

@@ -17,7 +17,8 @@ def main(argv=None) -> None:
     cfg, flags = parse_command(argv, description="Distill a student from a KD store", dry_run=True)
     with reported(flags.debug):
         if flags.dry_run:  # size the run on abstract arrays, check it fits, exit
-            return dryrun.main(cfg, "train", compile=not flags.no_compile, max_seq_len=flags.max_seq_len)
+            return dryrun.main(cfg, "train", compile=not flags.no_compile, max_seq_len=flags.max_seq_len,
+                               topology=flags.topology)
         distributed.maybe_initialize()
         train(cfg)
 

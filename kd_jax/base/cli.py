@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 from kd_jax.base.loader import load_config
@@ -32,8 +33,8 @@ def parse_args(argv: list[str] | None = None, description: str = "kd_jax") -> Co
 def parse_command(argv: list[str] | None = None, description: str = "kd_jax", *, dry_run: bool = False,
                   add_arguments=None, flag_keys: dict[str, str] | None = None) -> tuple[Config, argparse.Namespace]:
     """`parse_args` plus the parsed flags: `--debug` (a traceback instead of the one-line error,
-    kd_jax.base.errors.reported), with dry_run=True `--dry-run`, `--no-compile` and `--max-seq-len`
-    (kd_jax/core/dryrun.py; it implies --dry-run), and whatever `add_arguments(parser)` adds.
+    kd_jax.base.errors.reported), with dry_run=True `--dry-run`, `--no-compile`, `--max-seq-len` and `--topology`
+    (kd_jax/core/dryrun.py; both imply --dry-run), and whatever `add_arguments(parser)` adds.
     `flag_keys` maps a flag's dest to the config key it sets (`{"samples": "eval.samples"}`): a flag
     given is one more override, applied last, so the config is checked with it."""
     setup_logging()
@@ -48,13 +49,20 @@ def parse_command(argv: list[str] | None = None, description: str = "kd_jax", *,
         parser.add_argument("--max-seq-len", action="store_true",
                             help="a dry run that searches the longest data.seq_len (multiples of 128, rows per "
                                  "device kept) fitting the device memory by the analytic estimate, and prints it")
+        parser.add_argument("--topology", metavar="CHIP:AxB",
+                            help="a dry run compiled with the real TPU compiler for this slice (e.g. v5e:4x8, "
+                                 "v5p:2x2x2, v6e:4x8; needs libtpu: pip install -e '.[tpu]'): per-chip memory, "
+                                 "FLOPs, HBM bytes and the roofline floor of the step (kd_jax/core/topology.py)")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     if add_arguments is not None:
         add_arguments(parser)
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.steps=10")
     args = parser.parse_intermixed_args(argv)
-    if getattr(args, "max_seq_len", False):
+    if getattr(args, "max_seq_len", False) or getattr(args, "topology", None):
         args.dry_run = True
+    if getattr(args, "topology", None) and "JAX_PLATFORMS" not in os.environ:
+        import jax  # a compile for a TPU slice runs on this machine's CPU: no local accelerator is started
+        jax.config.update("jax_platforms", "cpu")
     flagged = [f"{key}={json.dumps(getattr(args, dest))}" for dest, key in (flag_keys or {}).items()
                if getattr(args, dest, None) is not None]
     try:

@@ -46,6 +46,8 @@ from jax.sharding import AbstractMesh
 from kd_jax.base import sharding
 from kd_jax.base.errors import KDJaxError
 from kd_jax.base.schema import Config, ModelSource
+from kd_jax.core import topology as topology_lib
+from kd_jax.core.flops import forward_flops_per_token, train_flops_per_token
 from kd_jax.core.precompute import topk_logprobs
 from kd_jax.core.state import abstract_params, abstract_train_state
 from kd_jax.core.step import compile_steps, default_hyper, layer_pairs
@@ -377,9 +379,15 @@ def compiled_memory(compiled) -> dict[str, int]:
 
 
 def compile_train(cfg: Config, model_cfg: DecoderConfig, mesh, teacher_cfg: DecoderConfig | None = None) -> dict:
-    """memory_analysis() of the real train step (kd_jax.core.step.compile_steps) on the abstract train
-    state; with `teacher_cfg`, the online teacher's abstract parameters (its param dtype, sharded on
-    `mesh`), its hidden-alignment pairs and the projections in the state, as `prepare.prepare` builds them."""
+    """memory_analysis() of the real train step (`compiled_train`)."""
+    return compiled_memory(compiled_train(cfg, model_cfg, mesh, teacher_cfg))
+
+
+def compiled_train(cfg: Config, model_cfg: DecoderConfig, mesh, teacher_cfg: DecoderConfig | None = None):
+    """The real train step (kd_jax.core.step.compile_steps) compiled ahead of time on the abstract
+    train state for `mesh`'s devices; with `teacher_cfg`, the online teacher's abstract parameters
+    (its param dtype, sharded on `mesh`), its hidden-alignment pairs and the projections in the
+    state, as `prepare.prepare` builds them."""
     teacher, teacher_params, pairs, proj = None, None, (), None
     if teacher_cfg is not None:
         teacher, teacher_params = abstract_params(teacher_cfg, mesh)
@@ -395,11 +403,17 @@ def compile_train(cfg: Config, model_cfg: DecoderConfig, mesh, teacher_cfg: Deco
         batch = {k: jax.ShapeDtypeStruct(v, dtypes.get(k, jnp.int32), sharding=sharding.batch_sharding(mesh, len(v)))
                  for k, v in shapes.items()}
         lowered = steps.train.lower(spec.abstract, batch, default_hyper(cfg.loss), teacher_params)
-        return compiled_memory(lowered.compile())
+        return lowered.compile()
 
 
 def compile_precompute(cfg: Config, model_cfg: DecoderConfig, mesh, rows: int, T: int) -> dict:
-    """memory_analysis() of the teacher's top-K pass (kd_jax.core.precompute.topk_logprobs) on its longest batch."""
+    """memory_analysis() of the teacher's top-K pass (`compiled_precompute`)."""
+    return compiled_memory(compiled_precompute(cfg, model_cfg, mesh, rows, T))
+
+
+def compiled_precompute(cfg: Config, model_cfg: DecoderConfig, mesh, rows: int, T: int):
+    """The teacher's top-K pass (kd_jax.core.precompute.topk_logprobs) on its longest batch, compiled
+    ahead of time for `mesh`'s devices."""
     graphdef, params = abstract_params(model_cfg, mesh)
     shards = sharding.logical_size(mesh, "batch")
     tokens = jax.ShapeDtypeStruct((rows * shards, T), jnp.int32, sharding=sharding.batch_sharding(mesh, 2))
@@ -407,14 +421,17 @@ def compile_precompute(cfg: Config, model_cfg: DecoderConfig, mesh, rows: int, T
                                             vocab_size=model_cfg.vocab_size,
                                             logits_chunk=min(cfg.precompute.logits_chunk, T)))
     with jax.set_mesh(mesh):
-        return compiled_memory(fn.lower(params, tokens).compile())
+        return fn.lower(params, tokens).compile()
 
 
 # ---------------------------------------------------------------- report
 
 
-def device_memory(cfg: Config) -> tuple[int | None, str]:
-    """Bytes of one device's memory: mesh.device_memory_gib, else what the local device reports."""
+def device_memory(cfg: Config, topology: topology_lib.Topology | None = None) -> tuple[int | None, str]:
+    """Bytes of one device's memory: the --topology chip's HBM, else mesh.device_memory_gib, else
+    what the local device reports."""
+    if topology is not None:
+        return int(topology.chip.hbm_gib * GiB), f"{topology.chip.name} HBM"
     if cfg.mesh.device_memory_gib is not None:
         return int(cfg.mesh.device_memory_gib * GiB), "mesh.device_memory_gib"
     stats = jax.local_devices()[0].memory_stats() or {}
@@ -466,25 +483,26 @@ def resolve_attention(model_cfg: DecoderConfig, platform: str) -> DecoderConfig:
     return dataclasses.replace(model_cfg, attention=attn_lib.resolve(model_cfg.attention, platform))
 
 
-def compile_stand_in(model_cfg: DecoderConfig) -> tuple[DecoderConfig, str | None]:
-    """(the model config to compile on this machine, a note when its attention was swapped): splash
-    needs a TPU and cudnn a GPU; elsewhere blockwise stands in, flash attention with O(T) memory too
-    (splash's Pallas interpret mode would compile something else, and jax refuses cuDNN off a GPU)."""
+def compile_stand_in(model_cfg: DecoderConfig, compiler: str | None = None) -> tuple[DecoderConfig, str | None]:
+    """(the model config to compile for `compiler`'s platform (default: this machine's backend; "tpu"
+    under --topology), a note when its attention was swapped): splash needs a TPU and cudnn a GPU;
+    elsewhere blockwise stands in, flash attention with O(T) memory too (splash's Pallas interpret
+    mode would compile something else, and jax refuses cuDNN off a GPU)."""
     need = {"splash": "tpu", "cudnn": "gpu"}.get(model_cfg.attention)
-    if need is None or jax.default_backend() == need:
+    if need is None or (compiler or jax.default_backend()) == need:
         return model_cfg, None
     return (dataclasses.replace(model_cfg, attention="blockwise"),
             f"{model_cfg.attention} attention needs a {need.upper()}: compiled with blockwise standing in")
 
 
-def target(cfg: Config, entry: str) -> Target | None:
-    """The models and mesh of a dry run of `entry`; None for a precompute that runs no teacher (a
-    tokens-only store, data.top_k=0, or precompute.import_logprobs)."""
-    platform, platform_from = target_platform(cfg)
+def target(cfg: Config, entry: str, topology: topology_lib.Topology | None = None) -> Target | None:
+    """The models and mesh of a dry run of `entry` (on `topology`'s chips when given); None for a
+    precompute that runs no teacher (a tokens-only store, data.top_k=0, or precompute.import_logprobs)."""
+    platform, platform_from = ("tpu", f"--topology {topology.name}") if topology else target_platform(cfg)
     teacher_cfg = teacher_where = None
     if entry == "train":
         model_cfg, where = model_config(cfg.student, "student", cfg.teacher)
-        num_devices = jax.device_count()
+        num_devices = topology.chips if topology else jax.device_count()
         if cfg.teacher.mode == "online":
             teacher_cfg, teacher_where = model_config(cfg.teacher, "teacher")
             if teacher_cfg.vocab_size < model_cfg.vocab_size:  # as kd_jax.core.prepare.check_online_teacher
@@ -497,7 +515,7 @@ def target(cfg: Config, entry: str) -> Target | None:
         return None
     else:  # precompute runs the teacher on each process's own devices (kd_jax.core.precompute.precompute)
         model_cfg, where = model_config(cfg.teacher, "teacher")
-        num_devices = jax.local_device_count()
+        num_devices = topology.host_chips if topology else jax.local_device_count()
     return Target(entry, resolve_attention(model_cfg, platform), where, teacher_cfg, teacher_where, num_devices,
                   resolve_mesh(cfg, num_devices), platform, platform_from)
 
@@ -551,12 +569,63 @@ def longest_seq_len(cfg: Config, t: Target, limit: int, step: int = 128) -> tupl
     return good, cap
 
 
-def report(cfg: Config, entry: str, *, compile: bool = True, out=sys.stdout, extra: dict | None = None) -> dict:
+def _compile_for_topology(cfg: Config, t: Target, est: dict, p, summary: dict,
+                          topology: topology_lib.Topology) -> int:
+    """Compile `t`'s program for `topology`'s chips with libtpu's compiler, print its memory per chip
+    (beside the analytic total), the compiler's FLOPs and HBM bytes per chip (beside the analytic
+    model FLOPs) and the roofline floor; fill `summary`; return the compiled total bytes."""
+    devices = topology_lib.devices(topology)
+    if t.entry == "precompute":  # each host runs the teacher on its own chips
+        devices = [d for d in devices if d.process_index == devices[0].process_index]
+    real = sharding.mesh_from_config(cfg.mesh, devices=devices)
+    compiled_cfg, note = compile_stand_in(t.model_cfg, "tpu")
+    compiled_teacher = compile_stand_in(t.teacher_cfg, "tpu")[0] if t.teacher_cfg is not None else None
+    t0 = time.perf_counter()
+    if t.entry == "train":
+        compiled = compiled_train(cfg, compiled_cfg, real, compiled_teacher)
+        T, tokens = cfg.data.seq_len, cfg.train.global_batch_size * cfg.data.seq_len
+        model_flops = tokens * train_flops_per_token(t.model_cfg, T)
+        if t.teacher_cfg is not None:  # the online teacher's forward runs inside the step
+            model_flops += tokens * forward_flops_per_token(t.teacher_cfg, T)
+        what = "train step"
+    else:
+        T = est["_T"]
+        compiled = compiled_precompute(cfg, compiled_cfg, real, est["_rows"], T)
+        tokens = est["_rows"] * len(devices) * T
+        model_flops = tokens * forward_flops_per_token(t.model_cfg, T)
+        what = "teacher's top-K pass (one host's chips)"
+    seconds = time.perf_counter() - t0
+    mem, cost = compiled_memory(compiled), topology_lib.cost(compiled)
+    analytic = analytic_total({k: v for k, v in est.items() if not k.startswith("_")})
+    p(f"per-chip memory of the {what}, compiled for TPU {topology.name} ({len(devices)} {topology.chip.name} chips) "
+      f"by libtpu's XLA compiler in {seconds:.0f} s (memory_analysis, GiB" + (f"; {note}" if note else "") + "):")
+    for k, v in mem.items():
+        p(f"  {k:<48}{_gib(v)}")
+    p(f"  {'analytic total (above)':<48}{_gib(analytic)}  (compiled / analytic = {mem['total_bytes'] / analytic:.2f})")
+    summary.update(topology=topology.name, chip=topology.chip.name, compile_seconds=round(seconds, 1), compiled=mem)
+    if cost:
+        roof = topology_lib.roofline(topology.chip, cost["flops"], cost["bytes_accessed"], tokens, model_flops,
+                                     len(devices))
+        p(f"the compiler's cost per chip per call: {cost['flops']:.3e} FLOPs (model FLOPs 6·P + 3·A per chip: "
+          f"{model_flops / len(devices):.3e}; the rest is rematerialization and work the model count leaves out), "
+          f"{cost['bytes_accessed']:.3e} bytes of HBM traffic")
+        chip = topology.chip
+        p(f"roofline floor (the compiler's accounting, not a measured speed): FLOPs / {chip.peak_flops / 1e12:.0f}"
+          f" TFLOP/s = {roof['compute_s']:.3f} s, bytes / {chip.hbm_bytes_per_s / 1e9:.0f} GB/s = "
+          f"{roof['memory_s']:.3f} s: at least {roof['floor_s']:.3f} s a call ({roof['bound']}-bound), so at most "
+          f"{roof['tokens_per_s']:,.0f} tokens/s on the slice and MFU at most {roof['mfu']:.1%}")
+        summary.update(cost=cost, model_flops=model_flops, roofline=roof)
+    return mem["total_bytes"]
+
+
+def report(cfg: Config, entry: str, *, compile: bool = True, out=sys.stdout, extra: dict | None = None,
+           topology: topology_lib.Topology | None = None) -> dict:
     """Print the dry-run table for `entry` ("train" or "precompute"); returns the summary dict
-    (`extra` is merged into it)."""
+    (`extra` is merged into it). With `topology`, compiled for that TPU slice by libtpu's compiler
+    (`compile` is then implied), with the compiler's FLOPs, bytes and the roofline floor."""
     t0 = time.perf_counter()
     p = lambda *a: print(*a, file=out)  # noqa: E731
-    t = target(cfg, entry)
+    t = target(cfg, entry, topology)
     if t is None and cfg.precompute.import_logprobs:
         p(f"dry run of kd_jax.precompute: precompute.import_logprobs={cfg.precompute.import_logprobs!r}, so precompute "
           f"reads a served teacher's top-{cfg.data.top_k} from that file into the store (no teacher pass, nothing on "
@@ -616,7 +685,9 @@ def report(cfg: Config, entry: str, *, compile: bool = True, out=sys.stdout, ext
                                   param_dtype=teacher_cfg.param_dtype, hidden_pairs=len(pairs),
                                   align_shape=list(proj) if proj else None)
     checked = total
-    if compile and mesh.size == num_devices:
+    if topology is not None:
+        checked = _compile_for_topology(cfg, t, est, p, summary, topology)
+    elif compile and mesh.size == num_devices:
         devices = jax.devices() if entry == "train" else jax.local_devices()
         real = sharding.mesh_from_config(cfg.mesh, devices=devices)
         compiled_cfg, note = compile_stand_in(model_cfg)
@@ -632,7 +703,7 @@ def report(cfg: Config, entry: str, *, compile: bool = True, out=sys.stdout, ext
         checked = c["total_bytes"]
     elif compile:
         p(f"(no ahead-of-time compile: the mesh needs {mesh.size} devices, this machine has {num_devices})")
-    limit, source = device_memory(cfg)
+    limit, source = device_memory(cfg, topology)
     fits = None if limit is None else checked <= limit
     if limit is None:
         p(f"device memory {source}; fit not checked")
@@ -645,15 +716,16 @@ def report(cfg: Config, entry: str, *, compile: bool = True, out=sys.stdout, ext
     return summary
 
 
-def max_seq_len_report(cfg: Config, entry: str, *, compile: bool = True, out=sys.stdout) -> dict:
+def max_seq_len_report(cfg: Config, entry: str, *, compile: bool = True, out=sys.stdout,
+                       topology: topology_lib.Topology | None = None) -> dict:
     """`--max-seq-len`: search the longest data.seq_len that fits by the analytic estimate
     (`longest_seq_len`), print the dry-run table at that length (compiled too when the devices are
     here: the confirmation) and the line "longest data.seq_len that fits: N"."""
     p = lambda *a: print(*a, file=out)  # noqa: E731
-    t = target(cfg, entry)
+    t = target(cfg, entry, topology)
     if t is None:  # tokens-only precompute: no length limit on the devices
-        return report(cfg, entry, compile=compile, out=out)
-    limit, source = device_memory(cfg)
+        return report(cfg, entry, compile=compile, out=out, topology=topology)
+    limit, source = device_memory(cfg, topology)
     if limit is None:
         raise DryRunError(f"--max-seq-len needs the device memory ({source})")
     t0 = time.perf_counter()
@@ -670,19 +742,21 @@ def max_seq_len_report(cfg: Config, entry: str, *, compile: bool = True, out=sys
         p("dry-run summary: " + json.dumps(summary))
         return summary
     summary = report(with_seq_len(cfg, best), entry, compile=compile, out=out,
-                     extra=dict(max_seq_len=best, max_seq_len_cap=cap))
+                     extra=dict(max_seq_len=best, max_seq_len_cap=cap), topology=topology)
     confirmed = ("; the compiled step confirms it" if summary["fits"] and "compiled" in summary
                  else "; the compiled step does NOT fit: trust the compiler" if "compiled" in summary else "")
     p(f"longest data.seq_len that fits: {best}" + (" (the cap)" if best == cap else "") + f" ({how}{confirmed})")
     return summary
 
 
-def main(cfg: Config, entry: str, *, compile: bool = True, max_seq_len: bool = False) -> None:
-    """The entry points' --dry-run (and --max-seq-len): exits 1 when the config does not fit its
-    device memory (no length fits, or the compiled step at the length found does not)."""
+def main(cfg: Config, entry: str, *, compile: bool = True, max_seq_len: bool = False,
+         topology: str | None = None) -> None:
+    """The entry points' --dry-run (and --max-seq-len, --topology): exits 1 when the config does not
+    fit its device memory (no length fits, or the compiled step at the length found does not)."""
     try:
-        summary = (max_seq_len_report if max_seq_len else report)(cfg, entry, compile=compile)
-    except DryRunError as e:
+        topo = topology_lib.parse(topology) if topology else None
+        summary = (max_seq_len_report if max_seq_len else report)(cfg, entry, compile=compile, topology=topo)
+    except (DryRunError, topology_lib.TopologyError) as e:
         raise SystemExit(f"error: {e}") from None
     if summary["fits"] is False:
         raise SystemExit(1)

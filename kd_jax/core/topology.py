@@ -1,0 +1,136 @@
+"""TPU slices as compile targets on any machine: `--topology v5e:4x8` for the dry run.
+
+With libtpu installed (`pip install -e '.[tpu]'`), `jax.experimental.topologies.get_topology_desc`
+gives a slice's chips as devices the real XLA TPU compiler compiles for, ahead of time, on a CPU
+(as MaxText's train_compile.py does). The compiled program's `memory_analysis()` is what a chip
+would hold and `cost_analysis()` the FLOPs and HBM bytes the compiler counts; `roofline` turns
+those into a floor of the step time. Both are the compiler's accounting, not a measured speed.
+
+CHIPS: per-chip HBM, dense bf16 peak and HBM bandwidth from Google Cloud's TPU pages (2026-12);
+the peak is kd_jax/core/flops.py's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib.util
+import math
+import os
+import re
+import sys
+import tempfile
+
+from kd_jax.base.errors import KDJaxError
+from kd_jax.core.flops import peak_flops_of_kind
+
+
+class TopologyError(KDJaxError, ValueError):
+    """A --topology that cannot be compiled for, with what to do."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    name: str  # the topology prefix: "v5e"
+    device_kind: str  # jax's device_kind of its devices
+    hbm_gib: float
+    hbm_bytes_per_s: float
+
+    @property
+    def peak_flops(self) -> float:
+        return peak_flops_of_kind(self.device_kind)
+
+
+CHIPS = {c.name: c for c in (
+    Chip("v5e", "TPU v5 lite", 16, 819e9),
+    Chip("v5p", "TPU v5", 95, 2765e9),
+    Chip("v6e", "TPU v6 lite", 32, 1640e9),
+)}
+_NAME = re.compile(r"^(v5e|v5p|v6e):(\d+(?:x\d+){1,2})$")
+_HOST = (2, 2, 1)  # chips per host the slice is described with (the compile does not depend on it)
+
+
+@dataclasses.dataclass(frozen=True)
+class Topology:
+    name: str  # "v5e:4x8"
+    chip: Chip
+    dims: tuple[int, ...]
+
+    @property
+    def chips(self) -> int:
+        return math.prod(self.dims)
+
+    @property
+    def host(self) -> tuple[int, int, int]:
+        """Chips per host along each axis, as the slice is described (`_HOST`, within the slice)."""
+        dims = self.dims + (1,) * (3 - len(self.dims))
+        return tuple(min(h, d) for h, d in zip(_HOST, dims))
+
+    @property
+    def host_chips(self) -> int:
+        return math.prod(self.host)
+
+
+def parse(name: str) -> Topology:
+    """`v5e:4x8` -> Topology; a clear error listing the supported chips otherwise."""
+    m = _NAME.match(name.strip())
+    if not m:
+        raise TopologyError(f"--topology {name!r}: expected CHIP:AxB (v5e, v6e) or CHIP:AxBxC (v5p), e.g. "
+                            f"v5e:4x8 (a v5e-32) or v5p:2x2x2; supported chips: {', '.join(CHIPS)}")
+    dims = tuple(int(d) for d in m.group(2).split("x"))
+    return Topology(name.strip(), CHIPS[m.group(1)], dims)
+
+
+def devices(topology: Topology) -> list:
+    """The slice's chips as compile-only jax devices (they run nothing)."""
+    if importlib.util.find_spec("libtpu") is None:
+        raise TopologyError(f"--topology {topology.name} compiles with the TPU compiler in libtpu, which is not "
+                            f"installed: pip install -e '.[tpu]' (or drop --topology)")
+    from jax.experimental import topologies
+    with tempfile.TemporaryFile() as log, _stderr_to(log):  # libtpu's start-up warnings: no TPU VM here
+        try:
+            desc = topologies.get_topology_desc(platform="tpu", topology_name=topology.name,
+                                                chip_config_name="default", chips_per_host_bounds=topology.host,
+                                                num_slices=1)
+        except Exception as e:  # noqa: BLE001 - libtpu's own message names the problem
+            error = str(e).strip().splitlines()[0]
+        else:
+            return list(desc.devices)
+    raise TopologyError(f"--topology {topology.name}: libtpu could not describe this slice: {error}")
+
+
+@contextlib.contextmanager
+def _stderr_to(file):
+    """Send file descriptor 2 (where libtpu's C++ logs go) to `file` for the block."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    os.dup2(file.fileno(), 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def cost(compiled) -> dict[str, float]:
+    """The compiler's FLOPs and HBM bytes of one call of `compiled`, per chip ({} when it gives none)."""
+    c = compiled.cost_analysis()
+    if isinstance(c, (list, tuple)):
+        c = c[0] if c else None
+    if not c:
+        return {}
+    return {"flops": float(c.get("flops", 0.0)), "bytes_accessed": float(c.get("bytes accessed", 0.0))}
+
+
+def roofline(chip: Chip, flops: float, bytes_accessed: float, tokens: int, model_flops: float,
+             chips: int) -> dict[str, float]:
+    """The floor of one call's time on `chip` from the compiler's per-chip FLOPs and bytes: the larger
+    of FLOPs / peak bf16 and bytes / HBM bandwidth; the tokens/s of the slice (`tokens` per call) and
+    the MFU (`model_flops` per call over all chips) that floor implies. A floor, not a speed."""
+    compute_s = flops / chip.peak_flops
+    memory_s = bytes_accessed / chip.hbm_bytes_per_s
+    floor = max(compute_s, memory_s)
+    return {"compute_s": compute_s, "memory_s": memory_s, "floor_s": floor,
+            "bound": "compute" if compute_s >= memory_s else "memory",
+            "tokens_per_s": tokens / floor if floor else float("inf"),
+            "mfu": model_flops / (floor * chips * chip.peak_flops) if floor else float("nan")}

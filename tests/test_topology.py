@@ -1,0 +1,66 @@
+"""`--dry-run --topology CHIP:AxB`: a TPU slice's chips from libtpu as compile targets on this CPU
+(kd_jax/core/topology.py), the train step and the teacher pass compiled for them by the real TPU
+compiler, the memory, cost and roofline report, and one clear line without libtpu."""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import os
+
+import pytest
+
+from kd_jax.base.loader import load_config
+from kd_jax.core import dryrun
+from kd_jax.core import topology as tl
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _tiny(*overrides: str):
+    return load_config(os.path.join(ROOT, "configs", "tiny_llama.yaml"),
+                       ["student.dtype=bfloat16", "train.global_batch_size=8", "mesh.data=-1", *overrides])
+
+
+def test_parse_names_chips_and_refuses_the_rest():
+    t = tl.parse("v5e:4x8")
+    assert (t.chip.name, t.chips, t.host_chips, t.chip.hbm_gib) == ("v5e", 32, 4, 16)
+    assert tl.parse("v5p:2x2x2").chips == 8 and tl.parse("v6e:2x2").chip.peak_flops == 918e12
+    for bad in ("v4:2x2x2", "v5e", "v5e:4", "tpu-v5e-32"):
+        with pytest.raises(tl.TopologyError, match="supported chips: v5e, v5p, v6e"):
+            tl.parse(bad)
+
+
+def test_roofline_is_the_slower_of_compute_and_memory():
+    chip = tl.CHIPS["v5e"]
+    r = tl.roofline(chip, flops=197e12, bytes_accessed=819e9 / 2, tokens=1000, model_flops=4 * 98.5e12, chips=4)
+    assert r["floor_s"] == pytest.approx(1.0) and r["bound"] == "compute" and r["memory_s"] == pytest.approx(0.5)
+    assert r["tokens_per_s"] == pytest.approx(1000) and r["mfu"] == pytest.approx(0.5)
+    assert tl.roofline(chip, 0.0, 819e9, 10, 0.0, 1)["bound"] == "memory"
+
+
+def test_slice_devices_are_tpu_chips():
+    devices = tl.devices(tl.parse("v5e:2x2"))
+    assert len(devices) == 4 and {d.device_kind for d in devices} == {"TPU v5 lite"}
+
+
+@pytest.mark.parametrize("entry", ["train", "precompute"])
+def test_dry_run_compiles_for_the_slice(entry):
+    out = io.StringIO()
+    s = dryrun.report(_tiny("student.attention=blockwise", "teacher.attention=blockwise"), entry, out=out,
+                      topology=tl.parse("v5e:2x2"))
+    text = out.getvalue()
+    assert s["topology"] == "v5e:2x2" and s["platform"] == "tpu" and s["fits"] is True
+    assert s["compiled"]["total_bytes"] > 0 and s["compiled"]["argument_bytes"] > 0
+    assert s["device_memory"] == 16 * 2**30 and "v5e HBM" in text
+    assert s["devices"] == 4 and s["cost"]["flops"] > 0 and s["roofline"]["floor_s"] > 0
+    assert "not a measured speed" in text and "compiled for TPU v5e:2x2" in text
+
+
+def test_without_libtpu_one_clear_line(monkeypatch):
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "libtpu" else find_spec(name, *a))
+    with pytest.raises(SystemExit) as e:
+        dryrun.main(_tiny(), "train", topology="v5e:2x2")
+    assert str(e.value) == ("error: --topology v5e:2x2 compiles with the TPU compiler in libtpu, which is not "
+                            "installed: pip install -e '.[tpu]' (or drop --topology)")
