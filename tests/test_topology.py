@@ -64,3 +64,15 @@ def test_without_libtpu_one_clear_line(monkeypatch):
         dryrun.main(_tiny(), "train", topology="v5e:2x2")
     assert str(e.value) == ("error: --topology v5e:2x2 compiles with the TPU compiler in libtpu, which is not "
                             "installed: pip install -e '.[tpu]' (or drop --topology)")
+
+
+def test_on_policy_dry_run_compiles_the_sampler_too():
+    cfg = _tiny("student.attention=blockwise", "teacher.attention=blockwise", "teacher.mode=online", "teacher.init=random",
+                "train.on_policy.fraction=0.5", "train.on_policy.max_new_tokens=32")
+    out = io.StringIO()
+    s = dryrun.report(cfg, "train", out=out, topology=tl.parse("v5e:2x2"))
+    sampler = s["sampler"]
+    assert (sampler["rows"], sampler["prompt_len"]) == (8, 64) and sampler["compiled"]["temp_bytes"] > 0
+    assert sampler["while_sampling_bytes"] == (s["compiled"]["argument_bytes"] + sampler["compiled"]["temp_bytes"]
+                                               + sampler["compiled"]["output_bytes"])
+    assert "on-policy sampler (8 prompts of 64 tokens" in out.getvalue()

@@ -48,6 +48,7 @@ from kd_jax.base.errors import KDJaxError
 from kd_jax.base.schema import Config, ModelSource
 from kd_jax.core import topology as topology_lib
 from kd_jax.core.flops import forward_flops_per_token, train_flops_per_token
+from kd_jax.core.onpolicy import sample_batch
 from kd_jax.core.precompute import topk_logprobs
 from kd_jax.core.state import abstract_params, abstract_train_state
 from kd_jax.core.step import compile_steps, default_hyper, layer_pairs
@@ -424,6 +425,25 @@ def compiled_precompute(cfg: Config, model_cfg: DecoderConfig, mesh, rows: int, 
         return fn.lower(params, tokens).compile()
 
 
+def compiled_sampler(cfg: Config, model_cfg: DecoderConfig, mesh):
+    """The on-policy sampler (kd_jax.core.onpolicy.sample_batch: prefill, then KV-cache decode of
+    train.on_policy.max_new_tokens) for prompts_per_step prompts of the longest bucketed length that
+    leaves room for them in data.seq_len, compiled ahead of time for `mesh`'s devices."""
+    op = cfg.train.on_policy
+    rows = op.prompts_per_step or cfg.train.global_batch_size
+    prompt_len = max(op.bucket, (cfg.data.seq_len - op.max_new_tokens) // op.bucket * op.bucket)
+    graphdef, params = abstract_params(model_cfg, mesh)
+
+    def arg(shape, dtype):
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharding(mesh, len(shape)))
+
+    with jax.set_mesh(mesh):
+        return sample_batch.lower(graphdef, params, arg((rows, prompt_len), jnp.int32),
+                                  arg((rows, prompt_len), jnp.bool_), arg((rows, 2), jnp.uint32), op.max_new_tokens,
+                                  float(op.temperature), float(op.top_p),
+                                  jax.ShapeDtypeStruct((1,), jnp.int32)).compile(), rows, prompt_len
+
+
 # ---------------------------------------------------------------- report
 
 
@@ -615,6 +635,20 @@ def _compile_for_topology(cfg: Config, t: Target, est: dict, p, summary: dict,
           f"{roof['memory_s']:.3f} s: at least {roof['floor_s']:.3f} s a call ({roof['bound']}-bound), so at most "
           f"{roof['tokens_per_s']:,.0f} tokens/s on the slice and MFU at most {roof['mfu']:.1%}")
         summary.update(cost=cost, model_flops=model_flops, roofline=roof)
+    if t.entry == "train" and cfg.train.on_policy.fraction > 0:
+        t0 = time.perf_counter()
+        sampler, rows, prompt_len = compiled_sampler(cfg, compiled_cfg, real)
+        seconds, smem = time.perf_counter() - t0, compiled_memory(sampler)
+        p(f"per-chip memory of the on-policy sampler ({rows} prompts of {prompt_len} tokens, prefill + KV-cache decode "
+          f"of {cfg.train.on_policy.max_new_tokens}), compiled in {seconds:.0f} s (GiB): "
+          + ", ".join(f"{k} {v / GiB:.3f}" for k, v in smem.items()))
+        # While it samples, the train state stays on the chips: the step's arguments plus the sampler's own
+        sampling = mem["argument_bytes"] + smem["temp_bytes"] + smem["output_bytes"]
+        p(f"  while sampling: the train step's arguments (train state, batch) + the sampler's temporaries and "
+          f"outputs = {sampling / GiB:.3f} GiB per chip")
+        summary["sampler"] = dict(compiled=smem, rows=rows, prompt_len=prompt_len, compile_seconds=round(seconds, 1),
+                                  while_sampling_bytes=sampling)
+        return max(mem["total_bytes"], sampling)
     return mem["total_bytes"]
 
 

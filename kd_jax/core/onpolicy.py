@@ -152,7 +152,7 @@ def make_example(prompt: list[int], completion: list[int], role: np.ndarray, ste
 
 
 @functools.partial(jax.jit, static_argnums=(0, 5, 6, 7))
-def _sample(graphdef, params, tokens_BxT, valid_BxT, key_data_Bx2, max_new: int, temperature: float, top_p: float,
+def sample_batch(graphdef, params, tokens_BxT, valid_BxT, key_data_Bx2, max_new: int, temperature: float, top_p: float,
             eos_E):
     keys = jax.random.wrap_key_data(key_data_Bx2)
     return sample_tokens(graphdef, params, tokens_BxT, valid_BxT, keys, max_new, temperature, top_p, eos_E)
@@ -224,7 +224,7 @@ class OnPolicy:
         tokens, valid = left_pad(prompts, self.cfg.bucket)
         jax.block_until_ready(params)  # the step before must finish: its time is training time
         t0 = time.perf_counter()
-        out = _sample(self.graphdef, params, self._to_mesh(tokens), self._to_mesh(valid), self._to_mesh(key_data),
+        out = sample_batch(self.graphdef, params, self._to_mesh(tokens), self._to_mesh(valid), self._to_mesh(key_data),
                       self.cfg.max_new_tokens, float(self.cfg.temperature), float(self.cfg.top_p),
                       jnp.asarray(self.eos or [-1], jnp.int32))
         out = np.asarray(multihost_utils.process_allgather(out, tiled=True))
