@@ -54,7 +54,7 @@ def test_dry_run_compiles_for_the_slice(entry):
     assert s["compiled"]["total_bytes"] > 0 and s["compiled"]["argument_bytes"] > 0
     assert s["device_memory"] == 16 * 2**30 and "v5e HBM" in text
     assert s["devices"] == 4 and s["cost"]["flops"] > 0 and s["roofline"]["floor_s"] > 0
-    assert "not a measured speed" in text and "compiled for TPU v5e:2x2" in text
+    assert "not a measured speed" in text and "compiled for v5e:2x2 (4 TPU v5 lite chips) by libtpu's" in text
 
 
 def test_without_libtpu_one_clear_line(monkeypatch):
@@ -67,8 +67,8 @@ def test_without_libtpu_one_clear_line(monkeypatch):
 
 
 def test_on_policy_dry_run_compiles_the_sampler_too():
-    cfg = _tiny("student.attention=blockwise", "teacher.attention=blockwise", "teacher.mode=online", "teacher.init=random",
-                "train.on_policy.fraction=0.5", "train.on_policy.max_new_tokens=32")
+    cfg = _tiny("student.attention=blockwise", "teacher.attention=blockwise", "teacher.mode=online",
+                "teacher.init=random", "train.on_policy.fraction=0.5", "train.on_policy.max_new_tokens=32")
     out = io.StringIO()
     s = dryrun.report(cfg, "train", out=out, topology=tl.parse("v5e:2x2"))
     sampler = s["sampler"]
@@ -76,3 +76,37 @@ def test_on_policy_dry_run_compiles_the_sampler_too():
     assert sampler["while_sampling_bytes"] == (s["compiled"]["argument_bytes"] + sampler["compiled"]["temp_bytes"]
                                                + sampler["compiled"]["output_bytes"])
     assert "on-policy sampler (8 prompts of 64 tokens" in out.getvalue()
+
+
+@pytest.mark.slow
+def test_h100_compile_only_with_cudnn_attention(tmp_path):
+    """`--topology h100:2` with the CUDA plugin (installed here into a folder of its own, as the `cuda`
+    extra pins it; the test environment stays without it): the train step compiled by XLA's GPU
+    compiler with cuDNN attention, and one clear line without the plugin."""
+    import subprocess
+    import sys
+    plugin = tmp_path / "plugin"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-compile", "--no-deps", "-c",
+                    os.path.join(ROOT, "constraints.txt"), "--target", str(plugin), "jax-cuda12-pjrt",
+                    "jax-cuda12-plugin"], check=True, capture_output=True)
+    args = [sys.executable, "-m", "kd_jax.train", "--config", os.path.join(ROOT, "configs", "tiny_llama.yaml"),
+            "--topology", "h100:2", "student.dtype=bfloat16", "student.attention=cudnn", "train.global_batch_size=8",
+            "mesh.data=-1"]
+    env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS")}
+    out = subprocess.run(args, env={**env, "PYTHONPATH": f"{plugin}:{ROOT}"}, capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "compiled for h100:2 (2 NVIDIA H100 80GB HBM3 chips) by XLA's GPU compiler" in out.stdout
+    assert '"platform": "gpu"' in out.stdout and '"attention": {"student": "cudnn"}' in out.stdout
+    probe = ("import os; os.environ['JAX_SKIP_CUDA_CONSTRAINTS_CHECK'] = '1'; import jax, jax.numpy as jnp; "
+             "from kd_jax.core import topology as tl; d = tl.devices(tl.parse('h100:1'))[0]; "
+             "q = jax.ShapeDtypeStruct((1, 256, 4, 64), jnp.bfloat16, sharding=jax.sharding.SingleDeviceSharding(d)); "
+             "f = lambda q: jax.nn.dot_product_attention(q, q, q, implementation='cudnn', is_causal=True).sum(); "
+             "print('__cudnn$fmha' in jax.jit(jax.grad(f)).lower(q).compile().as_text())")
+    cudnn = subprocess.run([sys.executable, "-c", probe], env={**env, "JAX_PLATFORMS": "cpu",
+                                                              "PYTHONPATH": f"{plugin}:{ROOT}"},
+                           capture_output=True, text=True, cwd=ROOT)
+    assert cudnn.stdout.strip() == "True", cudnn.stderr[-2000:]
+    missing = subprocess.run(args, env={**env, "PYTHONPATH": ROOT}, capture_output=True, text=True, cwd=ROOT)
+    assert missing.returncode == 1 and missing.stderr.strip().splitlines()[-1] == (
+        "error: --topology h100:2 compiles with XLA's GPU compiler in the CUDA plugin, which is not installed: "
+        "pip install -e '.[cuda]' (or drop --topology)")

@@ -60,9 +60,13 @@ def parse_command(argv: list[str] | None = None, description: str = "kd_jax", *,
     args = parser.parse_intermixed_args(argv)
     if getattr(args, "max_seq_len", False) or getattr(args, "topology", None):
         args.dry_run = True
-    if getattr(args, "topology", None) and "JAX_PLATFORMS" not in os.environ:
-        import jax  # a compile for a TPU slice runs on this machine's CPU: no local accelerator is started
-        jax.config.update("jax_platforms", "cpu")
+    if getattr(args, "topology", None):
+        # A compile for a TPU slice or GPU host runs on this machine's CPU: no local accelerator is
+        # started, and the CUDA plugin registers without CUDA (kd_jax/core/topology.py).
+        os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
+        if "JAX_PLATFORMS" not in os.environ:
+            import jax
+            jax.config.update("jax_platforms", "cpu")
     flagged = [f"{key}={json.dumps(getattr(args, dest))}" for dest, key in (flag_keys or {}).items()
                if getattr(args, dest, None) is not None]
     try:

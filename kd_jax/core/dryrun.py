@@ -448,9 +448,9 @@ def compiled_sampler(cfg: Config, model_cfg: DecoderConfig, mesh):
 
 
 def device_memory(cfg: Config, topology: topology_lib.Topology | None = None) -> tuple[int | None, str]:
-    """Bytes of one device's memory: the --topology chip's HBM, else mesh.device_memory_gib, else
-    what the local device reports."""
-    if topology is not None:
+    """Bytes of one device's memory: mesh.device_memory_gib (what a run may use), else the --topology
+    chip's HBM, else what the local device reports."""
+    if topology is not None and cfg.mesh.device_memory_gib is None:
         return int(topology.chip.hbm_gib * GiB), f"{topology.chip.name} HBM"
     if cfg.mesh.device_memory_gib is not None:
         return int(cfg.mesh.device_memory_gib * GiB), "mesh.device_memory_gib"
@@ -518,7 +518,8 @@ def compile_stand_in(model_cfg: DecoderConfig, compiler: str | None = None) -> t
 def target(cfg: Config, entry: str, topology: topology_lib.Topology | None = None) -> Target | None:
     """The models and mesh of a dry run of `entry` (on `topology`'s chips when given); None for a
     precompute that runs no teacher (a tokens-only store, data.top_k=0, or precompute.import_logprobs)."""
-    platform, platform_from = ("tpu", f"--topology {topology.name}") if topology else target_platform(cfg)
+    platform, platform_from = ((topology.chip.platform, f"--topology {topology.name}") if topology
+                               else target_platform(cfg))
     teacher_cfg = teacher_where = None
     if entry == "train":
         model_cfg, where = model_config(cfg.student, "student", cfg.teacher)
@@ -598,8 +599,8 @@ def _compile_for_topology(cfg: Config, t: Target, est: dict, p, summary: dict,
     if t.entry == "precompute":  # each host runs the teacher on its own chips
         devices = [d for d in devices if d.process_index == devices[0].process_index]
     real = sharding.mesh_from_config(cfg.mesh, devices=devices)
-    compiled_cfg, note = compile_stand_in(t.model_cfg, "tpu")
-    compiled_teacher = compile_stand_in(t.teacher_cfg, "tpu")[0] if t.teacher_cfg is not None else None
+    compiled_cfg, note = compile_stand_in(t.model_cfg, t.platform)
+    compiled_teacher = compile_stand_in(t.teacher_cfg, t.platform)[0] if t.teacher_cfg is not None else None
     t0 = time.perf_counter()
     if t.entry == "train":
         compiled = compiled_train(cfg, compiled_cfg, real, compiled_teacher)
@@ -617,8 +618,9 @@ def _compile_for_topology(cfg: Config, t: Target, est: dict, p, summary: dict,
     seconds = time.perf_counter() - t0
     mem, cost = compiled_memory(compiled), topology_lib.cost(compiled)
     analytic = analytic_total({k: v for k, v in est.items() if not k.startswith("_")})
-    p(f"per-chip memory of the {what}, compiled for TPU {topology.name} ({len(devices)} {topology.chip.name} chips) "
-      f"by libtpu's XLA compiler in {seconds:.0f} s (memory_analysis, GiB" + (f"; {note}" if note else "") + "):")
+    compiler = "libtpu's XLA TPU compiler" if t.platform == "tpu" else "XLA's GPU compiler (CUDA plugin)"
+    p(f"per-chip memory of the {what}, compiled for {topology.name} ({len(devices)} {topology.chip.device_kind} "
+      f"chips) by {compiler} in {seconds:.0f} s (memory_analysis, GiB" + (f"; {note}" if note else "") + "):")
     for k, v in mem.items():
         p(f"  {k:<48}{_gib(v)}")
     p(f"  {'analytic total (above)':<48}{_gib(analytic)}  (compiled / analytic = {mem['total_bytes'] / analytic:.2f})")

@@ -1,13 +1,14 @@
-"""TPU slices as compile targets on any machine: `--topology v5e:4x8` for the dry run.
+"""TPU slices and GPU hosts as compile targets on any machine: `--topology v5e:4x8` for the dry run.
 
 With libtpu installed (`pip install -e '.[tpu]'`), `jax.experimental.topologies.get_topology_desc`
 gives a slice's chips as devices the real XLA TPU compiler compiles for, ahead of time, on a CPU
-(as MaxText's train_compile.py does). The compiled program's `memory_analysis()` is what a chip
+(as MaxText's train_compile.py does); with the CUDA PJRT plugin (`pip install -e '.[cuda]'`, no CUDA
+libraries), `h100:8` gives compile-only H100s the same way. The compiled program's `memory_analysis()` is what a chip
 would hold and `cost_analysis()` the FLOPs and HBM bytes the compiler counts; `roofline` turns
 those into a floor of the step time. Both are the compiler's accounting, not a measured speed.
 
-CHIPS: per-chip HBM, dense bf16 peak and HBM bandwidth from Google Cloud's TPU pages (2026-12);
-the peak is kd_jax/core/flops.py's.
+CHIPS: per-chip HBM, dense bf16 peak and HBM bandwidth from Google Cloud's TPU pages and NVIDIA's
+H100 SXM data sheet (2026-12); the peak is kd_jax/core/flops.py's.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ class Chip:
     device_kind: str  # jax's device_kind of its devices
     hbm_gib: float
     hbm_bytes_per_s: float
+    platform: str = "tpu"
 
     @property
     def peak_flops(self) -> float:
@@ -45,8 +47,27 @@ CHIPS = {c.name: c for c in (
     Chip("v5e", "TPU v5 lite", 16, 819e9),
     Chip("v5p", "TPU v5", 95, 2765e9),
     Chip("v6e", "TPU v6 lite", 32, 1640e9),
+    Chip("h100", "NVIDIA H100 80GB HBM3", 84978434048 / 2**30, 3.35e12, "gpu"),  # SXM
 )}
-_NAME = re.compile(r"^(v5e|v5p|v6e):(\d+(?:x\d+){1,2})$")
+_NAME = re.compile(r"^(v5e|v5p|v6e):(\d+(?:x\d+){1,2})$|^(h100):(\d+(?:x\d+)?)$")
+
+# The H100 SXM as XLA's GPU compiler sees it (a GpuTargetConfig text proto, after XLA's
+# h100_sxm.txtpb): with it the CUDA PJRT plugin makes compile-only devices, no GPU or CUDA needed.
+H100_TARGET_CONFIG = """
+gpu_device_info {
+  threads_per_block_limit: 1024 threads_per_warp: 32
+  shared_memory_per_block: 49152 shared_memory_per_core: 233472
+  threads_per_core_limit: 2048 core_count: 132 fpus_per_core: 128
+  block_dim_limit_x: 2147483647 block_dim_limit_y: 65535 block_dim_limit_z: 65535
+  memory_bandwidth: 3352320000000 l2_cache_size: 52428800 clock_rate_ghz: 1.98
+  device_memory_size: 84978434048 shared_memory_per_block_optin: 232448
+  cuda_compute_capability { major: 9 }
+  registers_per_core_limit: 65536 registers_per_block_limit: 65536
+}
+platform_name: "CUDA"
+dnn_version_info { major: 9 minor: 3 }
+device_description_str: "NVIDIA H100 80GB HBM3"
+"""
 _HOST = (2, 2, 1)  # chips per host the slice is described with (the compile does not depend on it)
 
 
@@ -61,8 +82,11 @@ class Topology:
         return math.prod(self.dims)
 
     @property
-    def host(self) -> tuple[int, int, int]:
-        """Chips per host along each axis, as the slice is described (`_HOST`, within the slice)."""
+    def host(self) -> tuple[int, ...]:
+        """Chips per host along each axis, as the slice is described (`_HOST`, within the slice; a GPU
+        host holds the last number of h100:HOSTSxN)."""
+        if self.chip.platform == "gpu":
+            return (self.dims[-1],)
         dims = self.dims + (1,) * (3 - len(self.dims))
         return tuple(min(h, d) for h, d in zip(_HOST, dims))
 
@@ -72,17 +96,21 @@ class Topology:
 
 
 def parse(name: str) -> Topology:
-    """`v5e:4x8` -> Topology; a clear error listing the supported chips otherwise."""
+    """`v5e:4x8` (TPU chips along the slice's axes), `h100:8` / `h100:2x8` (hosts x GPUs) -> Topology;
+    a clear error listing the supported chips otherwise."""
     m = _NAME.match(name.strip())
     if not m:
         raise TopologyError(f"--topology {name!r}: expected CHIP:AxB (v5e, v6e) or CHIP:AxBxC (v5p), e.g. "
-                            f"v5e:4x8 (a v5e-32) or v5p:2x2x2; supported chips: {', '.join(CHIPS)}")
-    dims = tuple(int(d) for d in m.group(2).split("x"))
-    return Topology(name.strip(), CHIPS[m.group(1)], dims)
+                            f"v5e:4x8 (a v5e-32) or v5p:2x2x2, or h100:N / h100:HOSTSxN (GPUs per host); "
+                            f"supported chips: {', '.join(CHIPS)}")
+    chip, dims = (m.group(1), m.group(2)) if m.group(1) else (m.group(3), m.group(4))
+    return Topology(name.strip(), CHIPS[chip], tuple(int(d) for d in dims.split("x")))
 
 
 def devices(topology: Topology) -> list:
     """The slice's chips as compile-only jax devices (they run nothing)."""
+    if topology.chip.platform == "gpu":
+        return _gpu_devices(topology)
     if importlib.util.find_spec("libtpu") is None:
         raise TopologyError(f"--topology {topology.name} compiles with the TPU compiler in libtpu, which is not "
                             f"installed: pip install -e '.[tpu]' (or drop --topology)")
@@ -97,6 +125,29 @@ def devices(topology: Topology) -> list:
         else:
             return list(desc.devices)
     raise TopologyError(f"--topology {topology.name}: libtpu could not describe this slice: {error}")
+
+
+def _gpu_devices(topology: Topology) -> list:
+    """Compile-only H100s from the CUDA PJRT plugin and H100_TARGET_CONFIG (openxla/xla PR 16913).
+    Without CUDA on the machine the plugin registers only when its version check is skipped
+    (JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1, which kd_jax.base.cli sets for --topology before jax starts)."""
+    if importlib.util.find_spec("jax_plugins.xla_cuda12") is None:
+        raise TopologyError(f"--topology {topology.name} compiles with XLA's GPU compiler in the CUDA plugin, which "
+                            f"is not installed: pip install -e '.[cuda]' (or drop --topology)")
+    from jax.experimental import topologies
+    hosts = topology.dims[0] if len(topology.dims) == 2 else 1
+    with tempfile.TemporaryFile() as log, _stderr_to(log):  # the plugin's "no CUDA driver" notice
+        try:
+            desc = topologies.get_topology_desc(platform="cuda", target_config=H100_TARGET_CONFIG,
+                                                topology=f"1x{hosts}x{topology.dims[-1]}")
+        except Exception as e:  # noqa: BLE001 - the plugin's own message names the problem
+            raise TopologyError(f"--topology {topology.name}: the CUDA plugin could not describe these GPUs: "
+                                f"{str(e).strip().splitlines()[0]}") from None
+    # cuDNN attention asks libcudnn for its version while tracing; none is here, and nothing runs:
+    # the version the target config names (9.3) stands in.
+    from jax._src.cudnn import fused_attention_stablehlo
+    fused_attention_stablehlo.check_cudnn_version = lambda: 90300
+    return list(desc.devices)
 
 
 @contextlib.contextmanager

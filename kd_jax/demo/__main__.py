@@ -10,7 +10,10 @@ from __future__ import annotations
 import os
 import sys
 
-# One CPU device per core (at most 8, a power of two): data parallel on CPU. (Before jax starts.)
+# The demo runs on CPU (its budget is planned there; libtpu or a CUDA plugin in the environment would
+# otherwise be probed for hardware that is not here). One CPU device per core (at most 8, a power
+# of two): data parallel on CPU. (Before jax starts.)
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 if "jax" not in sys.modules and "device_count" not in os.environ.get("XLA_FLAGS", ""):
     _n = 1 << (min(os.cpu_count() or 1, 8).bit_length() - 1)
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={_n}")
