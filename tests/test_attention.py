@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from kd_jax.base import sharding
 from kd_jax.models import attention as attn
 from kd_jax.models import decoder
 
@@ -179,6 +180,56 @@ def test_splash(T, N, K, H, window):
     masks = (seg, seg, pos, pos)
     assert_same(run("splash", q, k, v, do, masks, window, block_q=128, block_kv=128),
                 run("xla", q, k, v, do, masks, window), **F32_TOL)
+
+
+@pytest.mark.parametrize("mesh_shape,N,K", [
+    ((2, 1, 2), 4, 2),  # batch over data, query and kv heads over tensor
+    ((2, 1, 4), 4, 2),  # 2 kv heads do not divide by tensor=4: each device takes its query head's kv head
+    ((2, 1, 3), 6, 2),  # 2 query heads per device, groups of 3: one kv head per query head (jnp.take)
+    ((1, 2, 4), 2, 1),  # MQA, 2 query heads do not divide by tensor=4: heads whole, batch over fsdp
+])
+def test_splash_sharded(mesh_shape, N, K):
+    """Under a (data, fsdp, tensor) mesh splash runs in shard_map (batch over data x fsdp, heads over
+    tensor where they divide): output and gradients equal the unsharded xla reference. Interpret
+    mode on the CPU devices; about 1 s each."""
+    B, T, H = 2, 256, 32
+    mesh = sharding.make_mesh(*mesh_shape, devices=jax.devices()[:np.prod(mesh_shape)])
+    seg, pos = packed_rows(B, T, pad=20, seed=N + K)
+    q, k, v, do = qkv(B, T, T, N, K, H, seed=N)
+    masks = (seg, seg, pos, pos)
+
+    def f(q, k, v, do, q_seg, kv_seg, q_pos, kv_pos):
+        o, vjp = jax.vjp(lambda q, k, v: attn.attention(
+            q, k, v, q_segment_BxT=q_seg, kv_segment_BxS=kv_seg, q_pos_BxT=q_pos, kv_pos_BxS=kv_pos,
+            window=None, implementation="splash", block_q=128, block_kv=128), q, k, v)
+        return o, vjp(do)
+
+    with jax.set_mesh(mesh):
+        assert "shard_map" in str(jax.make_jaxpr(f)(q, k, v, do, *masks))
+        got = jax.jit(f, compiler_options=FAST_COMPILE)(q, k, v, do, *masks)
+    assert_same(got, run("xla", q, k, v, do, masks, None), **F32_TOL)
+
+
+def test_splash_refuses_tiles_off_128():
+    """splash's kernel takes tiles that are multiples of 128 only: another attention_block is an
+    AttentionError naming the setting, at trace time (nothing is compiled)."""
+    q, k, v, _ = qkv(1, 256, 256, 2, 1, 64)
+    seg = jnp.ones((1, 256), jnp.int32)
+    for block in (64, 200):
+        with pytest.raises(attn.AttentionError, match=f"multiples of 128.*attention_block={block}"):
+            jax.eval_shape(lambda q, k, v, block=block: attn.attention(
+                q, k, v, q_segment_BxT=seg, kv_segment_BxS=seg, q_pos_BxT=seg, kv_pos_BxS=seg, window=None,
+                implementation="splash", block_q=block, block_kv=block), q, k, v)
+
+
+@pytest.mark.parametrize("impl", ["splash", "blockwise", "xla"])
+def test_query_heads_must_group_over_kv_heads(impl):
+    """3 query heads over 2 kv heads: an AttentionError naming the architecture's head counts."""
+    q, k, v, _ = qkv(1, 128, 128, 3, 2, 64)
+    seg = jnp.ones((1, 128), jnp.int32)
+    with pytest.raises(attn.AttentionError, match="num_attention_heads / num_key_value_heads"):
+        attn.attention(q, k, v, q_segment_BxT=seg, kv_segment_BxS=seg, q_pos_BxT=seg, kv_pos_BxS=seg, window=None,
+                       implementation=impl)
 
 
 def test_splash_refuses_decode():

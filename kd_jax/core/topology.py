@@ -114,6 +114,8 @@ def devices(topology: Topology) -> list:
     if importlib.util.find_spec("libtpu") is None:
         raise TopologyError(f"--topology {topology.name} compiles with the TPU compiler in libtpu, which is not "
                             f"installed: pip install -e '.[tpu]' (or drop --topology)")
+    # libtpu takes a lockfile per machine; several compile-only users (a dry run beside the tests) may share it
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     from jax.experimental import topologies
     with tempfile.TemporaryFile() as log, _stderr_to(log):  # libtpu's start-up warnings: no TPU VM here
         try:

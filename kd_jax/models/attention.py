@@ -43,7 +43,11 @@ Implementations (IMPLEMENTATIONS; "auto" picks by jax.default_backend(), see `re
                jit that reduction is one small all-reduce per tile).
   "splash"     TPU Pallas splash attention (interpret mode off TPU, for tests): self-attention only
                (T == S; ValueError for decode against a cache), index-causal masks (see _splash),
-               T padded internally to a multiple of 128. Memory O(T x block), like blockwise.
+               T padded internally to a multiple of 128, tiles (block_q / block_kv) multiples of 128
+               (AttentionError otherwise); any head dim. Under kd_jax's (data, fsdp, tensor) mesh it
+               runs in jax.shard_map (a Mosaic call GSPMD cannot partition): batch over data x fsdp,
+               heads over tensor. Memory O(T x block), like blockwise; no [T, T] buffer (checked in
+               the program the TPU compiler makes: tests/test_tpu_compile.py).
   "cudnn"      jax.nn.dot_product_attention(implementation="cudnn"), GPU only (bf16/fp16, head dim
                a multiple of 8, <= 128 before Hopper, <= 256 from it), self-attention only
                (ValueError for decode against a cache). cuDNN has no segment ids: packed rows cost
@@ -59,9 +63,11 @@ import math
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from kd_jax.base.errors import KDJaxError
 from kd_jax.base.schema import ATTENTION
+from kd_jax.base.sharding import MESH_AXES, logical_to_spec
 
 IMPLEMENTATIONS = ATTENTION  # ("auto", "xla", "blockwise", "splash", "cudnn"), the config's choices
 
@@ -107,7 +113,8 @@ def attention_mask(q_segment_BxT: jax.Array, kv_segment_BxS: jax.Array, q_pos_Bx
 
 
 class AttentionError(KDJaxError, ValueError):
-    """An attention implementation this machine cannot run (student.attention / teacher.attention)."""
+    """An attention implementation this machine cannot run, or a setting it refuses (student.attention /
+    teacher.attention, attention_block, the heads of the architecture)."""
 
 
 def _cannot_run(implementation: str, platform: str) -> AttentionError:
@@ -144,7 +151,9 @@ def attention(q_BxTxNxH: jax.Array, k_BxSxKxH: jax.Array, v_BxSxKxH: jax.Array, 
         raise ValueError(f"attention: q {q_BxTxNxH.shape}, k {k_BxSxKxH.shape}, v {v_BxSxKxH.shape}; "
                          f"want q [B, T, N, H] and k, v [B, S, K, H]")
     if N % K:
-        raise ValueError(f"attention: {N} query heads is not a multiple of {K} kv heads")
+        raise AttentionError(f"attention: {N} query heads is not a multiple of {K} kv heads (GQA groups whole query "
+                             f"heads per kv head): fix num_attention_heads / num_key_value_heads of "
+                             f"student.architecture / teacher.architecture")
     for name, x, shape in (("q_segment", q_segment_BxT, (B, T)), ("q_pos", q_pos_BxT, (B, T)),
                            ("kv_segment", kv_segment_BxS, (B, S)), ("kv_pos", kv_pos_BxS, (B, S))):
         if x.shape != shape:
@@ -323,31 +332,75 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 # --- "splash": TPU Pallas splash attention ---------------------------------------------------
 
+SPLASH_LANES = 128  # splash's tiles (block_q, block_kv) are multiples of the TPU lane width; T is padded to it
+
+
 def _splash_block(length: int, block: int) -> int:
-    """The largest multiple of 128 that is <= max(block, 128) and divides `length` (a multiple of 128)."""
-    b = max(128, block // 128 * 128)
+    """The largest multiple of 128 that is <= `block` and divides `length` (a multiple of 128).
+    AttentionError unless `block` is a positive multiple of 128: splash refuses other tiles."""
+    if block < SPLASH_LANES or block % SPLASH_LANES:
+        raise AttentionError(
+            f"attention 'splash' takes tiles that are multiples of {SPLASH_LANES} (the TPU lane width; its "
+            f"kernel refuses block_q / block_kv of other sizes), got attention_block={block} "
+            f"(kd_jax.models.decoder.DecoderConfig.attention_block): use 128, 256, 512, ...")
+    b = block
     while length % b:
-        b -= 128
+        b -= SPLASH_LANES
     return b
 
 
 @functools.lru_cache(maxsize=64)
-def _splash_kernel(N: int, K: int, T: int, window: int | None, bq: int, bkv: int, interpret: bool):
-    """A splash kernel for [N, T, H] queries and K kv heads over T keys (built once per shape)."""
+def _splash_mask(N: int, T: int, window: int | None):
+    """splash's index mask for N heads over T queries and keys (a lazy description, no [T, T] array)."""
     from jax.experimental.pallas.ops.tpu import splash_attention as sa
 
     if window is None:
         head_mask = sa.CausalMask((T, T))
     else:  # keys at index distance 0 .. window - 1 back: causal and local in one mask
         head_mask = sa.LocalMask((T, T), window_size=(window - 1, 0), offset=0)
-    mask = sa.MultiHeadMask(tuple(head_mask for _ in range(N)))
+    return sa.MultiHeadMask(tuple(head_mask for _ in range(N)))
+
+
+def _splash_kernel(N: int, K: int, T: int, window: int | None, bq: int, bkv: int, interpret: bool):
+    """A splash kernel for [N, T, H] queries and K kv heads over T keys, made inside the trace that
+    calls it (as MaxText does). Its mask info (the block tables) is computed in numpy by splash's
+    process_mask (cached by jax) and turned into arrays by jnp.array, which inside a trace stages
+    them as constants of the program: never device arrays made at trace time, so the kernel also
+    traces under a mesh of compile-only TPU devices (a topology on a CPU). Not cached itself: its
+    arrays belong to the trace that made it."""
+    from jax.experimental.pallas.ops.tpu import splash_attention as sa
+
     blocks = sa.BlockSizes(block_q=bq, block_kv=bkv, block_kv_compute=bkv, block_q_dkv=bq, block_kv_dkv=bkv,
                            block_kv_dkv_compute=bkv, block_q_dq=bq, block_kv_dq=bkv)
     make = sa.make_splash_mqa if K == 1 else sa.make_splash_mha
-    # The kernel holds the mask's block tables as arrays; build them eagerly so that a kernel first
-    # made inside a jit trace can be reused by the next one.
-    with jax.ensure_compile_time_eval():
-        return make(mask, block_sizes=blocks, head_shards=1, q_seq_shards=1, interpret=interpret)
+    return make(_splash_mask(N, T, window), block_sizes=blocks, head_shards=1, q_seq_shards=1, interpret=interpret)
+
+
+def _splash_platform() -> str:
+    """The platform splash is traced for: the current mesh's devices (a TPU topology compiled on a
+    CPU says "tpu"), else jax.default_backend()."""
+    mesh = jax.sharding.get_abstract_mesh()
+    device = None if mesh.empty else mesh.abstract_device
+    return device.platform if device is not None else jax.default_backend()
+
+
+def _splash_mesh():
+    """The current (abstract) mesh when it is kd_jax's (data, fsdp, tensor) mesh and none of its axes
+    is manual yet; None otherwise (no mesh: splash runs as one program)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not set(MESH_AXES) <= set(mesh.axis_names) or mesh.manual_axes:
+        return None
+    return mesh
+
+
+def _local_kv(x_BxSxKxH, n_local: int, G: int, axis):
+    """The kv heads of this device's n_local query heads, when the query heads are split over mesh
+    `axis` and the K kv heads are not (K does not divide by it; so n_local is not a multiple of G):
+    device i holds query heads i * n_local .. and query head n reads kv head n // G."""
+    i = jax.lax.axis_index(axis)
+    if G % n_local == 0:  # all of them in one group: one kv head
+        return jax.lax.dynamic_slice_in_dim(x_BxSxKxH, (i * n_local) // G, 1, axis=2)
+    return jnp.take(x_BxSxKxH, (i * n_local + jnp.arange(n_local)) // G, axis=2)  # one kv head per query head
 
 
 def _splash(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, q_segment_BxT, kv_segment_BxS, window, block_q, block_kv):
@@ -361,20 +414,63 @@ def _splash(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, q_segment_BxT, kv_segment_BxS, wind
 
     T is padded to a multiple of 128 (the kernel's lane width) with segment -1: padded rows attend
     themselves only, and no real row sees them. Tiles are the largest multiples of 128 up to
-    block_q / block_kv dividing the padded length. Off TPU the kernel runs in Pallas interpret
-    mode (slow; tests only). Splash calls a query row with no key an undefined softmax: it cannot
-    happen in self-attention of packed rows (every token sees itself); it gave finite values in
-    interpret mode, unchecked on a TPU."""
-    B, T, N, H = q_BxTxNxH.shape
+    block_q / block_kv dividing the padded length; block_q / block_kv (attention_block) must be
+    multiples of 128 (AttentionError). Off TPU the kernel runs in Pallas interpret mode (slow;
+    tests only); "TPU" is the current mesh's devices when a mesh is set (a TPU topology compiled
+    on a CPU), else jax.default_backend().
+
+    Under kd_jax's (data, fsdp, tensor) mesh (jax.set_mesh) splash is a Mosaic custom call that
+    GSPMD cannot partition, so it runs in jax.shard_map over the mesh, sharded as the decoder's
+    activations are (kd_jax.base.sharding's rules): the batch over the data and fsdp axes, query
+    heads over tensor when they divide by it, kv heads likewise; when the kv heads do not divide
+    and the query heads do, each device takes the kv heads of its query heads (_local_kv). A mesh
+    axis a dimension does not divide by leaves that dimension whole (computed on every device of
+    that axis). The sequence is never split.
+
+    Splash calls a query row with no key an undefined softmax: it cannot happen in self-attention
+    of packed rows (every token sees itself); it gave finite values in interpret mode, unchecked
+    on a TPU."""
+    T, N = q_BxTxNxH.shape[1], q_BxTxNxH.shape[2]
     S, K = k_BxSxKxH.shape[1], k_BxSxKxH.shape[2]
     if T != S:
         raise ValueError(f"attention: 'splash' needs self-attention (T == S), got T={T} queries against S={S} "
                          f"keys (decode against a cache); use 'blockwise' or 'xla' for those calls")
+    Tp = -(-T // SPLASH_LANES) * SPLASH_LANES
+    bq, bkv = _splash_block(Tp, block_q), _splash_block(Tp, block_kv)
+    interpret = _splash_platform() != "tpu"
+    local = functools.partial(_splash_local, window=window, bq=bq, bkv=bkv, interpret=interpret)
+    mesh = _splash_mesh()
+    if mesh is None:
+        return local(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, q_segment_BxT, kv_segment_BxS)
+
+    q_spec = logical_to_spec(("act_batch", None, "act_heads", None), q_BxTxNxH.shape, mesh)
+    kv_spec = logical_to_spec(("act_batch", None, "act_kv_heads", None), k_BxSxKxH.shape, mesh)
+    segment_spec = P(q_spec[0], None)
+    heads_axis = q_spec[2]
+    n_local = N // math.prod(mesh.shape[a] for a in ((heads_axis,) if isinstance(heads_axis, str) else
+                                                     heads_axis or ()))
+    select_kv = heads_axis is not None and kv_spec[2] is None  # query heads split, kv heads whole
+
+    def body(q, k, v, q_seg, kv_seg):
+        if select_kv:
+            k, v = (_local_kv(x, n_local, N // K, heads_axis) for x in (k, v))
+        return local(q, k, v, q_seg, kv_seg)
+
+    return jax.shard_map(body, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, segment_spec, segment_spec),
+                         out_specs=q_spec, check_vma=False)(
+        q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, q_segment_BxT, kv_segment_BxS)
+
+
+def _splash_local(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, q_segment_BxT, kv_segment_BxS, *, window, bq, bkv,
+                  interpret):
+    """Splash on one device's arrays (the whole arrays without a mesh): pads T to the tiles' 128,
+    transposes to splash's [N, T, H], vmaps the kernel over the batch."""
     from jax.experimental.pallas.ops.tpu import splash_attention as sa
 
-    Tp = -(-T // 128) * 128
-    kernel = _splash_kernel(N, K, Tp, window, _splash_block(Tp, block_q), _splash_block(Tp, block_kv),
-                            jax.default_backend() != "tpu")
+    _, T, N, H = q_BxTxNxH.shape
+    K = k_BxSxKxH.shape[2]
+    Tp = -(-T // SPLASH_LANES) * SPLASH_LANES
+    kernel = _splash_kernel(N, K, Tp, window, bq, bkv, interpret)
     scale = 1.0 / math.sqrt(H)
     q = (_pad_to(q_BxTxNxH, Tp, 0).astype(jnp.float32) * scale).astype(q_BxTxNxH.dtype).transpose(0, 2, 1, 3)
     k_BxKxSxH = _pad_to(k_BxSxKxH, Tp, 0).transpose(0, 2, 1, 3)
