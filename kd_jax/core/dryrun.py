@@ -46,8 +46,9 @@ from jax.sharding import AbstractMesh
 from kd_jax.base import sharding
 from kd_jax.base.errors import KDJaxError
 from kd_jax.base.schema import Config, ModelSource
+from kd_jax.core import hlo_cost
 from kd_jax.core import topology as topology_lib
-from kd_jax.core.flops import forward_flops_per_token, train_flops_per_token
+from kd_jax.core.flops import attention_flops_per_token, forward_flops_per_token, train_flops_per_token
 from kd_jax.core.onpolicy import sample_batch
 from kd_jax.core.precompute import topk_logprobs
 from kd_jax.core.state import abstract_params, abstract_train_state
@@ -631,18 +632,44 @@ def _compile_for_topology(cfg: Config, t: Target, est: dict, p, summary: dict,
         p(f"  {k:<48}{_gib(v)}")
     p(f"  {'analytic total (above)':<48}{_gib(analytic)}  (compiled / analytic = {resident / analytic:.2f})")
     summary.update(topology=topology.name, chip=topology.chip.name, compile_seconds=round(seconds, 1), compiled=mem)
-    if cost:
-        roof = topology_lib.roofline(topology.chip, cost["flops"], cost["bytes_accessed"], tokens, model_flops,
-                                     len(devices))
-        p(f"the compiler's cost per chip per call: {cost['flops']:.3e} FLOPs (model FLOPs 6·P + 3·A per chip: "
-          f"{model_flops / len(devices):.3e}; the rest is rematerialization and work the model count leaves out), "
-          f"{cost['bytes_accessed']:.3e} bytes of HBM traffic")
-        chip = topology.chip
-        p(f"roofline floor (the compiler's accounting, not a measured speed): FLOPs / {chip.peak_flops / 1e12:.0f}"
-          f" TFLOP/s = {roof['compute_s']:.3f} s, bytes / {chip.hbm_bytes_per_s / 1e9:.0f} GB/s = "
-          f"{roof['memory_s']:.3f} s: at least {roof['floor_s']:.3f} s a call ({roof['bound']}-bound), so at most "
-          f"{roof['tokens_per_s']:,.0f} tokens/s on the slice and MFU at most {roof['mfu']:.1%}")
-        summary.update(cost=cost, model_flops=model_flops, roofline=roof)
+    # Counted from the compiled program with every loop body times its trip count (kd_jax/core/hlo_cost.py):
+    # cost_analysis() counts a scan's body once, so a layer scan reports about one layer's work.
+    walked = hlo_cost.program_cost(compiled.as_text())
+    flops = walked["flops"]
+    blind = sorted({c["target"] for c in walked["custom_calls"] if "cost_estimate" not in c})
+    kernel_flops = 0.0
+    if blind and "splash" in (t.model_cfg.attention, getattr(t.teacher_cfg, "attention", None)):
+        # Mosaic's splash kernels carry no cost estimate: their work from the model count (causal)
+        kernel_flops = tokens * (3.0 * attention_flops_per_token(t.model_cfg, T) if t.entry == "train"
+                                 and t.model_cfg.attention == "splash" else 0.0)
+        if t.entry == "precompute" and t.model_cfg.attention == "splash":
+            kernel_flops = tokens * attention_flops_per_token(t.model_cfg, T)
+        if t.teacher_cfg is not None and t.teacher_cfg.attention == "splash":
+            kernel_flops += tokens * attention_flops_per_token(t.teacher_cfg, T)
+        kernel_flops /= len(devices)
+        flops += kernel_flops
+    roof = topology_lib.roofline(topology.chip, flops, walked["bytes_accessed"], tokens, model_flops, len(devices))
+    per_chip = model_flops / len(devices)
+    said = f", and says {cost['flops']:.3e}" if cost.get("flops") else ""
+    p(f"the compiled program's work per chip per call (every loop body times its trip count, "
+      f"kd_jax/core/hlo_cost.py; the compiler's cost_analysis() counts a loop body once{said}): "
+      f"{walked['flops']:.3e} FLOPs ({walked['matmul_flops']:.3e} in matmuls)"
+      + (f" + {kernel_flops:.3e} in splash's kernels (no cost estimate in them: the model's causal attention "
+         f"FLOPs)" if kernel_flops else "")
+      + f" = {flops / per_chip:.2f}x the model's {'6·P + 3·A' if t.entry == 'train' else '2·P + A'} "
+      f"({per_chip:.3e}; the rest is recomputation under remat, "
+      f"masked attention blocks and elementwise work); {walked['bytes_accessed']:.3e} bytes of HBM traffic"
+      + (f"; custom calls without a cost estimate: {', '.join(blind)}" if blind else "")
+      + (f"; {walked['unknown_trip_counts']} loops of unknown length counted once" if walked["unknown_trip_counts"]
+         else ""))
+    chip = topology.chip
+    p(f"roofline floor (the compiler's accounting, not a measured speed): FLOPs / {chip.peak_flops / 1e12:.0f}"
+      f" TFLOP/s = {roof['compute_s']:.3f} s, bytes / {chip.hbm_bytes_per_s / 1e9:.0f} GB/s = "
+      f"{roof['memory_s']:.3f} s: at least {roof['floor_s']:.3f} s a call ({roof['bound']}-bound), so at most "
+      f"{roof['tokens_per_s']:,.0f} tokens/s on the slice and MFU at most {roof['mfu']:.1%}")
+    summary.update(cost={**{k: walked[k] for k in ("flops", "matmul_flops", "bytes_accessed", "unknown_trip_counts")},
+                         "kernel_flops": kernel_flops, "custom_calls_without_estimate": blind},
+                   compiler_cost_analysis=cost, model_flops=model_flops, roofline=roof)
     if t.entry == "train" and cfg.train.on_policy.fraction > 0:
         t0 = time.perf_counter()
         sampler, rows, prompt_len = compiled_sampler(cfg, compiled_cfg, real)
