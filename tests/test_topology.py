@@ -110,3 +110,12 @@ def test_h100_compile_only_with_cudnn_attention(tmp_path):
     assert missing.returncode == 1 and missing.stderr.strip().splitlines()[-1] == (
         "error: --topology h100:2 compiles with XLA's GPU compiler in the CUDA plugin, which is not installed: "
         "pip install -e '.[cuda]' (or drop --topology)")
+
+
+def test_max_seq_len_confirmed_by_one_compile_for_the_slice():
+    out = io.StringIO()
+    s = dryrun.max_seq_len_report(_tiny("student.architecture.max_position_embeddings=1024"), "train", out=out,
+                                  topology=tl.parse("v5e:2x2"))
+    assert s["max_seq_len"] == 1024 and s["seq_len"] == 1024 and s["compiled"]["total_bytes"] > 0
+    assert "longest data.seq_len that fits: 1024 (the cap)" in out.getvalue()
+    assert "the compiled step confirms it" in out.getvalue()
