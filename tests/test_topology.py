@@ -47,14 +47,15 @@ def test_slice_devices_are_tpu_chips():
 @pytest.mark.parametrize("entry", ["train", "precompute"])
 def test_dry_run_compiles_for_the_slice(entry):
     out = io.StringIO()
-    s = dryrun.report(_tiny("student.attention=blockwise", "teacher.attention=blockwise"), entry, out=out,
-                      topology=tl.parse("v5e:2x2"))
+    s = dryrun.report(_tiny(), entry, out=out, topology=tl.parse("v5e:2x2"))  # attention auto: splash on TPU
     text = out.getvalue()
     assert s["topology"] == "v5e:2x2" and s["platform"] == "tpu" and s["fits"] is True
     assert s["compiled"]["total_bytes"] > 0 and s["compiled"]["argument_bytes"] > 0
     assert s["device_memory"] == 16 * 2**30 and "v5e HBM" in text
     assert s["devices"] == 4 and s["cost"]["flops"] > 0 and s["roofline"]["floor_s"] > 0
     assert "not a measured speed" in text and "compiled for v5e:2x2 (4 TPU v5 lite chips) by libtpu's" in text
+    assert s["attention"][{"train": "student", "precompute": "teacher"}[entry]] == "splash"
+    assert s["cost"]["kernel_flops"] > 0 and s["cost"]["custom_calls_without_estimate"] == ["tpu_custom_call"]
 
 
 def test_without_libtpu_one_clear_line(monkeypatch):
@@ -67,8 +68,8 @@ def test_without_libtpu_one_clear_line(monkeypatch):
 
 
 def test_on_policy_dry_run_compiles_the_sampler_too():
-    cfg = _tiny("student.attention=blockwise", "teacher.attention=blockwise", "teacher.mode=online",
-                "teacher.init=random", "train.on_policy.fraction=0.5", "train.on_policy.max_new_tokens=32")
+    cfg = _tiny("teacher.mode=online", "teacher.init=random", "train.on_policy.fraction=0.5",
+                "train.on_policy.max_new_tokens=32")  # splash in both train steps' forwards, blockwise in prefill
     out = io.StringIO()
     s = dryrun.report(cfg, "train", out=out, topology=tl.parse("v5e:2x2"))
     sampler = s["sampler"]

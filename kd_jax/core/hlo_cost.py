@@ -110,6 +110,7 @@ BOOKKEEPING_TARGETS = frozenset({
     "AllocateBuffer", "AssumeGatherIndicesInBound", "GatherScatterIndicesBitpacked", "Sharding",
     "SPMDFullToShardShape", "SPMDShardToFullShape", "LayoutConstraint", "MoveToHost", "MoveToDevice",
     "annotate_device_placement",
+    "AsyncCollectiveStart", "AsyncCollectiveDone", "ConcatBitcast",  # the TPU compiler's collective plumbing
 })
 
 # Top-level instructions whose bytes are not counted: no data movement of their own, or their
