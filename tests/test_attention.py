@@ -401,3 +401,32 @@ def test_cudnn_without_a_gpu_is_one_line_naming_what_runs_here():
     with pytest.raises(KDJaxError) as err:
         jax.jit(model.hidden_states)(tokens)
     assert str(err.value) == message
+
+
+@pytest.mark.parametrize("mesh_shape, N, K", [((2, 2, 2), 4, 2), ((1, 2, 4), 4, 1)])
+def test_cudnn_sharded_with_xla_standing_in(monkeypatch, mesh_shape, N, K):
+    """Under a (data, fsdp, tensor) mesh "cudnn" runs per device in shard_map (jax's cuDNN
+    partitioning gathered the whole batch and the [B, 1, T, T] mask onto every device: 16 GiB per GPU
+    at 32k tokens, compiled for 8 H100s): with xla standing in for cuDNN, packed and one-segment rows
+    equal the unsharded reference, output and gradients."""
+    real = jax.nn.dot_product_attention
+    monkeypatch.setattr(jax.nn, "dot_product_attention",
+                        lambda *a, implementation=None, **kw: real(*a, implementation="xla", **kw))
+    B, T, H = 4, 128, 32
+    mesh = sharding.make_mesh(*mesh_shape, devices=jax.devices()[:np.prod(mesh_shape)])
+    q, k, v, do = qkv(B, T, T, N, K, H, seed=3)
+    seg, pos = packed_rows(B, T, pad=0, seed=3)
+    seg = seg.at[0].set(1)  # row 0 one segment: each device decides its own rows' branch
+    pos = pos.at[0].set(jnp.arange(T))
+    masks = (seg, seg, pos, pos)
+
+    def f(q, k, v, do, q_seg, kv_seg, q_pos, kv_pos):
+        o, vjp = jax.vjp(lambda q, k, v: attn.attention(
+            q, k, v, q_segment_BxT=q_seg, kv_segment_BxS=kv_seg, q_pos_BxT=q_pos, kv_pos_BxS=kv_pos,
+            window=None, implementation="cudnn"), q, k, v)
+        return o, vjp(do)
+
+    with jax.set_mesh(mesh):
+        assert "shard_map" in str(jax.make_jaxpr(f)(q, k, v, do, *masks))
+        got = jax.jit(f)(q, k, v, do, *masks)
+    assert_same(got, run("xla", q, k, v, do, masks, None), **F32_TOL)

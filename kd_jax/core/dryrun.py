@@ -601,9 +601,16 @@ def _compile_for_topology(cfg: Config, t: Target, est: dict, p, summary: dict,
     """Compile `t`'s program for `topology`'s chips with libtpu's compiler, print its memory per chip
     (beside the analytic total), the compiler's FLOPs and HBM bytes per chip (beside the analytic
     model FLOPs) and the roofline floor; fill `summary`; return the compiled total bytes."""
-    devices = topology_lib.devices(topology)
-    if t.entry == "precompute":  # each host runs the teacher on its own chips
-        devices = [d for d in devices if d.process_index == devices[0].process_index]
+    host_note = ""
+    if t.entry == "precompute" and topology.chips > topology.host_chips:
+        # Each host runs the teacher on its own chips. The TPU compiler refuses a program on part of a
+        # v5e slice ("device assignment should include all slice devices", limited ICI routing), so one
+        # host's chips are compiled for as a slice of their own; GPUs: the first host's.
+        host = topology_lib.host_topology(topology)
+        host_note = f" on one host's chips (compiled as {host.name}: a program on part of a slice is refused)"
+        devices, compiled_for = topology_lib.devices(host), host.name
+    else:
+        devices, compiled_for = topology_lib.devices(topology), topology.name
     real = sharding.mesh_from_config(cfg.mesh, devices=devices)
     compiled_cfg, note = compile_stand_in(t.model_cfg, t.platform)
     compiled_teacher = compile_stand_in(t.teacher_cfg, t.platform)[0] if t.teacher_cfg is not None else None
@@ -620,13 +627,13 @@ def _compile_for_topology(cfg: Config, t: Target, est: dict, p, summary: dict,
         compiled = compiled_precompute(cfg, compiled_cfg, real, est["_rows"], T)
         tokens = est["_rows"] * len(devices) * T
         model_flops = tokens * forward_flops_per_token(t.model_cfg, T)
-        what = "teacher's top-K pass (one host's chips)"
+        what = f"teacher's top-K pass{host_note}"
     seconds = time.perf_counter() - t0
     mem, cost = compiled_memory(compiled), topology_lib.cost(compiled)
     analytic = analytic_total({k: v for k, v in est.items() if not k.startswith("_")})
     resident = max(mem["total_bytes"], mem.get("peak_bytes", 0))  # what the chip must hold
     compiler = "libtpu's XLA TPU compiler" if t.platform == "tpu" else "XLA's GPU compiler (CUDA plugin)"
-    p(f"per-chip memory of the {what}, compiled for {topology.name} ({len(devices)} {topology.chip.device_kind} "
+    p(f"per-chip memory of the {what}, compiled for {compiled_for} ({len(devices)} {topology.chip.device_kind} "
       f"chips) by {compiler} in {seconds:.0f} s (memory_analysis, GiB" + (f"; {note}" if note else "") + "):")
     for k, v in mem.items():
         p(f"  {k:<48}{_gib(v)}")
@@ -638,13 +645,11 @@ def _compile_for_topology(cfg: Config, t: Target, est: dict, p, summary: dict,
     flops = walked["flops"]
     blind = sorted({c["target"] for c in walked["custom_calls"] if "cost_estimate" not in c})
     kernel_flops = 0.0
-    if blind and "splash" in (t.model_cfg.attention, getattr(t.teacher_cfg, "attention", None)):
-        # Mosaic's splash kernels carry no cost estimate: their work from the model count (causal)
-        kernel_flops = tokens * (3.0 * attention_flops_per_token(t.model_cfg, T) if t.entry == "train"
-                                 and t.model_cfg.attention == "splash" else 0.0)
-        if t.entry == "precompute" and t.model_cfg.attention == "splash":
-            kernel_flops = tokens * attention_flops_per_token(t.model_cfg, T)
-        if t.teacher_cfg is not None and t.teacher_cfg.attention == "splash":
+    if blind:  # splash's Mosaic kernels and cuDNN's carry no cost estimate: their work from the model (causal)
+        kernels = ("splash", "cudnn")
+        if t.model_cfg.attention in kernels:
+            kernel_flops += tokens * (3.0 if t.entry == "train" else 1.0) * attention_flops_per_token(t.model_cfg, T)
+        if t.teacher_cfg is not None and t.teacher_cfg.attention in kernels:
             kernel_flops += tokens * attention_flops_per_token(t.teacher_cfg, T)
         kernel_flops /= len(devices)
         flops += kernel_flops
@@ -654,8 +659,8 @@ def _compile_for_topology(cfg: Config, t: Target, est: dict, p, summary: dict,
     p(f"the compiled program's work per chip per call (every loop body times its trip count, "
       f"kd_jax/core/hlo_cost.py; the compiler's cost_analysis() counts a loop body once{said}): "
       f"{walked['flops']:.3e} FLOPs ({walked['matmul_flops']:.3e} in matmuls)"
-      + (f" + {kernel_flops:.3e} in splash's kernels (no cost estimate in them: the model's causal attention "
-         f"FLOPs)" if kernel_flops else "")
+      + (f" + {kernel_flops:.3e} in the attention kernels (no cost estimate in them: the model's causal "
+         f"attention FLOPs)" if kernel_flops else "")
       + f" = {flops / per_chip:.2f}x the model's {'6·P + 3·A' if t.entry == 'train' else '2·P + A'} "
       f"({per_chip:.3e}; the rest is recomputation under remat, "
       f"masked attention blocks and elementwise work); {walked['bytes_accessed']:.3e} bytes of HBM traffic"
@@ -666,7 +671,7 @@ def _compile_for_topology(cfg: Config, t: Target, est: dict, p, summary: dict,
     p(f"roofline floor (the compiler's accounting, not a measured speed): FLOPs / {chip.peak_flops / 1e12:.0f}"
       f" TFLOP/s = {roof['compute_s']:.3f} s, bytes / {chip.hbm_bytes_per_s / 1e9:.0f} GB/s = "
       f"{roof['memory_s']:.3f} s: at least {roof['floor_s']:.3f} s a call ({roof['bound']}-bound), so at most "
-      f"{roof['tokens_per_s']:,.0f} tokens/s on the slice and MFU at most {roof['mfu']:.1%}")
+      f"{roof['tokens_per_s']:,.0f} tokens/s on {compiled_for} and MFU at most {roof['mfu']:.1%}")
     summary.update(cost={**{k: walked[k] for k in ("flops", "matmul_flops", "bytes_accessed", "unknown_trip_counts")},
                          "kernel_flops": kernel_flops, "custom_calls_without_estimate": blind},
                    compiler_cost_analysis=cost, model_flops=model_flops, roofline=roof)

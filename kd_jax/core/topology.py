@@ -107,6 +107,14 @@ def parse(name: str) -> Topology:
     return Topology(name.strip(), CHIPS[chip], tuple(int(d) for d in dims.split("x")))
 
 
+def host_topology(topology: Topology) -> Topology:
+    """One host's chips of `topology` as a topology of their own (`v5e:4x8` -> `v5e:2x2`, `h100:2x8` -> `h100:8`)."""
+    if topology.chip.platform == "gpu":
+        return parse(f"{topology.chip.name}:{topology.dims[-1]}")
+    host = topology.host[:len(topology.dims)]
+    return parse(f"{topology.chip.name}:{'x'.join(str(h) for h in host)}")
+
+
 def devices(topology: Topology) -> list:
     """The slice's chips as compile-only jax devices (they run nothing)."""
     if topology.chip.platform == "gpu":

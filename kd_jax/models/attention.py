@@ -439,26 +439,34 @@ def _splash(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, q_segment_BxT, kv_segment_BxS, wind
     bq, bkv = _splash_block(Tp, block_q), _splash_block(Tp, block_kv)
     interpret = _splash_platform() != "tpu"
     local = functools.partial(_splash_local, window=window, bq=bq, bkv=bkv, interpret=interpret)
+    return _per_device(local, q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, q_segment_BxT, kv_segment_BxS)
+
+
+def _per_device(local, q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, *rows_BxT):
+    """`local(q, k, v, *rows)` (a kernel GSPMD cannot partition: splash's Mosaic call, cuDNN's) on
+    each device's shard under kd_jax's mesh, in jax.shard_map: the batch over the data and fsdp
+    axes, query heads over tensor when they divide, kv heads likewise, and when the kv heads do not
+    divide but the query heads do, each device takes its query heads' kv heads (_local_kv); the
+    [B, T] rows (segment ids, positions) with the batch. No mesh: `local` on the whole arrays."""
     mesh = _splash_mesh()
     if mesh is None:
-        return local(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, q_segment_BxT, kv_segment_BxS)
-
+        return local(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, *rows_BxT)
+    N, K = q_BxTxNxH.shape[2], k_BxSxKxH.shape[2]
     q_spec = logical_to_spec(("act_batch", None, "act_heads", None), q_BxTxNxH.shape, mesh)
     kv_spec = logical_to_spec(("act_batch", None, "act_kv_heads", None), k_BxSxKxH.shape, mesh)
-    segment_spec = P(q_spec[0], None)
+    row_spec = P(q_spec[0], None)
     heads_axis = q_spec[2]
     n_local = N // math.prod(mesh.shape[a] for a in ((heads_axis,) if isinstance(heads_axis, str) else
                                                      heads_axis or ()))
     select_kv = heads_axis is not None and kv_spec[2] is None  # query heads split, kv heads whole
 
-    def body(q, k, v, q_seg, kv_seg):
+    def body(q, k, v, *rows):
         if select_kv:
             k, v = (_local_kv(x, n_local, N // K, heads_axis) for x in (k, v))
-        return local(q, k, v, q_seg, kv_seg)
+        return local(q, k, v, *rows)
 
-    return jax.shard_map(body, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, segment_spec, segment_spec),
-                         out_specs=q_spec, check_vma=False)(
-        q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, q_segment_BxT, kv_segment_BxS)
+    return jax.shard_map(body, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec) + (row_spec,) * len(rows_BxT),
+                         out_specs=q_spec, check_vma=False)(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, *rows_BxT)
 
 
 def _splash_local(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, q_segment_BxT, kv_segment_BxS, *, window, bq, bkv,
@@ -519,6 +527,21 @@ def _cudnn(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, q_segment_BxT, kv_segment_BxS, q_pos
     if T != S:
         raise ValueError(f"attention: 'cudnn' needs self-attention (T == S), got T={T} queries against S={S} "
                          f"keys (decode against a cache); use 'xla' or 'blockwise' for those calls")
+    try:
+        # Per device (_per_device): left to GSPMD, jax's cuDNN partitioning gathered the whole batch
+        # of q, k, v and the [B, 1, T, T] mask onto every device (compiled for 8 H100s at 32k tokens:
+        # a 16 GiB bias per GPU).
+        return _per_device(functools.partial(_cudnn_local, window=window), q_BxTxNxH, k_BxSxKxH, v_BxSxKxH,
+                           q_segment_BxT, kv_segment_BxS, q_pos_BxT, kv_pos_BxS)
+    except RuntimeError as e:  # jax's own words are one frame of a long trace; say what runs here instead
+        if "cuDNN is not detected" not in str(e):
+            raise
+        raise _cannot_run("cudnn", jax.default_backend()) from None
+
+
+def _cudnn_local(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, q_segment_BxT, kv_segment_BxS, q_pos_BxT, kv_pos_BxS, *,
+                 window):
+    """cuDNN on one device's rows (see _cudnn): one segment per row, or the packed rows' mask."""
     unpacked = _one_segment_rows(q_segment_BxT, kv_segment_BxS)
     lengths_B = jnp.maximum((q_segment_BxT != 0).sum(axis=1, dtype=jnp.int32), 1)
 
@@ -531,10 +554,5 @@ def _cudnn(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, q_segment_BxT, kv_segment_BxS, q_pos
         mask = attention_mask(q_segment_BxT, kv_segment_BxS, q_pos_BxT, kv_pos_BxS, window)
         return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation="cudnn")
 
-    try:
-        return jax.lax.cond(unpacked, one_segment, packed, q_BxTxNxH, k_BxSxKxH, v_BxSxKxH)
-    except RuntimeError as e:  # jax's own words are one frame of a long trace; say what runs here instead
-        if "cuDNN is not detected" not in str(e):
-            raise
-        raise _cannot_run("cudnn", jax.default_backend()) from None
+    return jax.lax.cond(unpacked, one_segment, packed, q_BxTxNxH, k_BxSxKxH, v_BxSxKxH)
 
