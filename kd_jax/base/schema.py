@@ -38,6 +38,7 @@ ATTENTION = ("auto", "xla", "blockwise", "splash", "cudnn")
 PLATFORMS = ("tpu", "gpu", "cpu")  # device platforms the dry run can size for (mesh.platform)
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")  # soft-loss divergences (kd_jax.core.losses)
 TEACHER_MODES = ("offline", "online")  # where the teacher's distribution comes from: the KD store, or the train step
+TARGETS = ("topk", "sampled")  # teacher targets per position: its K most likely ids, or K draws (kd_jax.core.losses)
 SCHEDULES = ("constant", "linear", "cosine")  # shapes of a loss weight's path over training (kd_jax.core.step)
 HIDDEN_DISTANCES = ("mse", "cosine")  # intermediate-layer alignment distances (kd_jax.core.losses)
 KEEP = ("all", "correct", "first_correct", "shortest_correct")  # which teacher samples become traces (kd_jax.core.tracegen)
@@ -93,7 +94,7 @@ class ModelSource:
     """Where a model comes from and how it runs: the fields student and teacher share."""
     hf_path: str | None = None  # local Hugging Face folder or hub id to load config/weights/tokenizer from
     revision: str | None = None  # hub revision (branch, tag or commit) for hf_path; None = default branch
-    init: str = "hf"  # weight init: "hf" (load hf_path) or "random" (the student also: "teacher_layers")
+    init: str = "hf"  # weight init: "hf" (load hf_path) or "random" (the student also: "teacher_layers", "pruned")
     architecture: dict | None = None  # HF config.json-style dict for init=random, e.g. {"model_type": "llama", ...}
     param_dtype: str = "float32"  # dtype the parameters are stored in
     dtype: str = "bfloat16"  # compute dtype of activations and matmuls
@@ -116,16 +117,49 @@ class ModelSource:
                     attention=self.attention)
 
 
+DEPTH_METRICS = ("block_influence", "layer_loss")  # how init=pruned ranks layers (kd_jax.models.prune)
+
+
+@dataclasses.dataclass(frozen=True)
+class PruneConfig:
+    layers: int | None = None  # decoder layers to keep (the least important dropped); null = all the teacher's
+    intermediate_size: int | None = None  # MLP channels to keep per layer (by the mean absolute value of silu(gate) * up); null = the teacher's
+    num_key_value_heads: int | None = None  # KV groups to keep per layer, each with its query heads (by mean head-output norm); null = the teacher's
+    hidden_size: int | None = None  # hidden (embedding) channels to keep (by the mean absolute RMSNorm output); null = the teacher's
+    depth_metric: str = "block_influence"  # rank layers by "block_influence" (1 - cos(in, out)) or "layer_loss" (LM-loss increase when skipped: one forward per layer)
+    calibration_tokens: int = 65536  # tokens of the store's training split the importance is measured on
+    calibration_batch_size: int = 8  # rows of data.seq_len tokens per calibration forward
+
+    def __post_init__(self):
+        for name in ("layers", "intermediate_size", "num_key_value_heads", "hidden_size"):
+            value = getattr(self, name)
+            _check(value is None or value >= 1, f"{name}={value} must be >= 1 (units to keep) or null (keep all)")
+        _check_choice("depth_metric", self.depth_metric, DEPTH_METRICS)
+        _check(self.calibration_tokens >= 1, f"calibration_tokens={self.calibration_tokens} must be >= 1")
+        _check(self.calibration_batch_size >= 1, f"calibration_batch_size={self.calibration_batch_size} must be >= 1")
+
+    @property
+    def targets(self) -> dict:
+        return {"layers": self.layers, "intermediate_size": self.intermediate_size,
+                "num_kv_heads": self.num_key_value_heads, "hidden_size": self.hidden_size}
+
+
 @dataclasses.dataclass(frozen=True)
 class StudentSource(ModelSource):
     teacher_layers: list[int] | None = None  # teacher layer indices to keep when init=teacher_layers
+    prune: PruneConfig = dataclasses.field(default_factory=PruneConfig)  # init=pruned: the sizes cut from the teacher by measured importance (Minitron)
 
-    INITS = ("hf", "random", "teacher_layers")
+    INITS = ("hf", "random", "teacher_layers", "pruned")
 
     def __post_init__(self):
         super().__post_init__()
         layers = self.teacher_layers or []
         _check(all(i >= 0 for i in layers), f"teacher_layers={layers} must be layer indices >= 0")
+        set_ = [f"prune.{k}" for k in ("layers", "intermediate_size", "num_key_value_heads", "hidden_size")
+                if getattr(self.prune, k) is not None]
+        _check(self.init == "pruned" or not set_,
+               f"prune sets {', '.join(set_)} but init={self.init!r}; set init=pruned to cut the student from the "
+               f"teacher, or drop the prune targets")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -241,9 +275,14 @@ class PrecomputeConfig:
     window_chunks: int = 8  # chunks computed and written together; host memory ~ window * chunk * 6 * top_k bytes
     logprob_dtype: str = "float16"  # stored teacher log-prob dtype: float16 or bfloat16
     import_logprobs: str | None = None  # a served teacher's prompt log-probs (JSONL/Parquet file or folder, launch/vllm_prompt_logprobs.py) instead of running the teacher; null = run it
+    targets: str = "topk"  # stored teacher rows: "topk" (its data.top_k most likely ids, biased) or "sampled" (data.top_k draws from softmax(logits / sample_temperature), unique ids with count/N: unbiased)
+    sample_temperature: float = 1.0  # targets=sampled: teacher temperature of the draws; training needs loss.temperature equal to it
+    sample_seed: int = 0  # targets=sampled: seed of the draws; token j of sequence s is drawn with fold_in(fold_in(key(seed), s), j)
 
     def __post_init__(self):
         _check_choice("logprob_dtype", self.logprob_dtype, ("float16", "bfloat16"))
+        _check_choice("targets", self.targets, TARGETS)
+        _check(self.sample_temperature > 0.0, f"sample_temperature={self.sample_temperature} must be > 0")
         for name in ("batch_tokens", "bucket", "logits_chunk", "chunk_tokens", "window_chunks"):
             _check(getattr(self, name) >= 1, f"{name}={getattr(self, name)} must be >= 1")
 

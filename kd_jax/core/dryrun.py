@@ -114,6 +114,8 @@ def model_config(src: ModelSource, role: str, teacher_src: ModelSource | None = 
     model_cfg = source_config(src, teacher_src, read_config=read, role=role)
     if src.init == "teacher_layers":
         return model_cfg, f"teacher layers {list(src.teacher_layers)} of {where['teacher']}"
+    if src.init == "pruned":
+        return model_cfg, f"pruned from {where['teacher']} (student.prune)"
     return model_cfg, where[role]
 
 

@@ -294,7 +294,8 @@ def evaluate(cfg: Config, which: str = "student", max_examples: int | None = Non
         # An online teacher runs beside the evaluated model for the soft loss (no alignment term: the
         # projections are training state, not part of the model).
         teacher = build_model(cfg.teacher, mesh=mesh) if cfg.teacher.mode == "online" else None
-        objective = Objective(graphdef, cfg.loss, nnx.graphdef(teacher) if teacher is not None else None)
+        objective = Objective(graphdef, cfg.loss, nnx.graphdef(teacher) if teacher is not None else None,
+                              targets=store.meta.targets)
         step = functools.partial(_EVAL_STEP, objective)
         teacher_params = nnx.state(teacher) if teacher is not None else None
         eval_fn = lambda v, b: step(v, b, default_hyper(cfg.loss), teacher_params)  # noqa: E731

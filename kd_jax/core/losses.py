@@ -8,6 +8,8 @@ the weighted terms and their gradient in the same pass, and never holds [tokens 
 `kd_loss_online` is the same walk against a teacher run in the same step: per chunk it also turns
 the teacher's final hidden states into its logits, and takes the divergence over the full
 vocabulary (`dense_token_terms`) or over the teacher's top-K (`token_terms`, as a store would).
+`sample_targets` draws a sampled store's rows (precompute.targets=sampled; `token_terms` with
+targets="sampled" is their unbiased soft term).
 `hidden_alignment` is the intermediate-layer term (online teacher; no vocabulary dimension).
 """
 
@@ -19,7 +21,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from kd_jax.base.schema import DIVERGENCES, HIDDEN_DISTANCES, LossConfig
+from kd_jax.base.schema import DIVERGENCES, HIDDEN_DISTANCES, TARGETS, LossConfig
 from kd_jax.base.sharding import constrain
 from kd_jax.data.roles import Role
 
@@ -145,7 +147,7 @@ def _divergence(log_p_CxJ, log_q_CxJ, mask_CxJ, divergence, jsd_beta):
 
 
 def token_terms(logits_CxV, labels_C, topk_ids_CxK, topk_logprobs_CxK, *, temperature=1.0,
-                divergence="forward_kl", jsd_beta=0.5, tail=False):
+                divergence="forward_kl", jsd_beta=0.5, tail=False, targets="topk"):
     """Per-token (soft_C, hard_C, top1_agree_C) from fp32 student logits.
 
     hard = −log softmax(z)[y] in nats (labels outside [0, V) give a finite, meaningless value:
@@ -153,6 +155,12 @@ def token_terms(logits_CxV, labels_C, topk_ids_CxK, topk_logprobs_CxK, *, temper
     valid top-K ids (ids outside [0, V) are dropped and the rest renormalized), or over K+1
     buckets with `tail`. top1_agree: student argmax equals the teacher's best valid id. K = 0
     (no teacher) gives soft = 0 and top1_agree = False.
+    targets="sampled" (a store of `sample_targets` rows drawn at T_s = T): the stored weights
+    w = exp(logprob) = count/N are the teacher's target as they are (not tempered again; only
+    renormalized to undo the log-prob dtype's rounding), and soft = T²·Σ_i w_i (log w_i − log q_T(i))
+    with q_T the student's softmax(z/T) over the full vocabulary. E[w_i] = p_T(i), so E[soft]
+    differs from the dense T²·KL(p_T ‖ q_T) by a constant of the teacher and its gradient equals
+    the dense one's in expectation. Forward KL only, no tail (ValueError otherwise).
     """
     C, V = logits_CxV.shape
     T = temperature  # a Python float or a traced scalar (a schedule does not recompile)
@@ -170,7 +178,16 @@ def token_terms(logits_CxV, labels_C, topk_ids_CxK, topk_logprobs_CxK, *, temper
     zt_CxV = z_CxV / T
     lse_t_C = jax.nn.logsumexp(zt_CxV, axis=-1)
     zt_CxK = jnp.take_along_axis(zt_CxV, ids_CxK, axis=-1)  # gather K columns, never upcast [N, V]
-    if not tail:
+    if targets == "sampled":
+        if tail or divergence != "forward_kl":
+            raise ValueError(f"sampled targets take divergence='forward_kl' without tail (got divergence="
+                             f"{divergence!r}, tail={tail}): only the cross-entropy to the draws is unbiased")
+        log_w_CxK = _log_normalize(lp_CxK, valid_CxK)  # count/N: Σ = 1 but for the dtype's rounding
+        log_q_CxK = jnp.where(valid_CxK, zt_CxK - lse_t_C[:, None], 0.0)
+        soft_C = _divergence(log_w_CxK, log_q_CxK, valid_CxK, "forward_kl", jsd_beta)
+    elif targets != "topk":
+        raise ValueError(f"targets={targets!r}; expected one of {TARGETS}")
+    elif not tail:
         log_p_CxK = _log_normalize(lp_CxK / T, valid_CxK)
         if divergence == "forward_kl":
             # Full-vocab student, sub-normalized on K: the mass outside K only adds to the loss.
@@ -230,6 +247,37 @@ def dense_token_terms(logits_CxV, teacher_logits_CxV, labels_C, *, temperature=1
     return soft_C, hard_C, top1_agree_C
 
 
+# --- Sampled targets ---------------------------------------------------------------------------
+
+def sample_targets(logits_CxW, keys_C, n: int, *, temperature, vocab_size: int):
+    """n draws with replacement per row from softmax(logits / temperature) over ids < vocab_size,
+    as the unique ids drawn and their empirical weights: (ids_CxN int32, padded with -1 after the
+    unique ids, ascending; log_w_CxN fp32, log(count / n), 0 at the padding). exp(log_w) of a row
+    sums to 1 and E[count_i / n] = p_T(i): the unbiased sparse target of "Sparse Logit Sampling"
+    (Anshumann et al., 2025). keys_C: one PRNG key per row (the caller derives them from the
+    position, so the draws do not depend on batching). Inverse-CDF sampling: one fp32 cumsum over
+    the W logits per row, then n binary searches (ids whose probability is below the cumsum's fp32
+    resolution, ~1e-7 of the row's mass, are never drawn)."""
+    C, W = logits_CxW.shape
+    z_CxW = logits_CxW.astype(jnp.float32) / temperature
+    if W > vocab_size:  # padded teacher rows: ids the student cannot emit are never drawn
+        z_CxW = jnp.where(jnp.arange(W)[None, :] < vocab_size, z_CxW, -jnp.inf)
+    cdf_CxW = jnp.cumsum(jax.nn.softmax(z_CxW, axis=-1), axis=-1)
+    u_CxN = jax.vmap(lambda k: jax.random.uniform(k, (n,), jnp.float32))(keys_C) * cdf_CxW[:, -1:]
+    # side="right": the first id whose cdf exceeds u, so an id of probability 0 is never drawn.
+    draws_CxN = jax.vmap(lambda c, u: jnp.searchsorted(c, u, side="right"))(cdf_CxW, u_CxN)
+    draws_CxN = jnp.minimum(draws_CxN, vocab_size - 1).astype(jnp.int32)
+    s_CxN = jnp.sort(draws_CxN, axis=-1)
+    first_CxN = jnp.concatenate([jnp.ones((C, 1), bool), s_CxN[:, 1:] != s_CxN[:, :-1]], axis=-1)
+    group_CxN = jnp.cumsum(first_CxN, axis=-1) - 1  # slot of each draw's unique id
+    rows_CxN = jnp.broadcast_to(jnp.arange(C)[:, None], (C, n))
+    counts_CxN = jnp.zeros((C, n), jnp.float32).at[rows_CxN, group_CxN].add(1.0)
+    ids_CxN = jnp.full((C, n), -1, jnp.int32).at[rows_CxN, group_CxN].set(s_CxN)
+    used_CxN = counts_CxN > 0
+    log_w_CxN = jnp.where(used_CxN, jnp.log(jnp.where(used_CxN, counts_CxN, 1.0) / n), 0.0)
+    return jnp.where(used_CxN, ids_CxN, -1), log_w_CxN
+
+
 # --- The fused, chunked loss -----------------------------------------------------------------
 
 _METRICS = ("soft_sum", "hard_sum", "num_tokens", "top1_agree")
@@ -238,11 +286,12 @@ _METRICS = ("soft_sum", "hard_sum", "num_tokens", "top1_agree")
 _ONLINE_METRICS = _METRICS + ("teacher_nll_sum",)
 
 
-def _chunk_loss(logits_CxV, labels_C, ids_CxK, logprobs_CxK, a_C, b_C, temperature, cfg: LossConfig):
+def _chunk_loss(logits_CxV, labels_C, ids_CxK, logprobs_CxK, a_C, b_C, temperature, cfg: LossConfig,
+                targets="topk"):
     """Σ_t a·soft + b·hard over one chunk, and the chunk's metric sums."""
     soft_C, hard_C, agree_C = token_terms(logits_CxV, labels_C, ids_CxK, logprobs_CxK,
                                           temperature=temperature, divergence=cfg.divergence,
-                                          jsd_beta=cfg.jsd_beta, tail=cfg.tail)
+                                          jsd_beta=cfg.jsd_beta, tail=cfg.tail, targets=targets)
     return _weighted(soft_C, hard_C, agree_C, a_C, b_C)
 
 
@@ -328,15 +377,20 @@ def _scan_tokens(hidden_NxD, out_embed_DxV, data, chunk_loss, chunk_size, with_g
 
 
 def _scan_chunks(hidden_NxD, out_embed_DxV, labels_N, topk_ids_NxK, topk_logprobs_NxK, a_N, b_N,
-                 temperature, cfg: LossConfig, with_grad):
+                 temperature, cfg: LossConfig, with_grad, targets="topk"):
     data = ((labels_N, None), (topk_ids_NxK, None), (topk_logprobs_NxK, None),
             (a_N.astype(jnp.float32), None), (b_N.astype(jnp.float32), None))
 
     def chunk_loss(labels_C, ids_CxK, lps_CxK, a_C, b_C):
         return functools.partial(_chunk_loss, labels_C=labels_C, ids_CxK=ids_CxK, logprobs_CxK=lps_CxK,
-                                 a_C=a_C, b_C=b_C, temperature=temperature, cfg=cfg)
+                                 a_C=a_C, b_C=b_C, temperature=temperature, cfg=cfg, targets=targets)
 
     return _scan_tokens(hidden_NxD, out_embed_DxV, data, chunk_loss, cfg.chunk_size, with_grad)
+
+
+# The offline scan per kind of stored targets: one object each, so the custom VJP's static argument
+# is the same from call to call.
+_OFFLINE_SCANS = {"topk": _scan_chunks, "sampled": functools.partial(_scan_chunks, targets="sampled")}
 
 
 # One custom VJP for the offline and the online loss: `scan` (`_scan_chunks` or `_scan_online`) walks
@@ -367,7 +421,7 @@ _fused.defvjp(_fused_fwd, _fused_bwd)
 
 
 def kd_loss(hidden_NxD, out_embed_DxV, labels_N, topk_ids_NxK, topk_logprobs_NxK, a_N, b_N,
-            cfg: LossConfig | None = None, *, temperature=None, **overrides):
+            cfg: LossConfig | None = None, *, temperature=None, targets="topk", **overrides):
     """Fused distillation loss Σ_t a_t·soft_t + b_t·hard_t (nats) and its metrics.
 
     hidden_NxD: final hidden states (their dtype is the compute dtype); out_embed_DxV: the output
@@ -376,7 +430,8 @@ def kd_loss(hidden_NxD, out_embed_DxV, labels_N, topk_ids_NxK, topk_logprobs_NxK
     `cfg` (the run's LossConfig, default LossConfig(); `overrides` replace its fields, e.g.
     chunk_size=8) is the static argument (divergence, jsd_beta, tail, chunk_size); the temperature
     is data: cfg.temperature, or `temperature` (a float or a traced scalar: a schedule does not
-    recompile).
+    recompile). `targets` (static): what the store's rows are, its StoreMeta.targets: "topk", or
+    "sampled" (`sample_targets` rows; `token_terms` says how they enter the soft term).
     Walks `chunk_size` tokens at a time (global, over all devices): peak extra memory is
     O(chunk_size × V). Gradients w.r.t. hidden and out_embed come from the same pass (custom VJP).
     Returns (loss, metrics): fp32 sums soft_sum, hard_sum, num_tokens, top1_agree over the tokens
@@ -384,8 +439,10 @@ def kd_loss(hidden_NxD, out_embed_DxV, labels_N, topk_ids_NxK, topk_logprobs_NxK
     """
     cfg = dataclasses.replace(cfg or LossConfig(), **overrides)
     temperature = jnp.asarray(cfg.temperature if temperature is None else temperature, jnp.float32)
-    return _fused(_scan_chunks, cfg, hidden_NxD, out_embed_DxV, (labels_N, topk_ids_NxK, topk_logprobs_NxK, a_N, b_N),
-                  temperature)
+    if targets not in _OFFLINE_SCANS:
+        raise ValueError(f"targets={targets!r}; expected one of {TARGETS}")
+    return _fused(_OFFLINE_SCANS[targets], cfg, hidden_NxD, out_embed_DxV,
+                  (labels_N, topk_ids_NxK, topk_logprobs_NxK, a_N, b_N), temperature)
 
 
 # --- The online teacher: its logits per chunk, next to the student's -------------------------

@@ -29,7 +29,7 @@ from kd_jax.base import sharding
 from kd_jax.base.loader import save_config
 from kd_jax.base.progress import bar as progress_bar
 from kd_jax.base.schema import Config
-from kd_jax.core import distributed
+from kd_jax.core import distributed, losses
 from kd_jax.data import served
 from kd_jax.data.served import ServedLogprobs, ServedLogprobsError
 from kd_jax.data.store import (
@@ -76,6 +76,40 @@ def topk_logprobs(model, tokens_BxT: jax.Array, *, k: int, vocab_size: int, logi
 
 
 _topk_jit = nnx.jit(topk_logprobs, static_argnames=("k", "vocab_size", "logits_chunk"))
+
+
+def sampled_logprobs(model, tokens_BxT: jax.Array, seqs_B: jax.Array, key: jax.Array, *, k: int, vocab_size: int,
+                     logits_chunk: int, temperature: float):
+    """precompute.targets=sampled: at every position, k draws with replacement from the teacher's
+    softmax(logits / temperature) over ids < vocab_size, as unique ids (-1 after them) and
+    log(count / k) (`losses.sample_targets`): ids_BxTxK (int32) and log-weights_BxTxK (fp32).
+    The draws predicting token j of store sequence seqs_B[b] use fold_in(fold_in(key, s), j),
+    whatever the batch, window or process count. Logits exist one slice of `logits_chunk`
+    positions at a time."""
+    h_BxTxD = model.hidden_states(tokens_BxT)
+    w_DxV = model.output_embedding().astype(h_BxTxD.dtype)
+    B, T, D = h_BxTxD.shape
+    c = min(logits_chunk, T)
+    assert T % c == 0, (T, c)
+    h_SxBxCxD = h_BxTxD.reshape(B, T // c, c, D).transpose(1, 0, 2, 3)
+    # position t predicts token t + 1: that token's index in its sequence names the draws
+    targets_SxC = (jnp.arange(T) + 1).reshape(T // c, c)
+
+    def one(args):
+        h_BxCxD, targets_C = args
+        logits_BxCxV = jnp.einsum("bcd,dv->bcv", h_BxCxD, w_DxV, preferred_element_type=jnp.float32)
+        keys_BxC = jax.vmap(lambda s: jax.vmap(lambda j: jax.random.fold_in(jax.random.fold_in(key, s), j))(
+            targets_C))(seqs_B)
+        ids, log_w = losses.sample_targets(logits_BxCxV.reshape(B * c, -1), keys_BxC.reshape(B * c), k,
+                                           temperature=temperature, vocab_size=vocab_size)
+        return ids.reshape(B, c, k), log_w.reshape(B, c, k)
+
+    ids_SxBxCxK, vals_SxBxCxK = jax.lax.map(one, (h_SxBxCxD, targets_SxC))
+    unchunk = lambda x: x.transpose(1, 0, 2, 3).reshape(B, T, k)  # noqa: E731
+    return unchunk(ids_SxBxCxK), unchunk(vals_SxBxCxK)
+
+
+_sampled_jit = nnx.jit(sampled_logprobs, static_argnames=("k", "vocab_size", "logits_chunk", "temperature"))
 
 
 @dataclasses.dataclass
@@ -158,13 +192,16 @@ def _bar(store: KDStore, process: int, processes: int, show: bool, desc: str):
 
 def run_teacher(store: KDStore, model, mesh, pre_cfg, *, process: int = 0, processes: int = 1,
                 show_progress: bool = True) -> Progress:
-    """Fill this process's unfinished chunks of `store` with the teacher's top-K rows."""
+    """Fill this process's unfinished chunks of `store` with the teacher's rows: its top-K, or
+    (a store of targets "sampled") K draws per position, seeded by the store's sample_seed."""
     meta, offsets = store.meta, store.offsets
     K = meta.k
     batch_sharding = sharding.batch_sharding(mesh, 2)
     multiple = sharding.logical_size(mesh, "batch")
     progress = Progress()
-    bar = _bar(store, process, processes, show_progress, f"teacher top-{K}")
+    sampled = meta.targets == "sampled"
+    key = jax.random.key(meta.sample_seed)
+    bar = _bar(store, process, processes, show_progress, f"teacher {K} draws" if sampled else f"teacher top-{K}")
     t0 = time.perf_counter()
     lengths = np.diff(offsets)
     try:  # the bar ends its line before an error is printed
@@ -180,8 +217,17 @@ def run_teacher(store: KDStore, model, mesh, pre_cfg, *, process: int = 0, proce
                 for r, s in enumerate(batch):
                     tokens[r, :lengths[s]] = window_tokens[offsets[s] - base:offsets[s + 1] - base]
                 with jax.set_mesh(mesh):
-                    ids, lps = _topk_jit(model, jax.device_put(tokens, batch_sharding), k=K, vocab_size=meta.vocab_size,
-                                  logits_chunk=min(pre_cfg.logits_chunk, length))
+                    if sampled:  # a padding row's sequence number (0) only seeds rows that are dropped
+                        seqs = np.zeros(rows, np.int32)
+                        seqs[:len(batch)] = batch
+                        ids, lps = _sampled_jit(model, jax.device_put(tokens, batch_sharding),
+                                                jax.device_put(seqs, sharding.batch_sharding(mesh, 1)), key, k=K,
+                                                vocab_size=meta.vocab_size,
+                                                logits_chunk=min(pre_cfg.logits_chunk, length),
+                                                temperature=float(meta.sample_temperature))
+                    else:
+                        ids, lps = _topk_jit(model, jax.device_put(tokens, batch_sharding), k=K,
+                                             vocab_size=meta.vocab_size, logits_chunk=min(pre_cfg.logits_chunk, length))
                 ids, lps = np.asarray(ids), np.asarray(lps)
                 for r, s in enumerate(batch):
                     start, n = int(offsets[s]), int(lengths[s])
@@ -273,16 +319,20 @@ def stored_vocab_size(cfg: Config, teacher_vocab: int, tokenizer) -> int:
 
 def store_identity(cfg: Config, tokenizer, dataset) -> dict:
     """The StoreMeta fields that say what a store is built from: tokenizer, teacher, K, log-prob
-    dtype and the tokenization inputs (traces content hash, data.* settings). An imported teacher
+    dtype, the tokenization inputs (traces content hash, data.* settings) and what the teacher rows
+    are (targets, and for sampled ones their temperature and seed). An imported teacher
     (precompute.import_logprobs) is `imported:<file>`, its revision the sha256 of the file's bytes."""
     teacher, revision = (cfg.teacher.hf_path or "random") if cfg.data.top_k else "none", cfg.teacher.revision
     if cfg.data.top_k and cfg.precompute.import_logprobs:
         source = cfg.precompute.import_logprobs
         teacher, revision = f"imported:{source}", f"sha256:{served.fingerprint(source)}"
+    pre = cfg.precompute
+    sampled = bool(cfg.data.top_k) and pre.targets == "sampled"  # top-K: T = 1, no seed, whatever the keys say
     return dict(tokenizer=tokenizer.name_or_path, chat_template_hash=template_hash(tokenizer),
                 tokenizer_fingerprint=tokenizer_fingerprint(tokenizer), teacher=teacher, teacher_revision=revision,
-                k=cfg.data.top_k, logprob_dtype=cfg.precompute.logprob_dtype,
-                inputs=tokenization_inputs(cfg.data, dataset))
+                k=cfg.data.top_k, logprob_dtype=pre.logprob_dtype, inputs=tokenization_inputs(cfg.data, dataset),
+                targets="sampled" if sampled else "topk", sample_temperature=pre.sample_temperature if sampled else 1.0,
+                sample_seed=pre.sample_seed if sampled else 0)
 
 
 def imported_teacher_vocab(cfg: Config, tokenizer) -> int:
@@ -345,6 +395,10 @@ def precompute(cfg: Config, *, show_progress: bool = True) -> dict:
         distributed.on_process_0(lambda: _create_or_resume(cfg, tokenizer, len(tokenizer), show=True))
         return KDStore.open(cfg.data.store).describe() if process == 0 else {}
     if cfg.precompute.import_logprobs:  # a served teacher's log-probs: no teacher runs here
+        if cfg.precompute.targets == "sampled":
+            raise StoreError(f"precompute.import_logprobs={cfg.precompute.import_logprobs!r} with "
+                             f"precompute.targets=sampled: a served teacher's prompt log-probs are its top ones, not "
+                             f"draws from its distribution; set precompute.targets=topk, or run the teacher here")
         return _import(cfg, tokenizer, show_progress=show_progress)
     mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=jax.local_devices())
     teacher = build_model(cfg.teacher, mesh=mesh, seed=cfg.run.seed)

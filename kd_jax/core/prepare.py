@@ -26,13 +26,42 @@ from kd_jax.data.store import KDStore, StoreError, tokenizer_fingerprint
 from kd_jax.data.tables import load_table, prompt_messages
 from kd_jax.models import build_model
 from kd_jax.models.hf import load_tokenizer, source_eos_ids
+from kd_jax.models.prune import calibration_batches
 
 log = logging.getLogger("kd_jax.train")
 
 
+def check_sampled_store(store: KDStore, cfg: Config) -> None:
+    """A store of sampled teacher rows (precompute.targets=sampled) is the teacher's distribution at
+    its sample temperature, as empirical weights count/K: the offline soft loss takes it as the
+    target of the forward KL at that temperature, never tempered again, with no tail bucket."""
+    m = store.meta
+    if m.targets != "sampled" or m.k == 0 or not cfg.loss.soft or cfg.teacher.mode != "offline":
+        return
+    loss = cfg.loss
+    where = (f"store {store.path} holds {m.k} draws per token from the teacher at temperature "
+             f"{m.sample_temperature:g} (precompute.targets=sampled, precompute.sample_temperature="
+             f"{m.sample_temperature:g})")
+    if loss.temperature != m.sample_temperature or loss.temperature_schedule.kind != "constant":
+        scheduled = (f" with a {loss.temperature_schedule.kind} loss.temperature_schedule"
+                     if loss.temperature_schedule.kind != "constant" else "")
+        raise StoreError(f"{where}, but loss.temperature={loss.temperature:g}{scheduled}: the draws are the teacher's "
+                         f"target at {m.sample_temperature:g} and cannot be re-tempered; set "
+                         f"loss.temperature={m.sample_temperature:g} and a constant temperature_schedule, or rebuild "
+                         f"the store with precompute.sample_temperature={loss.temperature:g}")
+    if loss.tail:
+        raise StoreError(f"{where}, but loss.tail=true: sampled rows have no mass outside them to bucket (their "
+                         f"weights sum to 1); set loss.tail=false")
+    if loss.divergence != "forward_kl":
+        raise StoreError(f"{where}, but loss.divergence={loss.divergence!r}: only the forward KL (the cross-entropy to "
+                         f"the draws) is unbiased with sampled targets; set loss.divergence=forward_kl, or build a "
+                         f"top-K store (precompute.targets=topk)")
+
+
 def usable_sequences(store: KDStore, cfg: Config, vocab_size: int | None = None) -> np.ndarray:
     """Store checks for this config (vocab, tokenizer, completeness; K comes from the store and
-    must be > 0 when the soft loss is on and the teacher is offline); the usable sequence indices."""
+    must be > 0 when the soft loss is on and the teacher is offline; a sampled store's loss
+    settings, `check_sampled_store`); the usable sequence indices."""
     if store.meta.k == 0 and cfg.loss.soft and cfg.teacher.mode == "offline":
         scheduled = f" scheduled to {cfg.loss.alpha_schedule.end}" if cfg.loss.alpha_schedule.end else ""
         raise StoreError(f"store {store.path} holds tokens only (built with data.top_k=0, no teacher log-probs), so "
@@ -40,6 +69,7 @@ def usable_sequences(store: KDStore, cfg: Config, vocab_size: int | None = None)
                          f"alpha_schedule (hard labels only), "
                          f"build a store with data.top_k >= 1, or set teacher.mode=online (the teacher runs in "
                          f"the train step)")
+    check_sampled_store(store, cfg)
     return store.check(vocab_size=vocab_size, tokenizer=load_tokenizer(cfg.tokenizer),
                        allow_incomplete=cfg.data.allow_incomplete)
 
@@ -138,9 +168,10 @@ def prepare(cfg: Config) -> Run:
     online = cfg.teacher.mode == "online"
     if online:
         check_teacher_reads_the_store(store, cfg)  # before any model is built
-    needs_teacher = online or cfg.student.init == "teacher_layers"
+    needs_teacher = online or cfg.student.init in ("teacher_layers", "pruned")
     teacher = build_model(cfg.teacher, mesh=mesh, seed=cfg.run.seed) if needs_teacher else None
-    student = build_model(cfg.student, mesh=mesh, seed=cfg.run.seed, teacher=teacher)
+    student = build_model(cfg.student, mesh=mesh, seed=cfg.run.seed, teacher=teacher,
+                          calibration=calibration(store, cfg) if cfg.student.init == "pruned" else None)
     if not online:
         teacher = None
     usable = usable_sequences(store, cfg, student.cfg.vocab_size)
@@ -154,7 +185,7 @@ def prepare(cfg: Config) -> Run:
     spec = abstract_train_state(student.cfg, cfg.optim, cfg.train.steps, mesh, align_shape)
     state = init_train_state(student, spec, seed=cfg.run.seed)
     steps = compile_steps(spec, cfg.loss, cfg.train.grad_accum, mesh,
-                          teacher=nnx.graphdef(teacher) if online else None, pairs=pairs)
+                          teacher=nnx.graphdef(teacher) if online else None, pairs=pairs, targets=store.meta.targets)
     data_iter = make_train_iter(store, usable[train_pos], cfg.data,
                                 global_batch_size=cfg.train.global_batch_size, seed=cfg.data.shuffle_seed,
                                 process_index=jax.process_index(), process_count=jax.process_count(),
@@ -164,6 +195,17 @@ def prepare(cfg: Config) -> Run:
         on_policy = _on_policy(cfg, mesh, store, usable[train_pos], spec, steps, teacher, pairs)
     return Run(cfg, mesh, student, spec, state, steps, data_iter, store, usable[train_pos], usable[eval_pos], teacher,
                loss_schedules(cfg.loss, cfg.train.steps), on_policy)
+
+
+def calibration(store: KDStore, cfg: Config) -> list[dict[str, np.ndarray]]:
+    """init=pruned: the first student.prune.calibration_tokens tokens of the store's training split
+    (the split training uses), packed into rows of data.seq_len."""
+    usable = np.flatnonzero(store.done_sequences())  # what store.check gives, before the checks
+    train_pos, _ = split_indices(len(usable), cfg.data.eval_fraction, cfg.data.shuffle_seed)
+    offsets, p = store.offsets, cfg.student.prune
+    sequences = (store.read_range("tokens", int(offsets[i]), int(offsets[i + 1])) for i in usable[train_pos])
+    return calibration_batches(sequences, seq_len=cfg.data.seq_len, batch_size=p.calibration_batch_size,
+                               max_tokens=p.calibration_tokens)
 
 
 def _on_policy(cfg: Config, mesh, store: KDStore, train_idx: np.ndarray, spec: TrainSpec, steps: Steps, teacher,

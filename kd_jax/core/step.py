@@ -128,6 +128,7 @@ class Objective:
     loss: LossConfig
     teacher: Any = None  # nnx.GraphDef of the online teacher; None = the store's top-K (offline)
     pairs: tuple[tuple[int, int], ...] = ()
+    targets: str = "topk"  # offline: what the store's teacher rows are (StoreMeta.targets: "topk" or "sampled")
 
     @property
     def online(self) -> bool:
@@ -182,7 +183,7 @@ class _Pass:
         else:
             loss, metrics = losses.kd_loss(_flat(self.h), self.student.output_embedding(), labels_N,
                                            _flat(batch["topk_ids"]), _flat(batch["topk_logprobs"]), a_N, b_N, cfg,
-                                           temperature=hyper["temperature"])
+                                           temperature=hyper["temperature"], targets=objective.targets)
         if objective.pairs and hidden:
             M = len(objective.pairs)
             w_N = jnp.where((a_N != 0) | (b_N != 0), 1.0 / jnp.maximum(num_supervised, 1.0), 0.0)
@@ -277,11 +278,12 @@ class Steps:
 
 
 def compile_steps(spec, loss_cfg: LossConfig, grad_accum: int, mesh, *, teacher=None,
-                  pairs: tuple[tuple[int, int], ...] = ()) -> Steps:
+                  pairs: tuple[tuple[int, int], ...] = (), targets: str = "topk") -> Steps:
     """The jitted steps for a train state's structure (`kd_jax.core.state.TrainSpec`: its graphdef,
-    optimizer and shardings), with an online `teacher` graphdef and hidden-alignment `pairs`."""
+    optimizer and shardings), with an online `teacher` graphdef and hidden-alignment `pairs`;
+    `targets`: what the store's teacher rows are (StoreMeta.targets), for the offline loss."""
     replicated = NamedSharding(mesh, P())
-    objective = Objective(spec.graphdef, loss_cfg, teacher, tuple(pairs))
+    objective = Objective(spec.graphdef, loss_cfg, teacher, tuple(pairs), targets)
     train = jax.jit(functools.partial(train_step, objective, spec.tx, grad_accum), donate_argnums=(0,),
                     out_shardings=(spec.shardings, replicated))
     evaluate = jax.jit(functools.partial(eval_step, objective), out_shardings=replicated)

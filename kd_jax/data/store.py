@@ -6,6 +6,9 @@ Ragged layout: sequences are concatenated on the token axis and `offsets` says w
   tokens [N_tok] int32, role [N_tok] uint8, step [N_tok] int32, offsets [N_seq + 1] int64,
   topk_ids [N_tok, K] int32, topk_logprobs [N_tok, K] float16|bfloat16
 
+(with StoreMeta.targets "sampled", the K slots hold the unique ids of K draws from the teacher and
+log(count / K) instead of its top-K and their log-probs: the same layout),
+
 and two optional arrays, written only when the traces carry them (kd_jax.data.traces) and listed
 in checksums.json like the other token-side arrays; a store without them reads as their default:
 
@@ -54,6 +57,7 @@ from kd_jax.base.errors import KDJaxError
 FORMAT_VERSION = 2
 _READABLE_VERSIONS = (1, 2)  # 1: no checksums or fingerprints; read without those checks
 _LOGPROB_DTYPES = ("float16", "bfloat16")
+_TARGETS = ("topk", "sampled")  # what the teacher rows are (StoreMeta.targets)
 log = logging.getLogger("kd_jax.store")
 
 
@@ -93,6 +97,13 @@ class StoreMeta:
     version: int = FORMAT_VERSION
     tokenizer_fingerprint: str = ""  # sha256 of the tokenizer's vocab, merges and normalization ("" in v1)
     inputs: dict = dataclasses.field(default_factory=dict)  # what the tokens came from: traces hash, data.* settings
+    # What the teacher rows are (absent in stores written before them: top-K at T = 1). "topk": the
+    # teacher's k most likely ids and their log-probs at T = 1; "sampled": k draws with replacement
+    # from softmax(logits / sample_temperature) over ids < vocab_size, the unique ids drawn (padding
+    # -1) and log(count / k), so exp of a row sums to 1 (to the log-prob dtype's rounding).
+    targets: str = "topk"
+    sample_temperature: float = 1.0  # sampled: the draws' teacher temperature (1 for top-K)
+    sample_seed: int = 0  # sampled: the draws' seed (0 for top-K)
 
     @property
     def num_chunks(self) -> int:
@@ -124,8 +135,9 @@ def _shown(value) -> str:
 def identity_changes(meta: StoreMeta, wanted: dict[str, Any]) -> list[str]:
     """What differs between what a store was built from (`meta`) and what a precompute run would
     build (`wanted`: the StoreMeta fields tokenizer, tokenizer_fingerprint, teacher,
-    teacher_revision, k, logprob_dtype, inputs), as `key old -> new` texts; [] for a version-1
-    store, which records none of it."""
+    teacher_revision, k, logprob_dtype, inputs, and optionally targets, sample_temperature,
+    sample_seed: absent = top-K at T = 1), as `key old -> new` texts; [] for a version-1 store,
+    which records none of it."""
     if meta.version < 2:
         return []
     changes = []
@@ -143,6 +155,11 @@ def identity_changes(meta: StoreMeta, wanted: dict[str, Any]) -> list[str]:
         changes.append(f"data.top_k {meta.k} -> {wanted['k']}")
     if meta.k and meta.logprob_dtype != wanted["logprob_dtype"]:
         changes.append(f"precompute.logprob_dtype {meta.logprob_dtype} -> {wanted['logprob_dtype']}")
+    if meta.k:  # what the teacher rows are: top-K, or draws at a temperature from a seed
+        for key, default in (("targets", "topk"), ("sample_temperature", 1.0), ("sample_seed", 0)):
+            old, new = getattr(meta, key), wanted.get(key, default)
+            if old != new:
+                changes.append(f"precompute.{key} {_shown(old)} -> {_shown(new)}")
     return changes
 
 
@@ -207,6 +224,8 @@ class KDStore:
         `step_weight` float32 [N_tok] and `difficulty` float32 [N_seq] are optional (module doc)."""
         if meta.logprob_dtype not in _LOGPROB_DTYPES:
             raise StoreError(f"logprob_dtype={meta.logprob_dtype!r}; use one of {_LOGPROB_DTYPES}")
+        if meta.targets not in _TARGETS:
+            raise StoreError(f"targets={meta.targets!r}; use one of {_TARGETS}")
         store = cls(path, meta)
         _VERIFIED.difference_update({v for v in _VERIFIED if v[0] == store.url})  # a store rebuilt here
         n, k, c = meta.num_tokens, meta.k, meta.chunk_tokens
@@ -479,7 +498,8 @@ class KDStore:
         done = self.done_sequences()
         return {
             "path": self.path, "sequences": self.meta.num_sequences, "tokens": self.meta.num_tokens,
-            "k": self.meta.k, "logprob_dtype": self.meta.logprob_dtype, "bytes_on_disk": sum(sizes.values()),
+            "k": self.meta.k, "targets": self.meta.targets, "logprob_dtype": self.meta.logprob_dtype,
+            "bytes_on_disk": sum(sizes.values()),
             "teacher_bytes_per_token": (sizes.get("topk_ids", 0) + sizes.get("topk_logprobs", 0)) / n,
             "bytes_per_token": sum(sizes.values()) / n,
             "sequences_done": int(done.sum()), "complete": bool(done.all()),

@@ -162,7 +162,7 @@ class Layers(nnx.Module):
 
 
 def layer(cfg: DecoderConfig, p: dict[str, jax.Array], x_BxTxD, positions_BxT, who, inv_freq,
-          kv_cache=None, cache_index=None, implementation=None):
+          kv_cache=None, cache_index=None, implementation=None, taps: dict | None = None):
     """One decoder layer on the parameter slices `p` of one layer (no leading L axis).
 
     `who` = (q_segment_BxT, kv_segment_BxS, q_pos_BxT, kv_pos_BxS): which key each query may see
@@ -171,7 +171,10 @@ def layer(cfg: DecoderConfig, p: dict[str, jax.Array], x_BxTxD, positions_BxT, w
     l; the new keys and values are written into layer l at slot `cache_index` (in place: the cache
     is a loop carry, never sliced and restacked) and the T tokens attend to layer l's S slots;
     returns (x, (k, v)) then.
-    `implementation` overrides cfg.attention (generation's decode steps)."""
+    `implementation` overrides cfg.attention (generation's decode steps).
+    `taps`: a dict this call fills with the layer's inner activations while it traces (pruning's
+    importance measures, kd_jax.models.prune): "attn_in", "mlp_in" (the normed inputs [B, T, D]),
+    "heads" (each head's attention output before o_proj [B, T, N, H]) and "mlp_act" ([B, T, F])."""
     dt = jnp.dtype(cfg.dtype)
     w = {k: v.astype(dt) for k, v in p.items()}
     h = rms_norm(x_BxTxD, w["attn_norm"], cfg.rms_norm_eps)
@@ -200,6 +203,8 @@ def layer(cfg: DecoderConfig, p: dict[str, jax.Array], x_BxTxD, positions_BxT, w
         q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, q_segment_BxT=q_segment_BxT, kv_segment_BxS=kv_segment_BxS,
         q_pos_BxT=q_pos_BxT, kv_pos_BxS=kv_pos_BxS, window=cfg.sliding_window,
         implementation=implementation or cfg.attention, block_q=cfg.attention_block, block_kv=cfg.attention_block)
+    if taps is not None:
+        taps.update(attn_in=h, heads=o_BxTxNxH)
     attn_BxTxD = jnp.einsum("btnh,nhd->btd", o_BxTxNxH, w["wo"])
     if cfg.o_bias:
         attn_BxTxD = attn_BxTxD + _lead(w["bo"], 3)
@@ -210,6 +215,8 @@ def layer(cfg: DecoderConfig, p: dict[str, jax.Array], x_BxTxD, positions_BxT, w
     if cfg.mlp_bias:
         gate_BxTxF, up_BxTxF = gate_BxTxF + _lead(w["b_gate"], 3), up_BxTxF + _lead(w["b_up"], 3)
     act_BxTxF = constrain(jax.nn.silu(gate_BxTxF) * up_BxTxF, ("act_batch", "act_seq", "act_mlp"))
+    if taps is not None:
+        taps.update(mlp_in=h, mlp_act=act_BxTxF)
     mlp_BxTxD = jnp.einsum("btf,fd->btd", act_BxTxF, w["w_down"])
     if cfg.mlp_bias:
         mlp_BxTxD = mlp_BxTxD + _lead(w["b_down"], 3)

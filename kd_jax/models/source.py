@@ -1,5 +1,6 @@
 """Build a student or teacher from its config section: a pretrained HF model, a random model of a
-given architecture, or a subset of a teacher's layers (DistilBERT-style init)."""
+given architecture, a subset of a teacher's layers (DistilBERT-style init), or the teacher pruned
+by measured importance (Minitron, kd_jax.models.prune)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from flax import nnx
 from kd_jax.models.attention import check_runnable
 from kd_jax.models.decoder import Decoder, DecoderConfig, init_decoder
 from kd_jax.models.hf import config_from_hf, load_hf, read_hf_config, resolve_path
+from kd_jax.models.prune import prune, pruned_config
 
 
 def keep_layers(model: Decoder, layers: list[int], **overrides) -> Decoder:
@@ -32,11 +34,13 @@ def keep_layers(model: Decoder, layers: list[int], **overrides) -> Decoder:
     return nnx.merge(graphdef, state)
 
 
-def build_model(src, *, mesh=None, seed: int = 0, teacher: Decoder | None = None) -> Decoder:
+def build_model(src, *, mesh=None, seed: int = 0, teacher: Decoder | None = None, calibration=None) -> Decoder:
     """The model a config section (`StudentSource` or `TeacherSource`) describes, sharded over `mesh`.
 
     init=hf loads `hf_path`; init=random builds `architecture` (an HF config.json-style dict);
-    init=teacher_layers copies `teacher_layers` of `teacher`. An attention this machine cannot run
+    init=teacher_layers copies `teacher_layers` of `teacher`; init=pruned cuts `teacher` to the
+    `prune` sizes by importance measured on `calibration` (batches of
+    kd_jax.models.prune.calibration_batches). An attention this machine cannot run
     (cudnn off a GPU) is refused here, before any weight is read."""
     check_runnable(src.attention)
     opts = src.decoder_options()
@@ -53,7 +57,13 @@ def build_model(src, *, mesh=None, seed: int = 0, teacher: Decoder | None = None
         if teacher is None or not src.teacher_layers:
             raise ValueError("init=teacher_layers needs a teacher model and the teacher_layers list to keep")
         return keep_layers(teacher, list(src.teacher_layers), **opts)
-    raise ValueError(f"init={src.init!r}; choose hf, random or teacher_layers")
+    if src.init == "pruned":
+        if teacher is None or calibration is None:
+            raise ValueError("init=pruned needs a teacher model and calibration batches (token rows the "
+                             "importance is measured on)")
+        return prune(teacher, calibration, depth_metric=src.prune.depth_metric, mesh=mesh, **src.prune.targets,
+                     **opts)
+    raise ValueError(f"init={src.init!r}; choose hf, random, teacher_layers or pruned")
 
 
 def _read_config(src, role: str) -> dict:
@@ -69,4 +79,7 @@ def source_config(src, teacher_src=None, *, read_config=_read_config, role: str 
     if src.init == "teacher_layers":
         teacher = source_config(teacher_src, read_config=read_config, role="teacher")
         return dataclasses.replace(teacher, num_layers=len(src.teacher_layers), **src.decoder_options())
+    if src.init == "pruned":
+        teacher = source_config(teacher_src, read_config=read_config, role="teacher")
+        return pruned_config(teacher, **src.prune.targets, **src.decoder_options())
     return config_from_hf(read_config(src, role), **src.decoder_options())
