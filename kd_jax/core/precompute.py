@@ -50,16 +50,23 @@ from kd_jax.models import build_model
 from kd_jax.models.hf import load_tokenizer, read_hf_config, resolve_path
 
 
-def topk_logprobs(model, tokens_BxT: jax.Array, *, k: int, vocab_size: int, logits_chunk: int):
-    """Teacher top-K of log_softmax (T = 1, over the teacher's full vocabulary) at every position:
-    ids_BxTxK (int32, all < vocab_size) and logprobs_BxTxK (fp32). Logits exist only one slice of
-    `logits_chunk` positions at a time."""
+def _hidden_slices(model, tokens_BxT: jax.Array, logits_chunk: int) -> tuple[jax.Array, jax.Array]:
+    """The teacher's final hidden states in slices of min(logits_chunk, T) positions, [S, B, C, D],
+    and its output embedding [D, V] in their dtype: the logits of one slice at a time."""
     h_BxTxD = model.hidden_states(tokens_BxT)
     w_DxV = model.output_embedding().astype(h_BxTxD.dtype)
     B, T, D = h_BxTxD.shape
     c = min(logits_chunk, T)
     assert T % c == 0, (T, c)
-    h_SxBxCxD = h_BxTxD.reshape(B, T // c, c, D).transpose(1, 0, 2, 3)
+    return h_BxTxD.reshape(B, T // c, c, D).transpose(1, 0, 2, 3), w_DxV
+
+
+def topk_logprobs(model, tokens_BxT: jax.Array, *, k: int, vocab_size: int, logits_chunk: int):
+    """Teacher top-K of log_softmax (T = 1, over the teacher's full vocabulary) at every position:
+    ids_BxTxK (int32, all < vocab_size) and logprobs_BxTxK (fp32). Logits exist only one slice of
+    `logits_chunk` positions at a time."""
+    h_SxBxCxD, w_DxV = _hidden_slices(model, tokens_BxT, logits_chunk)
+    B, T = tokens_BxT.shape
 
     def one(h_BxCxD):
         logits = jnp.einsum("bcd,dv->bcv", h_BxCxD, w_DxV, preferred_element_type=jnp.float32)
@@ -86,12 +93,9 @@ def sampled_logprobs(model, tokens_BxT: jax.Array, seqs_B: jax.Array, key: jax.A
     The draws predicting token j of store sequence seqs_B[b] use fold_in(fold_in(key, s), j),
     whatever the batch, window or process count. Logits exist one slice of `logits_chunk`
     positions at a time."""
-    h_BxTxD = model.hidden_states(tokens_BxT)
-    w_DxV = model.output_embedding().astype(h_BxTxD.dtype)
-    B, T, D = h_BxTxD.shape
-    c = min(logits_chunk, T)
-    assert T % c == 0, (T, c)
-    h_SxBxCxD = h_BxTxD.reshape(B, T // c, c, D).transpose(1, 0, 2, 3)
+    h_SxBxCxD, w_DxV = _hidden_slices(model, tokens_BxT, logits_chunk)
+    B, T = tokens_BxT.shape
+    c = h_SxBxCxD.shape[2]
     # position t predicts token t + 1: that token's index in its sequence names the draws
     targets_SxC = (jnp.arange(T) + 1).reshape(T // c, c)
 

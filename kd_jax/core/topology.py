@@ -107,6 +107,14 @@ def parse(name: str) -> Topology:
     return Topology(name.strip(), CHIPS[chip], tuple(int(d) for d in dims.split("x")))
 
 
+def _installed(module: str) -> bool:
+    """Whether `module` can be imported (find_spec raises instead of answering when a parent package is missing)."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
+
+
 def host_topology(topology: Topology) -> Topology:
     """One host's chips of `topology` as a topology of their own (`v5e:4x8` -> `v5e:2x2`, `h100:2x8` -> `h100:8`)."""
     if topology.chip.platform == "gpu":
@@ -119,7 +127,7 @@ def devices(topology: Topology) -> list:
     """The slice's chips as compile-only jax devices (they run nothing)."""
     if topology.chip.platform == "gpu":
         return _gpu_devices(topology)
-    if importlib.util.find_spec("libtpu") is None:
+    if not _installed("libtpu"):
         raise TopologyError(f"--topology {topology.name} compiles with the TPU compiler in libtpu, which is not "
                             f"installed: pip install -e '.[tpu]' (or drop --topology)")
     # libtpu takes a lockfile per machine; several compile-only users (a dry run beside the tests) may share it
@@ -141,7 +149,7 @@ def _gpu_devices(topology: Topology) -> list:
     """Compile-only H100s from the CUDA PJRT plugin and H100_TARGET_CONFIG (openxla/xla PR 16913).
     Without CUDA on the machine the plugin registers only when its version check is skipped
     (JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1, which kd_jax.base.cli sets for --topology before jax starts)."""
-    if importlib.util.find_spec("jax_plugins.xla_cuda12") is None:
+    if not _installed("jax_plugins.xla_cuda12"):
         raise TopologyError(f"--topology {topology.name} compiles with XLA's GPU compiler in the CUDA plugin, which "
                             f"is not installed: pip install -e '.[cuda]' (or drop --topology)")
     from jax.experimental import topologies
