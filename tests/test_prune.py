@@ -233,12 +233,11 @@ def test_prepare_cuts_the_student_from_the_teacher_on_the_store(store_root):
 
     from kd_jax.base.loader import load_config
     from kd_jax.core.prepare import calibration, prepare
-    from kd_jax.data.store import KDStore
     cfg = load_config(None, tiny_kd.train_args(store_root, "prepared", 1, **PRUNE_ARGS))
-    batches = calibration(KDStore.open(cfg.data.store), cfg)
+    run = prepare(cfg)
+    batches = calibration(run.store, run.train_idx, cfg)  # what the cut was measured on: the training split
     assert sum(int((b["segment_ids"] > 0).sum()) for b in batches) == 300
     assert all(b["tokens"].shape == (2, cfg.data.seq_len) for b in batches)
-    run = prepare(cfg)
     c = run.student.cfg
     assert (c.num_layers, c.intermediate_size, c.num_kv_heads, c.num_heads, c.hidden_size) == (1, 16, 1, 2, 24)
     assert run.teacher is None  # offline: the teacher was only needed for the cut

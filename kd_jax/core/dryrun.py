@@ -600,7 +600,8 @@ def longest_seq_len(cfg: Config, t: Target, limit: int, step: int = 128) -> tupl
 
 def _compile_for_topology(cfg: Config, t: Target, est: dict, p, summary: dict,
                           topology: topology_lib.Topology) -> int:
-    """Compile `t`'s program for `topology`'s chips with libtpu's compiler, print its memory per chip
+    """Compile `t`'s program for `topology`'s chips with their compiler (libtpu's, or XLA's GPU compiler
+    in the CUDA plugin), print its memory per chip
     (beside the analytic total), the compiler's FLOPs and HBM bytes per chip (beside the analytic
     model FLOPs) and the roofline floor; fill `summary`; return the compiled total bytes."""
     host_note = ""
@@ -697,8 +698,8 @@ def _compile_for_topology(cfg: Config, t: Target, est: dict, p, summary: dict,
 def report(cfg: Config, entry: str, *, compile: bool = True, out=sys.stdout, extra: dict | None = None,
            topology: topology_lib.Topology | None = None) -> dict:
     """Print the dry-run table for `entry` ("train" or "precompute"); returns the summary dict
-    (`extra` is merged into it). With `topology`, compiled for that TPU slice by libtpu's compiler
-    (`compile` is then implied), with the compiler's FLOPs, bytes and the roofline floor."""
+    (`extra` is merged into it). With `topology`, compiled for that TPU slice or GPU host by its
+    compiler (`compile` is then implied), with the program's FLOPs, bytes and the roofline floor."""
     t0 = time.perf_counter()
     p = lambda *a: print(*a, file=out)  # noqa: E731
     t = target(cfg, entry, topology)

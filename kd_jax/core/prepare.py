@@ -27,6 +27,7 @@ from kd_jax.data.tables import load_table, prompt_messages
 from kd_jax.models import build_model
 from kd_jax.models.hf import load_tokenizer, source_eos_ids
 from kd_jax.models.prune import calibration_batches
+from kd_jax.models.source import source_config
 
 log = logging.getLogger("kd_jax.train")
 
@@ -168,14 +169,17 @@ def prepare(cfg: Config) -> Run:
     online = cfg.teacher.mode == "online"
     if online:
         check_teacher_reads_the_store(store, cfg)  # before any model is built
+    # The store is checked against the student's config before any weights are read; a pruned student
+    # is then measured on the training split itself.
+    usable = usable_sequences(store, cfg, source_config(cfg.student, cfg.teacher).vocab_size)
+    train_pos, eval_pos = split_indices(len(usable), cfg.data.eval_fraction, cfg.data.shuffle_seed)
     needs_teacher = online or cfg.student.init in ("teacher_layers", "pruned")
     teacher = build_model(cfg.teacher, mesh=mesh, seed=cfg.run.seed) if needs_teacher else None
     student = build_model(cfg.student, mesh=mesh, seed=cfg.run.seed, teacher=teacher,
-                          calibration=calibration(store, cfg) if cfg.student.init == "pruned" else None)
+                          calibration=(calibration(store, usable[train_pos], cfg) if cfg.student.init == "pruned"
+                                       else None))
     if not online:
         teacher = None
-    usable = usable_sequences(store, cfg, student.cfg.vocab_size)
-    train_pos, eval_pos = split_indices(len(usable), cfg.data.eval_fraction, cfg.data.shuffle_seed)
     pairs, align_shape = (), None
     if online:
         check_online_teacher(cfg, student.cfg, teacher.cfg)
@@ -197,13 +201,11 @@ def prepare(cfg: Config) -> Run:
                loss_schedules(cfg.loss, cfg.train.steps), on_policy)
 
 
-def calibration(store: KDStore, cfg: Config) -> list[dict[str, np.ndarray]]:
-    """init=pruned: the first student.prune.calibration_tokens tokens of the store's training split
-    (the split training uses), packed into rows of data.seq_len."""
-    usable = np.flatnonzero(store.done_sequences())  # what store.check gives, before the checks
-    train_pos, _ = split_indices(len(usable), cfg.data.eval_fraction, cfg.data.shuffle_seed)
+def calibration(store: KDStore, train_idx: np.ndarray, cfg: Config) -> list[dict[str, np.ndarray]]:
+    """init=pruned: the first student.prune.calibration_tokens tokens of the training split
+    (`train_idx`, the sequences training reads), packed into rows of data.seq_len."""
     offsets, p = store.offsets, cfg.student.prune
-    sequences = (store.read_range("tokens", int(offsets[i]), int(offsets[i + 1])) for i in usable[train_pos])
+    sequences = (store.read_range("tokens", int(offsets[i]), int(offsets[i + 1])) for i in train_idx)
     return calibration_batches(sequences, seq_len=cfg.data.seq_len, batch_size=p.calibration_batch_size,
                                max_tokens=p.calibration_tokens)
 
