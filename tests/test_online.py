@@ -144,6 +144,24 @@ def test_online_top_k_equals_the_offline_store_of_the_same_k(root):
     assert abs(out["dense"]["soft_sum"] - out["offline"]["soft_sum"]) > 5 * gap, (out, gap)
 
 
+def test_online_sampled_trains_and_draws_anew_each_step(root):
+    """loss.online_sampled=8: the in-step teacher's draws are the soft target; the eval loss of one
+    batch moves with the step that seeds the draws and not otherwise."""
+    base = tiny_kd.train_args(root, "online_sampled", 1, **{"teacher.mode": "online", "loss.online_sampled": 8})
+    run = prepare(load_config(None, base))
+    batch = next(make_eval_iter(run.store, run.eval_idx, run.cfg.data, batch_size=8))
+    with jax.set_mesh(run.mesh):
+        def soft(step):
+            hyper = dict(default_hyper(run.cfg.loss), step=float(step))
+            out = run.steps.eval(trainable(run.state), to_global(batch, run.mesh), hyper, run.teacher_params)
+            return float(jax.device_get(out["soft_sum"]))
+        assert soft(3) == soft(3) and soft(3) != soft(4) and np.isfinite(soft(3)) and soft(3) > 0
+    from kd_jax.core.loop import train
+    metrics = train(load_config(None, tiny_kd.train_args(root, "online_sampled_run", 3, **{
+        "teacher.mode": "online", "loss.online_sampled": 8})))
+    assert np.isfinite(metrics["loss"]) and metrics["soft"] > 0
+
+
 def test_online_teacher_with_fewer_output_rows_is_refused():
     cfg = load_config(None, ["teacher.mode=online", "teacher.hf_path=t", "student.hf_path=s",
                              "student.init=random"])  # random: no tokenizer folder to compare
@@ -156,9 +174,9 @@ def test_schedules_and_layer_maps():
     cfg = LossConfig(alpha=0.9, alpha_schedule=ScheduleConfig("linear", 0.3), temperature=2.0,
                      temperature_schedule=ScheduleConfig("cosine", 1.0))
     sched = loss_schedules(cfg, 11)
-    assert hyper_at(sched, 0) == pytest.approx({"alpha": 0.9, "temperature": 2.0, "hidden_weight": 0.0})
-    assert hyper_at(sched, 5) == pytest.approx({"alpha": 0.6, "temperature": 1.5, "hidden_weight": 0.0})
-    assert hyper_at(sched, 10) == pytest.approx({"alpha": 0.3, "temperature": 1.0, "hidden_weight": 0.0})
+    assert hyper_at(sched, 0) == pytest.approx({"alpha": 0.9, "temperature": 2.0, "hidden_weight": 0.0, "step": 0})
+    assert hyper_at(sched, 5) == pytest.approx({"alpha": 0.6, "temperature": 1.5, "hidden_weight": 0.0, "step": 5})
+    assert hyper_at(sched, 10) == pytest.approx({"alpha": 0.3, "temperature": 1.0, "hidden_weight": 0.0, "step": 10})
     assert layer_pairs(HiddenConfig(weight=1.0), 4, 8) == ((0, 1), (1, 3), (2, 5), (3, 7))  # last to last
     assert layer_pairs(HiddenConfig(weight=1.0), 3, 3) == ((0, 0), (1, 1), (2, 2))
     assert layer_pairs(HiddenConfig(weight=1.0, layers={1: 6}), 4, 8) == ((1, 6),)

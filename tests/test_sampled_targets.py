@@ -213,3 +213,49 @@ def test_store_without_target_fields_reads_as_topk(tmp_path):
     assert identity_changes(old, dict(wanted, targets="sampled", sample_temperature=1.0, sample_seed=0)) == [
         "precompute.targets 'topk' -> 'sampled'"]
     assert dataclasses.replace(old, targets="sampled").targets == "sampled"
+
+
+# --- Online draws (loss.online_sampled) -------------------------------------------------------
+
+def _online_args(seed=0, N=4, D=8, E=6, V=64):
+    ks = jax.random.split(jax.random.key(seed), 4)
+    h = jax.random.normal(ks[0], (N, D))
+    w = jax.random.normal(ks[1], (D, V)) / np.sqrt(D)
+    th = jax.random.normal(ks[2], (N, E))
+    tw = 3.0 * jax.random.normal(ks[3], (E, V)) / np.sqrt(E)
+    labels = jnp.arange(N, dtype=jnp.int32)
+    a = jnp.full((N,), 1.0 / N)
+    return h, w, th, tw, labels, a, jnp.zeros((N,))
+
+
+def test_online_sampled_gradient_is_the_dense_one_in_expectation():
+    """loss.online_sampled=K: K draws per position from the in-step teacher at T; the gradient's mean
+    over 1,000 step keys equals the dense online forward KL's (to 5 standard errors), one key gives
+    the same draws twice, and another key other draws."""
+    h, w, th, tw, labels, a, b = _online_args()
+    T, M = T_S, 1000
+    cfg = dataclasses.replace(losses.LossConfig(), online_sampled=K, temperature=T, chunk_size=2)
+
+    def sampled(h, key):
+        return losses.kd_loss_online(h, w, th, tw, labels, a, b, cfg, key=key)[0]
+
+    dense_cfg = dataclasses.replace(cfg, online_sampled=0)
+    dense = jax.grad(lambda h: losses.kd_loss_online(h, w, th, tw, labels, a, b, dense_cfg)[0])(h)
+    grads = jax.jit(jax.vmap(jax.grad(sampled), (None, 0)))(h, jax.random.split(jax.random.key(7), M))
+    se = grads.std(0, ddof=1) / np.sqrt(M)
+    err = jnp.abs(grads.mean(0) - dense)
+    assert float(jnp.max(err / (5 * se + 1e-6))) < 1.0, (float(jnp.max(err)), float(jnp.max(se)))
+    key = jax.random.key(3)
+    assert float(sampled(h, key)) == float(sampled(h, key))
+    assert float(sampled(h, key)) != float(sampled(h, jax.random.key(4)))
+    with pytest.raises(ValueError, match="PRNG key"):
+        losses.kd_loss_online(h, w, th, tw, labels, a, b, cfg)
+
+
+def test_online_sampled_config_checks():
+    for extra, pattern in (({"loss.online_top_k": 8}, "choose the teacher's top-K or draws"),
+                           ({"loss.tail": True}, "online_sampled=8 takes divergence=forward_kl without tail"),
+                           ({"teacher.mode": "offline"}, "online_sampled=8 is for teacher.mode=online")):
+        overrides = {"teacher.mode": "online", "loss.online_sampled": 8, **extra}
+        with pytest.raises(Exception, match=pattern):
+            load_config(None, [f"{k}={v}" for k, v in overrides.items()])

@@ -441,3 +441,27 @@ def test_store_identity_keys_only_when_used(tmp_path):
     assert inputs(weighted)["data.step_weights_field"] == "step_weights"
     assert "data.step_weights_field" not in inputs(weighted, steps=StepsConfig(weights_field=None))
     assert inputs(ROWS, curriculum=CurriculumConfig(difficulty_field="answer"))["data.curriculum_difficulty_field"] == "answer"
+
+
+def test_text_format_supervises_every_token_and_cuts_or_drops(tokenizer):
+    """data.format.kind=text: no chat template, the tokenizer's tokens then EOS, every token a target
+    (role 2, step -1); empty and repeated documents dropped; an overlong one cut to its first
+    seq_len - 1 tokens + EOS (truncate) or dropped; the identity names text_field."""
+    docs = ["first paragraph second paragraph", "", "first paragraph second paragraph",
+            " ".join(["third paragraph"] * 20)]
+    dataset = datasets.Dataset.from_list([{"body": d} for d in docs])
+    cfg = DataConfig(format=TraceFormat(kind="text", text_field="body"), seq_len=16,
+                     filter=FilterConfig(overlong="truncate"))
+    encoded, report = encode_traces(dataset, tokenizer, cfg)
+    assert (report.read, report.empty_answer, report.duplicate, report.overlong_truncated, report.kept) == (4, 1, 1, 1, 2)
+    first, cut = encoded
+    check_arrays(first)
+    assert tokenizer.decode(first.tokens.tolist()) == docs[0] + EOS  # no template, nothing before the text
+    assert (first.role == 2).all() and (first.step == -1).all() and first.reasoning_span == (0, 0)
+    full = tokenizer(docs[3])["input_ids"]
+    assert len(cut.tokens) == 16 and cut.tokens[:15].tolist() == full[:15] and cut.tokens[-1] == tokenizer.eos_token_id
+    dropped, report = encode_traces(dataset, tokenizer, dataclasses.replace(cfg, filter=FilterConfig(overlong="drop")))
+    assert len(dropped) == 1 and report.overlong_dropped == 1
+    assert tokenization_inputs(dataclasses.replace(cfg, traces="hub/id"), dataset)["data.text_field"] == "body"
+    with pytest.raises(TraceError, match="no field 'text'.*data.format.text_field"):
+        encode_traces(dataset, tokenizer, dataclasses.replace(cfg, format=TraceFormat(kind="text")))

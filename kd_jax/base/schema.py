@@ -174,19 +174,20 @@ class TeacherSource(ModelSource):
 
 @dataclasses.dataclass(frozen=True)
 class TraceFormat:
-    kind: str = "r1"  # trace layout: "r1" (prompt/reasoning/answer fields), "messages" (role/content chat list) or "sharegpt" (from/value chat list)
+    kind: str = "r1"  # trace layout: "r1" (prompt/reasoning/answer fields), "messages" (role/content chat list), "sharegpt" (from/value chat list) or "text" (plain documents, every token supervised)
     prompt_field: str = "prompt"  # field holding the prompt (kind=r1)
     reasoning_field: str = "reasoning"  # field holding the reasoning trace (kind=r1)
     answer_field: str = "answer"  # field holding the final answer (kind=r1)
     messages_field: str = "messages"  # field holding the chat messages (kind=messages)
     conversations_field: str = "conversations"  # field holding the from/value turns (kind=sharegpt)
+    text_field: str = "text"  # field holding the document (kind=text: no chat template, BOS as the tokenizer adds it, EOS appended)
     think_open: str = "<think>"  # tag opening the reasoning in the traces as read, e.g. "<|begin_of_thought|>"
     think_close: str = "</think>"  # tag closing the reasoning in the traces as read, e.g. "<|end_of_thought|>"
     answer_open: str = ""  # tag stripped from the start of the answer, e.g. "<|begin_of_solution|>"; "" = none
     answer_close: str = ""  # tag stripped from the end of the answer, e.g. "<|end_of_solution|>"; "" = none
 
     def __post_init__(self):
-        _check_choice("kind", self.kind, ("r1", "messages", "sharegpt"))
+        _check_choice("kind", self.kind, ("r1", "messages", "sharegpt", "text"))
         _check(bool(self.think_open) and bool(self.think_close),
                f"think_open={self.think_open!r} / think_close={self.think_close!r} must both be set (the tags "
                f"around the reasoning in the traces, default <think> / </think>)")
@@ -340,6 +341,7 @@ class LossConfig:
     answer_weight: float = 1.0  # weight w_s of each answer in the step loss
     chunk_size: int = 512  # tokens per chunk of the fused loss, global over devices (bounds its [chunk, vocab] memory)
     online_top_k: int = 0  # teacher.mode=online: 0 = divergence over the full vocabulary; K = over the teacher's top-K only
+    online_sampled: int = 0  # teacher.mode=online: N > 0 = forward KL to N draws per position from the in-step teacher at the loss temperature (unbiased, as precompute.targets=sampled); 0 = off
     alpha_schedule: ScheduleConfig = dataclasses.field(default_factory=ScheduleConfig)  # alpha over training
     temperature_schedule: ScheduleConfig = dataclasses.field(default_factory=ScheduleConfig)  # temperature over training
     hidden: HiddenConfig = dataclasses.field(default_factory=HiddenConfig)  # intermediate-layer alignment (online teacher)
@@ -347,6 +349,13 @@ class LossConfig:
     def __post_init__(self):
         _check_choice("divergence", self.divergence, DIVERGENCES)
         _check(self.online_top_k >= 0, f"online_top_k={self.online_top_k} must be >= 0 (0 = the full vocabulary)")
+        _check(self.online_sampled >= 0, f"online_sampled={self.online_sampled} must be >= 0 (0 = off)")
+        _check(not (self.online_top_k and self.online_sampled),
+               f"online_top_k={self.online_top_k} and online_sampled={self.online_sampled} are both set; choose the "
+               f"teacher's top-K or draws from it (set the other to 0)")
+        _check(not self.online_sampled or (self.divergence == "forward_kl" and not self.tail),
+               f"online_sampled={self.online_sampled} takes divergence=forward_kl without tail (got divergence="
+               f"{self.divergence!r}, tail={self.tail}): only the cross-entropy to the draws is unbiased")
         end = self.alpha_schedule.end
         _check(end is None or 0.0 <= end <= 1.0, f"alpha_schedule.end={end} must be in [0, 1]")
         end = self.temperature_schedule.end
@@ -581,6 +590,9 @@ class Config:
         if not online and self.loss.online_top_k:
             raise ConfigError(f"loss.online_top_k={self.loss.online_top_k} is for teacher.mode=online; offline, K is "
                               f"the store's (data.top_k at precompute)")
+        if not online and self.loss.online_sampled:
+            raise ConfigError(f"loss.online_sampled={self.loss.online_sampled} is for teacher.mode=online; offline, "
+                              f"store draws with precompute.targets=sampled")
 
     @property
     def run_dir(self) -> str:

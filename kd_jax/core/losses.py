@@ -447,9 +447,17 @@ def kd_loss(hidden_NxD, out_embed_DxV, labels_N, topk_ids_NxK, topk_logprobs_NxK
 
 # --- The online teacher: its logits per chunk, next to the student's -------------------------
 
-def _online_chunk_loss(logits_CxV, teacher_logits_CxV, labels_C, a_C, b_C, temperature, cfg: LossConfig):
+def _online_chunk_loss(logits_CxV, teacher_logits_CxV, labels_C, a_C, b_C, keys_Cx2, temperature, cfg: LossConfig):
     """Σ_t a·soft + b·hard over one chunk against the teacher's fp32 logits [C, V]."""
-    if cfg.online_top_k:
+    if cfg.online_sampled:
+        # As precompute writes a sampled store: N draws per position at the loss temperature, each
+        # position's own key (keys_Cx2: raw key data), then the offline sampled-target loss.
+        keys_C = jax.random.wrap_key_data(keys_Cx2)
+        ids_CxN, log_w_CxN = sample_targets(teacher_logits_CxV, keys_C, cfg.online_sampled, temperature=temperature,
+                                            vocab_size=logits_CxV.shape[-1])
+        loss, metrics = _chunk_loss(logits_CxV, labels_C, ids_CxN, log_w_CxN, a_C, b_C, temperature, cfg,
+                                    targets="sampled")
+    elif cfg.online_top_k:
         # As precompute writes a store of K (teacher.topk_logprobs): log-probs at T = 1 over the
         # teacher's W rows, padding ids (>= V) excluded from the top K.
         V = logits_CxV.shape[-1]
@@ -470,24 +478,24 @@ def _online_chunk_loss(logits_CxV, teacher_logits_CxV, labels_C, a_C, b_C, tempe
     return loss, dict(metrics, teacher_nll_sum=jnp.where(used_C, nll_C, 0.0).sum())
 
 
-def _scan_online(hidden_NxD, out_embed_DxV, teacher_hidden_NxE, teacher_embed_ExV, labels_N, a_N, b_N,
+def _scan_online(hidden_NxD, out_embed_DxV, teacher_hidden_NxE, teacher_embed_ExV, labels_N, a_N, b_N, keys_Nx2,
                  temperature, cfg: LossConfig, with_grad):
     data = ((teacher_hidden_NxE, ("act_batch", "act_embed")), (labels_N, None),
-            (a_N.astype(jnp.float32), None), (b_N.astype(jnp.float32), None))
+            (a_N.astype(jnp.float32), None), (b_N.astype(jnp.float32), None), (keys_Nx2, None))
 
-    def chunk_loss(th_CxE, labels_C, a_C, b_C):
+    def chunk_loss(th_CxE, labels_C, a_C, b_C, keys_Cx2):
         # The teacher's chunk logits: its compute dtype, fp32 accumulation; a constant to the
         # differentiated function below (the teacher is frozen).
         zt_CxV = jnp.dot(th_CxE, teacher_embed_ExV, preferred_element_type=jnp.float32)
         zt_CxV = constrain(zt_CxV, ("act_batch", "act_vocab"))
         return functools.partial(_online_chunk_loss, teacher_logits_CxV=zt_CxV, labels_C=labels_C, a_C=a_C,
-                                 b_C=b_C, temperature=temperature, cfg=cfg)
+                                 b_C=b_C, keys_Cx2=keys_Cx2, temperature=temperature, cfg=cfg)
 
     return _scan_tokens(hidden_NxD, out_embed_DxV, data, chunk_loss, cfg.chunk_size, with_grad, _ONLINE_METRICS)
 
 
 def kd_loss_online(hidden_NxD, out_embed_DxV, teacher_hidden_NxE, teacher_embed_ExW, labels_N, a_N, b_N,
-                   cfg: LossConfig | None = None, *, temperature=None, **overrides):
+                   cfg: LossConfig | None = None, *, temperature=None, key=None, **overrides):
     """`kd_loss` against a teacher run in the same step: Σ_t a_t·soft_t + b_t·hard_t and its metrics.
 
     hidden_NxD, out_embed_DxV, labels_N, a_N, b_N, cfg, `temperature` and `overrides` as in
@@ -498,7 +506,10 @@ def kd_loss_online(hidden_NxD, out_embed_DxV, teacher_hidden_NxE, teacher_embed_
     (`dense_token_terms`), the teacher renormalized over ids < V; K > 0: the teacher's log-probs at
     T = 1 over all W rows, its top K ids < V (exactly what precompute stores), then `token_terms`
     as `kd_loss` with a store of K (cfg.tail, divergence and jsd_beta behave the same; the tail
-    bucket holds the padding's mass too, as offline).
+    bucket holds the padding's mass too, as offline). cfg.online_sampled = N > 0: N draws per
+    position from the teacher's softmax(z / T) over ids < V (`sample_targets`; token n draws with
+    fold_in(key, n), so `key`, one PRNG key per step, is required), then the sampled-target soft
+    term of `token_terms`: unbiased, its gradient equal to the dense forward KL's in expectation.
     Walks `chunk_size` tokens at a time (global, over all devices) and computes both models' logits
     per chunk only: peak extra memory O(chunk_size × V) for the two together. Gradients w.r.t.
     hidden and out_embed come from the same pass (custom VJP); the teacher is frozen (no gradient).
@@ -517,13 +528,19 @@ def kd_loss_online(hidden_NxD, out_embed_DxV, teacher_hidden_NxE, teacher_embed_
                          f"teacher embedding's width E={E}")
     if cfg.online_top_k > V:
         raise ValueError(f"online_top_k={cfg.online_top_k} exceeds the vocabulary V={V}")
+    if cfg.online_sampled and key is None:
+        raise ValueError("online_sampled draws need a PRNG key: pass key= (one per step)")
+    if cfg.online_sampled:
+        keys_Nx2 = jax.random.key_data(jax.vmap(lambda n: jax.random.fold_in(key, n))(jnp.arange(N)))
+    else:
+        keys_Nx2 = jnp.zeros((N, 0), jnp.uint32)  # no draws: an empty column rides along
     # In the teacher's compute dtype, cast once, not per chunk. The full-vocabulary divergence uses
     # the first V rows; the top-K keeps all W to normalize its log-probs as precompute does.
     teacher_embed_ExV = teacher_embed_ExW if cfg.online_top_k else teacher_embed_ExW[:, :V]
     teacher_embed_ExV = teacher_embed_ExV.astype(teacher_hidden_NxE.dtype)
     temperature = jnp.asarray(cfg.temperature if temperature is None else temperature, jnp.float32)
     return _fused(_scan_online, cfg, hidden_NxD, out_embed_DxV,
-                  (teacher_hidden_NxE, teacher_embed_ExV, labels_N, a_N, b_N), temperature)
+                  (teacher_hidden_NxE, teacher_embed_ExV, labels_N, a_N, b_N, keys_Nx2), temperature)
 
 
 # --- Intermediate-layer alignment ------------------------------------------------------------

@@ -93,9 +93,10 @@ def scheduled(loss_cfg: LossConfig) -> dict[str, str]:
 
 
 def hyper_at(schedules: dict[str, optax.Schedule], step: int) -> dict[str, float]:
-    """The scheduled loss values of optimizer step `step` (0-based), as Python floats: the step
-    takes them as traced fp32 scalars, so a schedule never recompiles."""
-    return {k: float(f(step)) for k, f in schedules.items()}
+    """The scheduled loss values of optimizer step `step` (0-based), as Python floats, and the step
+    itself (it seeds loss.online_sampled's draws): the step takes them as traced fp32 scalars, so a
+    schedule never recompiles."""
+    return {**{k: float(f(step)) for k, f in schedules.items()}, "step": float(step)}
 
 
 def default_hyper(loss_cfg: LossConfig) -> dict[str, float]:
@@ -177,9 +178,12 @@ class _Pass:
         cfg, batch, objective = self.objective.loss, self.batch, self.objective
         labels_N, a_N, b_N = _flat(batch["labels"]), _flat(a_BxL), _flat(b_BxL)
         if objective.online:
+            # online_sampled: the draws of optimizer step s use fold_in(key(0), s) (hyper["step"])
+            key = (jax.random.fold_in(jax.random.key(0), hyper.get("step", jnp.zeros(())).astype(jnp.int32))
+                   if cfg.online_sampled else None)
             loss, metrics = losses.kd_loss_online(_flat(self.h), self.student.output_embedding(), _flat(self.t_h),
                                                   self.teacher.output_embedding(), labels_N, a_N, b_N, cfg,
-                                                  temperature=hyper["temperature"])
+                                                  temperature=hyper["temperature"], key=key)
         else:
             loss, metrics = losses.kd_loss(_flat(self.h), self.student.output_embedding(), labels_N,
                                            _flat(batch["topk_ids"]), _flat(batch["topk_logprobs"]), a_N, b_N, cfg,

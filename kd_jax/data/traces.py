@@ -15,7 +15,10 @@ falls in, so BPE merges across piece boundaries never shift a label.
 
 Traces are read as r1 rows (prompt / reasoning / answer fields), `messages` chats (the last
 assistant turn's think block, or its `reasoning_content`) or `sharegpt` chats (from/value turns,
-as Bespoke-Stratos and OpenThoughts ship them). The tags that mark the reasoning (and optionally
+as Bespoke-Stratos and OpenThoughts ship them). Plain documents (`text`: human-written text for
+healing a pruned student, continued pretraining) skip the chat template: the tokenizer's own
+special tokens (a BOS where it adds one), the text, EOS; every token is a target (role 2, as an
+answer; step -1; no reasoning). The tags that mark the reasoning (and optionally
 the answer) in the traces are configurable (data.think_*, data.answer_*); the stored layout above
 always uses kd_jax's own `<think>` tags, so training and evaluation do not depend on the source.
 
@@ -118,7 +121,7 @@ def tokenization_inputs(data_cfg: DataConfig, dataset: datasets.Dataset) -> dict
     """Everything the tokenized store depends on besides the tokenizer: the traces' content hash
     and the data.* settings that read, filter, cut and label them (KD store identity)."""
     fields = {"r1": ("prompt_field", "reasoning_field", "answer_field"), "messages": ("messages_field",),
-              "sharegpt": ("conversations_field",)}[data_cfg.format.kind]
+              "sharegpt": ("conversations_field",), "text": ("text_field",)}[data_cfg.format.kind]
     # The identity keys keep the flat names the settings had when stores first recorded them
     # (data.format, data.step_separator, data.overlong, ...), so a store written before they moved
     # into sections (data.format.kind, data.steps.separator, data.filter.overlong) still matches.
@@ -236,6 +239,8 @@ def check_fields(dataset: datasets.Dataset, data_cfg: DataConfig) -> None:
                   "format.answer_field": data_cfg.format.answer_field}
     elif data_cfg.format.kind == "sharegpt":
         wanted = {"format.conversations_field": data_cfg.format.conversations_field}
+    elif data_cfg.format.kind == "text":
+        wanted = {"format.text_field": data_cfg.format.text_field}
     else:
         wanted = {"format.messages_field": data_cfg.format.messages_field}
     if data_cfg.curriculum.difficulty_field:
@@ -420,6 +425,25 @@ def _encode_rendered(tokenizer, prompt_text: str, reasoning: str, answer: str, s
                    step=np.append(steps[piece_N], np.int32(-1)), reasoning_span=reasoning_span)
 
 
+def encode_text(tokenizer, text: str) -> Encoded:
+    """One plain document (data.format.kind=text): the tokenizer's special tokens as it adds them
+    (Llama 3's BOS; none for SmolLM2 or Qwen), the text, then EOS; every token role 2 (a target),
+    step -1, an empty reasoning span."""
+    if tokenizer.eos_token_id is None:
+        raise TraceError("tokenizer has no eos_token_id; set tokenizer.eos_token so documents are separated")
+    ids = tokenizer(text, verbose=False)["input_ids"]
+    tokens = np.asarray([*ids, tokenizer.eos_token_id], dtype=np.int32)
+    return Encoded(tokens=tokens, role=np.full(len(tokens), Role.ANSWER, np.uint8),
+                   step=np.full(len(tokens), -1, np.int32), reasoning_span=(0, 0))
+
+
+def truncate_text(example: Encoded, seq_len: int) -> Encoded:
+    """A document cut to its first seq_len - 1 tokens and EOS (data.filter.overlong=truncate)."""
+    kept_N = np.r_[0:seq_len - 1, len(example) - 1]
+    return Encoded(tokens=example.tokens[kept_N], role=example.role[kept_N], step=example.step[kept_N],
+                   reasoning_span=(0, 0))
+
+
 def truncate_reasoning(example: Encoded, seq_len: int) -> Encoded | None:
     """Cuts reasoning tokens from the end of the reasoning so the example is exactly seq_len tokens.
 
@@ -468,6 +492,8 @@ class FilterReport:
 def encode_traces(dataset: datasets.Dataset, tokenizer, data_cfg: DataConfig) -> tuple[list[Encoded], FilterReport]:
     """Parses, filters and tokenizes every row, keeping the input order of the survivors."""
     check_fields(dataset, data_cfg)
+    if data_cfg.format.kind == "text":
+        return _encode_documents(dataset, tokenizer, data_cfg)
     report = FilterReport()
     seen: set[bytes] = set()
     encoded = []
@@ -503,6 +529,34 @@ def encode_traces(dataset: datasets.Dataset, tokenizer, data_cfg: DataConfig) ->
         weights = step_weights(row, index, reasoning, data_cfg)
         if weights is not None:
             example.step_weight = token_step_weights(example, weights)
+        if data_cfg.curriculum.difficulty_field:
+            example.difficulty = trace_difficulty(row, index, data_cfg)
+        encoded.append(example)
+    report.kept = len(encoded)
+    return encoded, report
+
+
+def _encode_documents(dataset: datasets.Dataset, tokenizer, data_cfg: DataConfig) -> tuple[list[Encoded], FilterReport]:
+    """encode_traces for data.format.kind=text: empty and repeated documents dropped, overlong ones
+    dropped or cut (data.filter.overlong); the reasoning-length filters do not apply."""
+    report, seen, encoded = FilterReport(), set(), []
+    for index, row in enumerate(dataset):
+        report.read += 1
+        text = _text(row[data_cfg.format.text_field])
+        if not text:
+            report.empty_answer += 1
+            continue
+        if (key := hashlib.sha256(text.encode()).digest()) in seen:
+            report.duplicate += 1
+            continue
+        seen.add(key)
+        example = encode_text(tokenizer, text)
+        if len(example) > data_cfg.seq_len:
+            if data_cfg.filter.overlong != "truncate":
+                report.overlong_dropped += 1
+                continue
+            example = truncate_text(example, data_cfg.seq_len)
+            report.overlong_truncated += 1
         if data_cfg.curriculum.difficulty_field:
             example.difficulty = trace_difficulty(row, index, data_cfg)
         encoded.append(example)

@@ -1,0 +1,116 @@
+"""The prune-and-distill experiment (kd_jax.demo.prune, `make demo-prune`): its text, its task, its
+verdicts, and a reduced run end to end on the real SmolLM2-135M-Instruct."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import transformers
+
+from kd_jax.core.runs import load_run_config
+from kd_jax.demo import prune as experiment
+from kd_jax.demo import text
+
+
+def _module(root, name: str, doc: str) -> None:
+    path = root / f"{name}.py"
+    path.write_text(f'"""{doc}"""\n\n\ndef f():\n    """Too short to keep."""\n')
+
+
+def test_documents_are_prose_and_held_out_by_whole_module(tmp_path):
+    long = "This module explains how the frobnicator turns widgets into gadgets, and why it does so slowly."
+    doctest = ">>> frobnicate(1)\n2"
+    names = [f"mod{i}" for i in range(40)]
+    for name in names:
+        second = f"A second paragraph of {name} prose, long enough to be kept."
+        _module(tmp_path, name, f"{long} It is {name}.\n\n{doctest}\n\n{second}")
+    (tmp_path / "test").mkdir()
+    _module(tmp_path / "test", "test_x", long)  # test folders are skipped
+    train, held = text.documents(chars=10_000, held_out=0.25, root=str(tmp_path))
+    assert len(train) + len(held) == 40 and held and train
+    assert text.documents(chars=10_000, held_out=0.25, root=str(tmp_path)) == (train, held)  # deterministic
+    for doc in train + held:
+        assert ">>>" not in doc and "Too short" not in doc
+        assert doc.count("\n\n") == 1  # two prose paragraphs, the doctest line gone
+    held_names = {d.split("It is ")[1].split(".")[0] for d in held}
+    assert held_names == {n for n in names if text._held_out(n, 0.25)}
+    # chars small: each paragraph its own document, never split
+    train_small, held_small = text.documents(chars=10, held_out=0.25, root=str(tmp_path))
+    assert len(train_small) + len(held_small) == 80
+
+
+def test_sentence_final_words():
+    doc = "A context of more than sixty characters, all written out in full right here. It ends well. Then Caps. Go on."
+    spans = text.sentence_final_words(doc)
+    assert [doc[a:b] for a, b in spans] == ["here", "well"]  # lowercase, >= 4 letters, after 60 characters
+
+
+def test_held_out_items_point_at_the_word_tokens(smollm2_dir):
+    tokenizer = transformers.AutoTokenizer.from_pretrained(smollm2_dir)
+    docs = ["Return the number of items in the container, counting each of them once. The result is an integer. "
+            "Nothing else is returned by this method.",
+            "Short one. Too short to hold a word after sixty characters of context here."]
+    data = experiment.held_out(tokenizer, docs, seq_len=64)
+    assert data.tokens.shape == data.mask.shape == (2, 64)
+    words = []
+    for r, first, last in data.items:
+        # positions first..last predict the tokens first+1..last+1: the word with its space
+        words.append(tokenizer.decode(data.tokens[r, first + 1:last + 2].tolist()))
+        assert data.mask[r, first:last + 1].all()
+    assert words == [" once", " integer", " method", " here"]
+    n = len(tokenizer(docs[0])["input_ids"]) + 1  # + EOS
+    assert data.mask[0].sum() == n - 1 and not data.mask[0, n - 1:].any()
+
+
+def _run(row, seed, ce, task):
+    return {"row": row, "loss": "-", "seed": seed, "steps": 4, "gflop": 1.0, "tokens_per_s": 10.0, "ce": ce,
+            "kl": 1.0, "top1_agree": 0.5, "task": task, "task_right": round(task * 100), "task_n": 100}
+
+
+def test_verdicts_read_the_seed_ranges():
+    runs = [_run("cross-entropy", 0, 5.0, 0.30), _run("cross-entropy", 1, 5.1, 0.34),
+            _run("top-K", 0, 4.8, 0.33), _run("top-K", 1, 4.9, 0.42),  # CE beyond the range; task overlaps
+            _run("sampled", 0, 5.05, 0.20), _run("sampled", 1, 5.3, 0.25)]  # CE overlaps; task below the range
+    lines = experiment.summarize(runs)
+    top = next(line for line in lines if line["row"] == "top-K")
+    assert top["ce"] == pytest.approx(4.85) and top["ce_range"] == (4.8, 4.9)
+    assert (top["task_low"], top["task_high"]) == pytest.approx(experiment.wilson_interval(75, 200))
+    assert experiment.verdicts(lines) == [
+        "top-K: held-out CE 4.850 beats cross-entropy's 5.050; task 37.5% ties cross-entropy's 32.0%",
+        "sampled: held-out CE 5.175 ties cross-entropy's 5.050; task 22.5% loses to cross-entropy's 32.0%"]
+    table = experiment.format_table(lines)
+    assert "4.850 (4.800-4.900)" in table and "37.5% (33.0%-42.0%) [31.1%, 44.4%]" in table
+
+
+@pytest.mark.slow
+def test_reduced_experiment_end_to_end(smollm2_dir, tmp_path):
+    """Every stage on the real model, small: 4 steps of 8 rows x 64 tokens, one seed, three rows. The
+    pruned student is a third of the teacher's non-embedding parameters and loads in transformers;
+    the teacher scores itself perfectly; every healed row is better than the pruned student it
+    started from; the sampled store is smaller per token than the top-64 store."""
+    out = tmp_path / "prune"
+    out.mkdir()
+    os.symlink(smollm2_dir, out / "teacher")  # the tests' converted SmolLM2 (stage 1 finds it)
+    report = experiment.run(str(out), steps=4, seeds=(0,), rows=("sampled", "online + hidden"), held_out_docs=8,
+                            overrides=("data.seq_len=64", "train.global_batch_size=8",
+                                       "student.prune.calibration_tokens=2048"))
+    pruned = report["pruned"]
+    assert pruned["non_embedding"] / pruned["teacher_non_embedding"] == pytest.approx(1 / 3, abs=0.01)
+    assert len(pruned["kept_layers"]) == 16 and pruned["kept_layers"] == sorted(pruned["kept_layers"])
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out / "student_init")
+    assert (hf.config.num_hidden_layers, hf.config.intermediate_size) == (16, 768)
+    by_row = {r["row"]: r for r in report["runs"]}
+    teacher, start = by_row["teacher"], by_row["pruned, not healed"]
+    assert teacher["kl"] < 1e-4 and teacher["top1_agree"] == 1.0 and teacher["task"] == 1.0
+    assert start["kl"] > 1.0
+    for name in ("cross-entropy", "sampled", "online + hidden"):
+        assert by_row[name]["ce"] < start["ce"] and by_row[name]["steps"] >= 4
+    assert report["stores"]["sampled"]["bytes_per_token"] < report["stores"]["topk"]["bytes_per_token"]
+    assert len(report["verdicts"]) == 2 and (out / "prune.png").exists()
+    with open(out / "prune_report.json") as f:
+        assert json.load(f)["table"][0]["row"] == "teacher"
+    hidden = load_run_config(str(out / "online_hidden_s0")).loss.hidden  # each layer to the one it was cut from
+    assert hidden.distance == "cosine" and dict(hidden.layers) == dict(enumerate(pruned["kept_layers"]))
+    assert report["task_candidates"] > 0
