@@ -59,6 +59,10 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return list(self._manager.all_steps())
 
+    def delete(self, step: int) -> None:
+        """Removes step `step` from disk."""
+        self._manager.delete(step)
+
     def save(self, step: int, state: Any, data_iter=None, *, extra: dict | None = None,
              force: bool = False) -> bool:
         """Saves `state` (a pytree of jax.Arrays), the position of `data_iter` (a Grain iterator)

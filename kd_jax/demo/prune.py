@@ -420,9 +420,22 @@ def plot(curves: dict[str, list[tuple[float, float]]], teacher_ce: float, path: 
 # ------------------------------------------------------------------------------- the experiment
 
 
-def _checkpoint_steps(cfg: Config) -> list[int]:
+def score_run(cfg: Config, ev: Evaluator, gflop_per_step: float, start_ce: float) -> dict:
+    """A finished run scored on the held-out documents: the last checkpoint on all of them, every
+    checkpoint on the curves' documents. All but the last checkpoint are then deleted (each holds
+    the student and its Adam state: about 0.7 GB here)."""
+    mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])  # where load_hf puts the teacher
     with Checkpointer(cfg.checkpoint_dir, cfg.checkpoint) as ckpt:
-        return ckpt.all_steps()
+        steps = ckpt.all_steps()
+        curve = [(0.0, start_ce)]
+        for step in steps:
+            model, _ = restore_student(cfg, step, mesh)
+            if step == steps[-1]:
+                final = ev.score(model)
+            curve.append((step * gflop_per_step, ev.score(model, CURVE_DOCS)["ce"]))
+        for step in steps[:-1]:
+            ckpt.delete(step)
+    return {"final": final, "curve": curve}
 
 
 def _tokens_per_s(cfg: Config) -> float:
@@ -480,17 +493,8 @@ def run(out: str = "runs/prune", steps: int | None = None, seeds: tuple[int, ...
     pruned = write_pruned(base, p.student_init)
     print(f"    {json.dumps(pruned)}", flush=True)
 
-    row_configs(p, chosen, seeds, pruned["kept_layers"])
-    for i, ((name, seed), cfg) in enumerate(p.runs.items()):
-        _stage(5, f"student {i + 1}/{len(p.runs)}: {name}, seed {seed} ({p.gflop[name]:,.0f} GFLOP, "
-                  f"{cfg.train.steps} steps)", f"python -m kd_jax.train --config ... run.name={cfg.run.name}")
-        if not os.path.exists(os.path.join(cfg.run_dir, "done.json")):
-            t0 = time.perf_counter()
-            train(cfg)
-            with open(os.path.join(cfg.run_dir, "done.json"), "w") as f:
-                json.dump({"seconds": time.perf_counter() - t0}, f)
-
-    _stage(6, "evaluate on the held-out documents (teacher run alongside)", "kd_jax.demo.prune.Evaluator")
+    _stage(5, "the held-out documents: the teacher's log-probs, computed once (kd_jax.demo.prune.Evaluator)",
+           f"{out}/data/heldout.jsonl")
     tokenizer = load_tokenizer(base.tokenizer)
     with open(os.path.join(out, "data", "heldout.jsonl")) as f:
         docs = [json.loads(line)["text"] for line in f][:held_out_docs]
@@ -501,29 +505,37 @@ def run(out: str = "runs/prune", steps: int | None = None, seeds: tuple[int, ...
     print(f"    teacher: held-out CE {runs[0]['ce']:.3f} on {runs[0]['tokens']:,} tokens; the task: {len(ev.items)} of "
           f"{ev.candidates} words", flush=True)
     teacher_curve_ce = ev.score(teacher, CURVE_DOCS)["ce"]
-    curve_points = {}
     initial = load_hf(p.student_init, param_dtype="float32", dtype="float32")
     runs.append({"row": "pruned, not healed", "loss": "-", **ev.score(initial)})
     start_ce = ev.score(initial, CURVE_DOCS)["ce"]
     del teacher, initial
-    one_device = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
-    for (name, seed), cfg in p.runs.items():
+
+    row_configs(p, chosen, seeds, pruned["kept_layers"])
+    curve_points = {}
+    for i, ((name, seed), cfg) in enumerate(p.runs.items()):
+        _stage(6, f"student {i + 1}/{len(p.runs)}: {name}, seed {seed} ({p.gflop[name]:,.0f} GFLOP, "
+                  f"{cfg.train.steps} steps), then scored on the held-out documents",
+               f"python -m kd_jax.train --config ... run.name={cfg.run.name}")
         row = next(r for r in chosen if r.name == name)
-        per_step = p.gflop[name] / cfg.train.steps
-        points = [(0.0, start_ce)]
-        steps_ = _checkpoint_steps(cfg)
-        for step in steps_:
-            model, _ = restore_student(cfg, step, one_device)  # where load_hf puts the teacher
-            if step == steps_[-1]:
-                final = ev.score(model)
-            points.append((step * per_step, ev.score(model, CURVE_DOCS)["ce"]))
-        curve_points.setdefault(name, []).append(points)
+        scored = os.path.join(cfg.run_dir, "heldout.json")
+        if not os.path.exists(scored):
+            if not os.path.exists(os.path.join(cfg.run_dir, "done.json")):
+                t0 = time.perf_counter()
+                train(cfg)
+                with open(os.path.join(cfg.run_dir, "done.json"), "w") as f:
+                    json.dump({"seconds": time.perf_counter() - t0}, f)
+            with open(scored, "w") as f:
+                json.dump(score_run(cfg, ev, p.gflop[name] / cfg.train.steps, start_ce), f)
+        with open(scored) as f:
+            result = json.load(f)
         with open(os.path.join(cfg.run_dir, "done.json")) as f:
             seconds = json.load(f)["seconds"]
+        curve_points.setdefault(name, []).append([tuple(xy) for xy in result["curve"]])
+        final = result["final"]
         runs.append({"row": name, "loss": row.loss, "seed": seed, "steps": cfg.train.steps, "gflop": p.gflop[name],
                      "train_s": seconds, "tokens_per_s": _tokens_per_s(cfg), **final})
         print(f"    {name}, seed {seed}: held-out CE {final['ce']:.3f}, KL {final['kl']:.3f}, "
-              f"task {final['task']:.1%} (CE at each quarter: {', '.join(f'{y:.3f}' for _, y in points[1:])})",
+              f"task {final['task']:.1%} (CE at each quarter: {', '.join(f'{y:.3f}' for _, y in result['curve'][1:])})",
               flush=True)
     lines = summarize(runs)
     curves = {name: [(_mean([c[i][0] for c in cs]), _mean([c[i][1] for c in cs])) for i in range(len(cs[0]))]
