@@ -84,10 +84,6 @@ def test_verdicts_read_the_seed_ranges():
     assert "4.850 (4.800-4.900)" in table and "37.5% (33.0%-42.0%) [31.1%, 44.4%]" in table
 
 
-def run_row(run: str) -> str:
-    return {"cross_entropy_s0": "cross-entropy", "sampled_s0": "sampled", "online_hidden_s0": "online + hidden"}[run]
-
-
 @pytest.mark.slow
 def test_reduced_experiment_end_to_end(smollm2_dir, tmp_path):
     """Every stage on the real model, small: 4 steps of 8 rows x 64 tokens, one seed, three rows. The
@@ -118,5 +114,6 @@ def test_reduced_experiment_end_to_end(smollm2_dir, tmp_path):
     hidden = load_run_config(str(out / "online_hidden_s0")).loss.hidden  # each layer to the one it was cut from
     assert hidden.distance == "cosine" and dict(hidden.layers) == dict(enumerate(pruned["kept_layers"]))
     assert report["task_candidates"] > 0
-    for run in ("cross_entropy_s0", "sampled_s0", "online_hidden_s0"):  # scored, then only the last step kept
-        assert sorted(os.listdir(out / run / "checkpoints")) == [str(by_row[run_row(run)]["steps"])]
+    for run, name in (("cross_entropy_s0", "cross-entropy"), ("sampled_s0", "sampled"),
+                      ("online_hidden_s0", "online + hidden")):  # scored, then only the last step kept
+        assert os.listdir(out / run / "checkpoints") == [str(by_row[name]["steps"])]
