@@ -12,15 +12,18 @@ student cut from it better than the text alone?
   4. prune       the student cut from the teacher by importance measured on the pool's training split
                  (student.init=pruned, Minitron: layers by Block Influence, MLP channels by
                  activation), written once as an ordinary HF folder every row starts from
-  5. students    one row per way of using the teacher, each at every seed (data.shuffle_seed: which
+  5. held-out    the held-out documents and the teacher's log-probs on them, computed once; the
+                 teacher and the pruned student scored
+  6. students    one row per way of using the teacher, each at every seed (data.shuffle_seed: which
                  documents and in what order), every one at the same training compute (FLOPs, the
                  teacher's forward included where it runs inside the step): cross-entropy; top-K
-                 KD; top-K + tail; sampled targets; dense online KD; dense online + hidden states
-  6. evaluate    teacher, pruned student and every run on the held-out documents: cross-entropy,
-                 KL(teacher || student) over the full vocabulary (the teacher run alongside),
-                 top-1 agreement, and a task: last-word prediction (LAMBADA-style) on the held-out
-                 sentences the teacher completes right, with 95% Wilson intervals; held-out CE at
-                 every quarter of training drawn against training compute into <out>/prune.png
+                 KD; top-K + tail; sampled targets; dense online KD; dense online + hidden states.
+                 Each run is scored as it finishes (<run>/heldout.json): cross-entropy,
+                 KL(teacher || student) over the full vocabulary, top-1 agreement, and a task:
+                 last-word prediction (LAMBADA-style) on the held-out sentences the teacher
+                 completes right, with 95% Wilson intervals; held-out CE at every checkpoint is
+                 drawn against training compute into <out>/prune.png, then all but the last
+                 checkpoint are deleted
 
 Each stage is a library call behind a CLI command (printed as it starts), in this one process.
 Every number is measured in this run and written to <out>/prune_report.json.
