@@ -27,6 +27,7 @@ import argparse  # noqa: E402
 from kd_jax.base.allocator import restart_with_allocator  # noqa: E402
 from kd_jax.base.cli import setup_logging  # noqa: E402
 from kd_jax.base.errors import reported  # noqa: E402
+from kd_jax.demo.prune import HELD_OUT_DOCS as PRUNE_HELD_OUT_DOCS  # noqa: E402
 from kd_jax.demo.prune import ROWS as PRUNE_ROWS  # noqa: E402
 from kd_jax.demo.prune import run as run_prune  # noqa: E402
 from kd_jax.demo.recipe import DEFAULT_ROWS, PROBLEMS, ROWS, run  # noqa: E402
@@ -53,14 +54,21 @@ def main(argv=None) -> None:
     parser.add_argument("--rows", default=None,
                         help=f"students to train, comma-separated, from: {', '.join(ROWS)} (hard is always in); "
                              f"--recipe prune: from {', '.join(r.name for r in PRUNE_ROWS)} (cross-entropy always in)")
+    parser.add_argument("--held-out-docs", type=int, default=PRUNE_HELD_OUT_DOCS,
+                        help="--recipe prune: held-out documents scored (fewer: a quicker, noisier table)")
     parser.add_argument("--fresh", action="store_true", help="delete --out first (else finished stages are reused)")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="--recipe prune: overrides of kd_jax/demo/configs/prune.yaml, e.g. data.seq_len=128")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = parser.parse_args(argv)
     rows = tuple(r.strip() for r in args.rows.split(",") if r.strip()) if args.rows else None
+    if args.overrides and args.recipe != "prune":
+        parser.error(f"KEY=VALUE overrides ({' '.join(args.overrides)}) are for --recipe prune; the r1 recipe "
+                     "is sized by --scale, --teacher-scale and --problems")
     with reported(args.debug):
         if args.recipe == "prune":
             run_prune(args.out or "runs/prune", args.steps, tuple(int(s) for s in args.seeds.split(",")), rows,
-                      args.fresh)
+                      args.fresh, tuple(args.overrides), args.held_out_docs)
         else:
             run(args.out or "runs/demo", args.scale, args.problems, args.max_examples, args.fresh, args.seed,
                 rows or DEFAULT_ROWS, args.teacher_scale)
