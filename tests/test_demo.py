@@ -10,6 +10,7 @@ import re
 import subprocess
 import sys
 
+import demo_cli
 import numpy as np
 import pytest
 import yaml
@@ -86,21 +87,12 @@ def test_loss_without_teacher_rows_is_the_hard_loss():
     np.testing.assert_allclose(float(m0["hard_sum"]), float(m4["hard_sum"]), rtol=1e-6)
 
 
-def _demo(out, *args):
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env.pop("XLA_FLAGS", None)  # the demo picks its own CPU device count
-    p = subprocess.run([sys.executable, "-m", "kd_jax.demo", "--out", str(out), *args], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=900)
-    assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
-    return p.stdout
-
-
 @pytest.mark.slow
 def test_reduced_demo_runs_every_stage(tmp_path):
     out = tmp_path / "demo"
     # The teacher trains twice the students' reduced share: trained only 5% of its steps, it may answer no
     # prompt right on some machines, and the teacher-traces row would have nothing to train on.
-    stdout = _demo(out, "--scale", "0.05", "--teacher-scale", "0.1", "--max-examples", "8", "--fresh")
+    stdout = demo_cli.run_demo(out, "--scale", "0.05", "--teacher-scale", "0.1", "--max-examples", "8", "--fresh")
     for stage in range(1, 8):
         assert f"=== [{stage}/7]" in stdout
     report = json.load(open(out / "demo_report.json"))
@@ -149,7 +141,7 @@ def test_reduced_demo_runs_every_stage(tmp_path):
     assert (cfg["data"]["store"], cfg["teacher"]["hf_path"], cfg["run"]["output_dir"]) == (
         f"{out}/kd_store", f"{out}/teacher/hf", str(out))
     # a second run reuses every finished stage and prints the same table
-    _demo(out, "--scale", "0.05", "--teacher-scale", "0.1", "--max-examples", "8")
+    demo_cli.run_demo(out, "--scale", "0.05", "--teacher-scale", "0.1", "--max-examples", "8")
     again = json.load(open(out / "demo_report.json"))
     assert [r["accuracy"] for r in again["rows"]] == [r["accuracy"] for r in report["rows"]]
 

@@ -5,17 +5,14 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
+import demo_cli
 import pytest
 import transformers
 
 from kd_jax.core.runs import load_run_config
 from kd_jax.demo import prune as experiment
 from kd_jax.demo import text
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _module(root, name: str, doc: str) -> None:
@@ -92,19 +89,16 @@ def test_verdicts_read_the_seed_ranges():
 def test_reduced_experiment_end_to_end(smollm2_dir, tmp_path):
     """Every stage on the real model, small: 4 steps of 8 rows x 64 tokens, one seed, three rows, run as
     a user runs it (`python -m kd_jax.demo --recipe prune`) on 2 CPU devices, as `make demo-prune` on
-    the 2-core CI machine (a child process: its ~8 GB peak is returned when it ends, not kept by this
+    the 2-core CI machine (a child process: its 7.6 GB peak is returned when it ends, not kept by this
     one). The pruned student is a third of the teacher's non-embedding parameters and loads in
     transformers; the teacher scores itself perfectly; every healed row is better than the pruned
     student it started from; the sampled store is smaller per token than the top-64 store."""
     out = tmp_path / "prune"
     out.mkdir()
     os.symlink(smollm2_dir, out / "teacher")  # the tests' converted SmolLM2 (stage 1 finds it)
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
-    p = subprocess.run([sys.executable, "-m", "kd_jax.demo", "--recipe", "prune", "--out", str(out), "--steps", "4",
-                        "--seeds", "0", "--rows", "sampled,online + hidden", "--held-out-docs", "8",
-                        "data.seq_len=64", "train.global_batch_size=8", "student.prune.calibration_tokens=2048"],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
+    stdout = demo_cli.run_demo(out, "--recipe", "prune", "--steps", "4", "--seeds", "0",
+                               "--rows", "sampled,online + hidden", "--held-out-docs", "8", "data.seq_len=64",
+                               "train.global_batch_size=8", "student.prune.calibration_tokens=2048", devices=2)
     with open(out / "prune_report.json") as f:
         report = json.load(f)
     pruned = report["pruned"]
@@ -120,10 +114,17 @@ def test_reduced_experiment_end_to_end(smollm2_dir, tmp_path):
         assert by_row[name]["ce"] < start["ce"] and by_row[name]["steps"] >= 4
     assert report["stores"]["sampled"]["bytes_per_token"] < report["stores"]["topk"]["bytes_per_token"]
     assert len(report["verdicts"]) == 2 and (out / "prune.png").exists()
-    assert report["table"][0]["row"] == "teacher" and "=== [6/6] student 3/3: online + hidden" in p.stdout
+    assert report["table"][0]["row"] == "teacher" and "=== [6/6] student 3/3: online + hidden" in stdout
     hidden = load_run_config(str(out / "online_hidden_s0")).loss.hidden  # each layer to the one it was cut from
     assert hidden.distance == "cosine" and dict(hidden.layers) == dict(enumerate(pruned["kept_layers"]))
     assert report["task_candidates"] > 0
     for run, name in (("cross_entropy_s0", "cross-entropy"), ("sampled_s0", "sampled"),
                       ("online_hidden_s0", "online + hidden")):  # scored, then only the last step kept
         assert os.listdir(out / run / "checkpoints") == [str(by_row[name]["steps"])]
+
+
+def test_overrides_are_refused_outside_the_prune_recipe(capsys):
+    from kd_jax.demo.__main__ import main
+    with pytest.raises(SystemExit) as exit_:
+        main(["data.seq_len=64"])
+    assert exit_.value.code == 2 and "are for --recipe prune" in capsys.readouterr().err
