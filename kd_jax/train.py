@@ -2,14 +2,15 @@
 
 Run again with the same command, it resumes from the newest complete checkpoint, data order
 included; SIGTERM saves at the current step and exits 0. `--dry-run` sizes the run instead
-(kd_jax/core/dryrun.py); `--max-seq-len` finds the longest data.seq_len that fits. The loop is kd_jax/core/loop.py.
+(kd_jax/fit/dryrun.py); `--max-seq-len` finds the longest data.seq_len that fits. The loop is kd_jax/core/loop.py.
 """
 
 from __future__ import annotations
 
 from kd_jax.base.cli import parse_command
 from kd_jax.base.errors import reported
-from kd_jax.core import distributed, dryrun
+from kd_jax.core import distributed
+from kd_jax.fit import dryrun
 from kd_jax.core.loop import train
 
 

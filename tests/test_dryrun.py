@@ -19,7 +19,7 @@ import pytest
 
 from kd_jax.base import sharding
 from kd_jax.base.loader import load_config
-from kd_jax.core import dryrun
+from kd_jax.fit import dryrun
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPES = os.path.join(ROOT, "configs", "recipes")

@@ -1,4 +1,4 @@
-"""kd_jax/core/hlo_cost.py: FLOPs and bytes of a compiled program with loop bodies counted per trip.
+"""kd_jax/fit/hlo_cost.py: FLOPs and bytes of a compiled program with loop bodies counted per trip.
 
 Checked against XLA's own `compiled.cost_analysis()` where that is right (programs without loops;
 programs with loops when the walker, too, counts each body once), against the unrolled program
@@ -25,8 +25,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from kd_jax.core import hlo_cost
-from kd_jax.core.hlo_cost import program_cost, type_bytes
+from kd_jax.fit import hlo_cost
+from kd_jax.fit.hlo_cost import program_cost, type_bytes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -291,7 +291,7 @@ def _tpu_devices():
     # libtpu takes a machine-wide lock unless told otherwise; a second test process (another pytest run)
     # describing a slice at the same time would fail on it
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-    from kd_jax.core import topology as tl
+    from kd_jax.fit import topology as tl
     return tl.devices(tl.parse("v5e:2x2"))
 
 
@@ -358,7 +358,8 @@ def _train(*overrides: str):
     model FLOPs per chip, the same without the causal half of attention)."""
     from kd_jax.base import sharding
     from kd_jax.base.loader import load_config
-    from kd_jax.core import dryrun, flops
+    from kd_jax.fit import dryrun
+    from kd_jax.models import flops
 
     devices = _tpu_devices()
     cfg = load_config(os.path.join(ROOT, "configs", "tiny_llama.yaml"),

@@ -1,9 +1,10 @@
 """The floors of the package, checked on the source: imports only go down.
 
-    commands    kd_jax/{train,precompute,generate,evaluate,export,config}.py, kd_jax/demo/__main__.py,
-                kd_jax/bench/ (python -m targets; imported by nothing but themselves)
-    demo        kd_jax/demo/ (the demo's recipe and task, over the stages)
-    stages      kd_jax/core/
+    commands    kd_jax/{train,precompute,generate,evaluate,export,compare,config}.py,
+                kd_jax/demo/__main__.py, kd_jax/bench/ (python -m targets; imported by nothing but themselves)
+    demo, fit   kd_jax/demo/ (the demos' data and row files, over the stages); kd_jax/fit/ (compile
+                accounting: the dry run, TPU/GPU topologies, the HLO cost walker); neither imports the other
+    stages      kd_jax/core/ (training, precompute, generation, evaluation, the comparison harness)
     data, models kd_jax/data/, kd_jax/models/ (neither imports the other)
     base        kd_jax/base/ (imports nothing of kd_jax but base)
 
@@ -35,12 +36,10 @@ def _is_command(name: str) -> bool:
 
 
 def floor(name: str) -> tuple[int, str]:
-    """(height, room) of a module: commands 4, demo 3, core 2, data and models 1, base 0."""
+    """(height, room) of a module: commands 4, demo and fit 3, core 2, data and models 1, base 0."""
     if _is_command(name):
         return 4, "commands"
-    if name == "kd_jax.demo" or name.startswith("kd_jax.demo."):
-        return 3, "demo"
-    for height, room in ((2, "core"), (1, "data"), (1, "models"), (0, "base")):
+    for height, room in ((3, "demo"), (3, "fit"), (2, "core"), (1, "data"), (1, "models"), (0, "base")):
         if name == f"kd_jax.{room}" or name.startswith(f"kd_jax.{room}."):
             return height, room
     return 5, "package"  # kd_jax/__init__.py: the package's face

@@ -23,7 +23,7 @@ import torch
 import transformers
 
 from kd_jax.base.loader import load_config
-from kd_jax.core import dryrun
+from kd_jax.fit import dryrun
 from kd_jax.core.precompute import open_or_tokenize, precompute, run_import
 from kd_jax.data.served import ServedLogprobs
 from kd_jax.data.store import KDStore, StoreError

@@ -1,5 +1,5 @@
 """`--dry-run --topology CHIP:AxB`: a TPU slice's chips from libtpu as compile targets on this CPU
-(kd_jax/core/topology.py), the train step and the teacher pass compiled for them by the real TPU
+(kd_jax/fit/topology.py), the train step and the teacher pass compiled for them by the real TPU
 compiler, the memory, cost and roofline report, and one clear line without libtpu."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import os
 import pytest
 
 from kd_jax.base.loader import load_config
-from kd_jax.core import dryrun
-from kd_jax.core import topology as tl
+from kd_jax.fit import dryrun
+from kd_jax.fit import topology as tl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -99,7 +99,7 @@ def test_h100_compile_only_with_cudnn_attention(tmp_path):
     assert "compiled for h100:2 (2 NVIDIA H100 80GB HBM3 chips) by XLA's GPU compiler" in out.stdout
     assert '"platform": "gpu"' in out.stdout and '"attention": {"student": "cudnn"}' in out.stdout
     probe = ("import os; os.environ['JAX_SKIP_CUDA_CONSTRAINTS_CHECK'] = '1'; import jax, jax.numpy as jnp; "
-             "from kd_jax.core import topology as tl; d = tl.devices(tl.parse('h100:1'))[0]; "
+             "from kd_jax.fit import topology as tl; d = tl.devices(tl.parse('h100:1'))[0]; "
              "q = jax.ShapeDtypeStruct((1, 256, 4, 64), jnp.bfloat16, sharding=jax.sharding.SingleDeviceSharding(d)); "
              "f = lambda q: jax.nn.dot_product_attention(q, q, q, implementation='cudnn', is_causal=True).sum(); "
              "print('__cudnn$fmha' in jax.jit(jax.grad(f)).lower(q).compile().as_text())")

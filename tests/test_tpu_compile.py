@@ -1,4 +1,4 @@
-"""Splash attention compiled for TPUs that are not here: the real train step (kd_jax.core.dryrun.compiled_train,
+"""Splash attention compiled for TPUs that are not here: the real train step (kd_jax.fit.dryrun.compiled_train,
 the step kd_jax.core.step.compile_steps builds) of a tiny llama, lowered on abstract arrays under a mesh of a
 v5e:2x2 slice's 4 chips and compiled ahead of time by the XLA TPU compiler in libtpu, on this CPU.
 
@@ -30,7 +30,7 @@ from jax.experimental import topologies
 
 from kd_jax.base import sharding
 from kd_jax.base.loader import load_config
-from kd_jax.core import dryrun
+from kd_jax.fit import dryrun
 from kd_jax.models.attention import AttentionError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

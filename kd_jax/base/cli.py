@@ -34,7 +34,7 @@ def parse_command(argv: list[str] | None = None, description: str = "kd_jax", *,
                   add_arguments=None, flag_keys: dict[str, str] | None = None) -> tuple[Config, argparse.Namespace]:
     """`parse_args` plus the parsed flags: `--debug` (a traceback instead of the one-line error,
     kd_jax.base.errors.reported), with dry_run=True `--dry-run`, `--no-compile`, `--max-seq-len` and `--topology`
-    (kd_jax/core/dryrun.py; both imply --dry-run), and whatever `add_arguments(parser)` adds.
+    (kd_jax/fit/dryrun.py; both imply --dry-run), and whatever `add_arguments(parser)` adds.
     `flag_keys` maps a flag's dest to the config key it sets (`{"samples": "eval.samples"}`): a flag
     given is one more override, applied last, so the config is checked with it."""
     setup_logging()
@@ -52,7 +52,7 @@ def parse_command(argv: list[str] | None = None, description: str = "kd_jax", *,
         parser.add_argument("--topology", metavar="CHIP:AxB",
                             help="a dry run compiled with the real TPU compiler for this slice (e.g. v5e:4x8, "
                                  "v5p:2x2x2, v6e:4x8; needs libtpu: pip install -e '.[tpu]'): per-chip memory, "
-                                 "FLOPs, HBM bytes and the roofline floor of the step (kd_jax/core/topology.py)")
+                                 "FLOPs, HBM bytes and the roofline floor of the step (kd_jax/fit/topology.py)")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     if add_arguments is not None:
         add_arguments(parser)
@@ -62,7 +62,7 @@ def parse_command(argv: list[str] | None = None, description: str = "kd_jax", *,
         args.dry_run = True
     if getattr(args, "topology", None):
         # A compile for a TPU slice or GPU host runs on this machine's CPU: no local accelerator is
-        # started, and the CUDA plugin registers without CUDA (kd_jax/core/topology.py).
+        # started, and the CUDA plugin registers without CUDA (kd_jax/fit/topology.py).
         os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
         if "JAX_PLATFORMS" not in os.environ:
             import jax

@@ -3,7 +3,7 @@
 Per preset at `--seq-len`: P (matmul parameters: layers + output projection; the input embedding
 gather excluded), A (causal attention forward per token), training 6P + 3A, PaLM's 6P + 12·L·N·H·T
 (full attention), forward 2P + A (a teacher pass), and the tokens/s that 50% MFU needs on one
-device of `--peak-tflops` (default: an H100 SXM's 989 dense bf16 TFLOP/s). Formulas: kd_jax/core/flops.py.
+device of `--peak-tflops` (default: an H100 SXM's 989 dense bf16 TFLOP/s). Formulas: kd_jax/models/flops.py.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import argparse
 import json
 
 from kd_jax.bench.presets import PRESETS
-from kd_jax.core import flops
+from kd_jax.models import flops
 from kd_jax.models import config_from_hf
 
 

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from kd_jax.core import losses
-from kd_jax.core.dryrun import compiled_memory
+from kd_jax.fit.dryrun import compiled_memory
 
 CPU_SHAPES = "256x64x512,4096x1536x32768"
 GPU_SHAPES = "16384x1536x151936"

@@ -1,9 +1,9 @@
 """XLA's compiled memory of the train step against the sequence length, per attention implementation.
 
-Compiles (never runs) the real train step (`kd_jax.core.dryrun.compile_train`) on a one-device mesh
+Compiles (never runs) the real train step (`kd_jax.fit.dryrun.compile_train`) on a one-device mesh
 for each `--attention` implementation and `--seq-lens` length, one row per step, and prints XLA's
 `memory_analysis()` temporaries and total beside the dry run's analytic estimate
-(`kd_jax.core.dryrun.train_estimate`). "growth" is the temporaries' increase from the previous
+(`kd_jax.fit.dryrun.train_estimate`). "growth" is the temporaries' increase from the previous
 length per 1,024 extra tokens: constant when memory grows linearly in T (blockwise, splash, cudnn),
 doubling with every doubling of T when it grows quadratically (xla's [heads, T, T] scores). The
 student is a `--preset` shape (bench/presets.py) or the config's `student` section; compiling takes
@@ -22,7 +22,7 @@ import jax
 from kd_jax.base import sharding
 from kd_jax.base.loader import load_config
 from kd_jax.bench.presets import architecture
-from kd_jax.core import dryrun
+from kd_jax.fit import dryrun
 
 MiB = 2**20
 

@@ -5,7 +5,7 @@ positions at a time, log-softmax over the full vocabulary, top-K) on random toke
 `--logits-chunks` value, compiled once each, warmed up, then timed round robin with
 `block_until_ready`; medians. The teacher is a `--preset` shape with random bf16 weights, or the
 config's `teacher` section (an HF folder). MFU counts a forward pass: 2·P + A FLOPs per token,
-P the matmul parameters (the output projection included), A causal attention (kd_jax/core/flops.py);
+P the matmul parameters (the output projection included), A causal attention (kd_jax/models/flops.py);
 log-softmax and top-K are not matmuls and are not credited.
 """
 
@@ -24,8 +24,8 @@ from flax import nnx
 from kd_jax.base import sharding
 from kd_jax.base.loader import load_config
 from kd_jax.bench.presets import architecture
-from kd_jax.core import flops
-from kd_jax.core.dryrun import compiled_memory
+from kd_jax.models import flops
+from kd_jax.fit.dryrun import compiled_memory
 from kd_jax.core.precompute import topk_logprobs
 from kd_jax.models import Decoder, build_model
 

@@ -28,7 +28,7 @@ the variants of that structure. One run reports offline, online and online+hidde
   --teacher-preset medium --variant name=offline --variant name=online,teacher=online
   --variant name=online+hidden,teacher=online,hidden=0.5
 
-MFU (kd_jax/core/flops.py): training FLOPs per token = 6·P + 3·A, P the matmul parameters (output
+MFU (kd_jax/models/flops.py): training FLOPs per token = 6·P + 3·A, P the matmul parameters (output
 projection in, input embedding out), A attention's causal forward FLOPs; MFU = that × tokens/s /
 (peak bf16 FLOP/s × devices), the student's alone; TFLOP/s adds an online teacher's forward 2·P + A. `mfu_palm` counts full (non-causal) attention, PaLM's 6P + 12·L·N·H·T.
 Tokens are real (non-padding) tokens. Memory: XLA's accounting of the compiled step (temporaries,
@@ -51,8 +51,8 @@ from flax import nnx
 from kd_jax.base import sharding
 from kd_jax.base.loader import load_config
 from kd_jax.bench.presets import architecture, synthetic_batch
-from kd_jax.core import flops
-from kd_jax.core.dryrun import compiled_memory
+from kd_jax.models import flops
+from kd_jax.fit.dryrun import compiled_memory
 from kd_jax.core.prepare import prepare
 from kd_jax.core.state import abstract_train_state, init_train_state
 from kd_jax.core.step import compile_steps, default_hyper, layer_pairs

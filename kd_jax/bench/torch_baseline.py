@@ -114,7 +114,7 @@ def run(args) -> None:
     import torch
     import transformers
 
-    from kd_jax.core import flops
+    from kd_jax.models import flops
     from kd_jax.models import config_from_hf
 
     cuda = torch.cuda.is_available()

@@ -20,7 +20,8 @@ from kd_jax.base.errors import KDJaxError
 from kd_jax.base.progress import bar
 from kd_jax.base.schema import Config
 from kd_jax.base.sharding import to_global
-from kd_jax.core import distributed, flops
+from kd_jax.core import distributed
+from kd_jax.models import flops
 from kd_jax.core.checkpoint import Checkpointer, CheckpointError, Preemption
 from kd_jax.core.evaluation import evaluate_losses
 from kd_jax.core.metrics import Logger

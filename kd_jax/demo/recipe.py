@@ -47,7 +47,7 @@ import transformers
 from kd_jax.base import sharding
 from kd_jax.base.loader import load_config, to_dict
 from kd_jax.base.schema import Config
-from kd_jax.core import flops
+from kd_jax.models import flops
 from kd_jax.core.checkpoint import Checkpointer
 from kd_jax.core.evaluation import data_problems, evaluate, task_accuracy
 from kd_jax.core.grading import extract_answer, matcher
@@ -140,7 +140,7 @@ def _value(tree: dict, dotted: str):
 
 
 def step_flops(cfg: Config, student_arch: dict, teacher_arch: dict) -> float:
-    """Training FLOPs of one optimizer step (kd_jax.core.flops: 6·P + 3·A per trained token; an
+    """Training FLOPs of one optimizer step (kd_jax.models.flops: 6·P + 3·A per trained token; an
     online teacher adds its forward, 2·P + A per token; on-policy sampling adds the student's forward
     over every sampled position at its upper bound, the prompt bucket plus max_new_tokens)."""
     seq, tokens = cfg.data.seq_len, cfg.data.seq_len * cfg.train.global_batch_size

@@ -46,15 +46,15 @@ from jax.sharding import AbstractMesh
 from kd_jax.base import sharding
 from kd_jax.base.errors import KDJaxError
 from kd_jax.base.schema import Config, ModelSource
-from kd_jax.core import hlo_cost
-from kd_jax.core import topology as topology_lib
-from kd_jax.core.flops import attention_flops_per_token, forward_flops_per_token, train_flops_per_token
 from kd_jax.core.onpolicy import sample_batch
 from kd_jax.core.precompute import topk_logprobs
 from kd_jax.core.state import abstract_params, abstract_train_state
 from kd_jax.core.step import compile_steps, default_hyper, layer_pairs
+from kd_jax.fit import hlo_cost
+from kd_jax.fit import topology as topology_lib
 from kd_jax.models import attention as attn_lib
 from kd_jax.models.decoder import Decoder, DecoderConfig
+from kd_jax.models.flops import attention_flops_per_token, forward_flops_per_token, train_flops_per_token
 from kd_jax.models.hf import read_hf_config
 from kd_jax.models.source import source_config
 
@@ -642,7 +642,7 @@ def _compile_for_topology(cfg: Config, t: Target, est: dict, p, summary: dict,
         p(f"  {k:<48}{_gib(v)}")
     p(f"  {'analytic total (above)':<48}{_gib(analytic)}  (compiled / analytic = {resident / analytic:.2f})")
     summary.update(topology=topology.name, chip=topology.chip.name, compile_seconds=round(seconds, 1), compiled=mem)
-    # Counted from the compiled program with every loop body times its trip count (kd_jax/core/hlo_cost.py):
+    # Counted from the compiled program with every loop body times its trip count (kd_jax/fit/hlo_cost.py):
     # cost_analysis() counts a scan's body once, so a layer scan reports about one layer's work.
     walked = hlo_cost.program_cost(compiled.as_text())
     flops = walked["flops"]
@@ -660,7 +660,7 @@ def _compile_for_topology(cfg: Config, t: Target, est: dict, p, summary: dict,
     per_chip = model_flops / len(devices)
     said = f", and says {cost['flops']:.3e}" if cost.get("flops") else ""
     p(f"the compiled program's work per chip per call (every loop body times its trip count, "
-      f"kd_jax/core/hlo_cost.py; the compiler's cost_analysis() counts a loop body once{said}): "
+      f"kd_jax/fit/hlo_cost.py; the compiler's cost_analysis() counts a loop body once{said}): "
       f"{walked['flops']:.3e} FLOPs ({walked['matmul_flops']:.3e} in matmuls)"
       + (f" + {kernel_flops:.3e} in the attention kernels (no cost estimate in them: the model's causal "
          f"attention FLOPs)" if kernel_flops else "")
@@ -746,7 +746,7 @@ def report(cfg: Config, entry: str, *, compile: bool = True, out=sys.stdout, ext
         attention["teacher"] = teacher_cfg.attention
     p(f"attention on {t.platform} ({t.platform_from}): "
       + ", ".join(f"{k} {v}" for k, v in attention.items())
-      + f"; attention_block {model_cfg.attention_block} (kd_jax.core.dryrun.attention_bytes)")
+      + f"; attention_block {model_cfg.attention_block} (kd_jax.fit.dryrun.attention_bytes)")
     p("per-device memory, analytic (GiB):")
     for k, v in parts.items():
         label = _LABELS[k].format(dtype=teacher_cfg and teacher_cfg.param_dtype, M=len(pairs))

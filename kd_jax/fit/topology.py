@@ -8,7 +8,7 @@ would hold and `cost_analysis()` the FLOPs and HBM bytes the compiler counts; `r
 those into a floor of the step time. Both are the compiler's accounting, not a measured speed.
 
 CHIPS: per-chip HBM, dense bf16 peak and HBM bandwidth from Google Cloud's TPU pages and NVIDIA's
-H100 SXM data sheet (2026-12); the peak is kd_jax/core/flops.py's.
+H100 SXM data sheet (2026-12); the peak is kd_jax/models/flops.py's.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import sys
 import tempfile
 
 from kd_jax.base.errors import KDJaxError
-from kd_jax.core.flops import peak_flops_of_kind
+from kd_jax.models.flops import peak_flops_of_kind
 
 
 class TopologyError(KDJaxError, ValueError):
