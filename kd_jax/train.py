@@ -10,8 +10,8 @@ from __future__ import annotations
 from kd_jax.base.cli import parse_command
 from kd_jax.base.errors import reported
 from kd_jax.core import distributed
-from kd_jax.fit import dryrun
 from kd_jax.core.loop import train
+from kd_jax.fit import dryrun
 
 
 def main(argv=None) -> None:

@@ -12,8 +12,7 @@ import pytest
 from kd_jax.bench.__main__ import main
 from kd_jax.bench.presets import PRESETS, synthetic_batch
 from kd_jax.core import losses
-from kd_jax.models import flops
-from kd_jax.models import DecoderConfig, config_from_hf
+from kd_jax.models import DecoderConfig, config_from_hf, flops
 
 
 def _run(tmp_path, name, *argv):

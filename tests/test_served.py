@@ -23,10 +23,10 @@ import torch
 import transformers
 
 from kd_jax.base.loader import load_config
-from kd_jax.fit import dryrun
 from kd_jax.core.precompute import open_or_tokenize, precompute, run_import
 from kd_jax.data.served import ServedLogprobs
 from kd_jax.data.store import KDStore, StoreError
+from kd_jax.fit import dryrun
 
 K, PAD = 8, 16  # data.top_k; the tiny teacher's vocabulary is padded 16 rows past its tokenizer's
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

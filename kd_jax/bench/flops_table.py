@@ -12,8 +12,7 @@ import argparse
 import json
 
 from kd_jax.bench.presets import PRESETS
-from kd_jax.models import flops
-from kd_jax.models import config_from_hf
+from kd_jax.models import config_from_hf, flops
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

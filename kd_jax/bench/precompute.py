@@ -24,10 +24,9 @@ from flax import nnx
 from kd_jax.base import sharding
 from kd_jax.base.loader import load_config
 from kd_jax.bench.presets import architecture
-from kd_jax.models import flops
-from kd_jax.fit.dryrun import compiled_memory
 from kd_jax.core.precompute import topk_logprobs
-from kd_jax.models import Decoder, build_model
+from kd_jax.fit.dryrun import compiled_memory
+from kd_jax.models import Decoder, build_model, flops
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

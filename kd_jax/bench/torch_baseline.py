@@ -114,8 +114,7 @@ def run(args) -> None:
     import torch
     import transformers
 
-    from kd_jax.models import flops
-    from kd_jax.models import config_from_hf
+    from kd_jax.models import config_from_hf, flops
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")

@@ -21,7 +21,6 @@ from kd_jax.base.progress import bar
 from kd_jax.base.schema import Config
 from kd_jax.base.sharding import to_global
 from kd_jax.core import distributed
-from kd_jax.models import flops
 from kd_jax.core.checkpoint import Checkpointer, CheckpointError, Preemption
 from kd_jax.core.evaluation import evaluate_losses
 from kd_jax.core.metrics import Logger
@@ -29,7 +28,7 @@ from kd_jax.core.onpolicy import Sampled
 from kd_jax.core.prepare import prepare
 from kd_jax.core.runs import RunLock, check_and_save_config
 from kd_jax.core.step import hyper_at, loss_metrics, scheduled, trainable
-from kd_jax.models import num_params
+from kd_jax.models import flops, num_params
 
 log = logging.getLogger("kd_jax.train")
 

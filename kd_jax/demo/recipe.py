@@ -47,7 +47,6 @@ import transformers
 from kd_jax.base import sharding
 from kd_jax.base.loader import load_config, to_dict
 from kd_jax.base.schema import Config
-from kd_jax.models import flops
 from kd_jax.core.checkpoint import Checkpointer
 from kd_jax.core.evaluation import data_problems, evaluate, task_accuracy
 from kd_jax.core.grading import extract_answer, matcher
@@ -59,6 +58,7 @@ from kd_jax.data.pipeline import split_indices
 from kd_jax.data.roles import Role
 from kd_jax.data.store import KDStore
 from kd_jax.demo import arithmetic
+from kd_jax.models import flops
 from kd_jax.models.hf import config_from_hf, load_tokenizer
 
 HELD_OUT_SEED = 12345  # the evaluation problems: arithmetic.problems(..., seed=HELD_OUT_SEED), training ones removed
