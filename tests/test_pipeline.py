@@ -305,7 +305,7 @@ def _coefficients_by_hand(batch, indices, rows):
 
 
 def test_step_weights_reach_the_loss_coefficients(weighted):
-    """traces with step_weights -> store -> packed batch -> step._weights: each token's a_t, b_t
+    """traces with step_weights -> store -> packed batch -> step.batch_weights: each token's a_t, b_t
     equal the hand computation from the trace file's weights."""
     import jax
 
@@ -321,13 +321,13 @@ def test_step_weights_reach_the_loss_coefficients(weighted):
                for b in range(4) for s in range(1, seg[b].max() + 1)}
     assert len(indices) > 4  # packed
     cfg = LossConfig(alpha=ALPHA, beta=BETA, step_weight=STEP_W, answer_weight=ANSWER_W)
-    a, b_ = jax.jit(lambda x: step._weights(x, cfg, step.batch_totals(x, cfg), BETA, ALPHA))(batch)
+    a, b_ = jax.jit(lambda x: step.batch_weights(x, cfg, step.batch_totals(x, cfg), BETA, ALPHA))(batch)
     want_a, want_b = _coefficients_by_hand(batch, indices, rows)
     np.testing.assert_allclose(a, want_a, rtol=1e-5, atol=1e-9)
     np.testing.assert_allclose(b_, want_b, rtol=1e-5, atol=1e-9)
     # Without the batch's weights, the same batch weighs every step loss.step_weight: other numbers.
     plain = {k: v for k, v in batch.items() if k != "step_weight"}
-    a1, _ = jax.jit(lambda x: step._weights(x, cfg, step.batch_totals(x, cfg), BETA, ALPHA))(plain)
+    a1, _ = jax.jit(lambda x: step.batch_weights(x, cfg, step.batch_totals(x, cfg), BETA, ALPHA))(plain)
     assert not np.allclose(a1, want_a, rtol=1e-3)
 
 

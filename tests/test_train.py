@@ -30,6 +30,7 @@ from kd_jax.core.checkpoint import Checkpointer, CheckpointError
 from kd_jax.core.evaluation import evaluate
 from kd_jax.core.loop import NonFiniteError, train
 from kd_jax.core.metrics import Logger
+from kd_jax.core.optim import default_hyper
 from kd_jax.core.runs import (
     RunDirError,
     RunLock,
@@ -38,13 +39,12 @@ from kd_jax.core.runs import (
     restore_student,
 )
 from kd_jax.core.state import abstract_train_state, init_train_state
-from kd_jax.core.step import compile_steps, default_hyper
+from kd_jax.core.step import compile_steps, loss_metrics, trainable
 from kd_jax.data.pipeline import make_eval_iter, make_train_iter
 from kd_jax.data.store import KDStore
 from kd_jax.models import build_model
 from kd_jax.models.hf import FolderNotEmptyError
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 24  # long enough after the first checkpoint (step 4) for the interrupting signal to land
 
 
@@ -151,20 +151,33 @@ def _setup(root, **overrides):
 
 
 def test_gradient_accumulation_gives_the_same_update(root):
+    """The same update with and without gradient accumulation; and either way, the step loss the
+    train step reports (loss.beta = 0.5) is the one the eval step computes with its own pass of the
+    loss head, and it completes the loss: L = α·soft + (1−α)·hard + β·L_step."""
     cfg, mesh, spec, state = _setup(root)
+    assert cfg.loss.beta == 0.5
     store = KDStore.open(cfg.data.store)
     batch = next(make_train_iter(store, np.arange(len(store)), cfg.data, global_batch_size=8, seed=0))
+    hyper = default_hyper(cfg.loss)
     results = []
     for accum in (1, 4):
         steps = compile_steps(spec, cfg.loss, accum, mesh)
         fresh = jax.tree.map(jnp.copy, state)  # the step donates its inputs
         with jax.set_mesh(mesh):
-            new, metrics = steps.train(fresh, to_global(batch, mesh), default_hyper(cfg.loss), None)
+            if accum == 1:
+                held_out = jax.device_get(steps.eval(trainable(state), to_global(batch, mesh), hyper, None))
+            new, metrics = steps.train(fresh, to_global(batch, mesh), hyper, None)
         results.append((jax.device_get(new["params"]), jax.device_get(metrics)))
     (p1, m1), (p4, m4) = results
     np.testing.assert_allclose(m4["loss"], m1["loss"], rtol=1e-5)
     for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p4)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    alpha = hyper["alpha"]
+    for m in (m1, m4):
+        logged = loss_metrics({k: float(v) for k, v in m.items()})
+        np.testing.assert_allclose(logged["step_loss"], float(held_out["step_loss"]), rtol=1e-5)
+        assert logged["loss"] == pytest.approx(alpha * logged["soft"] + (1 - alpha) * logged["hard"]
+                                               + cfg.loss.beta * logged["step_loss"], rel=1e-6)
 
 
 def test_packing_keeps_documents_apart(root):

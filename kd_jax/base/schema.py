@@ -39,7 +39,7 @@ PLATFORMS = ("tpu", "gpu", "cpu")  # device platforms the dry run can size for (
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")  # soft-loss divergences (kd_jax.core.losses)
 TEACHER_MODES = ("offline", "online")  # where the teacher's distribution comes from: the KD store, or the train step
 TARGETS = ("topk", "sampled")  # teacher targets per position: its K most likely ids, or K draws (kd_jax.core.losses)
-SCHEDULES = ("constant", "linear", "cosine")  # shapes of a loss weight's path over training (kd_jax.core.step)
+SCHEDULES = ("constant", "linear", "cosine")  # shapes of a loss weight's path over training (kd_jax.core.optim)
 HIDDEN_DISTANCES = ("mse", "cosine")  # intermediate-layer alignment distances (kd_jax.core.losses)
 KEEP = ("all", "correct", "first_correct", "shortest_correct")  # which teacher samples become traces (kd_jax.core.tracegen)
 # URL schemes a KD store (data.store) can live at: TensorStore kvstores kd_jax reads and writes (a plain path is

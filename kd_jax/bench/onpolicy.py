@@ -25,8 +25,8 @@ import numpy as np
 
 from kd_jax.base.loader import load_config
 from kd_jax.base.sharding import to_global
+from kd_jax.core.optim import default_hyper
 from kd_jax.core.prepare import prepare
-from kd_jax.core.step import default_hyper
 from kd_jax.models import num_params
 from kd_jax.models.hf import save_hf
 from kd_jax.models.sampling import left_pad

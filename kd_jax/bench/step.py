@@ -51,9 +51,10 @@ from flax import nnx
 from kd_jax.base import sharding
 from kd_jax.base.loader import load_config
 from kd_jax.bench.presets import architecture, synthetic_batch
+from kd_jax.core.optim import default_hyper
 from kd_jax.core.prepare import prepare
 from kd_jax.core.state import abstract_train_state, init_train_state
-from kd_jax.core.step import compile_steps, default_hyper, layer_pairs
+from kd_jax.core.step import compile_steps, layer_pairs
 from kd_jax.fit.dryrun import compiled_memory
 from kd_jax.models import build_model, flops
 from kd_jax.models.decoder import Decoder

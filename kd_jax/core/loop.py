@@ -25,9 +25,10 @@ from kd_jax.core.checkpoint import Checkpointer, CheckpointError, Preemption
 from kd_jax.core.evaluation import evaluate_losses
 from kd_jax.core.metrics import Logger
 from kd_jax.core.onpolicy import Sampled
+from kd_jax.core.optim import hyper_at, scheduled
 from kd_jax.core.prepare import prepare
 from kd_jax.core.runs import RunLock, check_and_save_config
-from kd_jax.core.step import hyper_at, loss_metrics, scheduled, trainable
+from kd_jax.core.step import loss_metrics, trainable
 from kd_jax.models import flops, num_params
 
 log = logging.getLogger("kd_jax.train")
@@ -178,7 +179,7 @@ def _loop(cfg: Config, ckpt: Checkpointer) -> dict[str, float]:
     try:
         with jax.set_mesh(mesh):
             while step < cfg.train.steps:
-                hyper = step_hyper = hyper_at(run.schedules, step)
+                hyper = hyper_at(run.schedules, step)
                 if policy is not None and policy.due(step):
                     sampler_params = teacher_params if policy.cfg.source == "teacher" else state["params"]
                     batch, sampled = policy.next_batch(sampler_params)
@@ -199,7 +200,7 @@ def _loop(cfg: Config, ckpt: Checkpointer) -> dict[str, float]:
                     m = jax.device_get(metrics)
                     elapsed = time.perf_counter() - t0
                     train_s = max(elapsed - window.seconds, 1e-9)  # sampling is not training time
-                    last = loss_metrics({k: float(v) for k, v in m.items()}, cfg.loss, step_hyper)
+                    last = loss_metrics({k: float(v) for k, v in m.items()})
                     last.update(grad_norm=float(m["grad_norm"]), skipped=float(m["skipped"]),
                                 lr=float(spec.schedule(step - 1)), tokens_per_s=tokens / train_s,
                                 mfu=flops.mfu(student.cfg, cfg.data.seq_len, tokens / train_s),

@@ -23,8 +23,8 @@ from kd_jax.base.errors import KDJaxError
 from kd_jax.base.loader import load_config, save_config, to_dict
 from kd_jax.base.schema import Config, ConfigError
 from kd_jax.core.checkpoint import Checkpointer, CheckpointError
+from kd_jax.core.optim import scheduled
 from kd_jax.core.state import restore_params
-from kd_jax.core.step import scheduled
 from kd_jax.models.hf import check_export_folder, load_tokenizer, save_hf
 from kd_jax.models.source import source_config
 

@@ -23,7 +23,8 @@ from flax import nnx
 from kd_jax.base import sharding
 from kd_jax.base.schema import OptimConfig
 from kd_jax.core.checkpoint import Checkpointer
-from kd_jax.core.step import make_optimizer, optimized
+from kd_jax.core.optim import make_optimizer
+from kd_jax.core.step import optimized
 from kd_jax.models.decoder import Decoder, DecoderConfig
 
 

@@ -2,8 +2,9 @@
 
 One optimizer step = one `jax.jit` over the global batch: the batch's totals for the global loss
 normalizers first, then a scan over `grad_accum` micro-batches (fused KD loss, summed gradients),
-global-norm clipping and AdamW. Parameters are fp32 masters sharded by the rules table; the
-model computes in its `dtype` (bf16 by default). A non-finite loss or gradient skips the update.
+global-norm clipping and AdamW (the optimizer and the loss schedules: kd_jax/core/optim.py).
+Parameters are fp32 masters sharded by the rules table; the model computes in its `dtype` (bf16
+by default). A non-finite loss or gradient skips the update.
 """
 
 from __future__ import annotations
@@ -19,42 +20,9 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from kd_jax.base.schema import ConfigError, LossConfig, OptimConfig, ScheduleConfig
+from kd_jax.base.schema import ConfigError, LossConfig
 from kd_jax.core import losses
-
-# Parameters that get weight decay: the matrices. Norm scales and biases do not (as in most LLM recipes).
-DECAYED = frozenset({"embed", "lm_head", "wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"})
-
-
-def _param_name(path) -> str:
-    names = [getattr(k, "key", getattr(k, "name", None)) for k in path]
-    return [n for n in names if isinstance(n, str) and n != "value"][-1]
-
-
-def decay_mask(params):
-    return jax.tree_util.tree_map_with_path(lambda path, _: _param_name(path) in DECAYED, params)
-
-
-def lr_schedule(cfg: OptimConfig, steps: int) -> optax.Schedule:
-    """Linear warmup to `lr`, then cosine / linear decay to lr·min_lr_ratio at `steps`, or constant."""
-    warmup = min(cfg.warmup_steps, max(steps - 1, 0))
-    end = cfg.lr * cfg.min_lr_ratio
-    if cfg.schedule == "cosine":
-        return optax.warmup_cosine_decay_schedule(0.0, cfg.lr, warmup, max(steps, warmup + 1), end)
-    rise = optax.linear_schedule(0.0, cfg.lr, warmup)
-    if cfg.schedule == "linear":
-        decay = optax.linear_schedule(cfg.lr, end, max(steps - warmup, 1))
-    else:
-        decay = optax.constant_schedule(cfg.lr)
-    return optax.join_schedules([rise, decay], [warmup])
-
-
-def make_optimizer(cfg: OptimConfig, steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    schedule = lr_schedule(cfg, steps)
-    adamw = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
-                        mask=decay_mask)
-    tx = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), adamw) if cfg.clip_norm > 0 else adamw
-    return tx, schedule
+from kd_jax.core.optim import default_hyper  # noqa: F401 (kd_jax/core/evaluation.py still imports it from here)
 
 
 def _micro_batches(x, n: int):
@@ -63,44 +31,6 @@ def _micro_batches(x, n: int):
     split would put micro-batch 0 on the first devices only)."""
     B = x.shape[0]
     return jnp.swapaxes(x.reshape((B // n, n) + x.shape[1:]), 0, 1)
-
-
-# --- Loss values that move over training -----------------------------------------------------
-
-def _scheduled(start: float, sched: ScheduleConfig, steps: int) -> optax.Schedule:
-    if sched.kind == "constant" or sched.end is None:
-        return optax.constant_schedule(start)
-    if sched.kind == "linear":
-        return optax.linear_schedule(start, sched.end, max(steps - 1, 1))
-    end, span = sched.end, max(steps - 1, 1)
-    return lambda step: end + (start - end) * 0.5 * (1.0 + jnp.cos(jnp.pi * jnp.minimum(step, span) / span))
-
-
-def loss_schedules(loss_cfg: LossConfig, steps: int) -> dict[str, optax.Schedule]:
-    """step -> value of alpha, temperature and the hidden-alignment weight, each from its config
-    value at step 0 to its schedule's `end` at the last step (`steps` - 1)."""
-    return {"alpha": _scheduled(loss_cfg.alpha, loss_cfg.alpha_schedule, steps),
-            "temperature": _scheduled(loss_cfg.temperature, loss_cfg.temperature_schedule, steps),
-            "hidden_weight": _scheduled(loss_cfg.hidden.weight, loss_cfg.hidden.weight_schedule, steps)}
-
-
-def scheduled(loss_cfg: LossConfig) -> dict[str, str]:
-    """{loss value: its schedule's config key} for the values that move over training (kind != constant)."""
-    sections = (("alpha", "loss.alpha_schedule", loss_cfg.alpha_schedule),
-                ("temperature", "loss.temperature_schedule", loss_cfg.temperature_schedule),
-                ("hidden_weight", "loss.hidden.weight_schedule", loss_cfg.hidden.weight_schedule))
-    return {name: key for name, key, sched in sections if sched.kind != "constant"}
-
-
-def hyper_at(schedules: dict[str, optax.Schedule], step: int) -> dict[str, float]:
-    """The scheduled loss values of optimizer step `step` (0-based), as Python floats, and the step
-    itself (it seeds loss.online_sampled's draws): the step takes them as traced fp32 scalars, so a
-    schedule never recompiles."""
-    return {**{k: float(f(step)) for k, f in schedules.items()}, "step": float(step)}
-
-
-def default_hyper(loss_cfg: LossConfig) -> dict[str, float]:
-    return {"alpha": loss_cfg.alpha, "temperature": loss_cfg.temperature, "hidden_weight": loss_cfg.hidden.weight}
 
 
 # --- The objective ---------------------------------------------------------------------------
@@ -136,9 +66,10 @@ class Objective:
         return self.teacher is not None
 
 
-def _weights(batch, loss_cfg: LossConfig, totals, beta: float, alpha):
-    """Per-token (a, b) of the objective for this (micro-)batch, with the global normalizers `totals`;
-    the batch's `step_weight` (the stored per-step weights), when it has one, scales loss.step_weight."""
+def batch_weights(batch, loss_cfg: LossConfig, totals, beta: float, alpha):
+    """Per-token coefficients (a, b) of the objective, L = Σ_t a_t·soft_t + b_t·hard_t, for this
+    (micro-)batch with the global normalizers `totals` (`batch_totals`); the batch's `step_weight`
+    (the stored per-step weights), when it has one, scales loss.step_weight."""
     return losses.token_weights(batch["role"], batch["reasoning_step"], batch["segment_ids"], batch["loss_mask"],
                                 alpha=alpha, beta=beta, step_weight=loss_cfg.step_weight,
                                 answer_weight=loss_cfg.answer_weight, num_supervised=totals[0],
@@ -173,8 +104,10 @@ class _Pass:
                                                    tuple(j for _, j in pairs))
             self.t_h, self.t_layers = jax.lax.stop_gradient((t_h, t_layers))
 
-    def loss(self, a_BxL, b_BxL, hyper, num_supervised, *, hidden: bool = True):
-        """(loss, metrics) with per-token coefficients a, b; `hidden` adds the alignment term."""
+    def loss(self, a_BxL, b_BxL, hyper, num_supervised, *, hidden: bool = True, step_loss: bool = False):
+        """(loss, metrics) with per-token coefficients a, b; `hidden` adds the alignment term.
+        `step_loss` (a and b of `batch_weights` with loss.beta > 0): the metrics also hold the step
+        loss L_step, what the KD term holds beyond its per-token means (α·Σsoft + (1−α)·Σhard)/N."""
         cfg, batch, objective = self.objective.loss, self.batch, self.objective
         labels_N, a_N, b_N = _flat(batch["labels"]), _flat(a_BxL), _flat(b_BxL)
         if objective.online:
@@ -188,6 +121,10 @@ class _Pass:
             loss, metrics = losses.kd_loss(_flat(self.h), self.student.output_embedding(), labels_N,
                                            _flat(batch["topk_ids"]), _flat(batch["topk_logprobs"]), a_N, b_N, cfg,
                                            temperature=hyper["temperature"], targets=objective.targets)
+        if step_loss and cfg.beta > 0:  # a_t = α·(1/N + β·s_t), b_t = (1−α)·(1/N + β·s_t)
+            alpha, n = hyper["alpha"], jnp.maximum(num_supervised, 1.0)
+            means = (alpha * metrics["soft_sum"] + (1 - alpha) * metrics["hard_sum"]) / n
+            metrics = dict(metrics, step_loss=(loss - means) / cfg.beta)
         if objective.pairs and hidden:
             M = len(objective.pairs)
             w_N = jnp.where((a_N != 0) | (b_N != 0), 1.0 / jnp.maximum(num_supervised, 1.0), 0.0)
@@ -201,8 +138,8 @@ class _Pass:
 
 def batch_loss(objective: Objective, trainable, teacher_params, batch, totals, hyper):
     """(loss, metrics) of one (micro-)batch with the global normalizers `totals`."""
-    a_BxL, b_BxL = _weights(batch, objective.loss, totals, objective.loss.beta, hyper["alpha"])
-    return _Pass(objective, trainable, teacher_params, batch).loss(a_BxL, b_BxL, hyper, totals[0])
+    a_BxL, b_BxL = batch_weights(batch, objective.loss, totals, objective.loss.beta, hyper["alpha"])
+    return _Pass(objective, trainable, teacher_params, batch).loss(a_BxL, b_BxL, hyper, totals[0], step_loss=True)
 
 
 def batch_totals(batch, loss_cfg: LossConfig):
@@ -264,8 +201,8 @@ def eval_step(objective: Objective, train_vars, batch, hyper, teacher_params):
     totals = batch_totals(batch, cfg)
     forward = _Pass(objective, train_vars, teacher_params, batch)
     alpha = hyper["alpha"]
-    loss, metrics = forward.loss(*_weights(batch, cfg, totals, cfg.beta, alpha), hyper, totals[0])
-    (a1, b1), (a0, b0) = _weights(batch, cfg, totals, 1.0, alpha), _weights(batch, cfg, totals, 0.0, alpha)
+    loss, metrics = forward.loss(*batch_weights(batch, cfg, totals, cfg.beta, alpha), hyper, totals[0])
+    (a1, b1), (a0, b0) = batch_weights(batch, cfg, totals, 1.0, alpha), batch_weights(batch, cfg, totals, 0.0, alpha)
     step_loss, _ = forward.loss(a1 - a0, b1 - b0, hyper, totals[0], hidden=False)
     return dict(metrics, loss=loss, step_loss=step_loss)
 
@@ -274,8 +211,9 @@ def eval_step(objective: Objective, train_vars, batch, hyper, teacher_params):
 class Steps:
     """The jitted steps for one objective, optimizer and mesh:
     train(state, batch, hyper, teacher_params) -> (state, metrics), the state donated;
-    eval(trainable, batch, hyper, teacher_params) -> metric sums. `hyper` is `hyper_at(...)` of
-    the step (or `default_hyper`); teacher_params is None offline."""
+    eval(trainable, batch, hyper, teacher_params) -> metric sums. `hyper` is
+    `kd_jax.core.optim.hyper_at(...)` of the step (or `optim.default_hyper`); teacher_params is
+    None offline."""
     train: Any
     eval: Any
     objective: Objective
@@ -294,10 +232,12 @@ def compile_steps(spec, loss_cfg: LossConfig, grad_accum: int, mesh, *, teacher=
     return Steps(train, evaluate, objective)
 
 
-def loss_metrics(sums: dict[str, float], loss_cfg: LossConfig, hyper: dict[str, float] | None = None) -> dict[str, float]:
-    """Per-token means from summed metrics: soft and hard losses, the step loss, top-1 agreement,
-    the hidden-alignment loss when there is one. `hyper`: the step's scheduled values."""
-    hyper = hyper or default_hyper(loss_cfg)
+def loss_metrics(sums: dict[str, float], loss_cfg: LossConfig | None = None,
+                 hyper: dict[str, float] | None = None) -> dict[str, float]:
+    """Per-token means from summed metrics: soft and hard losses, top-1 agreement, and as the step
+    reported them the total loss, the step loss (the train step with loss.beta > 0, every eval
+    step) and the hidden-alignment loss when there is one. `loss_cfg` and `hyper` are not read
+    (the step reports its step loss itself); kd_jax/core/evaluation.py still passes them."""
     n = max(sums["num_tokens"], 1.0)
     out = {"soft": sums["soft_sum"] / n, "hard": sums["hard_sum"] / n, "top1_agree": sums["top1_agree"] / n,
            "loss": sums["loss"]}
@@ -307,8 +247,4 @@ def loss_metrics(sums: dict[str, float], loss_cfg: LossConfig, hyper: dict[str, 
         out["teacher_logprob"] = -sums["teacher_nll_sum"] / n
     if "step_loss" in sums:
         out["step_loss"] = sums["step_loss"]
-    elif loss_cfg.beta > 0:  # L = α·L_soft + (1−α)·L_hard + β·L_step + γ·L_hidden, so L_step follows exactly
-        alpha = hyper["alpha"]
-        rest = alpha * out["soft"] + (1 - alpha) * out["hard"] + hyper["hidden_weight"] * out.get("hidden", 0.0)
-        out["step_loss"] = (sums["loss"] - rest) / loss_cfg.beta
     return out

@@ -47,9 +47,10 @@ from kd_jax.base import sharding
 from kd_jax.base.errors import KDJaxError
 from kd_jax.base.schema import Config, ModelSource
 from kd_jax.core.onpolicy import sample_batch
+from kd_jax.core.optim import default_hyper
 from kd_jax.core.precompute import topk_logprobs
 from kd_jax.core.state import abstract_params, abstract_train_state
-from kd_jax.core.step import compile_steps, default_hyper, layer_pairs
+from kd_jax.core.step import compile_steps, layer_pairs
 from kd_jax.fit import hlo_cost
 from kd_jax.fit import topology as topology_lib
 from kd_jax.models import attention as attn_lib
