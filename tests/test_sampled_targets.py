@@ -18,8 +18,8 @@ import tiny_kd
 from kd_jax.base.loader import load_config
 from kd_jax.core import losses
 from kd_jax.core import precompute as pre
-from kd_jax.core.prepare import usable_sequences
 from kd_jax.data.store import KDStore, StoreError, StoreMeta, identity_changes
+from kd_jax.models.hf import load_tokenizer
 
 K = 8
 T_S = 2.0  # the draws' temperature: not 1, so a second tempering in the loss would show
@@ -107,7 +107,8 @@ def test_precompute_writes_sampled_rows(sampled):
     store = KDStore.open(path)
     m = store.meta
     assert (m.targets, m.sample_temperature, m.sample_seed, m.k) == ("sampled", T_S, 7, K)
-    assert store.describe()["targets"] == "sampled" and store.complete
+    described = store.describe()
+    assert described["targets"] == "sampled" and described["complete"]
     rows = _teacher_rows(path)
     ids, lw = rows["topk_ids"], rows["topk_logprobs"].astype(np.float32)
     used = ids >= 0
@@ -140,11 +141,11 @@ def test_sampled_store_is_the_same_whatever_the_windows_and_processes(sampled, t
         a, b = c * C, min((c + 1) * C, store.meta.num_tokens)
         store.array("topk_ids")[a:b].write(np.full((b - a, K), -1, np.int32)).result()
         os.remove(os.path.join(other, "progress", f"{c:09d}"))
-    assert not KDStore.open(other).complete
+    assert not KDStore.open(other).describe()["complete"]
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
     teacher = pre.build_model(cfg.teacher, mesh=mesh, seed=cfg.run.seed)
     pre.run_teacher(KDStore.open(other), teacher, mesh, cfg.precompute, process=1, processes=2, show_progress=False)
-    assert KDStore.open(other).complete
+    assert KDStore.open(other).describe()["complete"]
     for name, values in _teacher_rows(other).items():
         np.testing.assert_array_equal(values, want[name], err_msg=name)
 
@@ -172,14 +173,16 @@ def test_training_reads_sampled_rows_and_refuses_retempering(sampled):
     metrics = train(_train_cfg(root, "sampled"))
     assert np.isfinite(metrics["loss"]) and np.isfinite(metrics["soft"]) and metrics["soft"] > 0
     store = KDStore.open(path)
+    tokenizer = load_tokenizer(f"{root}/teacher")
     for extra, pattern in (({"loss.temperature": 1.0}, r"loss.temperature=1: .*set loss.temperature=2"),
                            ({"loss.temperature_schedule.kind": "linear", "loss.temperature_schedule.end": 1.0},
                             "temperature_schedule"),
                            ({"loss.tail": "true"}, "loss.tail=true.*set loss.tail=false"),
                            ({"loss.divergence": "reverse_kl"}, "loss.divergence='reverse_kl'.*forward_kl")):
         with pytest.raises(StoreError, match=pattern):
-            usable_sequences(store, _train_cfg(root, "refused", **extra))
-    usable_sequences(store, _train_cfg(root, "hard", **{"loss.alpha": 0.0, "loss.temperature": 1.0}))  # no soft term
+            store.usable_sequences(_train_cfg(root, "refused", **extra), tokenizer=tokenizer)
+    hard = _train_cfg(root, "hard", **{"loss.alpha": 0.0, "loss.temperature": 1.0})  # no soft term
+    assert len(store.usable_sequences(hard, tokenizer=tokenizer)) == len(store)
 
 
 def test_sampled_loss_refuses_tail_and_other_divergences():

@@ -155,7 +155,7 @@ def test_rerun_with_changed_traces_names_the_change(built, tmp_path):
     traces.write_text("\n".join(lines[:-1] + [lines[-1].replace("The answer", "So the answer")]) + "\n")
     with pytest.raises(StoreError, match=r"traces changed.*data\.store"):
         precompute(overrides(built, **{"data.traces": traces}), show_progress=False)
-    assert KDStore.open(str(built / "store")).complete
+    assert KDStore.open(str(built / "store")).describe()["complete"]
 
 
 def test_version_1_store_opens_and_reads(built, copy, caplog):
@@ -163,7 +163,7 @@ def test_version_1_store_opens_and_reads(built, copy, caplog):
     marks, no checksums.json. It opens, checks and feeds the pipeline, unverified, with one warning."""
     meta = json.loads(open(os.path.join(copy, "kd_store.json")).read())
     del meta["tokenizer_fingerprint"], meta["inputs"]
-    meta["version"] = 1
+    meta["version"], meta["alignment"] = 1, "target"  # a field every store had before it was dropped
     with open(os.path.join(copy, "kd_store.json"), "w") as f:
         json.dump(meta, f)
     os.remove(os.path.join(copy, "checksums.json"))
@@ -221,20 +221,42 @@ def test_optional_arrays_are_verified(tmp_path):
 def test_rerun_with_a_step_scorer_names_the_change(built):
     with pytest.raises(StoreError, match=r"data\.step_scorer None -> 'tiny_kd:step_length@[0-9a-f]{12}'"):
         precompute(overrides(built, **{"data.steps.scorer": "tiny_kd:step_length"}), show_progress=False)
-    assert KDStore.open(str(built / "store")).complete
+    assert KDStore.open(str(built / "store")).describe()["complete"]
 
 
-def test_a_tokens_only_store_refuses_an_alpha_scheduled_to_rise():
+def _tokens_only(path: str, **fields) -> KDStore:
+    """A tokens-only store (K = 0) of one sequence of 6 tokens at `path`; `fields`: StoreMeta fields."""
+    n = 6
+    meta = StoreMeta(**{"k": 0, "vocab_size": 50, "teacher_vocab_size": 50, "tokenizer": "t", "chat_template_hash": "",
+                        "teacher": "none", "teacher_revision": None, "logprob_dtype": "float16", "num_sequences": 1,
+                        "num_tokens": n, "chunk_tokens": 4, **fields})
+    return KDStore.create(path, meta, np.arange(n, dtype=np.int32), np.ones(n, np.uint8), np.zeros(n, np.int32),
+                          np.array([0, n]))
+
+
+def test_a_tokens_only_store_refuses_an_alpha_scheduled_to_rise(tmp_path):
     """"Is the soft loss on" has one definition (LossConfig.soft): alpha 0 at the start but scheduled to end
     above 0 needs teacher log-probs, so a tokens-only store (K = 0) is refused before any step."""
-    from types import SimpleNamespace
-
-    from kd_jax.core.prepare import usable_sequences
-    store = SimpleNamespace(path="tokens", meta=SimpleNamespace(k=0))
+    store = _tokens_only(str(tmp_path / "tokens"))
     rising = load_config(None, ["loss.alpha=0", "loss.alpha_schedule.kind=linear", "loss.alpha_schedule.end=0.5"])
     assert rising.loss.soft
     with pytest.raises(StoreError, match=r"loss.alpha=0.0 scheduled to 0.5 has no soft targets"):
-        usable_sequences(store, rising)
+        store.check_targets(rising)
+    store.check_targets(load_config(None, ["loss.alpha=0"]))  # hard labels only
+    store.check_targets(load_config(None, ["teacher.mode=online", "teacher.hf_path=t"]))  # the teacher in the step
+
+
+def test_a_store_written_with_the_retired_alignment_field_opens(tmp_path):
+    """kd_store.json of stores written before StoreMeta.alignment was dropped holds "alignment": they open."""
+    path = str(tmp_path / "old")
+    _tokens_only(path)
+    with open(os.path.join(path, "kd_store.json")) as f:
+        fields = json.load(f)
+    assert "alignment" not in fields
+    with open(os.path.join(path, "kd_store.json"), "w") as f:
+        json.dump({**fields, "alignment": "target"}, f)
+    store = KDStore.open(path)
+    assert not hasattr(store.meta, "alignment") and len(store.check()) == 1
 
 
 @pytest.mark.parametrize("url", ["s3://bucket/x", "http://host/x", "https://host/x", "ftp://host/x"])

@@ -607,6 +607,12 @@ class Config:
         return path
 
     @property
+    def tokenizer_revision(self) -> str | None:
+        """The hub revision `tokenizer` is read at: the teacher's (teacher.revision) when it is the
+        teacher's folder or hub id; None (the default branch) for data.tokenizer."""
+        return None if self.data.tokenizer else self.teacher.revision
+
+    @property
     def checkpoint_dir(self) -> str:
         """checkpoint.dir, or <run_dir>/checkpoints (absolute: Orbax wants one)."""
         return self.checkpoint.dir or os.path.join(os.path.abspath(self.run_dir), "checkpoints")

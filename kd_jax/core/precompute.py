@@ -391,7 +391,7 @@ def precompute(cfg: Config, *, show_progress: bool = True) -> dict:
     if not cfg.data.store:
         raise StoreError("data.store is not set: the folder or kvstore URL to write the KD store to")
     process, processes = jax.process_index(), jax.process_count()
-    tokenizer = load_tokenizer(cfg.tokenizer)
+    tokenizer = load_tokenizer(cfg.tokenizer, cfg.tokenizer_revision)
     if cfg.data.top_k == 0 and cfg.precompute.import_logprobs:
         raise StoreError(f"precompute.import_logprobs={cfg.precompute.import_logprobs!r} with data.top_k=0: a "
                          f"tokens-only store has no teacher rows to import; set data.top_k to the K to keep")

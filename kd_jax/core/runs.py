@@ -173,6 +173,7 @@ def export_run(run_dir: str, out: str | None = None, step: int | None = None, dt
     out = out or os.path.join(run_dir, "hf" if step is None else f"hf-{step}")
     check_export_folder(out, overwrite)  # before reading the checkpoint
     model, restored_step = restore_student(cfg, step)
-    save_hf(model, out, tokenizer=load_tokenizer(cfg.tokenizer), dtype=dtype, overwrite=overwrite)
+    tokenizer = load_tokenizer(cfg.tokenizer, cfg.tokenizer_revision)
+    save_hf(model, out, tokenizer=tokenizer, dtype=dtype, overwrite=overwrite)
     log.info("exported step %d of %s to %s", restored_step, run_dir, out)
     return out

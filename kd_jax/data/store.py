@@ -53,11 +53,13 @@ import numpy as np
 import tensorstore as ts
 
 from kd_jax.base.errors import KDJaxError
+from kd_jax.base.schema import TARGETS, Config
 
 FORMAT_VERSION = 2
 _READABLE_VERSIONS = (1, 2)  # 1: no checksums or fingerprints; read without those checks
 _LOGPROB_DTYPES = ("float16", "bfloat16")
-_TARGETS = ("topk", "sampled")  # what the teacher rows are (StoreMeta.targets)
+# kd_store.json fields older versions wrote and this one no longer has: dropped when a store is opened.
+_RETIRED_FIELDS = ("alignment",)  # always "target" (the module doc's "Alignment")
 log = logging.getLogger("kd_jax.store")
 
 
@@ -93,7 +95,6 @@ class StoreMeta:
     num_sequences: int
     num_tokens: int
     chunk_tokens: int  # rows per chunk on the token axis: the unit of writing and of completion
-    alignment: str = "target"  # row t of topk_* is the teacher's distribution of token t (see module doc)
     version: int = FORMAT_VERSION
     tokenizer_fingerprint: str = ""  # sha256 of the tokenizer's vocab, merges and normalization ("" in v1)
     inputs: dict = dataclasses.field(default_factory=dict)  # what the tokens came from: traces hash, data.* settings
@@ -224,8 +225,8 @@ class KDStore:
         `step_weight` float32 [N_tok] and `difficulty` float32 [N_seq] are optional (module doc)."""
         if meta.logprob_dtype not in _LOGPROB_DTYPES:
             raise StoreError(f"logprob_dtype={meta.logprob_dtype!r}; use one of {_LOGPROB_DTYPES}")
-        if meta.targets not in _TARGETS:
-            raise StoreError(f"targets={meta.targets!r}; use one of {_TARGETS}")
+        if meta.targets not in TARGETS:
+            raise StoreError(f"targets={meta.targets!r}; use one of {TARGETS}")
         store = cls(path, meta)
         _VERIFIED.difference_update({v for v in _VERIFIED if v[0] == store.url})  # a store rebuilt here
         n, k, c = meta.num_tokens, meta.k, meta.chunk_tokens
@@ -275,7 +276,7 @@ class KDStore:
         if fields.get("version") not in _READABLE_VERSIONS:
             raise StoreError(f"{path}: store format version {fields.get('version')}, this kd_jax reads "
                              f"{', '.join(map(str, _READABLE_VERSIONS))}; rebuild it with this version's precompute")
-        store = cls(path, StoreMeta(**fields))
+        store = cls(path, StoreMeta(**{k: v for k, v in fields.items() if k not in _RETIRED_FIELDS}))
         if not store.verified and store.url not in _WARNED_V1:
             _WARNED_V1.add(store.url)
             log.warning("KD store %s is format version %d: no chunk checksums, tokenizer or input fingerprints, "
@@ -450,10 +451,6 @@ class KDStore:
         bad = np.concatenate([[0], np.cumsum(~chunks_done)])  # prefix count of incomplete chunks
         return (bad[last + 1] - bad[first]) == 0
 
-    @property
-    def complete(self) -> bool:
-        return bool(self.done_chunks().all())
-
     def check(self, *, vocab_size: int | None = None, k: int | None = None, tokenizer=None,
               allow_incomplete: bool = False) -> np.ndarray:
         """Fail clearly if the store does not fit the run; returns the usable sequence indices."""
@@ -480,6 +477,69 @@ class KDStore:
                              f"teacher rows. Resume `python -m kd_jax.precompute` with the same config, or set "
                              f"data.allow_incomplete=true to train on the done part")
         return np.flatnonzero(done)
+
+    def check_targets(self, cfg: Config) -> None:
+        """Whether the store's teacher rows can serve `cfg`'s loss. Offline, a soft loss (alpha > 0 now
+        or scheduled) needs teacher rows: K > 0. A store of sampled rows (precompute.targets=sampled)
+        is the teacher's distribution at its sample temperature, as empirical weights count/K: the
+        offline soft loss takes it as the target of the forward KL at that temperature, never
+        tempered again, with no tail bucket. (With teacher.mode=online the teacher runs in the step
+        and the rows are not read.)"""
+        m, loss = self.meta, cfg.loss
+        if not loss.soft or cfg.teacher.mode != "offline":
+            return
+        if m.k == 0:
+            scheduled = f" scheduled to {loss.alpha_schedule.end}" if loss.alpha_schedule.end else ""
+            raise StoreError(f"store {self.path} holds tokens only (built with data.top_k=0, no teacher log-probs), "
+                             f"so loss.alpha={loss.alpha}{scheduled} has no soft targets; set loss.alpha=0 and no "
+                             f"alpha_schedule (hard labels only), build a store with data.top_k >= 1, or set "
+                             f"teacher.mode=online (the teacher runs in the train step)")
+        if m.targets != "sampled":
+            return
+        where = (f"store {self.path} holds {m.k} draws per token from the teacher at temperature "
+                 f"{m.sample_temperature:g} (precompute.targets=sampled, precompute.sample_temperature="
+                 f"{m.sample_temperature:g})")
+        if loss.temperature != m.sample_temperature or loss.temperature_schedule.kind != "constant":
+            scheduled = (f" with a {loss.temperature_schedule.kind} loss.temperature_schedule"
+                         if loss.temperature_schedule.kind != "constant" else "")
+            raise StoreError(f"{where}, but loss.temperature={loss.temperature:g}{scheduled}: the draws are the "
+                             f"teacher's target at {m.sample_temperature:g} and cannot be re-tempered; set "
+                             f"loss.temperature={m.sample_temperature:g} and a constant temperature_schedule, or "
+                             f"rebuild the store with precompute.sample_temperature={loss.temperature:g}")
+        if loss.tail:
+            raise StoreError(f"{where}, but loss.tail=true: sampled rows have no mass outside them to bucket (their "
+                             f"weights sum to 1); set loss.tail=false")
+        if loss.divergence != "forward_kl":
+            raise StoreError(f"{where}, but loss.divergence={loss.divergence!r}: only the forward KL (the "
+                             f"cross-entropy to the draws) is unbiased with sampled targets; set "
+                             f"loss.divergence=forward_kl, or build a top-K store (precompute.targets=topk)")
+
+    def check_teacher_tokenizer(self, tokenizer, teacher: str) -> None:
+        """An online teacher grades the store's token ids: its tokenizer (`tokenizer`, of the teacher
+        folder or hub id `teacher`) must be the one the store was tokenized with, whatever the
+        student is. A version-1 store records no fingerprint: nothing to compare."""
+        built = self.meta.tokenizer_fingerprint
+        if not built:
+            return
+        fingerprint = tokenizer_fingerprint(tokenizer)
+        if fingerprint != built:
+            raise StoreError(
+                f"online teacher {teacher} has another tokenizer (fingerprint {fingerprint[:12]}) than the one store "
+                f"{self.path} was tokenized with ({self.meta.tokenizer!r}, {built[:12]}): it would grade other "
+                f"tokens; set data.tokenizer to the teacher's (and rebuild the store), or pick a teacher of that "
+                f"tokenizer")
+
+    def usable_sequences(self, cfg: Config, *, tokenizer, vocab_size: int | None = None,
+                         teacher_tokenizer=None) -> np.ndarray:
+        """The store checked against a run's config; the usable sequence indices. In order: an
+        online teacher's own tokenizer (`teacher_tokenizer`; None = the teacher has none, e.g.
+        random) against the store's (`check_teacher_tokenizer`); the teacher rows against the loss
+        (`check_targets`); then `check`: the student's `vocab_size` (None = not checked), the run's
+        `tokenizer` (cfg.tokenizer) and completeness (data.allow_incomplete). K is the store's."""
+        if teacher_tokenizer is not None:
+            self.check_teacher_tokenizer(teacher_tokenizer, cfg.teacher.hf_path)
+        self.check_targets(cfg)
+        return self.check(vocab_size=vocab_size, tokenizer=tokenizer, allow_incomplete=cfg.data.allow_incomplete)
 
     def describe(self) -> dict[str, Any]:
         """Sequences, tokens, K, bytes on disk, bytes per token (teacher arrays), completeness."""

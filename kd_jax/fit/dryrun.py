@@ -535,7 +535,7 @@ def target(cfg: Config, entry: str, topology: topology_lib.Topology | None = Non
         num_devices = topology.chips if topology else jax.device_count()
         if cfg.teacher.mode == "online":
             teacher_cfg, teacher_where = model_config(cfg.teacher, "teacher")
-            if teacher_cfg.vocab_size < model_cfg.vocab_size:  # as kd_jax.core.prepare.check_online_teacher
+            if teacher_cfg.vocab_size < model_cfg.vocab_size:  # as kd_jax.models.source.check_online_teacher
                 raise DryRunError(f"the online teacher has {teacher_cfg.vocab_size} output rows, fewer than the "
                                   f"student's {model_cfg.vocab_size}: pick a pair of one tokenizer family")
             teacher_cfg = resolve_attention(teacher_cfg, platform)

@@ -1,18 +1,24 @@
 """Build a student or teacher from its config section: a pretrained HF model, a random model of a
 given architecture, a subset of a teacher's layers (DistilBERT-style init), or the teacher pruned
-by measured importance (Minitron, kd_jax.models.prune)."""
+by measured importance (Minitron, kd_jax.models.prune); and whether an online teacher fits its
+student (`check_online_teacher`)."""
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from kd_jax.base.errors import KDJaxError
 from kd_jax.models.attention import check_runnable
 from kd_jax.models.decoder import Decoder, DecoderConfig, init_decoder
 from kd_jax.models.hf import config_from_hf, load_hf, read_hf_config, resolve_path
 from kd_jax.models.prune import prune, pruned_config
+
+log = logging.getLogger("kd_jax.train")
 
 
 def keep_layers(model: Decoder, layers: list[int], **overrides) -> Decoder:
@@ -83,3 +89,35 @@ def source_config(src, teacher_src=None, *, read_config=_read_config, role: str 
         teacher = source_config(teacher_src, read_config=read_config, role="teacher")
         return pruned_config(teacher, **src.prune.targets, **src.decoder_options())
     return config_from_hf(read_config(src, role), **src.decoder_options())
+
+
+class TeacherMismatchError(KDJaxError, ValueError):
+    """An online teacher whose vocabulary or tokenizer does not fit the student's."""
+
+
+def check_online_teacher(cfg, student_cfg: DecoderConfig, teacher_cfg: DecoderConfig, *,
+                         teacher_fingerprint: str | None = None, student_fingerprint: str | None = None) -> None:
+    """The online teacher (`teacher_cfg`, built from cfg.teacher) must predict over the student's
+    vocabulary (`student_cfg`): as many output rows or more (extra rows are padding, dropped in the
+    loss), and loss.online_top_k no more than the student's. When both come from HF folders, the
+    caller passes their tokenizers' fingerprints (kd_jax.data.store.tokenizer_fingerprint): they must
+    be equal, one tokenizer family."""
+    if teacher_cfg.vocab_size < student_cfg.vocab_size:
+        raise TeacherMismatchError(
+            f"online teacher {cfg.teacher.hf_path or 'random'} has {teacher_cfg.vocab_size} output rows, fewer than "
+            f"the student {cfg.student.hf_path or 'random'}'s {student_cfg.vocab_size}: the two vocabularies "
+            f"differ; pick a teacher and student of one tokenizer family")
+    if cfg.loss.online_top_k > student_cfg.vocab_size:  # else lax.top_k fails while the step traces
+        raise TeacherMismatchError(
+            f"loss.online_top_k={cfg.loss.online_top_k} is more than the student's vocabulary of "
+            f"{student_cfg.vocab_size} tokens; set it to at most {student_cfg.vocab_size} (0 = the full vocabulary)")
+    if teacher_fingerprint is not None and student_fingerprint is not None \
+            and teacher_fingerprint != student_fingerprint:
+        raise TeacherMismatchError(
+            f"online teacher {cfg.teacher.hf_path} and student {cfg.student.hf_path} have different tokenizers "
+            f"(fingerprints {teacher_fingerprint} vs {student_fingerprint}): the teacher's distribution would be "
+            f"over other tokens; pick a pair of one tokenizer family")
+    if teacher_cfg.vocab_size > student_cfg.vocab_size and jax.process_index() == 0:
+        log.warning("teacher vocab %d is padded past the student's %d: ids >= %d are left out of the soft loss "
+                    "(the student cannot emit them)", teacher_cfg.vocab_size, student_cfg.vocab_size,
+                    student_cfg.vocab_size)
