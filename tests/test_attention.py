@@ -95,11 +95,16 @@ def assert_same(got, want, rows=None, **tol):
 
 @pytest.mark.parametrize("window", [None, 9])
 def test_mask_equals_decoder(window):
-    """Self-attention: decoder.attention_mask exactly, padding rows included. Decode: the mask
-    Decoder.decode builds from key_valid and slots."""
+    """Self-attention on packed rows (what Decoder.hidden_states gives the attention: segment ids
+    and positions for queries and keys alike): a token sees the earlier tokens of its own document
+    within the window, padding rows included (padding is one run of segment 0, all at position 0).
+    Decode: the mask Decoder.decode builds from key_valid and slots."""
     seg, pos = packed_rows(3, 150, pad=17, seed=1)
-    got = attn.attention_mask(seg, seg, pos, pos, window)
-    np.testing.assert_array_equal(got, decoder.attention_mask(seg, pos, window))
+    index = jnp.arange(seg.shape[1])
+    want = (seg[:, :, None] == seg[:, None, :]) & (index[None, None, :] <= index[None, :, None])
+    if window is not None:
+        want &= (pos[:, :, None] - pos[:, None, :]) < window
+    np.testing.assert_array_equal(attn.attention_mask(seg, seg, pos, pos, window), want[:, None])
 
     T, S, cache_index = 3, 40, 20
     q_seg, kv_seg, q_pos, kv_pos = cache_rows(T, S, cache_index, (0, 5, 12))

@@ -13,7 +13,7 @@ import torch
 import transformers
 
 from kd_jax.models import load_hf, save_hf
-from kd_jax.models.hf import _read_kd, _to_hf
+from kd_jax.models.hf import read_kd_block, to_hf_layout
 
 
 def _assert_same_weights(a: torch.nn.Module, b: torch.nn.Module):
@@ -75,7 +75,7 @@ def test_each_block_read_from_safetensors_equals_that_block(kind, shape, tmp_pat
     import safetensors
     import safetensors.numpy
     kd = np.random.RandomState(0).randn(*shape).astype(np.float32)
-    safetensors.numpy.save_file({"w": np.ascontiguousarray(_to_hf(kd, kind))}, str(tmp_path / "w.safetensors"))
+    safetensors.numpy.save_file({"w": np.ascontiguousarray(to_hf_layout(kd, kind))}, str(tmp_path / "w.safetensors"))
     rng = np.random.RandomState(1)
     with safetensors.safe_open(str(tmp_path / "w.safetensors"), framework="numpy") as f:
         hf = f.get_slice("w")
@@ -85,5 +85,5 @@ def test_each_block_read_from_safetensors_equals_that_block(kind, shape, tmp_pat
                 a, b = sorted(rng.choice(n + 1, 2, replace=False))
                 index.append(slice(a, b))
             index = tuple(index)
-            np.testing.assert_array_equal(_read_kd(hf, kind, shape, index), kd[index])
-        np.testing.assert_array_equal(_read_kd(hf, kind, shape, (slice(None),) * len(shape)), kd)
+            np.testing.assert_array_equal(read_kd_block(hf, kind, shape, index), kd[index])
+        np.testing.assert_array_equal(read_kd_block(hf, kind, shape, (slice(None),) * len(shape)), kd)

@@ -112,7 +112,7 @@ def one_device(built, tmp_path_factory):
     teacher, traces, reference, _ = built
     path = str(tmp_path_factory.mktemp("one_device") / "store")
     out, _ = _cli(overrides(teacher, traces, path)).communicate(timeout=300)
-    assert KDStore.open(path).complete, out.decode()[-2000:]
+    assert KDStore.open(path).describe()["complete"], out.decode()[-2000:]
     return path
 
 
@@ -143,12 +143,12 @@ def test_sigkill_then_resume_is_identical(built, one_device, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     partial = KDStore.open(path)
-    assert not partial.complete and partial.done_chunks().any()
+    assert not partial.describe()["complete"] and partial.done_chunks().any()
     with pytest.raises(StoreError, match="incomplete"):
         partial.check()
     assert len(partial.check(allow_incomplete=True)) < len(partial)
     out, _ = _cli(overrides(teacher, traces, path)).communicate(timeout=300)
-    assert KDStore.open(path).complete, out.decode()[-2000:]
+    assert KDStore.open(path).describe()["complete"], out.decode()[-2000:]
     want, got = _arrays(reference), _arrays(path)
     for name in want:
         np.testing.assert_array_equal(got[name], want[name], err_msg=name)
@@ -179,13 +179,13 @@ def test_progress_moves_per_teacher_batch(built, tmp_path, monkeypatch):
     teacher, traces, _, _ = built
     bars, seen = [], []
     monkeypatch.setattr(tiny_kd.RecordingBar, "made", bars)
-    topk = module._topk_jit
+    topk = module.topk_logprobs_jit
 
     def recorded(*args, **kwargs):
         seen.append(bars[-1].n)  # the bar's count as each teacher batch starts
         return topk(*args, **kwargs)
     monkeypatch.setattr(module, "progress_bar", tiny_kd.RecordingBar)
-    monkeypatch.setattr(module, "_topk_jit", recorded)
+    monkeypatch.setattr(module, "topk_logprobs_jit", recorded)
     # one window of every chunk, several length buckets: several teacher batches in the one window
     cfg = load_config(None, overrides(teacher, traces, str(tmp_path / "store"), **{"precompute.window_chunks": 1000}))
     run(cfg, show_progress=False)

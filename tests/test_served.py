@@ -267,7 +267,7 @@ def _corrupted(built, tmp_path, name, index, t, change):
     assert message.startswith(f"{served}:{index + 1}: position {t}: ") and "\n" not in message, message
     opened = KDStore.open(store)
     chunk = (int(opened.offsets[index]) + t) // opened.meta.chunk_tokens
-    assert not opened.done_chunks()[chunk] and not opened.complete
+    assert not opened.done_chunks()[chunk] and not opened.describe()["complete"]
     return message
 
 

@@ -116,9 +116,9 @@ def test_a_template_that_opens_the_reasoning(teacher, tmp_path):
     tok = transformers.AutoTokenizer.from_pretrained(teacher[0])
     cfg = load_config(None, overrides(teacher[0], teacher[1], str(tmp_path / "o")))
     dataset = tracegen.load_prompts(cfg.generate)
-    assert not tracegen._prompts(cfg, dataset, tok, range(2))[0].inside
+    assert not tracegen.render_prompts(cfg, dataset, tok, range(2))[0].inside
     tok.chat_template = tok.chat_template.replace("assistant\n", "assistant\n<think>\n")
-    prompts = tracegen._prompts(cfg, dataset, tok, range(2))
+    prompts = tracegen.render_prompts(cfg, dataset, tok, range(2))
     assert prompts[0].inside and tok.decode(prompts[0].tokens).endswith("<think>\n")
 
 
@@ -214,7 +214,7 @@ def test_generated_traces_feed_precompute_and_a_rerun_resumes(teacher, tmp_path,
         "precompute.chunk_tokens=256", "precompute.bucket=32", "precompute.batch_tokens=1024",
         f"run.output_dir={tmp_path}/runs"])
     precompute(pre, show_progress=False)
-    assert KDStore.open(store).complete and len(KDStore.open(store)) == report["kept"]
+    assert KDStore.open(store).describe()["complete"] and len(KDStore.open(store)) == report["kept"]
     # a rerun finds every shard marked: nothing is sampled, the report is the same
     again = tracegen.tracegen(cfg, show_progress=False)
     assert _untimed(again) == _untimed(report) and again[TIMING[0]] == report[TIMING[0]]
@@ -394,7 +394,7 @@ def test_out_folders_generate_did_not_write_are_refused_untouched(teacher, tmp_p
         empty = tmp_path / f"empty{len(leftover)}"
         for sub in ("", *leftover):
             (empty / sub).mkdir(exist_ok=True)
-        tracegen._claim_output(str(empty), {"prompts_sha256": "x"})
+        tracegen.claim_output(str(empty), {"prompts_sha256": "x"})
         assert json.loads((empty / "settings.json").read_text()) == {"prompts_sha256": "x"}
 
 

@@ -82,7 +82,8 @@ def topk_logprobs(model, tokens_BxT: jax.Array, *, k: int, vocab_size: int, logi
     return unchunk(ids_SxBxCxK), unchunk(vals_SxBxCxK)
 
 
-_topk_jit = nnx.jit(topk_logprobs, static_argnames=("k", "vocab_size", "logits_chunk"))
+# What run_teacher calls: `topk_logprobs` jitted (one compile per batch shape).
+topk_logprobs_jit = nnx.jit(topk_logprobs, static_argnames=("k", "vocab_size", "logits_chunk"))
 
 
 def sampled_logprobs(model, tokens_BxT: jax.Array, seqs_B: jax.Array, key: jax.Array, *, k: int, vocab_size: int,
@@ -230,8 +231,9 @@ def run_teacher(store: KDStore, model, mesh, pre_cfg, *, process: int = 0, proce
                                                 logits_chunk=min(pre_cfg.logits_chunk, length),
                                                 temperature=float(meta.sample_temperature))
                     else:
-                        ids, lps = _topk_jit(model, jax.device_put(tokens, batch_sharding), k=K,
-                                             vocab_size=meta.vocab_size, logits_chunk=min(pre_cfg.logits_chunk, length))
+                        ids, lps = topk_logprobs_jit(model, jax.device_put(tokens, batch_sharding), k=K,
+                                                     vocab_size=meta.vocab_size,
+                                                     logits_chunk=min(pre_cfg.logits_chunk, length))
                 ids, lps = np.asarray(ids), np.asarray(lps)
                 for r, s in enumerate(batch):
                     start, n = int(offsets[s]), int(lengths[s])

@@ -185,7 +185,8 @@ def mixed_script_share(text: str) -> float:
 
 
 @dataclasses.dataclass
-class _Prompt:
+class Prompt:
+    """A prompt of the generate run, rendered (`render_prompts`)."""
     index: int
     value: object  # the prompt field as read (written back unchanged)
     reference: str | None
@@ -193,7 +194,9 @@ class _Prompt:
     inside: bool  # the rendered prompt ends inside the reasoning (the template wrote the think open)
 
 
-def _prompts(cfg: Config, dataset, tokenizer, indices: range) -> list[_Prompt]:
+def render_prompts(cfg: Config, dataset, tokenizer, indices: range) -> list[Prompt]:
+    """Rows `indices` of the prompts `dataset` through the tokenizer's chat template: their ids,
+    references (generate.reference_field) and whether the template opens the reasoning."""
     gen, think_open = cfg.generate, cfg.data.format.think_open.strip()
     rows = dataset.select(indices)
     refs = rows[gen.reference_field] if gen.reference_field else [None] * len(rows)
@@ -202,11 +205,11 @@ def _prompts(cfg: Config, dataset, tokenizer, indices: range) -> list[_Prompt]:
         text = render_prompt(tokenizer, prompt_messages(value, index))
         tokens = tokenizer(text, add_special_tokens=False)["input_ids"]
         reference = _reference(ref, index, gen.reference_field) if gen.reference_field else None
-        out.append(_Prompt(index, value, reference, tokens, text.rstrip().endswith(think_open)))
+        out.append(Prompt(index, value, reference, tokens, text.rstrip().endswith(think_open)))
     return out
 
 
-def _sample_all(model, prompts: list[_Prompt], gen: GenerateConfig, eos: list[int], bar) -> list[list[list[int]]]:
+def _sample_all(model, prompts: list[Prompt], gen: GenerateConfig, eos: list[int], bar) -> list[list[list[int]]]:
     """Token ids [prompt][sample] (EOS included when reached), batched as a fixed function of
     the shard (module doc)."""
     n = gen.samples_per_prompt
@@ -227,7 +230,7 @@ def _sample_all(model, prompts: list[_Prompt], gen: GenerateConfig, eos: list[in
     return out
 
 
-def _judge(cfg: Config, prompt: _Prompt, samples: list[list[int]], tokenizer, eos: set[int], match,
+def _judge(cfg: Config, prompt: Prompt, samples: list[list[int]], tokenizer, eos: set[int], match,
            dropped: collections.Counter) -> tuple[int, list[dict]]:
     """(correct samples, rows to write) of one prompt; `dropped` counts the rest by reason."""
     gen, data = cfg.generate, cfg.data
@@ -286,7 +289,7 @@ def run_shard(cfg: Config, shard: int, model, dataset, tokenizer, eos: list[int]
     """Sample, judge and write shard `shard` (its traces, then its mark); returns its counts."""
     gen = cfg.generate
     indices = range(shard * gen.prompts_per_shard, min((shard + 1) * gen.prompts_per_shard, len(dataset)))
-    prompts = _prompts(cfg, dataset, tokenizer, indices)
+    prompts = render_prompts(cfg, dataset, tokenizer, indices)
     t0 = time.perf_counter()
     samples = _sample_all(model, prompts, gen, eos, bar)
     seconds = time.perf_counter() - t0
@@ -358,7 +361,7 @@ def teacher_weights(teacher) -> str:
     return "hub commit " + os.path.basename(resolve_path(teacher.hf_path, teacher.revision, weights=False))
 
 
-def _claim_output(out: str, current: dict) -> None:
+def claim_output(out: str, current: dict) -> None:
     """Writes settings.json into a new output folder, or checks that an existing one was made
     with the same settings (process 0)."""
     path = os.path.join(out, SETTINGS)
@@ -485,11 +488,11 @@ def tracegen(cfg: Config, *, show_progress: bool = True) -> dict:
     matcher(cfg.eval.matcher)
     dataset = load_prompts(gen)
     check_rows(gen, dataset)
-    distributed.on_process_0(lambda: _claim_output(gen.out, settings(cfg, dataset)))
+    distributed.on_process_0(lambda: claim_output(gen.out, settings(cfg, dataset)))
     num_shards = -(-len(dataset) // gen.prompts_per_shard)
     todo = [s for s in range(process, num_shards, processes) if not os.path.exists(mark_path(gen.out, s))]
     if todo:
-        tokenizer = load_tokenizer(cfg.tokenizer)
+        tokenizer = load_tokenizer(cfg.tokenizer, cfg.tokenizer_revision)
         eos = source_eos_ids(cfg.teacher, tokenizer)
         first = todo[0] * gen.prompts_per_shard
         render_prompt(tokenizer, prompt_messages(dataset[first][gen.prompt_field], first))  # the chat template

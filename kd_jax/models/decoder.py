@@ -113,12 +113,6 @@ def _lead(v: jax.Array, ndim: int) -> jax.Array:
     return v.reshape((1,) * (ndim - v.ndim) + v.shape)
 
 
-def attention_mask(segment_ids_BxT: jax.Array, positions_BxT: jax.Array, window: int | None) -> jax.Array:
-    """[B, 1, T, T] boolean: causal, within one packed segment, inside the sliding window (the
-    "xla" reference's mask; the other implementations never build it)."""
-    return attn_lib.attention_mask(segment_ids_BxT, segment_ids_BxT, positions_BxT, positions_BxT, window)
-
-
 def _param(rngs: nnx.Rngs, shape, names, dtype, init="normal") -> nnx.Param:
     if init == "ones":
         value = jnp.ones(shape, dtype)

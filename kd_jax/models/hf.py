@@ -191,7 +191,7 @@ def _head_rows(n: slice, H: int) -> slice:
     return slice(n.start * H, n.stop * H)
 
 
-def _read_kd(hf: Any, kind: str, kd_shape: tuple[int, ...], index: tuple[slice, ...]) -> np.ndarray:
+def read_kd_block(hf: Any, kind: str, kd_shape: tuple[int, ...], index: tuple[slice, ...]) -> np.ndarray:
     """Block `index` of the kd-layout tensor of `kd_shape` behind the safetensors slice `hf`,
     reading only the HF rows and columns that block covers."""
     index = tuple(slice(*s.indices(size)) for s, size in zip(index, kd_shape))
@@ -213,7 +213,10 @@ def _read_kd(hf: Any, kind: str, kd_shape: tuple[int, ...], index: tuple[slice, 
     raise AssertionError(kind)
 
 
-def _to_hf(kd_arr: np.ndarray, kind: str) -> np.ndarray:
+def to_hf_layout(kd_arr: np.ndarray, kind: str) -> np.ndarray:
+    """A kd-layout tensor in the layout of its HF file (`read_kd_block` reads it back), by the
+    parameter's `kind`: copy, transpose, in_heads [D, N, H] -> [N·H, D], out_heads [N, H, D] ->
+    [D, N·H], bias_heads [N, H] -> [N·H]."""
     if kind == "copy":
         return kd_arr
     if kind == "transpose":
@@ -424,9 +427,9 @@ def load_hf(path: str, *, mesh: jax.sharding.Mesh | None = None, param_dtype: st
 
             def read(index):  # called once per device with that device's slice of the array
                 if stacked:
-                    return np.stack([_read_kd(per_layer[i], kind, inner, index[1:])
+                    return np.stack([read_kd_block(per_layer[i], kind, inner, index[1:])
                                      for i in range(var.shape[0])[index[0]]]).astype(target)
-                return _read_kd(per_layer[0], kind, inner, index).astype(target)
+                return read_kd_block(per_layer[0], kind, inner, index).astype(target)
 
             return jax.make_array_from_callback(var.shape, flat_sh[name].get_value(), read)
 
@@ -461,7 +464,7 @@ def save_hf(model: Decoder, path: str, tokenizer=None, *, dtype: str | None = No
     for name, (hf_names, kind, stacked) in _param_sources(cfg, list(flat)).items():
         host = np.asarray(jax.device_get(flat[name].get_value())).astype(np_dtype)
         for i, hf_name in enumerate(hf_names):
-            tensors[hf_name] = np.ascontiguousarray(_to_hf(host[i] if stacked else host, kind))
+            tensors[hf_name] = np.ascontiguousarray(to_hf_layout(host[i] if stacked else host, kind))
 
     split = huggingface_hub.split_state_dict_into_shards_factory(
         dict(sorted(tensors.items())), get_storage_size=lambda t: t.nbytes,
