@@ -6,68 +6,12 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import loss_reference as ref
 import numpy as np
 import pytest
 
 from kd_jax.base import sharding
 from kd_jax.core import losses
-
-f32 = jnp.float32
-# XLA:CPU compile time dominates these tiny cases; LLVM's backend optimizations halve it and do
-# not change float semantics (no fast-math).
-FAST_COMPILE = {"xla_backend_optimization_level": 0}
-
-
-# --- The oracle: materialized [N, V] fp32 logits, the formulas written out -------------------
-
-def _kl(x, y, mask):
-    """Σ x·(log x − log y) over mask, 0·log 0 = 0."""
-    x = jnp.where(mask, x, 0.0)
-    y = jnp.where(mask, y, 1.0)
-    return jnp.where(mask & (x > 0), x * (jnp.log(jnp.where(x > 0, x, 1.0)) - jnp.log(y)), 0.0).sum(-1)
-
-
-def _divergence(p, q, mask, divergence, jsd_beta):
-    if divergence == "forward_kl":
-        return _kl(p, q, mask)
-    if divergence == "reverse_kl":
-        return _kl(q, p, mask)
-    m = jsd_beta * p + (1 - jsd_beta) * q
-    return jsd_beta * _kl(p, m, mask) + (1 - jsd_beta) * _kl(q, m, mask)
-
-
-def reference_terms(logits_NxV, labels_N, ids_NxK, lps_NxK, *, temperature, divergence, jsd_beta, tail):
-    N, V = logits_NxV.shape
-    T = temperature
-    valid = (ids_NxK >= 0) & (ids_NxK < V)
-    ids = jnp.where(valid, ids_NxK, 0)
-    hard = -jnp.take_along_axis(jax.nn.log_softmax(logits_NxV), jnp.clip(labels_N, 0, V - 1)[:, None], -1)[:, 0]
-    q_full = jax.nn.softmax(logits_NxV / T)
-    q_k = jnp.where(valid, jnp.take_along_axis(q_full, ids, -1), 0.0)
-    if not tail:
-        p = jnp.where(valid, jax.nn.softmax(jnp.where(valid, lps_NxK / T, -jnp.inf)), 0.0)
-        q = q_k if divergence == "forward_kl" else q_k / jnp.where(valid, q_k, 0.0).sum(-1, keepdims=True)
-        soft = _divergence(p, q, valid, divergence, jsd_beta)
-    else:
-        probs = jnp.where(valid, jnp.exp(lps_NxK), 0.0)
-        t_tail = jnp.maximum(1.0 - probs.sum(-1, keepdims=True), np.finfo(np.float32).tiny)
-        buckets = jnp.concatenate([probs, t_tail], -1) ** (1.0 / T)
-        p = buckets / buckets.sum(-1, keepdims=True)
-        q = jnp.concatenate([q_k, 1.0 - q_k.sum(-1, keepdims=True)], -1)
-        mask = jnp.concatenate([valid, jnp.ones((N, 1), bool)], -1)
-        soft = _divergence(p, q, mask, divergence, jsd_beta)
-    teacher_best = jnp.take_along_axis(ids, jnp.argmax(jnp.where(valid, lps_NxK, -jnp.inf), -1)[:, None], -1)[:, 0]
-    agree = valid.any(-1) & (jnp.argmax(logits_NxV, -1) == teacher_best)
-    return T * T * soft, hard, agree
-
-
-def reference_loss(hidden, embed, labels, ids, lps, a, b, **opts):
-    logits = jnp.dot(hidden.astype(f32), embed.astype(f32), precision="highest")
-    soft, hard, agree = reference_terms(logits, labels, ids, lps, **opts)
-    used = (a != 0) | (b != 0)
-    loss = jnp.where(used, a * soft + b * hard, 0.0).sum()
-    return loss, dict(soft_sum=jnp.where(used, soft, 0.0).sum(), hard_sum=jnp.where(used, hard, 0.0).sum(),
-                      num_tokens=used.sum(dtype=f32), top1_agree=(used & agree).sum(dtype=f32))
 
 
 # --- Cases -----------------------------------------------------------------------------------
@@ -95,26 +39,9 @@ def make_case(N, D, V, K, seed=0, logit_scale=1.0, teacher_scale=2.0, extra_voca
 
 
 @functools.lru_cache(maxsize=None)
-def _grad_fn(fn, **opts):
-    """Jitted (loss, metrics, d hidden, d embed) with a traced temperature: one compile per shape
-    and static options, shared by every T (compiles dominate this file's run time)."""
-    def run(hidden, embed, temperature, *data):
-        (loss, metrics), (dh, dw) = jax.value_and_grad(
-            lambda h, w: fn(h, w, *data, temperature=temperature, **opts), argnums=(0, 1), has_aux=True)(
-                hidden, embed)
-        return loss, metrics, dh, dw
-    return jax.jit(run, compiler_options=FAST_COMPILE)
-
-
-def _grads(fn, case, temperature=1.0, **opts):
-    hidden, embed, *data = case
-    return _grad_fn(fn, **opts)(hidden, embed, jnp.float32(temperature), *data)
-
-
-@functools.lru_cache(maxsize=None)
 def _terms_fn(**opts):
     return jax.jit(lambda logits, T, *data: losses.token_terms(logits, *data, temperature=T, **opts),
-                   compiler_options=FAST_COMPILE)
+                   compiler_options=ref.FAST_COMPILE)
 
 
 def _soft_terms(case, temperature, **opts):
@@ -122,31 +49,25 @@ def _soft_terms(case, temperature, **opts):
     return _terms_fn(**opts)(hidden @ embed, jnp.float32(temperature), labels, ids, lps)[:2]
 
 
-def _close(actual, desired, rtol=1e-5):
-    actual, desired = np.asarray(actual, np.float64), np.asarray(desired, np.float64)
-    np.testing.assert_allclose(actual, desired, rtol=rtol, atol=1e-6 * max(np.abs(desired).max(), 1e-30))
-
-
 def _check_against_reference(case, *, temperature, divergence, jsd_beta, tail, chunk_size):
     opts = dict(temperature=temperature, divergence=divergence, jsd_beta=jsd_beta, tail=tail)
-    loss, metrics, dh, dw = _grads(losses.kd_loss, case, chunk_size=chunk_size, **opts)
-    r_loss, r_metrics, r_dh, r_dw = _grads(reference_loss, case, **opts)
-    _close(loss, r_loss)
+    loss, metrics, dh, dw = ref.grads(losses.kd_loss, case, chunk_size=chunk_size, **opts)
+    r_loss, r_metrics, r_dh, r_dw = ref.grads(ref.reference_loss, case, **opts)
+    ref.close(loss, r_loss)
     for k in r_metrics:
-        _close(metrics[k], r_metrics[k])
-    _close(dh, r_dh)
-    _close(dw, r_dw)
+        ref.close(metrics[k], r_metrics[k])
+    ref.close(dh, r_dh)
+    ref.close(dw, r_dw)
     # Per token (from the shared math on materialized logits): every soft term is a divergence.
     soft, hard = _soft_terms(case, **opts)
     assert np.all(np.isfinite(soft)) and np.all(np.isfinite(hard))
     assert soft.min() >= -1e-6 * temperature ** 2, soft.min()
 
 
-DIVS = [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.3)]  # jsd β ≠ 0.5 catches a β/1−β swap
 
 
 @pytest.mark.parametrize("tail", [False, True], ids=["notail", "tail"])
-@pytest.mark.parametrize("divergence,jsd_beta", DIVS, ids=[d for d, _ in DIVS])
+@pytest.mark.parametrize("divergence,jsd_beta", ref.DIVS, ids=[d for d, _ in ref.DIVS])
 def test_matches_reference(divergence, jsd_beta, tail):
     """Every T in {1, 2, 4} and K in {1, 8, 64}; N=37 is not a multiple of chunk_size=8."""
     for K, V in ((1, 50), (8, 50), (64, 128)):
@@ -160,13 +81,13 @@ def test_matches_reference(divergence, jsd_beta, tail):
 def test_soft_nonnegative_under_stress(tail):
     """Large, peaked logits on both sides: still finite, ≥ 0 and finite in gradient."""
     case = make_case(N=64, D=16, V=50, K=8, seed=3, logit_scale=60.0, teacher_scale=20.0)
-    for divergence, jsd_beta in DIVS:
+    for divergence, jsd_beta in ref.DIVS:
         for T in (1.0, 4.0):
             opts = dict(temperature=T, divergence=divergence, jsd_beta=jsd_beta, tail=tail)
             soft, hard = _soft_terms(case, **opts)
             assert np.all(np.isfinite(soft)) and np.all(np.isfinite(hard))
             assert soft.min() >= -1e-6 * T ** 2 * max(1.0, float(soft.max())), (divergence, T, soft.min())
-            _, _, dh, dw = _grads(losses.kd_loss, case, chunk_size=16, **opts)
+            _, _, dh, dw = ref.grads(losses.kd_loss, case, chunk_size=16, **opts)
             assert np.all(np.isfinite(dh)) and np.all(np.isfinite(dw))
 
 
@@ -174,10 +95,10 @@ def test_eval_primal_matches_training_pass():
     """Without differentiation the custom VJP's primal (values only) gives the same loss."""
     case = make_case(N=37, D=16, V=50, K=8)
     loss, metrics = jax.jit(lambda *c: losses.kd_loss(*c, tail=True, chunk_size=8))(*case)
-    t_loss, t_metrics, _, _ = _grads(losses.kd_loss, case, tail=True, chunk_size=8)
-    _close(loss, t_loss)
+    t_loss, t_metrics, _, _ = ref.grads(losses.kd_loss, case, tail=True, chunk_size=8)
+    ref.close(loss, t_loss)
     for k in metrics:
-        _close(metrics[k], t_metrics[k])
+        ref.close(metrics[k], t_metrics[k])
 
 
 # --- Sharded equals unsharded ----------------------------------------------------------------
@@ -187,19 +108,19 @@ def test_sharded_matches_single_device(mesh_shape):
     N, D, V, K, C = 128, 16, 64, 8, 16
     case = make_case(N=N, D=D, V=V, K=K, seed=7)
     opts = dict(temperature=2.0, divergence="jsd", jsd_beta=0.3, tail=True, chunk_size=C)
-    want = _grads(losses.kd_loss, case, **opts)
+    want = ref.grads(losses.kd_loss, case, **opts)
     mesh = sharding.make_mesh(*mesh_shape)
     hidden, embed, *data = case
     hidden = jax.device_put(hidden, sharding.batch_sharding(mesh, 2))
     embed = jax.device_put(embed, sharding.named_sharding(mesh, ("embed", "vocab"), embed.shape))
     data = [jax.device_put(x, sharding.batch_sharding(mesh, x.ndim)) for x in data]
     with jax.set_mesh(mesh):
-        got = _grads(losses.kd_loss, (hidden, embed, *data), **opts)
-    _close(got[0], want[0])
+        got = ref.grads(losses.kd_loss, (hidden, embed, *data), **opts)
+    ref.close(got[0], want[0])
     for k in want[1]:
-        _close(got[1][k], want[1][k])
-    _close(got[2], want[2])
-    _close(got[3], want[3])
+        ref.close(got[1][k], want[1][k])
+    ref.close(got[2], want[2])
+    ref.close(got[3], want[3])
 
 
 # --- Token weights ---------------------------------------------------------------------------
@@ -273,7 +194,7 @@ def test_token_weights_feed_kd_loss():
     hidden, embed, labels, ids, lps, _, _ = make_case(N=B * T, D=16, V=50, K=8)
     loss, metrics = losses.kd_loss(hidden, embed, labels, ids, lps, a.reshape(-1), b.reshape(-1), chunk_size=8)
     assert float(metrics["num_tokens"]) == 14
-    _close(loss, metrics["soft_sum"] / metrics["num_tokens"])
+    ref.close(loss, metrics["soft_sum"] / metrics["num_tokens"])
 
 
 # Stored per-step weights of _packed_batch's tokens (1 outside the reasoning, as the store writes):

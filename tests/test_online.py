@@ -17,34 +17,27 @@ import safetensors
 import tiny_kd
 import torch
 import transformers
-from test_train import _cli, _losses, _run, signal_after_first_checkpoint
 
 from kd_jax.base.loader import load_config
 from kd_jax.base.schema import ConfigError, HiddenConfig, LossConfig, ScheduleConfig
 from kd_jax.base.sharding import to_global
-from kd_jax.core.prepare import TeacherMismatchError, check_online_teacher, prepare
-from kd_jax.core.step import (
-    default_hyper,
-    hyper_at,
-    layer_pairs,
-    loss_schedules,
-    trainable,
-)
+from kd_jax.core.optim import default_hyper, hyper_at, loss_schedules
+from kd_jax.core.prepare import prepare
+from kd_jax.core.step import layer_pairs, trainable
 from kd_jax.data.pipeline import make_eval_iter
+from kd_jax.data.store import StoreError
 from kd_jax.demo.arithmetic import write as write_arithmetic
 from kd_jax.models.decoder import DecoderConfig
 from kd_jax.models.hf import load_tokenizer
+from kd_jax.models.source import TeacherMismatchError, check_online_teacher
 
 STEPS = 24
-STUDENT = {"model_type": "llama", "vocab_size": None, "hidden_size": 16, "intermediate_size": 32,
-           "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 8,
-           "max_position_embeddings": 256, "rms_norm_eps": 1e-5, "tie_word_embeddings": False}
 
 
 def _online_args(root: str, name: str) -> list[str]:
     """Demo-task traces, no store (the traces are tokenized into the run directory), a 2-layer
     width-32 teacher and a 2-layer width-16 random student: hidden alignment needs projections."""
-    student = dict(STUDENT, vocab_size=json.load(open(f"{root}/arith_teacher/config.json"))["vocab_size"])
+    student = dict(tiny_kd.STUDENT, vocab_size=json.load(open(f"{root}/arith_teacher/config.json"))["vocab_size"])
     kw = {"run.output_dir": f"{root}/runs", "run.name": name, "run.log_every": 1, "run.tensorboard": "false",
           "teacher.mode": "online", "teacher.hf_path": f"{root}/arith_teacher", "teacher.param_dtype": "float32",
           "teacher.dtype": "float32", "student.init": "random", "student.architecture": json.dumps(student),
@@ -76,7 +69,7 @@ def root(tmp_path_factory):
     teacher = hf_tiny.build("llama3", vocab_size=len(tok) + 16, num_hidden_layers=2, max_position_embeddings=512)
     teacher.save_pretrained(f"{root}/arith_teacher")
     tok.save_pretrained(f"{root}/arith_teacher")
-    _run("kd_jax.train", _online_args(root, "online"))
+    tiny_kd.run_cli("kd_jax.train", _online_args(root, "online"))
     return root
 
 
@@ -95,7 +88,7 @@ def test_online_run_learns_aligns_logs_schedules_and_exports_without_projections
     assert rows[1]["alpha"] > rows[STEPS // 2]["alpha"] > rows[STEPS]["alpha"]
     assert os.path.isdir(f"{root}/runs/online/tokens")  # the traces were tokenized once, into the run
 
-    _run("kd_jax.export", ["--run", f"{root}/runs/online", "--out", f"{root}/online_export"])
+    tiny_kd.run_cli("kd_jax.export", ["--run", f"{root}/runs/online", "--out", f"{root}/online_export"])
     names = []
     for f in os.listdir(f"{root}/online_export"):
         if f.endswith(".safetensors"):
@@ -110,11 +103,12 @@ def test_online_run_learns_aligns_logs_schedules_and_exports_without_projections
 @pytest.mark.slow
 def test_online_resume_after_sigkill_is_bitwise_identical(root):
     name = "online_resume"
-    proc = _cli("kd_jax.train", _online_args(root, name))
-    signal_after_first_checkpoint(proc, f"{root}/runs/{name}/checkpoints", signal.SIGKILL)
-    assert len(_losses(root, name)) < STEPS
-    _run("kd_jax.train", _online_args(root, name))
-    assert _losses(root, name) == _losses(root, "online")  # bitwise: floats round-trip through JSON
+    proc = tiny_kd.cli("kd_jax.train", _online_args(root, name))
+    tiny_kd.signal_after_first_checkpoint(proc, f"{root}/runs/{name}/checkpoints", signal.SIGKILL)
+    assert len(tiny_kd.train_losses(root, name)) < STEPS
+    tiny_kd.run_cli("kd_jax.train", _online_args(root, name))
+    # bitwise: floats round-trip through JSON
+    assert tiny_kd.train_losses(root, name) == tiny_kd.train_losses(root, "online")
 
 
 def test_online_top_k_equals_the_offline_store_of_the_same_k(root):
@@ -201,7 +195,7 @@ def test_online_teacher_with_another_tokenizer_than_the_store_is_refused(root):
     load_tokenizer(f"{root}/teacher").save_pretrained(other)  # tiny_kd's tokenizer: other merges
     args = _online_args(root, "other_tokenizer") + [f"teacher.hf_path={other}",
                                                    f"data.tokenizer={root}/arith_teacher"]
-    with pytest.raises(TeacherMismatchError, match=r"has another tokenizer .* than the one store .* tokenized"):
+    with pytest.raises(StoreError, match=r"has another tokenizer .* than the one store .* tokenized"):
         prepare(load_config(None, args))
 
 

@@ -8,17 +8,9 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import loss_reference as ref
 import numpy as np
 import pytest
-from test_losses import (
-    DIVS,
-    FAST_COMPILE,
-    _close,
-    _divergence,
-    _grad_fn,
-    _grads,
-    reference_loss,
-)
 
 from kd_jax.base import sharding
 from kd_jax.core import losses
@@ -38,7 +30,7 @@ def reference_online(hidden, embed, t_hidden, t_embed, labels, a, b, *, temperat
     z = jnp.dot(hidden.astype(f32), embed.astype(f32), precision="highest")
     zt = _teacher_logits(t_hidden, t_embed, V)
     p, q = jax.nn.softmax(zt / T), jax.nn.softmax(z / T)
-    soft = T * T * _divergence(p, q, jnp.ones((N, V), bool), divergence, jsd_beta)
+    soft = T * T * ref.reference_divergence(p, q, jnp.ones((N, V), bool), divergence, jsd_beta)
     hard = -jnp.take_along_axis(jax.nn.log_softmax(z), jnp.clip(labels, 0, V - 1)[:, None], -1)[:, 0]
     agree = jnp.argmax(z, -1) == jnp.argmax(zt, -1)
     used = (a != 0) | (b != 0)
@@ -71,27 +63,27 @@ def make_online_case(N, D, E, V, W, seed=0, logit_scale=1.0, teacher_scale=2.0):
 
 def _check_all(got, want, rtol=1e-5):
     loss, metrics, dh, dw = got
-    _close(loss, want[0], rtol)
+    ref.close(loss, want[0], rtol)
     for k in want[1]:
-        _close(metrics[k], want[1][k], rtol)
-    _close(dh, want[2], rtol)
-    _close(dw, want[3], rtol)
+        ref.close(metrics[k], want[1][k], rtol)
+    ref.close(dh, want[2], rtol)
+    ref.close(dw, want[3], rtol)
 
 
 # --- 1. Full vocabulary: value and gradients equal the reference -----------------------------
 
-@pytest.mark.parametrize("divergence,jsd_beta", DIVS, ids=[d for d, _ in DIVS])
+@pytest.mark.parametrize("divergence,jsd_beta", ref.DIVS, ids=[d for d, _ in ref.DIVS])
 def test_matches_reference(divergence, jsd_beta):
     """N=37 is not a multiple of chunk_size=8; E=24 ≠ D=16; W=56 > V=50; T in {1, 2}."""
     case = make_online_case(N=37, D=16, E=24, V=50, W=56, seed=1)
     opts = dict(divergence=divergence, jsd_beta=jsd_beta)
     for T in (1.0, 2.0):
-        got = _grads(losses.kd_loss_online, case, T, chunk_size=8, **opts)
-        want = _grads(reference_online, case, T, **opts)
+        got = ref.grads(losses.kd_loss_online, case, T, chunk_size=8, **opts)
+        want = ref.grads(reference_online, case, T, **opts)
         _check_all(got, want)
         assert float(got[1]["soft_sum"]) > 0 and float(got[1]["num_tokens"]) > 0
     # The temperature is data: both T ran on one compiled program.
-    assert _grad_fn(losses.kd_loss_online, chunk_size=8, **opts)._cache_size() == 1
+    assert ref.grad_fn(losses.kd_loss_online, chunk_size=8, **opts)._cache_size() == 1
 
 
 def test_teacher_in_bf16():
@@ -101,8 +93,8 @@ def test_teacher_in_bf16():
     t_hidden, t_embed = t_hidden.astype(jnp.bfloat16), t_embed.astype(jnp.bfloat16)
     case = (hidden, embed, t_hidden, t_embed, *rest)
     opts = dict(divergence="reverse_kl", jsd_beta=0.5)
-    got = _grads(losses.kd_loss_online, case, 2.0, chunk_size=8, **opts)
-    want = _grads(reference_online, (hidden, embed, t_hidden.astype(f32), t_embed.astype(f32), *rest), 2.0, **opts)
+    got = ref.grads(losses.kd_loss_online, case, 2.0, chunk_size=8, **opts)
+    want = ref.grads(reference_online, (hidden, embed, t_hidden.astype(f32), t_embed.astype(f32), *rest), 2.0, **opts)
     _check_all(got, want)
     assert got[2].dtype == hidden.dtype and got[3].dtype == embed.dtype
 
@@ -125,14 +117,14 @@ def test_sharded_matches_single_device(mesh_shape, top_k):
     N, D, E, V, W, C = 128, 16, 24, 64, 72, 16
     case = make_online_case(N=N, D=D, E=E, V=V, W=W, seed=7)
     opts = dict(divergence="jsd", jsd_beta=0.3, tail=True, online_top_k=top_k, chunk_size=C)
-    want = _grads(losses.kd_loss_online, case, 2.0, **opts)
+    want = ref.grads(losses.kd_loss_online, case, 2.0, **opts)
     mesh = sharding.make_mesh(*mesh_shape)
     hidden, embed, t_hidden, t_embed, *data = case
     embeds = [jax.device_put(w, sharding.named_sharding(mesh, ("embed", "vocab"), w.shape)) for w in (embed, t_embed)]
     states = [jax.device_put(x, sharding.batch_sharding(mesh, 2)) for x in (hidden, t_hidden)]
     data = [jax.device_put(x, sharding.batch_sharding(mesh, x.ndim)) for x in data]
     with jax.set_mesh(mesh):
-        got = _grads(losses.kd_loss_online, (states[0], embeds[0], states[1], embeds[1], *data), 2.0, **opts)
+        got = ref.grads(losses.kd_loss_online, (states[0], embeds[0], states[1], embeds[1], *data), 2.0, **opts)
     _check_all(got, want)
 
 
@@ -152,9 +144,9 @@ def _offline_case(case, K):
 def _reference_jacobians(**opts):
     """d(loss, d hidden, d embed)/d teacher log-probs of the plain reference (test_losses)."""
     def outputs(lps, hidden, embed, labels, ids, a, b):
-        loss_fn = lambda h, w: reference_loss(h, w, labels, ids, lps, a, b, **opts)[0]
+        loss_fn = lambda h, w: ref.reference_loss(h, w, labels, ids, lps, a, b, **opts)[0]
         return (loss_fn(hidden, embed),) + jax.grad(loss_fn, argnums=(0, 1))(hidden, embed)
-    return jax.jit(jax.jacfwd(outputs), compiler_options=FAST_COMPILE)
+    return jax.jit(jax.jacfwd(outputs), compiler_options=ref.FAST_COMPILE)
 
 
 TOPK = [("forward_kl", 0.5, False), ("jsd", 0.3, True)]
@@ -169,9 +161,9 @@ def test_top_k_matches_offline(divergence, jsd_beta, tail):
     t_embed = case[3].at[:, 50:].set(0.1 * jax.random.normal(jax.random.key(0), (24, 6)))
     case = case[:3] + (t_embed,) + case[4:]
     opts = dict(divergence=divergence, jsd_beta=jsd_beta, tail=tail, chunk_size=8)
-    got = _grads(losses.kd_loss_online, case, T, online_top_k=K, **opts)
+    got = ref.grads(losses.kd_loss_online, case, T, online_top_k=K, **opts)
     offline = _offline_case(case, K)
-    _check_all(got, _grads(losses.kd_loss, offline, T, **opts))
+    _check_all(got, ref.grads(losses.kd_loss, offline, T, **opts))
 
     # An offline store keeps the log-probs in float16 (11 significant bits, unit roundoff
     # u = 2^-11): each log-prob moves by |Δlp| <= u·|lp|. Loss and gradients are smooth in the
@@ -182,7 +174,7 @@ def test_top_k_matches_offline(divergence, jsd_beta, tail):
     lps16 = lps.astype(jnp.float16).astype(f32)
     d_lps = np.abs(np.asarray(lps16 - lps, np.float64))
     assert d_lps.max() > 0 and np.all(d_lps <= 2.0 ** -11 * np.abs(np.asarray(lps)) + 1e-30)
-    store = _grads(losses.kd_loss, (hidden, embed, labels, ids, lps16, a, b), T, **opts)
+    store = ref.grads(losses.kd_loss, (hidden, embed, labels, ids, lps16, a, b), T, **opts)
     jacs = _reference_jacobians(temperature=T, divergence=divergence, jsd_beta=jsd_beta, tail=tail)(
         lps, hidden, embed, labels, ids, a, b)
     for y_online, y_store, jac in zip((got[0], got[2], got[3]), (store[0], store[2], store[3]), jacs):
@@ -196,7 +188,7 @@ def test_top_k_matches_offline(divergence, jsd_beta, tail):
 # --- 4. Compiled memory is flat in the number of tokens --------------------------------------
 
 def _temp_bytes(fn, *shapes):
-    return jax.jit(fn, compiler_options=FAST_COMPILE).lower(*shapes).compile().memory_analysis().temp_size_in_bytes
+    return jax.jit(fn, compiler_options=ref.FAST_COMPILE).lower(*shapes).compile().memory_analysis().temp_size_in_bytes
 
 
 def test_memory_flat_in_tokens():
@@ -239,13 +231,13 @@ def test_finite_under_stress():
     hidden, embed, t_hidden, t_embed, labels, _, _ = case
     z, zt = hidden @ embed, _teacher_logits(t_hidden, t_embed, embed.shape[1])
     assert float(jnp.abs(z).max()) > 100 and float(jnp.abs(zt).max()) > 100
-    for divergence, jsd_beta in DIVS:
+    for divergence, jsd_beta in ref.DIVS:
         for T in (1.0, 4.0):
             soft, hard, _ = losses.dense_token_terms(z, zt, labels, temperature=T, divergence=divergence,
                                                      jsd_beta=jsd_beta)
             assert np.all(np.isfinite(soft)) and np.all(np.isfinite(hard))
             assert float(soft.min()) >= -1e-6 * T ** 2 * max(1.0, float(soft.max())), (divergence, T)
-            loss, _, dh, dw = _grads(losses.kd_loss_online, case, T, divergence=divergence, jsd_beta=jsd_beta,
+            loss, _, dh, dw = ref.grads(losses.kd_loss_online, case, T, divergence=divergence, jsd_beta=jsd_beta,
                                      chunk_size=16)
             assert np.isfinite(loss) and np.all(np.isfinite(dh)) and np.all(np.isfinite(dw)), (divergence, T)
 
@@ -255,10 +247,10 @@ def test_eval_primal_matches_training_pass():
     case = make_online_case(N=37, D=16, E=24, V=50, W=56, seed=1)
     opts = dict(divergence="jsd", jsd_beta=0.3, chunk_size=8)
     loss, metrics = jax.jit(lambda *c: losses.kd_loss_online(*c, temperature=2.0, **opts))(*case)
-    t_loss, t_metrics, _, _ = _grads(losses.kd_loss_online, case, 2.0, **opts)
-    _close(loss, t_loss)
+    t_loss, t_metrics, _, _ = ref.grads(losses.kd_loss_online, case, 2.0, **opts)
+    ref.close(loss, t_loss)
     for k in metrics:
-        _close(metrics[k], t_metrics[k])
+        ref.close(metrics[k], t_metrics[k])
 
 
 # --- 6. Hidden alignment ---------------------------------------------------------------------
@@ -316,8 +308,8 @@ def test_hidden_alignment_matches_reference(distance, projected):
         jnp.asarray(s), jnp.asarray(t), None if P is None else jnp.asarray(P))
     r_value, r_gs, r_gP = _alignment_reference(s, t, P, w, distance)
     assert value.dtype == f32
-    _close(value, r_value)
-    _close(grads[0], r_gs)
+    ref.close(value, r_value)
+    ref.close(grads[0], r_gs)
     assert np.all(np.asarray(grads[1]) == 0)  # the teacher's states are constants
     if projected:
-        _close(grads[2], r_gP)
+        ref.close(grads[2], r_gP)

@@ -15,8 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import tiny_kd
 from flax import nnx
-from test_train import _cli, _losses, _run, signal_after_first_checkpoint
 
 from kd_jax.base.loader import load_config
 from kd_jax.base.schema import ConfigError
@@ -28,16 +28,14 @@ from kd_jax.core.onpolicy import (
     make_example,
     on_policy_steps_before,
 )
+from kd_jax.core.optim import default_hyper
 from kd_jax.core.prepare import prepare
-from kd_jax.core.step import _weights, batch_loss, batch_totals, default_hyper
+from kd_jax.core.step import batch_loss, batch_totals, batch_weights
 from kd_jax.data.roles import Role
 from kd_jax.demo.arithmetic import write as write_arithmetic
 from kd_jax.models.hf import load_tokenizer
 
 STEPS = 8
-STUDENT = {"model_type": "llama", "vocab_size": None, "hidden_size": 16, "intermediate_size": 32,
-           "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 8,
-           "max_position_embeddings": 256, "rms_norm_eps": 1e-5, "tie_word_embeddings": False}
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +53,7 @@ def root(tmp_path_factory):
 def _args(root: str, name: str, **extra) -> list[str]:
     """Online teacher, the traces tokenized into the run; a random width-16 student; every second
     step on-policy (16 new tokens per prompt, one prompt per row)."""
-    student = dict(STUDENT, vocab_size=json.load(open(f"{root}/teacher/config.json"))["vocab_size"])
+    student = dict(tiny_kd.STUDENT, vocab_size=json.load(open(f"{root}/teacher/config.json"))["vocab_size"])
     kw = {"run.output_dir": f"{root}/runs", "run.name": name, "run.log_every": 1, "run.tensorboard": "false",
           "teacher.mode": "online", "teacher.hf_path": f"{root}/teacher", "teacher.param_dtype": "float32",
           "teacher.dtype": "float32", "student.init": "random", "student.architecture": json.dumps(student),
@@ -138,7 +136,7 @@ def _reference_loss(objective, trainable, teacher_params, batch, hyper):
     log_q, log_p = jax.nn.log_softmax(z / T), jax.nn.log_softmax(zt / T)
     soft = T * T * jnp.sum(jnp.exp(log_q) * (log_q - log_p), -1)  # KL(student || teacher)
     hard = -jnp.take_along_axis(jax.nn.log_softmax(z), batch["labels"][..., None], -1)[..., 0]
-    a, b = _weights(batch, loss_cfg, batch_totals(batch, loss_cfg), loss_cfg.beta, hyper["alpha"])
+    a, b = batch_weights(batch, loss_cfg, batch_totals(batch, loss_cfg), loss_cfg.beta, hyper["alpha"])
     return jnp.where((a != 0) | (b != 0), a * soft + b * hard, 0.0).sum()
 
 
@@ -166,9 +164,9 @@ def test_loss_and_gradients_on_a_sampled_batch_equal_a_materialized_reference(ro
 @pytest.mark.slow
 def test_resume_after_sigkill_at_half_on_policy_is_bitwise_identical(root):
     # The uninterrupted run and the one to be killed side by side (two processes, two cores).
-    full = _cli("kd_jax.train", _args(root, "full"))
-    proc = _cli("kd_jax.train", _args(root, "killed"))
-    signal_after_first_checkpoint(proc, f"{root}/runs/killed/checkpoints", signal.SIGKILL)
+    full = tiny_kd.cli("kd_jax.train", _args(root, "full"))
+    proc = tiny_kd.cli("kd_jax.train", _args(root, "killed"))
+    tiny_kd.signal_after_first_checkpoint(proc, f"{root}/runs/killed/checkpoints", signal.SIGKILL)
     out, _ = full.communicate(timeout=300)
     assert full.returncode == 0, out.decode()[-3000:]
     rows = [json.loads(line) for line in open(f"{root}/runs/full/metrics.jsonl")]
@@ -180,17 +178,19 @@ def test_resume_after_sigkill_at_half_on_policy_is_bitwise_identical(root):
         assert r["teacher_logprob_sampled"] < 0 and r["sample_tokens_per_s"] > 0 and 0 < r["sample_share"] < 1
         assert 0 <= r["sample_truncated"] <= 1 and 0 <= r["sample_left_out"] <= 1
     assert "sampled_len" not in train[1]
-    # The step loss is derived from the loss with the step's own alpha: train.on_policy.alpha (1.0) on
-    # on-policy steps, loss.alpha (0.5) on the others; it is a mean of losses, so never negative.
+    # The step loss, as each step reports it, completes the loss with the step's own alpha:
+    # train.on_policy.alpha (1.0) on on-policy steps, loss.alpha (0.5) on the others; it is a mean of
+    # losses, so never negative.
     for s, r in train.items():
         alpha = 1.0 if r["on_policy"] else 0.5
         assert r["step_loss"] >= 0, (s, r["step_loss"])
         assert r["loss"] == pytest.approx(alpha * r["soft"] + (1 - alpha) * r["hard"] + 0.5 * r["step_loss"],
                                           rel=1e-5)
 
-    assert len(_losses(root, "killed")) < STEPS
-    _run("kd_jax.train", _args(root, "killed"))
-    assert _losses(root, "killed") == _losses(root, "full")  # bitwise: floats round-trip through JSON
+    assert len(tiny_kd.train_losses(root, "killed")) < STEPS
+    tiny_kd.run_cli("kd_jax.train", _args(root, "killed"))
+    # bitwise: floats round-trip through JSON
+    assert tiny_kd.train_losses(root, "killed") == tiny_kd.train_losses(root, "full")
 
 
 def test_teacher_samples_and_prompts_from_a_prompt_file(root):

@@ -12,7 +12,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -52,43 +51,20 @@ def _train_args(root, name, **extra) -> list[str]:
     return tiny_kd.train_args(root, name, STEPS, **{**extra})
 
 
-def _cli(module, args, **popen):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    return subprocess.Popen([sys.executable, "-m", module, *args], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **popen)
-
-
-def _run(module, args):
-    out, _ = (p := _cli(module, args)).communicate(timeout=300)
-    assert p.returncode == 0, out.decode()[-3000:]
-    return out.decode()
-
-
-def _losses(root, name) -> dict[int, float]:
-    """step -> train loss; a resumed run rewrites the steps after its checkpoint (last one wins)."""
-    out = {}
-    with open(f"{root}/runs/{name}/metrics.jsonl") as f:
-        for line in f:
-            row = json.loads(line)
-            if row["split"] == "train":
-                out[row["step"]] = row["loss"]
-    return out
-
-
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("train"))
     tiny_kd.build_store(root)
-    _run("kd_jax.train", _train_args(root, "reference"))
+    tiny_kd.run_cli("kd_jax.train", _train_args(root, "reference"))
     return root
 
 
 @pytest.mark.slow
 def test_train_loss_falls_and_export_loads_in_transformers(root):
-    losses = _losses(root, "reference")
+    losses = tiny_kd.train_losses(root, "reference")
     assert sorted(losses) == list(range(1, STEPS + 1))
     assert np.mean([losses[s] for s in (STEPS - 2, STEPS - 1, STEPS)]) < np.mean([losses[s] for s in (1, 2, 3)]) - 0.3
-    _run("kd_jax.export", ["--run", f"{root}/runs/reference", "--out", f"{root}/export"])
+    tiny_kd.run_cli("kd_jax.export", ["--run", f"{root}/runs/reference", "--out", f"{root}/export"])
     hf = transformers.AutoModelForCausalLM.from_pretrained(f"{root}/export", dtype=torch.float32).eval()
     tok = transformers.AutoTokenizer.from_pretrained(f"{root}/export")
     assert len(tok) == len(transformers.AutoTokenizer.from_pretrained(f"{root}/teacher"))
@@ -100,26 +76,14 @@ def test_train_loss_falls_and_export_loads_in_transformers(root):
     np.testing.assert_allclose(np.asarray(student(jnp.asarray(tokens))), ref, atol=1e-4, rtol=0)
 
 
-def signal_after_first_checkpoint(proc, ckpts: str, sig) -> bytes:
-    """Deliver `sig` to a train process once its first checkpoint in `ckpts` is final; its output."""
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        if os.path.isdir(ckpts) and any(d.isdigit() for d in os.listdir(ckpts)):
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "the run ended before it could be interrupted"
-    proc.send_signal(sig)
-    return proc.communicate(timeout=120)[0]
-
-
 def _interrupt(root, name, sig) -> None:
     """Start a run, deliver `sig` once its first checkpoint is final, then run it again to the end."""
-    proc = _cli("kd_jax.train", _train_args(root, name))
-    out = signal_after_first_checkpoint(proc, f"{root}/runs/{name}/checkpoints", sig)
+    proc = tiny_kd.cli("kd_jax.train", _train_args(root, name))
+    out = tiny_kd.signal_after_first_checkpoint(proc, f"{root}/runs/{name}/checkpoints", sig)
     if sig == signal.SIGTERM:  # preemption: a clean exit after saving the current step
         assert proc.returncode == 0 and "SIGTERM: saved step" in out.decode(), out.decode()[-3000:]
-    assert len(_losses(root, name)) < STEPS
-    _run("kd_jax.train", _train_args(root, name))
+    assert len(tiny_kd.train_losses(root, name)) < STEPS
+    tiny_kd.run_cli("kd_jax.train", _train_args(root, name))
 
 
 @pytest.mark.slow
@@ -127,7 +91,8 @@ def _interrupt(root, name, sig) -> None:
 def test_resume_is_bitwise_identical(root, sig):
     name = f"resume_{sig.name.lower()}"
     _interrupt(root, name, sig)
-    assert _losses(root, name) == _losses(root, "reference")  # bitwise: floats round-trip through JSON
+    # bitwise: floats round-trip through JSON
+    assert tiny_kd.train_losses(root, name) == tiny_kd.train_losses(root, "reference")
 
 
 @pytest.mark.slow
@@ -135,10 +100,10 @@ def test_restore_on_another_mesh_gives_the_same_next_step_loss(root):
     # a copy of the reference run's checkpoint at step STEPS - 4, continued one step on a (2, 4, 1) mesh
     src, dst, at = f"{root}/runs/reference", f"{root}/runs/mesh", STEPS - 4
     shutil.copytree(f"{src}/checkpoints/{at}", f"{dst}/checkpoints/{at}")
-    _run("kd_jax.train", _train_args(root, "mesh", **{"mesh.data": 2, "mesh.fsdp": 4}))
-    mesh_losses = _losses(root, "mesh")
+    tiny_kd.run_cli("kd_jax.train", _train_args(root, "mesh", **{"mesh.data": 2, "mesh.fsdp": 4}))
+    mesh_losses = tiny_kd.train_losses(root, "mesh")
     assert min(mesh_losses) == at + 1  # it resumed, rather than starting over
-    np.testing.assert_allclose(mesh_losses[at + 1], _losses(root, "reference")[at + 1], rtol=1e-5)
+    np.testing.assert_allclose(mesh_losses[at + 1], tiny_kd.train_losses(root, "reference")[at + 1], rtol=1e-5)
 
 
 def _setup(root, **overrides):
@@ -238,7 +203,7 @@ def test_stale_lock_from_a_killed_trainer_is_taken_over(root):
     run_dir = f"{root}/runs/reference"
     holder = subprocess.Popen([sys.executable, "-c", "import sys; from kd_jax.core.runs import RunLock; "
                                f"RunLock({run_dir!r}).acquire(); print('held', flush=True); sys.stdin.read()"],
-                              cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+                              cwd=tiny_kd.ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     assert holder.stdout.readline().strip() == b"held"
     with pytest.raises(RunDirError, match=f"pid {holder.pid}"):
         RunLock(run_dir).acquire()
@@ -253,12 +218,12 @@ def test_evaluate_and_export_without_a_checkpoint_are_refused_and_leave_nothing(
     save_config(cfg)
     with pytest.raises(CheckpointError, match="has no checkpoint"):
         evaluate(cfg, "student", max_examples=1)
-    proc = _cli("kd_jax.export", ["--run", cfg.run_dir])
+    proc = tiny_kd.cli("kd_jax.export", ["--run", cfg.run_dir])
     out = proc.communicate(timeout=120)[0].decode()
     assert proc.returncode == 1 and out.strip().splitlines()[-1].startswith("error: ")
     assert "Traceback" not in out and "has no checkpoint" in out
     assert not os.path.exists(cfg.checkpoint_dir)  # no empty checkpoints/ left behind
-    proc = _cli("kd_jax.export", ["--run", cfg.run_dir, "--debug"])
+    proc = tiny_kd.cli("kd_jax.export", ["--run", cfg.run_dir, "--debug"])
     assert "Traceback" in proc.communicate(timeout=120)[0].decode() and proc.returncode == 1
 
 
@@ -306,8 +271,8 @@ def test_disk_full_names_the_folder_and_the_last_good_step(root, monkeypatch):
 
 def test_precompute_bad_traces_is_one_line_exit_1(root):
     args = [a for a in tiny_kd.store_args(root) if not a.startswith(("data.traces=", "data.store="))]
-    proc = _cli("kd_jax.precompute", args + [f"data.traces={root}/missing.jsonl", f"data.store={root}/other_store",
-                                            f"run.output_dir={root}/runs"])
+    proc = tiny_kd.cli("kd_jax.precompute", args + [f"data.traces={root}/missing.jsonl",
+                                                    f"data.store={root}/other_store", f"run.output_dir={root}/runs"])
     out = proc.communicate(timeout=120)[0].decode()
     assert proc.returncode == 1 and "Traceback" not in out, out[-2000:]
     assert out.strip().splitlines()[-1].startswith("error: ") and "missing.jsonl" in out.strip().splitlines()[-1]

@@ -1,15 +1,28 @@
 """A tiny teacher folder for store/precompute tests: the demo's byte-level BPE tokenizer with a
 ChatML template (kd_jax.demo.arithmetic) trained in-process, a random llama teacher whose vocab is
-padded past the tokenizer's (as Qwen's is), and a JSONL of R1-style traces (test support)."""
+padded past the tokenizer's (as Qwen's is), and a JSONL of R1-style traces; the train runs the
+tests share: their overrides, a random 2-layer student (`STUDENT`), the commands run in a child
+process (`cli`, `run_cli`), the logged losses (`train_losses`) and an interrupt after the first
+checkpoint (`signal_after_first_checkpoint`) (test support)."""
 
 from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
+import time
 
 import hf_tiny
 
 from kd_jax.demo.arithmetic import train_tokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
+
+# A random width-16 llama student (student.init=random, student.architecture): set vocab_size to the teacher's.
+STUDENT = {"model_type": "llama", "vocab_size": None, "hidden_size": 16, "intermediate_size": 32,
+           "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 8,
+           "max_position_embeddings": 256, "rms_norm_eps": 1e-5, "tie_word_embeddings": False}
 
 
 def traces(n: int = 12) -> list[dict]:
@@ -89,3 +102,41 @@ class RecordingBar:
 
     def close(self):
         self.closed = True
+
+
+def cli(module: str, args: list[str], **popen) -> subprocess.Popen:
+    """`python -m module args` in a child process on 8 fake CPU devices, stdout and stderr together."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    return subprocess.Popen([sys.executable, "-m", module, *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **popen)
+
+
+def run_cli(module: str, args: list[str]) -> str:
+    """`cli` to its end, which must be a success; its output."""
+    out, _ = (p := cli(module, args)).communicate(timeout=300)
+    assert p.returncode == 0, out.decode()[-3000:]
+    return out.decode()
+
+
+def train_losses(root: str, name: str) -> dict[int, float]:
+    """step -> train loss of run `name` under root/runs; a resumed run rewrites the steps after its
+    checkpoint (last one wins)."""
+    out = {}
+    with open(f"{root}/runs/{name}/metrics.jsonl") as f:
+        for line in f:
+            row = json.loads(line)
+            if row["split"] == "train":
+                out[row["step"]] = row["loss"]
+    return out
+
+
+def signal_after_first_checkpoint(proc: subprocess.Popen, ckpts: str, sig) -> bytes:
+    """Deliver `sig` to a train process once its first checkpoint in `ckpts` is final; its output."""
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.isdir(ckpts) and any(d.isdigit() for d in os.listdir(ckpts)):
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be interrupted"
+    proc.send_signal(sig)
+    return proc.communicate(timeout=120)[0]
