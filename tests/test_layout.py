@@ -18,7 +18,7 @@ import pathlib
 
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "kd_jax"
 COMMANDS = {"kd_jax.train", "kd_jax.precompute", "kd_jax.evaluate", "kd_jax.export", "kd_jax.config",
-            "kd_jax.generate", "kd_jax.demo.__main__", "kd_jax.bench"}
+            "kd_jax.compare", "kd_jax.generate", "kd_jax.demo.__main__", "kd_jax.bench"}
 MESH_AXES = ("data", "fsdp", "tensor")
 
 

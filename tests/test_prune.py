@@ -78,7 +78,7 @@ def test_width_pruning_equals_the_teacher_with_those_units_zeroed(teachers, fami
     teacher = teachers[family][2]
     cfg = teacher.cfg
     rng = np.random.RandomState(2)
-    keep = P.Plan(layers=np.arange(LAYERS),
+    keep = P.Keep(layers=np.arange(LAYERS),
                   mlp=np.sort(np.stack([rng.permutation(cfg.intermediate_size)[:20] for _ in range(LAYERS)]), 1),
                   kv_groups=np.stack([[rng.randint(cfg.num_kv_heads)] for _ in range(LAYERS)]),
                   hidden=np.arange(cfg.hidden_size))
@@ -140,7 +140,7 @@ def test_identity_layer_is_least_important_and_dropping_it_is_exact(teachers):
 
 def test_dropping_layers_equals_skipping_them(teachers):
     teacher = teachers["qwen2"][2]
-    keep = P.Plan(layers=np.array([0, 3]), mlp=np.tile(np.arange(48), (2, 1)), kv_groups=np.tile([0, 1], (2, 1)),
+    keep = P.Keep(layers=np.array([0, 3]), mlp=np.tile(np.arange(48), (2, 1)), kv_groups=np.tile([0, 1], (2, 1)),
                   hidden=np.arange(32))
     student = P.apply(teacher, keep)
     on = np.zeros((LAYERS, 1, 1), np.float32)

@@ -20,7 +20,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import os
+import re
 import time
 
 import jax
@@ -48,7 +50,7 @@ from kd_jax.data import tables
 from kd_jax.data.pipeline import make_eval_iter, split_indices
 from kd_jax.data.roles import Role
 from kd_jax.data.store import KDStore
-from kd_jax.data.traces import render_prompt
+from kd_jax.data.traces import encode_text, render_prompt
 from kd_jax.models import build_model, num_params
 from kd_jax.models.hf import load_tokenizer
 from kd_jax.models.sampling import generate, sample_tokens
@@ -327,3 +329,110 @@ def format_eval_report(report: dict) -> str:
     keys += ["generation_peak_bytes", "generation_peak_source"]
     rows += [(k, f"{report[k]:.4g}" if isinstance(report[k], float) else str(report[k])) for k in keys if k in report]
     return "\n".join(f"{k:>24}  {v}" for k, v in rows)
+
+
+# ------------------------------------------------------------------------------- held-out text
+
+CLOZE_MIN_LETTERS = 4  # letters of a last-word task's answer
+_WORD_END = re.compile(r"\s([a-z]{%d,})\.(\s|$)" % CLOZE_MIN_LETTERS)
+TEXT_EVAL_ROWS = 8  # held-out documents per forward in TextEvaluator
+
+
+def sentence_final_words(text: str, min_context: int = 60) -> list[tuple[int, int]]:
+    """The last-word task's words in `text` (LAMBADA-style): (start, end) character spans of every
+    lowercase word of at least CLOZE_MIN_LETTERS letters that ends a sentence (a period, then a space
+    or the end) after the first `min_context` characters."""
+    return [(m.start(1), m.end(1)) for m in _WORD_END.finditer(text, min_context)]
+
+
+@dataclasses.dataclass
+class HeldOutText:
+    """Held-out documents as [R, seq_len] rows, one document per row (cut to seq_len)."""
+    tokens: np.ndarray  # int32 [R, L]
+    mask: np.ndarray  # bool [R, L]: position t predicts a token of the same document
+    items: list[tuple[int, int, int]]  # last-word items: (row, first, last) positions predicting the word's tokens
+
+
+def held_out_text(tokenizer, docs: list[str], seq_len: int) -> HeldOutText:
+    """Documents -> rows; the task's items are the sentence-final words (`sentence_final_words`) whose
+    tokens start exactly at the word's space and end at its period, inside the row."""
+    R = len(docs)
+    tokens = np.zeros((R, seq_len), np.int32)
+    mask = np.zeros((R, seq_len), bool)
+    items = []
+    for r, doc in enumerate(docs):
+        ids = encode_text(tokenizer, doc).tokens[:seq_len]
+        n = len(ids)
+        tokens[r, :n] = ids
+        mask[r, :n - 1] = True
+        enc = tokenizer(doc, return_offsets_mapping=True, verbose=False)
+        starts = [s for s, _ in enc["offset_mapping"]]
+        for word_start, word_end in sentence_final_words(doc):
+            if word_start - 1 not in starts or word_end not in starts:
+                continue
+            first, last = starts.index(word_start - 1), starts.index(word_end) - 1  # token indices of the word
+            if first >= 1 and last < n - 1:
+                items.append((r, first - 1, last - 1))  # the positions predicting them
+    return HeldOutText(tokens, mask, items)
+
+
+@functools.lru_cache(maxsize=4)
+def _logits_fn(graphdef):
+    @jax.jit
+    def f(state, tokens_BxT):
+        return nnx.merge(graphdef, state)(tokens_BxT)
+    return f
+
+
+def logits(model, tokens_BxT: np.ndarray) -> jax.Array:
+    """The model's [B, T, V] logits of whole rows (one jit per model structure)."""
+    graphdef, state = nnx.split(model)
+    return _logits_fn(graphdef)(state, jnp.asarray(tokens_BxT))
+
+
+@jax.jit
+def _token_metrics(logits_BxTxV, teacher_logp_BxTxV, tokens_BxT):
+    logp = jax.nn.log_softmax(logits_BxTxV.astype(jnp.float32), axis=-1)
+    labels = jnp.concatenate([tokens_BxT[:, 1:], jnp.zeros_like(tokens_BxT[:, :1])], axis=1)
+    ce = -jnp.take_along_axis(logp, labels[..., None], axis=-1)[..., 0]
+    kl = jnp.sum(jnp.exp(teacher_logp_BxTxV) * (teacher_logp_BxTxV - logp), axis=-1)
+    pred = jnp.argmax(logp, axis=-1)
+    return ce, kl, pred == jnp.argmax(teacher_logp_BxTxV, axis=-1), pred == labels
+
+
+class TextEvaluator:
+    """The teacher's full-vocabulary log-probs on held-out documents, computed once; every model scored
+    against them: held-out CE, KL(teacher || model) over the whole vocabulary, top-1 agreement, and the
+    last-word task on the items the teacher completes right (with its 95% Wilson interval)."""
+
+    def __init__(self, teacher, data: HeldOutText):
+        self.data = data
+        self.teacher_logp = [jax.nn.log_softmax(logits(teacher, data.tokens[i:i + TEXT_EVAL_ROWS]), axis=-1)
+                             for i in range(0, len(data.tokens), TEXT_EVAL_ROWS)]
+        teacher_right = self._per_token(teacher, len(self.teacher_logp))["right"]
+        self.items = [it for it in data.items if teacher_right[it[0], it[1]:it[2] + 1].all()]
+        self.candidates = len(data.items)
+
+    def _per_token(self, model, batches: int) -> dict[str, np.ndarray]:
+        out = {"ce": [], "kl": [], "agree": [], "right": []}
+        for b in range(batches):
+            rows = self.data.tokens[b * TEXT_EVAL_ROWS:(b + 1) * TEXT_EVAL_ROWS]
+            for k, v in zip(out, _token_metrics(logits(model, rows), self.teacher_logp[b], jnp.asarray(rows))):
+                out[k].append(np.asarray(v))
+        return {k: np.concatenate(v) for k, v in out.items()}
+
+    def score(self, model, docs: int | None = None) -> dict:
+        """Held-out CE, KL, top-1 agreement over the first `docs` documents (all by default) and the
+        task's accuracy with its interval (all documents only)."""
+        batches = (len(self.teacher_logp) if docs is None
+                   else min(len(self.teacher_logp), math.ceil(docs / TEXT_EVAL_ROWS)))
+        t = self._per_token(model, batches)
+        mask = self.data.mask[:len(t["ce"])]
+        out = {"ce": float(t["ce"][mask].mean()), "kl": float(t["kl"][mask].mean()),
+               "top1_agree": float(t["agree"][mask].mean()), "tokens": int(mask.sum())}
+        if docs is None:
+            right = sum(bool(t["right"][r, a:b + 1].all()) for r, a, b in self.items)
+            low, high = wilson_interval(right, len(self.items))
+            out |= {"task_right": right, "task_n": len(self.items), "task": right / max(1, len(self.items)),
+                    "task_low": low, "task_high": high}
+        return out

@@ -7,6 +7,9 @@ traces, one student per way of using the teacher at equal training compute, an e
 `python -m kd_jax.demo --recipe prune` (`make demo-prune`): a real pretrained model instead:
 SmolLM2-135M-Instruct pruned to a third of its non-embedding parameters and healed on human-written
 text by each way of using the teacher, at equal compute and two seeds (kd_jax/demo/prune.py).
+
+Both run their rows file (kd_jax/demo/rows/) through the comparison harness behind
+`python -m kd_jax.compare`; the demo makes only the data, stores and teacher they read.
 """
 
 from __future__ import annotations
@@ -22,56 +25,24 @@ if "jax" not in sys.modules and "device_count" not in os.environ.get("XLA_FLAGS"
     _n = 1 << (min(os.cpu_count() or 1, 8).bit_length() - 1)
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={_n}")
 
-import argparse  # noqa: E402
-
 from kd_jax.base.allocator import restart_with_allocator  # noqa: E402
 from kd_jax.base.cli import setup_logging  # noqa: E402
 from kd_jax.base.errors import reported  # noqa: E402
-from kd_jax.demo.prune import HELD_OUT_DOCS as PRUNE_HELD_OUT_DOCS  # noqa: E402
-from kd_jax.demo.prune import ROWS as PRUNE_ROWS  # noqa: E402
-from kd_jax.demo.prune import run as run_prune  # noqa: E402
-from kd_jax.demo.recipe import DEFAULT_ROWS, PROBLEMS, ROWS, run  # noqa: E402
+from kd_jax.demo import prune, recipe  # noqa: E402
+from kd_jax.demo.args import parse  # noqa: E402
 
 
 def main(argv=None) -> None:
     setup_logging()
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--recipe", choices=("r1", "prune"), default="r1",
-                        help="r1: the R1-style recipe on the embedded arithmetic task (default); prune: "
-                             "SmolLM2-135M-Instruct pruned and healed on human-written text")
-    parser.add_argument("--out", default=None, help="folder for data, stores, runs and the report "
-                                                    "(default runs/demo, runs/prune for --recipe prune)")
-    parser.add_argument("--scale", type=float, default=1.0, help="multiplies the problem count and step budgets")
-    parser.add_argument("--teacher-scale", type=float, default=None,
-                        help="multiplies the teacher's steps instead of --scale (a reduced demo whose teacher "
-                             "still answers some prompts right, so the teacher-traces row has traces)")
-    parser.add_argument("--problems", type=int, default=PROBLEMS, help="number of generated problems (before --scale)")
-    parser.add_argument("--max-examples", type=int, default=512, help="fresh held-out problems generated for accuracy")
-    parser.add_argument("--seed", type=int, default=0, help="parameter-init seed of every model (run.seed)")
-    parser.add_argument("--seeds", default="0,1", help="--recipe prune: the seeds of every row (data.shuffle_seed)")
-    parser.add_argument("--steps", type=int, default=None,
-                        help="--recipe prune: the offline rows' steps (default: kd_jax/demo/configs/prune.yaml's)")
-    parser.add_argument("--rows", default=None,
-                        help=f"students to train, comma-separated, from: {', '.join(ROWS)} (hard is always in); "
-                             f"--recipe prune: from {', '.join(r.name for r in PRUNE_ROWS)} (cross-entropy always in)")
-    parser.add_argument("--held-out-docs", type=int, default=PRUNE_HELD_OUT_DOCS,
-                        help="--recipe prune: held-out documents scored (fewer: a quicker, noisier table)")
-    parser.add_argument("--fresh", action="store_true", help="delete --out first (else finished stages are reused)")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                        help="--recipe prune: overrides of kd_jax/demo/configs/prune.yaml, e.g. data.seq_len=128")
-    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
-    args = parser.parse_args(argv)
-    rows = tuple(r.strip() for r in args.rows.split(",") if r.strip()) if args.rows else None
-    if args.overrides and args.recipe != "prune":
-        parser.error(f"KEY=VALUE overrides ({' '.join(args.overrides)}) are for --recipe prune; the r1 recipe "
-                     "is sized by --scale, --teacher-scale and --problems")
+    args = parse(argv, __doc__)
     with reported(args.debug):
         if args.recipe == "prune":
-            run_prune(args.out or "runs/prune", args.steps, tuple(int(s) for s in args.seeds.split(",")), rows,
-                      args.fresh, tuple(args.overrides), args.held_out_docs)
+            prune.run(args.out or "runs/prune", args.steps, args.seeds, args.rows, args.fresh, tuple(args.overrides),
+                      args.held_out_docs or prune.HELD_OUT_DOCS)
         else:
-            run(args.out or "runs/demo", args.scale, args.problems, args.max_examples, args.fresh, args.seed,
-                rows or DEFAULT_ROWS, args.teacher_scale)
+            recipe.run(args.out or "runs/demo", args.scale or 1.0, args.problems or recipe.PROBLEMS,
+                       args.max_examples or 512, args.fresh, args.seed or 0, args.rows or recipe.DEFAULT_ROWS,
+                       args.teacher_scale)
 
 
 if __name__ == "__main__":

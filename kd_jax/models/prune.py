@@ -237,7 +237,7 @@ def measure(model: Decoder, batches: Iterable[dict], *, layer_loss: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
-class Plan:
+class Keep:
     """The teacher's units a pruned model keeps, each in ascending (original) order."""
     layers: np.ndarray  # [L'] teacher layer indices
     mlp: np.ndarray  # [L', F'] MLP channels of each kept layer
@@ -255,9 +255,9 @@ def _top(scores: np.ndarray, n: int) -> np.ndarray:
     return np.sort(order, axis=-1)
 
 
-def plan(importance: Importance, cfg: DecoderConfig, *, layers: int | None = None,
-         intermediate_size: int | None = None, num_kv_heads: int | None = None, hidden_size: int | None = None,
-         depth_metric: str = "block_influence") -> Plan:
+def choose(importance: Importance, cfg: DecoderConfig, *, layers: int | None = None,
+           intermediate_size: int | None = None, num_kv_heads: int | None = None, hidden_size: int | None = None,
+           depth_metric: str = "block_influence") -> Keep:
     """Keep the most important units to reach the target sizes (None keeps a dimension whole)."""
     small = pruned_config(cfg, layers=layers, intermediate_size=intermediate_size, num_kv_heads=num_kv_heads,
                           hidden_size=hidden_size)
@@ -270,12 +270,12 @@ def plan(importance: Importance, cfg: DecoderConfig, *, layers: int | None = Non
         raise PruneError("depth_metric=layer_loss needs the importance measured with layer_loss=True")
     else:
         keep = _top(depth, small.num_layers)
-    return Plan(layers=keep, mlp=_top(importance.mlp[keep], small.intermediate_size),
+    return Keep(layers=keep, mlp=_top(importance.mlp[keep], small.intermediate_size),
                 kv_groups=_top(importance.kv_groups[keep], small.num_kv_heads),
                 hidden=_top(importance.hidden, small.hidden_size))
 
 
-def apply(model: Decoder, keep: Plan, *, mesh=None, rescale_norms: bool = True, **overrides) -> Decoder:
+def apply(model: Decoder, keep: Keep, *, mesh=None, rescale_norms: bool = True, **overrides) -> Decoder:
     """A new Decoder holding the units `keep` of `model` (its own arrays: the teacher's stay
     untouched), on `mesh` when given. Each parameter is sliced by the logical names of its axes:
     layers, embed and norm (hidden channels), mlp, heads and kv_heads; vocab and head_dim stay.
@@ -314,11 +314,11 @@ def apply(model: Decoder, keep: Plan, *, mesh=None, rescale_norms: bool = True, 
     return nnx.merge(graphdef, state)
 
 
-def prune(model: Decoder, batches: Iterable[dict], *, layers: int | None = None,
-          intermediate_size: int | None = None, num_kv_heads: int | None = None, hidden_size: int | None = None,
-          depth_metric: str = "block_influence", mesh=None, **overrides) -> Decoder:
-    """`model` pruned to the target sizes by importance measured on `batches` (None keeps a
-    dimension; nothing to prune is a copy)."""
+def select(model: Decoder, batches: Iterable[dict], *, layers: int | None = None,
+           intermediate_size: int | None = None, num_kv_heads: int | None = None, hidden_size: int | None = None,
+           depth_metric: str = "block_influence") -> Keep:
+    """The units of `model` to keep for the target sizes, by importance measured on `batches` (None
+    keeps a dimension): `measure`, then `choose`."""
     targets = {"layers": layers, "intermediate_size": intermediate_size, "num_kv_heads": num_kv_heads,
                "hidden_size": hidden_size}
     pruned_config(model.cfg, **targets)  # refuse impossible targets before any forward
@@ -326,4 +326,14 @@ def prune(model: Decoder, batches: Iterable[dict], *, layers: int | None = None,
         raise PruneError(f"depth_metric={depth_metric!r}; choose one of {', '.join(DEPTH_METRICS)}")
     drops_layers = layers is not None and layers < model.cfg.num_layers
     importance = measure(model, batches, layer_loss=drops_layers and depth_metric == "layer_loss")
-    return apply(model, plan(importance, model.cfg, depth_metric=depth_metric, **targets), mesh=mesh, **overrides)
+    return choose(importance, model.cfg, depth_metric=depth_metric, **targets)
+
+
+def prune(model: Decoder, batches: Iterable[dict], *, layers: int | None = None,
+          intermediate_size: int | None = None, num_kv_heads: int | None = None, hidden_size: int | None = None,
+          depth_metric: str = "block_influence", mesh=None, **overrides) -> Decoder:
+    """`model` pruned to the target sizes by importance measured on `batches` (None keeps a
+    dimension; nothing to prune is a copy): `apply(model, select(...))`."""
+    keep = select(model, batches, layers=layers, intermediate_size=intermediate_size, num_kv_heads=num_kv_heads,
+                  hidden_size=hidden_size, depth_metric=depth_metric)
+    return apply(model, keep, mesh=mesh, **overrides)
