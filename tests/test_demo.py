@@ -93,38 +93,40 @@ def test_reduced_demo_runs_every_stage(tmp_path):
     # The teacher trains twice the students' reduced share: trained only 5% of its steps, it may answer no
     # prompt right on some machines, and the teacher-traces row would have nothing to train on.
     stdout = demo_cli.run_demo(out, "--scale", "0.05", "--teacher-scale", "0.1", "--max-examples", "8", "--fresh")
-    for stage in range(1, 8):
-        assert f"=== [{stage}/7]" in stdout
+    for stage in range(1, 7):
+        assert f"=== [{stage}/6]" in stdout
     report = json.load(open(out / "demo_report.json"))
-    rows = {r["model"]: r for r in report["rows"]}
+    rows = {r["row"]: r for r in report["rows"]}
+    runs = {r["row"]: r for r in report["runs"]}
     # every row, the teacher's verified traces included: a row skipped is a failure here
     assert "no row 'teacher traces'" not in stdout
-    assert list(rows) == ["teacher", "student: hard", "student: soft+hard", "student: teacher traces",
-                          "student: on-policy"]
+    assert list(rows) == ["teacher", "hard", "soft+hard", "teacher traces", "on-policy"]
     for r in rows.values():
-        assert 0.0 <= r["accuracy_low"] <= r["accuracy"] <= r["accuracy_high"] <= 1.0 and r["examples"] == 8
-        assert 0.0 <= r["step_accuracy"] <= 1.0 and r["eval_set"].endswith("heldout.jsonl")
-        assert np.isfinite(r["hard"]) and r["train_s"] > 0
-        assert r["model"] in stdout  # the table
-    hard = rows["student: hard"]
-    for name, r in rows.items():  # points at the saved quarters of training, in compute, the final one last
-        if name != "teacher":
-            assert r["gflop"] == pytest.approx(hard["gflop"], rel=0.1)  # the same training compute
-            x = [p["gflop"] for p in r["curve"]]
-            assert x == sorted(x) and x[-1] == r["gflop"] and len(x) >= 4, x
-            assert r["curve"][-1]["accuracy"] == r["accuracy"]
+        assert 0.0 <= r["task_low"] <= r["task"] <= r["task_high"] <= 1.0 and r["task_n"] == 8
+        assert 0.0 <= r["step_task"] <= 1.0 and np.isfinite(r["ce"]) and r["train_s"] > 0
+        assert r["row"] in stdout  # the table
+    hard = runs["hard"]
+    for name, r in runs.items():  # points at the saved quarters of training, in compute, the final one last
+        assert r["eval_set"].endswith("heldout.jsonl")
+        assert r["gflop"] == pytest.approx(hard["gflop"], rel=0.1)  # the same training compute
+        x = [p["gflop"] for p in r["curve"]]
+        assert x == sorted(x) and x[-1] == pytest.approx(r["gflop"]) and len(x) >= 4, x
+        assert r["curve"][-1]["task"] == r["task"]
     # on-policy continues the hard row from its half-way checkpoint, with fewer steps for the teacher and sampling
-    half, own = map(int, rows["student: on-policy"]["steps"].split("+"))
+    half, own = map(int, runs["on-policy"]["steps"].split("+"))
     assert 2 * half == hard["steps"] and own < half
-    assert rows["student: on-policy"]["curve"][:2] == [p for p in hard["curve"] if p["step"] <= half]
-    assert len(report["verdicts"]) == len(rows) - 1 and all(v in stdout for v in report["verdicts"])
+    assert runs["on-policy"]["curve"][:2] == [p for p in hard["curve"] if p["step"] <= half]
+    # one seed: the numbers, the teacher's check, and no verdict
+    assert report["verdicts"] == [v for v in report["verdicts"] if v.startswith("no verdict")] and report["verdicts"]
+    assert all(line in stdout for line in report["checks"] + report["verdicts"])
     assert (out / "demo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     train_prompts = {json.loads(line)["prompt"] for line in open(out / "data" / "traces.jsonl")}
     held_out = [json.loads(line)["question"] for line in open(out / "data" / "heldout.jsonl")]
     assert len(held_out) == 8 and not train_prompts & set(held_out)
-    assert rows["student: hard"]["parameters"] < rows["teacher"]["parameters"]
-    assert rows["teacher"]["top1_agree"] > 0.99  # scored against its own stored top-K
-    assert rows["student: hard"]["steps"] == rows["student: soft+hard"]["steps"]  # the same budget
+    teacher = report["references"][0]
+    assert hard["parameters"] < teacher["parameters"]
+    assert teacher["top1_agree"] > 0.99  # scored against its own stored top-K
+    assert runs["hard"]["steps"] == runs["soft+hard"]["steps"]  # the same budget
     # the tokens-only store behind the teacher, and the teacher's top-16 behind the students
     assert KDStore.open(str(out / "tokens_store")).meta.k == 0
     assert KDStore.open(str(out / "kd_store")).meta.k == 16
@@ -141,21 +143,29 @@ def test_reduced_demo_runs_every_stage(tmp_path):
     assert (cfg["data"]["store"], cfg["teacher"]["hf_path"], cfg["run"]["output_dir"]) == (
         f"{out}/kd_store", f"{out}/teacher/hf", str(out))
     # a second run reuses every finished stage and prints the same table
-    demo_cli.run_demo(out, "--scale", "0.05", "--teacher-scale", "0.1", "--max-examples", "8")
+    again_out = demo_cli.run_demo(out, "--scale", "0.05", "--teacher-scale", "0.1", "--max-examples", "8")
     again = json.load(open(out / "demo_report.json"))
-    assert [r["accuracy"] for r in again["rows"]] == [r["accuracy"] for r in report["rows"]]
+    assert [r["task"] for r in again["rows"]] == [r["task"] for r in report["rows"]]
+    assert "built again" not in again_out and "=== [5/6] student" in again_out
+    # a changed setting redoes what it changes: the held-out problems, and every stage made from them
+    changed = demo_cli.run_demo(out, "--scale", "0.05", "--teacher-scale", "0.1", "--max-examples", "9",
+                                "--rows", "soft+hard")
+    assert "data: made from other inputs (held_out: 8 -> 9)" in changed
+    assert json.load(open(out / "demo_report.json"))["rows"][0]["task_n"] == 9
 
 
-def test_verdicts_read_the_intervals():
-    from kd_jax.demo.recipe import verdicts
-
-    def row(variant, acc, low, high):
-        return {"variant": variant, "accuracy": acc, "accuracy_low": low, "accuracy_high": high}
-    lines = verdicts([row(None, 0.8, 0.75, 0.85), row("hard", 0.3, 0.25, 0.35), row("soft+hard", 0.4, 0.36, 0.44),
-                      row("on-policy", 0.33, 0.28, 0.38), row("teacher traces", 0.1, 0.07, 0.14)])
-    assert "the teacher is better beyond the intervals" in lines[0]
-    assert lines[1].startswith("soft+hard 40.0% [36.0%, 44.0%] beats hard labels")
-    assert "is not told apart from hard labels" in lines[2] and "loses to hard labels" in lines[3]
-    weak = verdicts([row(None, 0.35, 0.30, 0.40), row("hard", 0.3, 0.25, 0.35)])
-    assert weak == ["teacher 35.0% [30.0%, 40.0%] vs hard-label student 30.0% [25.0%, 35.0%]: NOT better beyond "
-                    "the intervals: the teacher has nothing to teach here"]
+def test_demo_refuses_bad_arguments_before_touching_the_folder(tmp_path, capsys):
+    from kd_jax.demo.__main__ import main
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep")
+    for argv, said in ((["--rows", "nonsense"], "unknown demo rows"),
+                       (["--steps", "8"], "--steps is for --recipe prune"),
+                       (["--recipe", "prune", "--seed", "5"], "--seed is for --recipe r1"),
+                       (["--recipe", "prune", "--held-out-docs", "-3"], "--held-out-docs -3: must be at least 1"),
+                       (["--recipe", "prune", "--seeds", "-1"], "distinct non-negative"),
+                       (["--recipe", "prune", "student.prune.layer=8"], "student.prune.layer")):
+        with pytest.raises(SystemExit):
+            main(["--out", str(out), "--fresh", *argv])
+        assert said in capsys.readouterr().err, argv
+    assert os.listdir(out) == ["notes.txt"]

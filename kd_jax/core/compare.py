@@ -261,6 +261,10 @@ class Workspace:
                                    f"{self.path}); move it away or pick another --out: nothing of yours is "
                                    f"written over")
 
+    def inputs(self, name: str) -> dict | None:
+        """What the recorded stage `name` was made from (None: no such stage)."""
+        return self.entries.get(name, {}).get("inputs")
+
     def claim(self, *names: str) -> None:
         """Record output files (a report, a picture) as this comparison's, refusing ones it did not write."""
         self.check_writable(names)
@@ -637,7 +641,7 @@ def run_all(c: Comparison, p: Plan, ws: Workspace, scorer: Scorer, *, start_poin
             return {"seconds": seconds, "tokens_per_s": _tokens_per_s(cfg), "final": final, "curve": curve}
 
         inputs = {"config": to_dict(cfg), "scorer": scorer.identity(),
-                  "start": ws.entries.get(c.row(row.continues).run_name(seed), {}).get("inputs") if row.continues
+                  "start": ws.inputs(c.row(row.continues).run_name(seed)) if row.continues
                   else None}
         result = ws.stage(cfg.run.name, inputs, build, resumable=True)
         start = p.start.get(name, 0)

@@ -184,13 +184,13 @@ def run(out: str = "runs/prune", steps: int | None = None, seeds: tuple[int, ...
            f"python -m kd_jax.precompute --config {compare.shown(CONFIG)} ...")
     seen = {}
     for kind, cfg in stores.items():
-        report = ws.stage(f"store_{kind}", {"config": to_dict(cfg), "data": ws.entries["data"]["inputs"]},
+        report = ws.stage(f"store_{kind}", {"config": to_dict(cfg), "data": ws.inputs("data")},
                           lambda path, cfg=cfg: precompute(cfg, show_progress=True), also=(f"precompute_{kind}",))
         seen[kind] = {k: report[k] for k in ("bytes_per_token", "teacher_tokens_per_s", "tokens")}
 
     _stage(4, "prune the teacher to the student (student.init=pruned, saved as an HF folder)",
            "python -m kd_jax.train ... student.init=pruned student.prune.layers=16 student.prune.intermediate_size=768")
-    pruned = ws.stage("student_init", {"config": to_dict(base), "store": ws.entries["store_topk"]["inputs"]},
+    pruned = ws.stage("student_init", {"config": to_dict(base), "store": ws.inputs("store_topk")},
                       lambda path: write_pruned(base, path))
     print(f"    {json.dumps(pruned)}", flush=True)
     variables = {"kept_layers": "{" + ", ".join(f"{i}: {t}" for i, t in enumerate(pruned["kept_layers"])) + "}"}

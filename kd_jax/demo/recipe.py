@@ -198,7 +198,7 @@ def run(out: str = "runs/demo", scale: float = 1.0, problems: int = PROBLEMS, ma
            f"python -m kd_jax.precompute --config {compare.shown(teacher_file)} {' '.join(teacher_args)}; "
            f"python -m kd_jax.train --config {compare.shown(teacher_file)} {' '.join(teacher_args)}; "
            f"python -m kd_jax.export --run {teacher.run_dir}")
-    data_inputs = ws.entries["data"]["inputs"]
+    data_inputs = ws.inputs("data")
 
     def train_teacher(path):
         precompute(teacher, show_progress=False)
@@ -209,7 +209,7 @@ def run(out: str = "runs/demo", scale: float = 1.0, problems: int = PROBLEMS, ma
         return {"seconds": seconds}
     teacher_s = ws.stage("teacher", {"config": to_dict(teacher), "data": data_inputs}, train_teacher,
                          also=("tokens_store",))["seconds"]
-    teacher_inputs = ws.entries["teacher"]["inputs"]
+    teacher_inputs = ws.inputs("teacher")
 
     _stage(3, "precompute the teacher's top-16 log-probs",
            " ".join(["python -m kd_jax.precompute --config", compare.shown(student_file),
@@ -228,7 +228,7 @@ def run(out: str = "runs/demo", scale: float = 1.0, problems: int = PROBLEMS, ma
                f"python -m kd_jax.generate --config {compare.shown(student_file)} ... generate.prompts="
                f"{traces_cfg.generate.prompts} generate.out={traces_cfg.generate.out} generate.samples_per_prompt=1 "
                f"generate.temperature=0")
-        ws.stage("teacher_prompts.jsonl", {"kd_store": ws.entries["kd_store"]["inputs"], "steps": hard.train.steps,
+        ws.stage("teacher_prompts.jsonl", {"kd_store": ws.inputs("kd_store"), "steps": hard.train.steps,
                                            "max": TRACE_PROMPTS},
                  lambda path: write_teacher_prompts(base, hard.train.steps, path))
 
@@ -237,12 +237,12 @@ def run(out: str = "runs/demo", scale: float = 1.0, problems: int = PROBLEMS, ma
             tracegen(traces_cfg, show_progress=False)
             with open(os.path.join(path, "report.json")) as f:
                 return {"seconds": time.perf_counter() - t0, "report": json.load(f)}
-        traces = ws.stage("teacher_traces", {"config": to_dict(traces_cfg), "prompts": ws.entries[
-            "teacher_prompts.jsonl"]["inputs"], "teacher": teacher_inputs}, write_traces)
+        traces = ws.stage("teacher_traces", {"config": to_dict(traces_cfg), "teacher": teacher_inputs,
+                                             "prompts": ws.inputs("teacher_prompts.jsonl")}, write_traces)
         print(f"    {format_trace_report(traces['report'])}", flush=True)
         if traces["report"]["kept"]:
             row_cfg = compare.plan(c, out, overrides).runs[(TRACES_ROW, seed)]
-            ws.stage("traces_store", {"config": to_dict(row_cfg), "traces": ws.entries["teacher_traces"]["inputs"]},
+            ws.stage("traces_store", {"config": to_dict(row_cfg), "traces": ws.inputs("teacher_traces")},
                      lambda path: precompute(_named(row_cfg, "precompute_traces"), show_progress=False),
                      also=("precompute_traces",))
         else:  # (a teacher trained far too briefly)
@@ -273,7 +273,7 @@ def run(out: str = "runs/demo", scale: float = 1.0, problems: int = PROBLEMS, ma
         answer = extract_answer(text.replace("<|im_end|>", ""))
         return {"prompt": prompt, "reference": reference, "generated": text, "answer": answer,
                 "correct": matcher("numeric")(answer, reference)}
-    answered = ws.stage("export", {"run": ws.entries[best_cfg.run.name]["inputs"]}, export)
+    answered = ws.stage("export", {"run": ws.inputs(best_cfg.run.name)}, export)
     report |= {"best": best["row"], "export": folder, **answered, "seconds": time.perf_counter() - t_start}
     with open(os.path.join(out, "demo_report.json"), "w") as f:
         json.dump(report, f, indent=2, default=float)
