@@ -19,7 +19,7 @@ ALL_DOCS = [README, CHANGELOG, *DOCS]
 GENERATED = {ROOT / "docs" / "config.md"}
 
 # The modules `python -m kd_jax.<mod>` may name: the commands, and the two tools beside their libraries.
-COMMAND_MODULES = {"train", "precompute", "generate", "evaluate", "export", "config", "demo", "bench",
+COMMAND_MODULES = {"train", "precompute", "generate", "evaluate", "export", "config", "compare", "demo", "bench",
                    "demo.arithmetic", "models.gguf"}
 
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
