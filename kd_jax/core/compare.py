@@ -418,7 +418,15 @@ def plan(c: Comparison, out: str, overrides=(), variables=None) -> Plan:
     ref_steps, ref_per_step = ref_cfg.train.steps, step_flops(ref_cfg, student, teacher)
     p = Plan({}, {}, {}, {}, {})
     for row in c.rows:
-        start = p.runs[(row.continues, c.seeds[0])].train.steps // 2 if row.continues else 0
+        start = 0
+        if row.continues:
+            parent = p.runs[(row.continues, c.seeds[0])].train
+            start = parent.steps // 2
+            if start % max(1, parent.steps // 4):
+                raise CompareError(f"row {row.name!r} continues {row.continues!r} from its half-way checkpoint, but "
+                                   f"{row.continues!r} trains {parent.steps} steps, checkpointed every "
+                                   f"{max(1, parent.steps // 4)}: none at step {start}; give the reference row a "
+                                   f"multiple of 4 steps (train.steps)")
         for seed in c.seeds:
             cfg = configs[(row.name, seed)]
             per_step = step_flops(cfg, student, teacher)
