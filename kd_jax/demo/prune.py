@@ -157,7 +157,7 @@ def run(out: str = "runs/prune", steps: int | None = None, seeds: tuple[int, ...
     overrides = tuple(overrides) + ((f"train.steps={steps}",) if steps is not None else ())
     base = load_config(CONFIG, stage_args(out, overrides))  # (student.init=pruned: the pruning stage's config)
     stores = {kind: store_config(out, kind, overrides) for kind in ("topk", "sampled")}
-    variables = {"kept_layers": "{}"}
+    variables = {"kept_layers": "{0: 0}"}  # (a valid map for the check; the kept layers are known at stage 4)
     compare.row_configs(c, out, overrides, variables)  # every row's config checked before anything is written
     ws = compare.Workspace(out)
     if fresh:
