@@ -156,6 +156,27 @@ def test_online_sampled_trains_and_draws_anew_each_step(root):
     assert np.isfinite(metrics["loss"]) and metrics["soft"] > 0
 
 
+def test_each_tokenizer_is_read_once_per_run_at_its_revision(root, monkeypatch):
+    """prepare reads the run's tokenizer once and passes it down (store checks, on-policy prompts);
+    an online teacher and an HF student are read at their own revisions (a local folder ignores
+    them), each (folder, revision) once: here the teacher's is the run's (no data.tokenizer)."""
+    from kd_jax.core import prepare as module
+    calls, real = [], module.load_tokenizer
+
+    def recording(path, revision=None):
+        calls.append((path, revision))
+        return real(path, revision)
+    monkeypatch.setattr(module, "load_tokenizer", recording)
+    teacher = f"{root}/teacher"
+    prepare(load_config(None, tiny_kd.train_args(root, "tokenizers", 1, **{
+        "teacher.mode": "online", "teacher.revision": "t-rev", "student.init": "hf", "student.hf_path": teacher,
+        "student.revision": "s-rev"})))
+    assert calls == [(teacher, "t-rev"), (teacher, "s-rev")]
+    calls.clear()  # no data.store: the traces are tokenized into the run with the run's tokenizer
+    prepare(load_config(None, _online_args(root, "tokenizer_once")))
+    assert calls == [(f"{root}/arith_teacher", None)]
+
+
 def test_online_teacher_with_fewer_output_rows_is_refused():
     cfg = load_config(None, ["teacher.mode=online", "teacher.hf_path=t", "student.hf_path=s",
                              "student.init=random"])  # random: no tokenizer folder to compare

@@ -388,12 +388,14 @@ def _create_or_resume(cfg: Config, tokenizer, teacher_vocab: int, show: bool = F
         print(json.dumps(store.describe(), indent=2), flush=True)
 
 
-def precompute(cfg: Config, *, show_progress: bool = True) -> dict:
-    """Tokenize (if needed) and fill the store; returns `describe()` (process 0) plus teacher tokens/s."""
+def precompute(cfg: Config, *, show_progress: bool = True, tokenizer=None) -> dict:
+    """Tokenize (if needed) and fill the store; returns `describe()` (process 0) plus teacher tokens/s.
+    `tokenizer`: cfg.tokenizer when the caller has read it already (None: read here)."""
     if not cfg.data.store:
         raise StoreError("data.store is not set: the folder or kvstore URL to write the KD store to")
     process, processes = jax.process_index(), jax.process_count()
-    tokenizer = load_tokenizer(cfg.tokenizer, cfg.tokenizer_revision)
+    if tokenizer is None:
+        tokenizer = load_tokenizer(cfg.tokenizer, cfg.tokenizer_revision)
     if cfg.data.top_k == 0 and cfg.precompute.import_logprobs:
         raise StoreError(f"precompute.import_logprobs={cfg.precompute.import_logprobs!r} with data.top_k=0: a "
                          f"tokens-only store has no teacher rows to import; set data.top_k to the K to keep")

@@ -32,9 +32,10 @@ from kd_jax.models.prune import calibration_batches
 from kd_jax.models.source import check_online_teacher, source_config
 
 
-def tokens_store(cfg: Config) -> Config:
+def tokens_store(cfg: Config, load=load_tokenizer) -> Config:
     """With an online teacher and no data.store: the config with a tokens-only store built from
-    data.traces in the run directory (tokenized once; a rerun reuses it, as precompute does)."""
+    data.traces in the run directory (tokenized once; a rerun reuses it, as precompute does).
+    `load(path, revision)` reads the run's tokenizer (prepare passes the run's reader)."""
     if cfg.data.store or cfg.teacher.mode != "online":
         return cfg
     if not cfg.data.traces:
@@ -42,7 +43,7 @@ def tokens_store(cfg: Config) -> Config:
                          "data.traces (tokenized into <run_dir>/tokens)")
     path = os.path.join(cfg.run_dir, "tokens")
     store_cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, store=path, top_k=0))
-    precompute(store_cfg, show_progress=False)
+    precompute(store_cfg, show_progress=False, tokenizer=load(cfg.tokenizer, cfg.tokenizer_revision))
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, store=path))
 
 
@@ -72,13 +73,13 @@ def prepare(cfg: Config) -> Run:
     """Mesh, store checks, student (and online teacher), train state, jitted steps and the train
     iterator (fresh state). Each tokenizer is read once: the run's (cfg.tokenizer), and with an
     online teacher from an HF folder its own and an HF student's when they are other folders."""
-    cfg = tokens_store(cfg)
+    load = functools.cache(load_tokenizer)  # (folder or hub id, revision) -> tokenizer, for this run
+    cfg = tokens_store(cfg, load)
     if not cfg.data.store:
         raise StoreError("data.store is not set: build a store with `python -m kd_jax.precompute` first")
     mesh = sharding.mesh_from_config(cfg.mesh)
     store = KDStore.open(cfg.data.store)
     online = cfg.teacher.mode == "online"
-    load = functools.cache(load_tokenizer)  # (folder or hub id, revision) -> tokenizer, for this run
     tokenizer = load(cfg.tokenizer, cfg.tokenizer_revision)
     if online and cfg.teacher.init == "hf":  # it grades the store's ids: before any model is built
         store.check_teacher_tokenizer(load(cfg.teacher.hf_path, cfg.teacher.revision), cfg.teacher.hf_path)

@@ -529,15 +529,11 @@ class KDStore:
                 f"tokens; set data.tokenizer to the teacher's (and rebuild the store), or pick a teacher of that "
                 f"tokenizer")
 
-    def usable_sequences(self, cfg: Config, *, tokenizer, vocab_size: int | None = None,
-                         teacher_tokenizer=None) -> np.ndarray:
-        """The store checked against a run's config; the usable sequence indices. In order: an
-        online teacher's own tokenizer (`teacher_tokenizer`; None = the teacher has none, e.g.
-        random) against the store's (`check_teacher_tokenizer`); the teacher rows against the loss
-        (`check_targets`); then `check`: the student's `vocab_size` (None = not checked), the run's
-        `tokenizer` (cfg.tokenizer) and completeness (data.allow_incomplete). K is the store's."""
-        if teacher_tokenizer is not None:
-            self.check_teacher_tokenizer(teacher_tokenizer, cfg.teacher.hf_path)
+    def usable_sequences(self, cfg: Config, *, tokenizer, vocab_size: int | None = None) -> np.ndarray:
+        """The store checked against a run's config; the usable sequence indices. The teacher rows
+        against the loss (`check_targets`), then `check`: the student's `vocab_size` (None = not
+        checked), the run's `tokenizer` (cfg.tokenizer, read by the caller) and completeness
+        (data.allow_incomplete). K is the store's, whatever data.top_k says."""
         self.check_targets(cfg)
         return self.check(vocab_size=vocab_size, tokenizer=tokenizer, allow_incomplete=cfg.data.allow_incomplete)
 
