@@ -13,7 +13,6 @@ import pytest
 from kd_jax.base import sharding
 from kd_jax.core import losses
 
-
 # --- Cases -----------------------------------------------------------------------------------
 
 def make_case(N, D, V, K, seed=0, logit_scale=1.0, teacher_scale=2.0, extra_vocab=10):
