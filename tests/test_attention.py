@@ -320,12 +320,12 @@ def test_cudnn_one_segment_rows():
     """The run-time test that picks cuDNN's mask-free branch: every row one segment, then
     padding, and the same ids for queries and keys."""
     unpacked = jnp.asarray([[3, 3, 3, 0, 0], [1, 1, 1, 1, 1], [0, 0, 0, 0, 0]])
-    assert bool(attn._one_segment_rows(unpacked, unpacked))
+    assert bool(attn.one_segment_rows(unpacked, unpacked))
     for bad in ([[1, 1, 2, 2, 0]],  # packed
                 [[0, 1, 1, 1, 1]],  # left padding
                 [[1, 1, 0, 1, 0]]):  # padding inside
-        assert not bool(attn._one_segment_rows(jnp.asarray(bad), jnp.asarray(bad)))
-    assert not bool(attn._one_segment_rows(unpacked, unpacked.at[0, 0].set(0)))
+        assert not bool(attn.one_segment_rows(jnp.asarray(bad), jnp.asarray(bad)))
+    assert not bool(attn.one_segment_rows(unpacked, unpacked.at[0, 0].set(0)))
 
 
 @pytest.mark.parametrize("window", [None, 24])

@@ -49,7 +49,7 @@ def test_problems_are_verifiable_step_by_step():
 def _form(step: str) -> str:
     """Which phrasing of arithmetic.START_FORMS / CHANGE_FORMS a step is written in."""
     for form in demo.START_FORMS + demo.CHANGE_FORMS:
-        if demo._form_regex(form).fullmatch(step):
+        if demo.form_regex(form).fullmatch(step):
             return form
     raise AssertionError(f"step {step!r} has no known phrasing")
 

@@ -182,7 +182,7 @@ def test_convolution_valid_pairs_match_xla_loop():
         w = {"stride": rng.randint(1, 5), "pad_lo": rng.randint(-3, 8), "pad_hi": 0,
              "lhs_dilate": rng.randint(1, 6), "rhs_dilate": rng.randint(1, 4), "size": 0}
         in_size, kernel, out_size = rng.randint(1, 20), rng.randint(1, 9), rng.randint(1, 25)
-        assert hlo_cost._valid_pairs(in_size, kernel, out_size, w) == _xla_valid_pairs(in_size, kernel, out_size, w)
+        assert hlo_cost.valid_pairs(in_size, kernel, out_size, w) == _xla_valid_pairs(in_size, kernel, out_size, w)
 
 
 # ---------------------------------------------------------------- CPU compiles

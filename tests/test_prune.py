@@ -114,7 +114,7 @@ def test_hidden_pruning_is_exact_when_the_channels_are_zero_in_the_teacher(teach
     student = P.prune(zero_channels, _batches(), hidden_size=D - 5)
     assert student.cfg.hidden_size == D - 5 and student.layers.wq[...].shape[1] == D - 5
     _close(f"hidden {family}", student(_tokens()), zero_channels(_tokens()))
-    unscaled = P.apply(zero_channels, P.plan(importance, teacher.cfg, hidden_size=D - 5), rescale_norms=False)
+    unscaled = P.apply(zero_channels, P.choose(importance, teacher.cfg, hidden_size=D - 5), rescale_norms=False)
     assert np.abs(np.asarray(unscaled(_tokens())) - np.asarray(zero_channels(_tokens()))).max() > 1e-3
 
 
@@ -158,7 +158,7 @@ def test_zeroed_mlp_channel_and_kv_group_score_zero_and_go_first(teachers):
     np.testing.assert_array_equal(importance.heads[:, 2:], 0.0)
     np.testing.assert_array_equal(importance.kv_groups[:, 1], 0.0)
     assert importance.mlp[:, np.arange(48) != 5].min() > 0 and importance.kv_groups[:, 0].min() > 0
-    keep = P.plan(importance, teacher.cfg, intermediate_size=47, num_kv_heads=1)
+    keep = P.choose(importance, teacher.cfg, intermediate_size=47, num_kv_heads=1)
     assert not (keep.mlp == 5).any() and (keep.kv_groups == 0).all()
     np.testing.assert_array_equal(keep.heads(2), np.tile([0, 1], (LAYERS, 1)))
     student = P.prune(dead, _batches(), intermediate_size=47, num_kv_heads=1)

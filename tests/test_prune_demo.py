@@ -36,7 +36,7 @@ def test_documents_are_prose_and_held_out_by_whole_module(tmp_path):
         assert ">>>" not in doc and "Too short" not in doc
         assert doc.count("\n\n") == 1  # two prose paragraphs, the doctest line gone
     held_names = {d.split("It is ")[1].split(".")[0] for d in held}
-    assert held_names == {n for n in names if text._held_out(n, 0.25)}
+    assert held_names == {n for n in names if text.is_held_out(n, 0.25)}
     # chars small: each paragraph its own document, never split
     train_small, held_small = text.documents(chars=10, held_out=0.25, root=str(tmp_path))
     assert len(train_small) + len(held_small) == 80

@@ -518,7 +518,8 @@ class StoreScorer:
         n, m = self.spec.examples, min(self.spec.examples, self.spec.curve_examples)
         final = _store_metrics(evaluate(self._config(cfg.run.name, n), "student", n))
         curve_cfg = self._config(cfg.run.name, m)
-        tokenizer, mesh = load_tokenizer(curve_cfg.tokenizer), sharding.mesh_from_config(curve_cfg.mesh)
+        tokenizer = load_tokenizer(curve_cfg.tokenizer, curve_cfg.tokenizer_revision)
+        mesh = sharding.mesh_from_config(curve_cfg.mesh)
         if curve_cfg.eval.data:
             problems = data_problems(curve_cfg.eval, tokenizer, m)
         else:  # the store's held-out prompts, as evaluate() reads them
@@ -562,7 +563,8 @@ class TextScorer:
         if self._ev is None:
             with open(self.spec.data) as f:
                 docs = [json.loads(line)["text"] for line in f][:self.spec.examples]
-            data = held_out_text(load_tokenizer(self.base.tokenizer), docs, self.base.data.seq_len)
+            tokenizer = load_tokenizer(self.base.tokenizer, self.base.tokenizer_revision)
+            data = held_out_text(tokenizer, docs, self.base.data.seq_len)
             self._ev = TextEvaluator(teacher or self._model(self.base.teacher), data)
         return self._ev
 

@@ -31,7 +31,7 @@ import numpy as np
 from flax import nnx
 
 from kd_jax.base import sharding
-from kd_jax.base.schema import Config, ConfigError, DataConfig, EvalConfig, LossConfig
+from kd_jax.base.schema import Config, ConfigError, DataConfig, EvalConfig
 from kd_jax.core.grading import (
     extract_answer,
     has_reference,
@@ -43,9 +43,9 @@ from kd_jax.core.grading import (
     step_checker,
     wilson_interval,
 )
-from kd_jax.core.prepare import usable_sequences
+from kd_jax.core.optim import default_hyper
 from kd_jax.core.runs import restore_student
-from kd_jax.core.step import Objective, default_hyper, eval_step, loss_metrics
+from kd_jax.core.step import Objective, eval_step, loss_metrics
 from kd_jax.data import tables
 from kd_jax.data.pipeline import make_eval_iter, split_indices
 from kd_jax.data.roles import Role
@@ -216,9 +216,8 @@ def generation_latency(model, prompts: list[list[int]], batch_sizes: list[int], 
     return report
 
 
-def evaluate_losses(eval_fn, train_vars, store: KDStore, eval_idx: np.ndarray, data_cfg: DataConfig,
-                    loss_cfg: LossConfig, *, batches: int, batch_size: int, mesh,
-                    hyper: dict[str, float] | None = None) -> dict[str, float] | None:
+def evaluate_losses(eval_fn, train_vars, store: KDStore, eval_idx: np.ndarray, data_cfg: DataConfig, *,
+                    batches: int, batch_size: int, mesh) -> dict[str, float] | None:
     """Held-out losses over up to `batches` batches: soft, hard, step, perplexity, top-1.
     eval_fn(train_vars, batch) -> metric sums: the jitted `step.eval_step` with the hyper-values
     and the teacher bound."""
@@ -238,7 +237,7 @@ def evaluate_losses(eval_fn, train_vars, store: KDStore, eval_idx: np.ndarray, d
     for k in ("loss", "step_loss", "hidden"):
         if k in sums:
             sums[k] /= done
-    out = loss_metrics(sums, loss_cfg, hyper)
+    out = loss_metrics(sums)
     out["perplexity"] = float(np.exp(out["hard"]))
     return out
 
@@ -267,11 +266,11 @@ def evaluate(cfg: Config, which: str = "student", max_examples: int | None = Non
     The KD losses need the store: they are computed on its held-out split whenever `data.store` is
     set (with `eval.data` too: they are the model's distance to the teacher, not a task score) and
     skipped otherwise."""
-    tokenizer = load_tokenizer(cfg.tokenizer)
+    tokenizer = load_tokenizer(cfg.tokenizer, cfg.tokenizer_revision)
     store = KDStore.open(cfg.data.store) if cfg.data.store else None
     eval_idx = None
     if store is not None:
-        usable = usable_sequences(store, cfg)
+        usable = store.usable_sequences(cfg, tokenizer=tokenizer)
         _, eval_pos = split_indices(len(usable), cfg.data.eval_fraction, cfg.data.shuffle_seed)
         eval_idx = usable[eval_pos][:max_examples]
     if cfg.eval.data:
@@ -302,7 +301,7 @@ def evaluate(cfg: Config, which: str = "student", max_examples: int | None = Non
         teacher_params = nnx.state(teacher) if teacher is not None else None
         eval_fn = lambda v, b: step(v, b, default_hyper(cfg.loss), teacher_params)  # noqa: E731
         with jax.set_mesh(mesh):
-            losses = evaluate_losses(eval_fn, {"params": params}, store, eval_idx, cfg.data, cfg.loss,
+            losses = evaluate_losses(eval_fn, {"params": params}, store, eval_idx, cfg.data,
                                      batches=cfg.eval.batches, batch_size=batch, mesh=mesh) or {}
     param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
     report = {"model": which, "eval_set": source, "parameters": num_params(model), "parameter_bytes": param_bytes,

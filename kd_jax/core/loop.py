@@ -213,8 +213,8 @@ def _loop(cfg: Config, ckpt: Checkpointer) -> dict[str, float]:
                 if cfg.train.eval_every and step % cfg.train.eval_every == 0:
                     eval_fn = lambda v, b: steps.eval(v, b, hyper, teacher_params)  # noqa: E731
                     result = evaluate_losses(eval_fn, trainable(state), run.store, run.eval_idx, cfg.data,
-                                             cfg.loss, batches=cfg.eval.batches,
-                                             batch_size=cfg.train.global_batch_size, mesh=mesh, hyper=hyper)
+                                             batches=cfg.eval.batches, batch_size=cfg.train.global_batch_size,
+                                             mesh=mesh)
                     if result:
                         logger.write(step, "eval", result)
                 if preemption.requested(step):

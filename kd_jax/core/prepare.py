@@ -120,13 +120,6 @@ def prepare(cfg: Config) -> Run:
                loss_schedules(cfg.loss, cfg.train.steps), on_policy)
 
 
-def usable_sequences(store: KDStore, cfg: Config) -> np.ndarray:
-    """`store.usable_sequences(cfg, tokenizer=...)` with the run's tokenizer read here, for callers
-    that hold none yet (kd_jax/core/evaluation.py, kd_jax/demo/prune.py): with a tokenizer at
-    hand, call the method."""
-    return store.usable_sequences(cfg, tokenizer=load_tokenizer(cfg.tokenizer, cfg.tokenizer_revision))
-
-
 def calibration(store: KDStore, train_idx: np.ndarray, cfg: Config) -> list[dict[str, np.ndarray]]:
     """init=pruned: the first student.prune.calibration_tokens tokens of the training split
     (`train_idx`, the sequences training reads), packed into rows of data.seq_len."""

@@ -22,7 +22,6 @@ from jax.sharding import PartitionSpec as P
 
 from kd_jax.base.schema import ConfigError, LossConfig
 from kd_jax.core import losses
-from kd_jax.core.optim import default_hyper  # noqa: F401 (kd_jax/core/evaluation.py still imports it from here)
 
 
 def _micro_batches(x, n: int):
@@ -232,12 +231,10 @@ def compile_steps(spec, loss_cfg: LossConfig, grad_accum: int, mesh, *, teacher=
     return Steps(train, evaluate, objective)
 
 
-def loss_metrics(sums: dict[str, float], loss_cfg: LossConfig | None = None,
-                 hyper: dict[str, float] | None = None) -> dict[str, float]:
+def loss_metrics(sums: dict[str, float]) -> dict[str, float]:
     """Per-token means from summed metrics: soft and hard losses, top-1 agreement, and as the step
     reported them the total loss, the step loss (the train step with loss.beta > 0, every eval
-    step) and the hidden-alignment loss when there is one. `loss_cfg` and `hyper` are not read
-    (the step reports its step loss itself); kd_jax/core/evaluation.py still passes them."""
+    step) and the hidden-alignment loss when there is one."""
     n = max(sums["num_tokens"], 1.0)
     out = {"soft": sums["soft_sum"] / n, "hard": sums["hard_sum"] / n, "top1_agree": sums["top1_agree"] / n,
            "loss": sums["loss"]}

@@ -74,7 +74,7 @@ _PROMPT = re.compile(r"(\w+) has (\d+) (\w+), ")
 _CLAUSE = re.compile(r"\b" + _VERB + r" (\d+)\b")
 
 
-def _form_regex(form: str) -> re.Pattern:
+def form_regex(form: str) -> re.Pattern:
     """A phrasing as a regex with one named group per field ({n} twice becomes a back-reference)."""
     fields = {"s": r"\d+", "a": r"\d+", "b": r"-?\d+", "n": r"\d+", "op": "[+-]",
               "name": r"\w+", "item": r"\w+", "v": _VERB[1:-1],
@@ -88,8 +88,8 @@ def _form_regex(form: str) -> re.Pattern:
     return re.compile(out)
 
 
-_START_RES = [_form_regex(f) for f in START_FORMS]
-_CHANGE_RES = [_form_regex(f) for f in CHANGE_FORMS]
+_START_RES = [form_regex(f) for f in START_FORMS]
+_CHANGE_RES = [form_regex(f) for f in CHANGE_FORMS]
 
 
 def _match(regexes, text: str) -> dict | None:

@@ -43,7 +43,7 @@ from kd_jax.base.loader import load_config, to_dict
 from kd_jax.base.schema import Config
 from kd_jax.core import compare
 from kd_jax.core.precompute import precompute
-from kd_jax.core.prepare import calibration, usable_sequences
+from kd_jax.core.prepare import calibration
 from kd_jax.data.pipeline import split_indices
 from kd_jax.data.store import KDStore
 from kd_jax.data.traces import encode_text
@@ -103,7 +103,7 @@ def write_text(cfg: Config, data: str, pool_tokens: int) -> dict:
     tokens) and <data>/heldout.jsonl (every held-out document, in a seeded order); returns what they
     hold."""
     train_docs, held = text.documents(chars=DOC_CHARS)
-    tokenizer = load_tokenizer(cfg.tokenizer)
+    tokenizer = load_tokenizer(cfg.tokenizer, cfg.tokenizer_revision)
     order = np.random.default_rng(POOL_SEED).permutation(len(train_docs))
     pool, tokens = [], 0
     for i in order:
@@ -126,15 +126,15 @@ def write_pruned(cfg: Config, folder: str) -> dict:
     """The student cut from the teacher (student.prune of `cfg`, importance measured on the store's
     training split as student.init=pruned measures it), saved as an HF folder with the tokenizer."""
     teacher = load_hf(cfg.teacher.hf_path, param_dtype="float32", dtype="float32")
-    store = KDStore.open(cfg.data.store)
-    usable = usable_sequences(store, cfg)
+    store, tokenizer = KDStore.open(cfg.data.store), load_tokenizer(cfg.tokenizer, cfg.tokenizer_revision)
+    usable = store.usable_sequences(cfg, tokenizer=tokenizer)
     train_pos, _ = split_indices(len(usable), cfg.data.eval_fraction, cfg.data.shuffle_seed)
     t0 = time.perf_counter()
     p = cfg.student.prune
     keep = select(teacher, calibration(store, usable[train_pos], cfg), depth_metric=p.depth_metric, **p.targets)
     student = apply(teacher, keep)
     seconds = time.perf_counter() - t0
-    save_hf(student, folder, tokenizer=load_tokenizer(cfg.tokenizer))
+    save_hf(student, folder, tokenizer=tokenizer)
 
     def non_embedding(m) -> int:
         return num_params(m) - int(np.prod(m.embed[...].shape))

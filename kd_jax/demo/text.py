@@ -69,7 +69,7 @@ def _paragraphs(source: str) -> list[str]:
     return out
 
 
-def _held_out(module: str, fraction: float) -> bool:
+def is_held_out(module: str, fraction: float) -> bool:
     return int(hashlib.sha256(module.encode()).hexdigest()[:8], 16) / 16 ** 8 < fraction
 
 
@@ -84,7 +84,7 @@ def documents(chars: int = 1500, held_out: float = 0.1, root: str | None = None)
         doc: list[str] = []
         for para in paragraphs + [None]:
             if doc and (para is None or sum(map(len, doc)) + len(para) > chars):
-                (held if _held_out(module, held_out) else train).append("\n\n".join(doc))
+                (held if is_held_out(module, held_out) else train).append("\n\n".join(doc))
                 doc = []
             if para is not None:
                 doc.append(para)

@@ -29,7 +29,7 @@ FLOPs, as HloCostAnalysis counts them: dot = 2 x output elements x contracted si
 (the TPU compiler lowers dots to convolutions) = 2 x (input features / feature_group_count) x
 output features x (batch / batch_group_count) x, per spatial dimension, the (output position,
 kernel position) pairs that read a real input element (GetConvolutionFlops; counted arithmetically,
-see `_valid_pairs`); 1 per output element of an elementwise op (add, multiply, select, compare,
+see `valid_pairs`); 1 per output element of an elementwise op (add, multiply, select, compare,
 convert, ...), the transcendental ones (exponential, log, tanh, rsqrt, power, ...) counted as
 `transcendentals` instead; reduce = (input - output elements) x the reducer's FLOPs; reduce-window =
 (window - 1) x output elements x the reducer's FLOPs (one exception, `_reduce_window_count`); sort =
@@ -373,7 +373,7 @@ def _window(text: str | None, rank: int) -> list[dict[str, int]]:
     return dims
 
 
-def _valid_pairs(in_size: int, kernel: int, out_size: int, w: dict[str, int]) -> int:
+def valid_pairs(in_size: int, kernel: int, out_size: int, w: dict[str, int]) -> int:
     """(output position, kernel position) pairs of one spatial dimension that read a real input
     element (not padding, not a hole of lhs dilation): XLA's GetConvolutionFlops loop, counted per
     kernel position with arithmetic instead of a loop over output positions."""
@@ -447,7 +447,7 @@ def _conv_flops(ins: Instruction, comp: Computation) -> float:
     win = _window(ins.attrs.get("window"), rank)
     positions = 1
     for d in range(rank):
-        positions *= _valid_pairs(ld[ls[d]], rd[rs[d]], od[os_[d]], win[d])
+        positions *= valid_pairs(ld[ls[d]], rd[rs[d]], od[os_[d]], win[d])
     return 2.0 * (input_feature // fgc) * output_feature * (batch // bgc) * positions
 
 

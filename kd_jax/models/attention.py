@@ -104,8 +104,8 @@ def _allowed(q_segment_BxT, kv_segment_BxS, q_pos_BxT, kv_pos_BxS, q_index_T, kv
 def attention_mask(q_segment_BxT: jax.Array, kv_segment_BxS: jax.Array, q_pos_BxT: jax.Array,
                    kv_pos_BxS: jax.Array, window: int | None) -> jax.Array:
     """[B, 1, T, S] boolean mask of the module's semantics (the "xla" path's). With T == S and
-    positions from packing, it equals kd_jax.models.decoder.attention_mask; with cache slots as
-    keys, the decoder's decode mask."""
+    positions from packing, it is the packed rows' causal mask within each document; with cache
+    slots as keys, the decoder's decode mask."""
     T, S = q_segment_BxT.shape[1], kv_segment_BxS.shape[1]
     mask_BxTxS = _allowed(q_segment_BxT, kv_segment_BxS, q_pos_BxT, kv_pos_BxS, jnp.arange(T), jnp.arange(S),
                           window, T == S)
@@ -493,7 +493,7 @@ def _splash_local(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, q_segment_BxT, kv_segment_BxS
 
 # --- "cudnn": cuDNN flash attention through jax.nn.dot_product_attention ---------------------
 
-def _one_segment_rows(q_segment_BxT: jax.Array, kv_segment_BxS: jax.Array) -> jax.Array:
+def one_segment_rows(q_segment_BxT: jax.Array, kv_segment_BxS: jax.Array) -> jax.Array:
     """Scalar bool: every row is one segment then right padding (s, ..., s, 0, ..., 0 with any
     s > 0, or all padding), and queries and keys carry the same ids."""
     nonzero_BxT = q_segment_BxT != 0
@@ -542,7 +542,7 @@ def _cudnn(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, q_segment_BxT, kv_segment_BxS, q_pos
 def _cudnn_local(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, q_segment_BxT, kv_segment_BxS, q_pos_BxT, kv_pos_BxS, *,
                  window):
     """cuDNN on one device's rows (see _cudnn): one segment per row, or the packed rows' mask."""
-    unpacked = _one_segment_rows(q_segment_BxT, kv_segment_BxS)
+    unpacked = one_segment_rows(q_segment_BxT, kv_segment_BxS)
     lengths_B = jnp.maximum((q_segment_BxT != 0).sum(axis=1, dtype=jnp.int32), 1)
 
     def one_segment(q, k, v):
