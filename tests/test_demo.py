@@ -160,7 +160,7 @@ def test_demo_refuses_bad_arguments_before_touching_the_folder(tmp_path, capsys)
     out.mkdir()
     (out / "notes.txt").write_text("keep")
     for argv, said in ((["--rows", "nonsense"], "unknown demo rows"),
-                       (["--steps", "8"], "--steps is for --recipe prune"),
+                       (["--steps", "8"], "--steps is for --recipe prune"), (["--seeds", "0,x"], "comma-separated integers"),
                        (["--recipe", "prune", "--seed", "5"], "--seed is for --recipe r1"),
                        (["--recipe", "prune", "--held-out-docs", "-3"], "--held-out-docs -3: must be at least 1"),
                        (["--recipe", "prune", "--seeds", "-1"], "distinct non-negative"),

@@ -753,7 +753,7 @@ def verdicts(lines: list[dict], reference: str, references: set[str] = frozenset
     few = sorted({ln["seeds"] for ln in [ref, *others]})
     if few[0] < 2:
         return [f"no verdict: {few[0]} seed per row, and a verdict needs at least 2 on both sides (a difference "
-                f"must exceed the seed spread); rerun with more seeds (e.g. --seeds 0,1,2)"]
+                f"must exceed the seed spread); rerun with more seeds (--seeds 0,1,2)"]
     out = []
     for line in others:
         words = []

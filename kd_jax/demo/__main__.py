@@ -37,12 +37,12 @@ def main(argv=None) -> None:
     args = parse(argv, __doc__)
     with reported(args.debug):
         if args.recipe == "prune":
-            prune.run(args.out or "runs/prune", args.steps, args.seeds, args.rows, args.fresh, tuple(args.overrides),
-                      args.held_out_docs or prune.HELD_OUT_DOCS)
+            prune.run(args.out or "runs/prune", args.steps, args.seeds or prune.SEEDS, args.rows, args.fresh,
+                      tuple(args.overrides), args.held_out_docs or prune.HELD_OUT_DOCS)
         else:
             recipe.run(args.out or "runs/demo", args.scale or 1.0, args.problems or recipe.PROBLEMS,
                        args.max_examples or 512, args.fresh, args.seed or 0, args.rows or recipe.DEFAULT_ROWS,
-                       args.teacher_scale)
+                       args.teacher_scale, args.seeds)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from kd_jax.demo import prune, recipe
 
 # flags each recipe takes (besides --recipe, --out, --rows, --fresh, --debug)
 ONLY = {"r1": ("scale", "teacher_scale", "problems", "max_examples", "seed"),
-        "prune": ("seeds", "steps", "held_out_docs", "overrides")}
+        "prune": ("steps", "held_out_docs", "overrides")}
 
 
 def parse(argv, description: str) -> argparse.Namespace:
@@ -30,7 +30,8 @@ def parse(argv, description: str) -> argparse.Namespace:
                         help="fresh held-out problems generated for accuracy (default 512)")
     parser.add_argument("--seed", type=int, default=None, help="parameter-init seed of every model (run.seed)")
     parser.add_argument("--seeds", default=None,
-                        help="--recipe prune: the seeds of every row (data.shuffle_seed and run.seed; default 0,1)")
+                        help="the seeds of every row (r1: run.seed, default --seed's; prune: data.shuffle_seed and "
+                             "run.seed, default 0,1); two or more give verdicts")
     parser.add_argument("--steps", type=int, default=None,
                         help="--recipe prune: the reference row's steps (default: kd_jax/demo/configs/prune.yaml's)")
     parser.add_argument("--rows", default=None,
@@ -64,7 +65,7 @@ def parse(argv, description: str) -> argparse.Namespace:
     if args.seed is not None and args.seed < 0:
         parser.error(f"--seed {args.seed}: must be 0 or more")
     rows = tuple(r.strip() for r in args.rows.split(",") if r.strip()) if args.rows else None
-    seeds = prune.SEEDS
+    seeds = None
     if args.seeds is not None:
         try:
             seeds = tuple(int(s) for s in args.seeds.split(","))

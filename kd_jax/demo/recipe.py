@@ -77,14 +77,14 @@ def _stage(n: int, title: str, command: str) -> None:
     print(f"\n=== [{n}/{STAGES}] {title}\n    ({command})", flush=True)
 
 
-def comparison(rows: tuple[str, ...], seed: int, max_examples: int) -> compare.Comparison:
-    """r1.yaml with the chosen rows (hard always first: the reference), `seed` and `max_examples`."""
+def comparison(rows: tuple[str, ...], seeds: tuple[int, ...], max_examples: int) -> compare.Comparison:
+    """r1.yaml with the chosen rows (hard always first: the reference), `seeds` and `max_examples`."""
     c = compare.load_rows(ROWS_FILE)
     unknown = [r for r in rows if r not in ROWS]
     if unknown:
         raise compare.CompareError(f"unknown demo rows {unknown}; the rows are {', '.join(ROWS)}")
     chosen = ("hard",) + tuple(r for r in ROWS if r in rows and r != "hard")
-    return dataclasses.replace(c, rows=tuple(c.row(r) for r in chosen), seeds=(seed,),
+    return dataclasses.replace(c, rows=tuple(c.row(r) for r in chosen), seeds=tuple(seeds),
                                eval=dataclasses.replace(c.eval, examples=max_examples,
                                                         curve_examples=min(max_examples, c.eval.curve_examples)))
 
@@ -164,9 +164,11 @@ def write_teacher_prompts(cfg: Config, steps: int, path: str) -> str:
 
 def run(out: str = "runs/demo", scale: float = 1.0, problems: int = PROBLEMS, max_examples: int = 512,
         fresh: bool = False, seed: int = 0, rows: tuple[str, ...] = DEFAULT_ROWS,
-        teacher_scale: float | None = None) -> dict:
+        teacher_scale: float | None = None, seeds: tuple[int, ...] | None = None) -> dict:
+    """The demo; `seed` is the teacher's run.seed and, without `seeds`, the students' one seed."""
     t_start = time.perf_counter()
-    c = comparison(rows, seed, max_examples)
+    c = comparison(rows, seeds or (seed,), max_examples)
+    compare.check(c, ROWS_FILE)
     n_problems = max(64, round(problems * scale))
     data = os.path.join(out, "data")
     paths = [f"run.output_dir={out}", f"data.traces={data}/traces.jsonl", f"data.tokenizer={data}/tokenizer",
@@ -218,7 +220,7 @@ def run(out: str = "runs/demo", scale: float = 1.0, problems: int = PROBLEMS, ma
              lambda path: precompute(_named(base, "precompute_kd"), show_progress=False), also=("precompute_kd",))
 
     if TRACES_ROW in [r.name for r in c.rows]:
-        hard = compare.plan(c, out, overrides).runs[("hard", seed)]
+        hard = compare.plan(c, out, overrides).runs[("hard", c.seeds[0])]
         traces_cfg = load_config(student_file, compare.base_args(c, out, overrides) + [
             f"generate.prompts={out}/teacher_prompts.jsonl", f"generate.out={out}/teacher_traces",
             "generate.samples_per_prompt=1", "generate.temperature=0", "generate.keep=correct",
@@ -241,7 +243,7 @@ def run(out: str = "runs/demo", scale: float = 1.0, problems: int = PROBLEMS, ma
                                              "prompts": ws.inputs("teacher_prompts.jsonl")}, write_traces)
         print(f"    {format_trace_report(traces['report'])}", flush=True)
         if traces["report"]["kept"]:
-            row_cfg = compare.plan(c, out, overrides).runs[(TRACES_ROW, seed)]
+            row_cfg = compare.plan(c, out, overrides).runs[(TRACES_ROW, c.seeds[0])]
             ws.stage("traces_store", {"config": to_dict(row_cfg), "traces": ws.inputs("teacher_traces")},
                      lambda path: precompute(_named(row_cfg, "precompute_traces"), show_progress=False),
                      also=("precompute_traces",))
