@@ -148,10 +148,10 @@ def test_reduced_demo_runs_every_stage(tmp_path):
     assert [r["task"] for r in again["rows"]] == [r["task"] for r in report["rows"]]
     assert "built again" not in again_out and "=== [5/6] student" in again_out
     # a changed setting redoes what it changes: the held-out problems, and every stage made from them
-    changed = demo_cli.run_demo(out, "--scale", "0.05", "--teacher-scale", "0.1", "--max-examples", "9",
+    changed = demo_cli.run_demo(out, "--scale", "0.05", "--teacher-scale", "0.1", "--max-examples", "16",
                                 "--rows", "soft+hard")
-    assert "data: made from other inputs (held_out: 8 -> 9)" in changed
-    assert json.load(open(out / "demo_report.json"))["rows"][0]["task_n"] == 9
+    assert "data: made from other inputs (held_out: 8 -> 16)" in changed
+    assert json.load(open(out / "demo_report.json"))["rows"][0]["task_n"] == 16
 
 
 def test_demo_refuses_bad_arguments_before_touching_the_folder(tmp_path, capsys):
@@ -160,7 +160,8 @@ def test_demo_refuses_bad_arguments_before_touching_the_folder(tmp_path, capsys)
     out.mkdir()
     (out / "notes.txt").write_text("keep")
     for argv, said in ((["--rows", "nonsense"], "unknown demo rows"),
-                       (["--steps", "8"], "--steps is for --recipe prune"), (["--seeds", "0,x"], "comma-separated integers"),
+                       (["--steps", "8"], "--steps is for --recipe prune"),
+                       (["--seeds", "0,x"], "comma-separated integers"), (["--max-examples", "9"], "does not split"),
                        (["--recipe", "prune", "--seed", "5"], "--seed is for --recipe r1"),
                        (["--recipe", "prune", "--held-out-docs", "-3"], "--held-out-docs -3: must be at least 1"),
                        (["--recipe", "prune", "--seeds", "-1"], "distinct non-negative"),

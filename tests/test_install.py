@@ -96,8 +96,9 @@ def test_the_demo_runs_from_an_installed_wheel(tmp_path):
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-compile", "--target",
                     str(target), str(wheel)], check=True, capture_output=True)
     env = {"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
-    probe = ("import os, kd_jax.demo.recipe as r; from kd_jax.base.loader import load_config; "
-             "print(r.CONFIGS); [load_config(os.path.join(r.CONFIGS, n)) for n in ('student.yaml', 'teacher.yaml')]")
+    probe = ("import os, kd_jax.demo.recipe as r, kd_jax.demo.prune as p; from kd_jax.base.loader import load_config; "
+             "print(r.CONFIGS); [load_config(os.path.join(r.CONFIGS, n)) for n in ('student.yaml', 'teacher.yaml')]; "
+             "assert r.ROWS and p.ROWS")  # the rows files (kd_jax/demo/rows/) are package data too
     out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().startswith(str(target))

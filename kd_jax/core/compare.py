@@ -592,6 +592,18 @@ class TextScorer:
         return final, points
 
 
+def check_eval_batch(c: Comparison, devices: int) -> None:
+    """The store scorer's batches (min(EVAL_BATCH, examples) rows) are split over the data-parallel
+    devices: refuse, before anything runs, a count they cannot split."""
+    if c.eval.kind != "store":
+        return
+    for name, n in (("examples", c.eval.examples), ("curve_examples", min(c.eval.examples, c.eval.curve_examples))):
+        batch = min(EVAL_BATCH, n)
+        if batch % devices:
+            raise CompareError(f"eval.{name}={n}: the scorer's batch of {batch} rows does not split over {devices} "
+                               f"devices; use a multiple of {devices} (or {EVAL_BATCH} or more)")
+
+
 def make_scorer(c: Comparison, base: Config) -> Scorer:
     return (TextScorer if c.eval.kind == "text" else StoreScorer)(base, c.eval)
 
@@ -871,6 +883,7 @@ def run_file(rows_file: str, out: str, *, seeds: tuple[int, ...] | None = None, 
         c = dataclasses.replace(c, seeds=tuple(seeds))
         check(c, rows_file)
     row_configs(c, out, overrides)
+    check_eval_batch(c, jax.device_count())
     ws = Workspace(out)
     if fresh:
         ws.fresh()

@@ -39,6 +39,7 @@ import math
 import os
 import time
 
+import jax
 import transformers
 
 from kd_jax.base.loader import load_config, to_dict
@@ -169,6 +170,7 @@ def run(out: str = "runs/demo", scale: float = 1.0, problems: int = PROBLEMS, ma
     t_start = time.perf_counter()
     c = comparison(rows, seeds or (seed,), max_examples)
     compare.check(c, ROWS_FILE)
+    compare.check_eval_batch(c, jax.device_count())
     n_problems = max(64, round(problems * scale))
     data = os.path.join(out, "data")
     paths = [f"run.output_dir={out}", f"data.traces={data}/traces.jsonl", f"data.tokenizer={data}/tokenizer",
