@@ -60,13 +60,13 @@ from kd_jax.core.evaluation import (
     data_problems,
     evaluate,
     held_out_text,
+    store_eval_indices,
     store_problems,
     task_accuracy,
 )
 from kd_jax.core.grading import wilson_interval
 from kd_jax.core.loop import train
-from kd_jax.core.runs import export_run, restore_student
-from kd_jax.data.pipeline import split_indices
+from kd_jax.core.runs import export_run, flatten, restore_student
 from kd_jax.data.store import KDStore
 from kd_jax.models import flops
 from kd_jax.models.hf import load_hf, load_tokenizer
@@ -332,17 +332,8 @@ def _remove(path: str) -> None:
         shutil.rmtree(path)
 
 
-def _flat(tree, prefix: str = "") -> dict:
-    if isinstance(tree, dict):
-        out = {}
-        for k, v in tree.items():
-            out.update(_flat(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: tree}
-
-
 def _changed(old: dict, new: dict, limit: int = 4) -> str:
-    a, b = _flat(old), _flat(new)
+    a, b = flatten(old), flatten(new)
     keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
     shown = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in keys[:limit])
     return shown + (f", and {len(keys) - limit} more" if len(keys) > limit else "")
@@ -524,9 +515,7 @@ class StoreScorer:
             problems = data_problems(curve_cfg.eval, tokenizer, m)
         else:  # the store's held-out prompts, as evaluate() reads them
             store = KDStore.open(curve_cfg.data.store)
-            usable = store.usable_sequences(curve_cfg, tokenizer=tokenizer)
-            held = usable[split_indices(len(usable), curve_cfg.data.eval_fraction, curve_cfg.data.shuffle_seed)[1]]
-            problems = store_problems(store, held[:m], tokenizer)
+            problems = store_problems(store, store_eval_indices(store, curve_cfg, tokenizer)[:m], tokenizer)
         points = []
         for step in steps[:-1]:
             model, _ = restore_student(curve_cfg, step, mesh)

@@ -63,6 +63,12 @@ class Problem:
     reference: str  # the reference answer
 
 
+def store_eval_indices(store: KDStore, cfg: Config, tokenizer) -> np.ndarray:
+    """The store's held-out split for `cfg` (its usable sequences, data.eval_fraction, data.shuffle_seed)."""
+    usable = store.usable_sequences(cfg, tokenizer=tokenizer)
+    return usable[split_indices(len(usable), cfg.data.eval_fraction, cfg.data.shuffle_seed)[1]]
+
+
 def store_problems(store: KDStore, indices: np.ndarray, tokenizer) -> list[Problem]:
     """Problems from KD store sequences: their prompt tokens and answer tokens (EOS dropped)."""
     eos = {tokenizer.eos_token_id}
@@ -270,9 +276,7 @@ def evaluate(cfg: Config, which: str = "student", max_examples: int | None = Non
     store = KDStore.open(cfg.data.store) if cfg.data.store else None
     eval_idx = None
     if store is not None:
-        usable = store.usable_sequences(cfg, tokenizer=tokenizer)
-        _, eval_pos = split_indices(len(usable), cfg.data.eval_fraction, cfg.data.shuffle_seed)
-        eval_idx = usable[eval_pos][:max_examples]
+        eval_idx = store_eval_indices(store, cfg, tokenizer)[:max_examples]
     if cfg.eval.data:
         problems, source = data_problems(cfg.eval, tokenizer, max_examples), cfg.eval.data
     elif store is not None:

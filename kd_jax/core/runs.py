@@ -41,11 +41,12 @@ class RunDirError(KDJaxError):
     """A run directory that cannot be used as asked: owned by another trainer, or trained differently."""
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict:
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """A nested config dict as {dotted key: value} (an architecture stays one value)."""
     out = {}
     for k, v in tree.items():
         if isinstance(v, dict) and v and k != "architecture":
-            out.update(_flatten(v, f"{prefix}{k}."))
+            out.update(flatten(v, f"{prefix}{k}."))
         else:
             out[prefix + k] = v
     return out
@@ -53,7 +54,7 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
 
 def config_changes(old: Config, new: Config) -> dict[str, tuple]:
     """{dotted key: (old value, new value)} for every key that differs."""
-    a, b = _flatten(to_dict(old)), _flatten(to_dict(new))
+    a, b = flatten(to_dict(old)), flatten(to_dict(new))
     return {k: (a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)}
 
 

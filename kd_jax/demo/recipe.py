@@ -221,8 +221,9 @@ def run(out: str = "runs/demo", scale: float = 1.0, problems: int = PROBLEMS, ma
     ws.stage("kd_store", {"config": to_dict(base), "teacher": teacher_inputs},
              lambda path: precompute(_named(base, "precompute_kd"), show_progress=False), also=("precompute_kd",))
 
+    runs = compare.plan(c, out, overrides).runs  # (the teacher's config.json is there now)
     if TRACES_ROW in [r.name for r in c.rows]:
-        hard = compare.plan(c, out, overrides).runs[("hard", c.seeds[0])]
+        hard = runs[("hard", c.seeds[0])]
         traces_cfg = load_config(student_file, compare.base_args(c, out, overrides) + [
             f"generate.prompts={out}/teacher_prompts.jsonl", f"generate.out={out}/teacher_traces",
             "generate.samples_per_prompt=1", "generate.temperature=0", "generate.keep=correct",
@@ -245,7 +246,7 @@ def run(out: str = "runs/demo", scale: float = 1.0, problems: int = PROBLEMS, ma
                                              "prompts": ws.inputs("teacher_prompts.jsonl")}, write_traces)
         print(f"    {format_trace_report(traces['report'])}", flush=True)
         if traces["report"]["kept"]:
-            row_cfg = compare.plan(c, out, overrides).runs[(TRACES_ROW, c.seeds[0])]
+            row_cfg = runs[(TRACES_ROW, c.seeds[0])]
             ws.stage("traces_store", {"config": to_dict(row_cfg), "traces": ws.inputs("teacher_traces")},
                      lambda path: precompute(_named(row_cfg, "precompute_traces"), show_progress=False),
                      also=("precompute_traces",))
@@ -265,7 +266,7 @@ def run(out: str = "runs/demo", scale: float = 1.0, problems: int = PROBLEMS, ma
               f"last point n={max_examples})")
 
     best = max(report["runs"], key=lambda r: (r["task"], -r["ce"]))
-    best_cfg = compare.plan(c, out, overrides).runs[(best["row"], best["seed"])]
+    best_cfg = runs[(best["row"], best["seed"])]
     folder = os.path.join(out, "export")
     _stage(6, f"export the best student ({best['row']}) and load it with transformers",
            f"python -m kd_jax.export --run {best_cfg.run_dir} --out {folder}")
