@@ -26,9 +26,34 @@ def test_parse_names_chips_and_refuses_the_rest():
     t = tl.parse("v5e:4x8")
     assert (t.chip.name, t.chips, t.host_chips, t.chip.hbm_gib) == ("v5e", 32, 4, 16)
     assert tl.parse("v5p:2x2x2").chips == 8 and tl.parse("v6e:2x2").chip.peak_flops == 918e12
-    for bad in ("v4:2x2x2", "v5e", "v5e:4", "tpu-v5e-32"):
+    for bad in ("v4:2x2x2", "v5e", "tpu-v5e-32"):
         with pytest.raises(tl.TopologyError, match="supported chips: v5e, v5p, v6e"):
             tl.parse(bad)
+
+
+def test_parse_refuses_shapes_the_chip_cannot_take():
+    """v5e and v6e slices are AxB, v5p's AxBxC, h100 N or HOSTSxN, and no number is 0: refused by the
+    parser, before libtpu (whose compiler aborts the process on a v5e:4x8x2) or the estimate (which
+    divided by the 0 GPUs of h100:0)."""
+    for bad, said in [("v5e:4x8x2", "v5e takes v5e:AxB (a 2-D slice), e.g. v5e:4x8"), ("v5e:4", "v5e takes v5e:AxB"),
+                      ("v6e:2x2x1", "v6e takes v6e:AxB"), ("v5p:2x2", "v5p takes v5p:AxBxC (a 3-D slice)"),
+                      ("h100:1x2x8", "h100 takes h100:N or h100:HOSTSxN"),
+                      ("h100:0", "every number must be at least 1, e.g. h100:8"), ("h100:0x8", "at least 1"),
+                      ("v5e:0x4", "at least 1")]:
+        with pytest.raises(tl.TopologyError) as e:
+            tl.parse(bad)
+        assert str(e.value).startswith(f"--topology '{bad}': ") and said in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("entry, name", [("precompute", "v5e:4x8x2"), ("train", "h100:0"), ("precompute", "h100:0"),
+                                         ("train", "h100:0x8")])
+def test_a_topology_the_chip_cannot_take_is_one_line_before_any_work(entry, name, capsys):
+    """The commands' --topology (kd_jax.fit.dryrun.main): precompute on v5e:4x8x2 had compiled for
+    "v5e:2x2x1" and exited 0, h100:0 ended in a ZeroDivisionError."""
+    with pytest.raises(SystemExit) as e:
+        dryrun.main(_tiny(), entry, topology=name)
+    assert str(e.value).startswith(f"error: --topology '{name}': ") and "\n" not in str(e.value)
+    assert capsys.readouterr().out == ""  # nothing sized or compiled first
 
 
 def test_roofline_is_the_slower_of_compute_and_memory():

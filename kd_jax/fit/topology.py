@@ -36,6 +36,7 @@ class Chip:
     device_kind: str  # jax's device_kind of its devices
     hbm_gib: float
     hbm_bytes_per_s: float
+    form: str  # the shape --topology takes after "CHIP:": "AxB" (a 2-D slice), "AxBxC" (3-D), "N or HOSTSxN" (GPUs)
     platform: str = "tpu"
 
     @property
@@ -43,13 +44,18 @@ class Chip:
         return peak_flops_of_kind(self.device_kind)
 
 
+# v5e and v6e slices are 2-D meshes of chips (AxB), v5p slices 3-D tori (AxBxC), as Cloud TPU names
+# them: libtpu describes a v5e:4x8x2 but its compiler aborts the process on it (chip_bounds().z == 1).
 CHIPS = {c.name: c for c in (
-    Chip("v5e", "TPU v5 lite", 16, 819e9),
-    Chip("v5p", "TPU v5", 95, 2765e9),
-    Chip("v6e", "TPU v6 lite", 32, 1640e9),
-    Chip("h100", "NVIDIA H100 80GB HBM3", 84978434048 / 2**30, 3.35e12, "gpu"),  # SXM
+    Chip("v5e", "TPU v5 lite", 16, 819e9, "AxB"),
+    Chip("v5p", "TPU v5", 95, 2765e9, "AxBxC"),
+    Chip("v6e", "TPU v6 lite", 32, 1640e9, "AxB"),
+    Chip("h100", "NVIDIA H100 80GB HBM3", 84978434048 / 2**30, 3.35e12, "N or HOSTSxN", "gpu"),  # SXM
 )}
-_NAME = re.compile(r"^(v5e|v5p|v6e):(\d+(?:x\d+){1,2})$|^(h100):(\d+(?:x\d+)?)$")
+# a form -> (how many numbers it takes, what they are)
+_AXES = {"AxB": ((2,), "a 2-D slice"), "AxBxC": ((3,), "a 3-D slice"), "N or HOSTSxN": ((1, 2), "GPUs per host")}
+_EXAMPLE = {"v5e": "v5e:4x8 (a v5e-32)", "v5p": "v5p:2x2x2", "v6e": "v6e:4x8", "h100": "h100:8 or h100:2x8"}
+_NAME = re.compile(r"^([a-z0-9]+):(\d+(?:x\d+)*)$")
 
 # The H100 SXM as XLA's GPU compiler sees it (a GpuTargetConfig text proto, after XLA's
 # h100_sxm.txtpb): with it the CUDA PJRT plugin makes compile-only devices, no GPU or CUDA needed.
@@ -97,14 +103,22 @@ class Topology:
 
 def parse(name: str) -> Topology:
     """`v5e:4x8` (TPU chips along the slice's axes), `h100:8` / `h100:2x8` (hosts x GPUs) -> Topology;
-    a clear error listing the supported chips otherwise."""
-    m = _NAME.match(name.strip())
-    if not m:
+    a clear error otherwise: an unknown chip lists the supported ones, a shape the chip does not take
+    (`v5e:4x8x2`, `v5p:2x2`) names its form, a 0 is refused (nothing to compile for)."""
+    text = name.strip()
+    m = _NAME.match(text)
+    if not m or m.group(1) not in CHIPS:
         raise TopologyError(f"--topology {name!r}: expected CHIP:AxB (v5e, v6e) or CHIP:AxBxC (v5p), e.g. "
                             f"v5e:4x8 (a v5e-32) or v5p:2x2x2, or h100:N / h100:HOSTSxN (GPUs per host); "
                             f"supported chips: {', '.join(CHIPS)}")
-    chip, dims = (m.group(1), m.group(2)) if m.group(1) else (m.group(3), m.group(4))
-    return Topology(name.strip(), CHIPS[chip], tuple(int(d) for d in dims.split("x")))
+    chip, dims = CHIPS[m.group(1)], tuple(int(d) for d in m.group(2).split("x"))
+    axes, what = _AXES[chip.form]
+    if len(dims) not in axes:
+        forms = " or ".join(f"{chip.name}:{form}" for form in chip.form.split(" or "))
+        raise TopologyError(f"--topology {name!r}: {chip.name} takes {forms} ({what}), e.g. {_EXAMPLE[chip.name]}")
+    if 0 in dims:
+        raise TopologyError(f"--topology {name!r}: every number must be at least 1, e.g. {_EXAMPLE[chip.name]}")
+    return Topology(text, chip, dims)
 
 
 def _installed(module: str) -> bool:
