@@ -453,7 +453,9 @@ def test_text_format_supervises_every_token_and_cuts_or_drops(tokenizer):
     cfg = DataConfig(format=TraceFormat(kind="text", text_field="body"), seq_len=16,
                      filter=FilterConfig(overlong="truncate"))
     encoded, report = encode_traces(dataset, tokenizer, cfg)
-    assert (report.read, report.empty_answer, report.duplicate, report.overlong_truncated, report.kept) == (4, 1, 1, 1, 2)
+    assert (report.read, report.empty_document, report.duplicate, report.overlong_truncated,
+            report.kept) == (4, 1, 1, 1, 2)
+    assert report.empty_answer == 0 and "empty_document: 1" in str(report)
     first, cut = encoded
     check_arrays(first)
     assert tokenizer.decode(first.tokens.tolist()) == docs[0] + EOS  # no template, nothing before the text
@@ -465,3 +467,17 @@ def test_text_format_supervises_every_token_and_cuts_or_drops(tokenizer):
     assert tokenization_inputs(dataclasses.replace(cfg, traces="hub/id"), dataset)["data.text_field"] == "body"
     with pytest.raises(TraceError, match="no field 'text'.*data.format.text_field"):
         encode_traces(dataset, tokenizer, dataclasses.replace(cfg, format=TraceFormat(kind="text")))
+
+
+def test_text_rows_must_hold_one_string(tokenizer, tmp_path):
+    """data.format.kind=text: a list (or any non-string) is refused naming the row and the field, never
+    stored as its Python repr; a missing or null text is an empty document, not an empty answer."""
+    cfg = DataConfig(format=TraceFormat(kind="text"), seq_len=64)
+    path = tmp_path / "docs.jsonl"
+    path.write_text('{"text": "one document"}\n{"text": ["a", "b"]}\n')
+    with pytest.raises(TraceError, match=r"trace row 1: data.format.text_field 'text' holds list \['a', 'b'\], not "
+                                         r"a string; .*join its pieces"):
+        encode_traces(load_traces(dataclasses.replace(cfg, traces=str(path))), tokenizer, cfg)
+    path.write_text('{"text": "one document"}\n{"text": null}\n{"other": 1}\n')
+    encoded, report = encode_traces(load_traces(dataclasses.replace(cfg, traces=str(path))), tokenizer, cfg)
+    assert (report.read, report.empty_document, report.empty_answer, report.kept) == (3, 2, 0, 1)

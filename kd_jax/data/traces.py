@@ -280,6 +280,11 @@ def parse_row(row: dict, data_cfg: DataConfig) -> tuple[list[dict], str, str]:
     return prompt, reasoning, answer
 
 
+def _preview(value, chars: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= chars else text[:chars - 3] + "..."
+
+
 def _text(value) -> str:
     """Stripped field text; None is empty, numbers (JSON answers like 42) become their text."""
     return "" if value is None else str(value).strip()
@@ -473,6 +478,7 @@ class FilterReport:
 
     read: int = 0
     empty_answer: int = 0
+    empty_document: int = 0  # data.format.kind=text: the text field missing, null or blank
     duplicate: int = 0
     reasoning_too_short: int = 0
     reasoning_too_long: int = 0
@@ -542,9 +548,14 @@ def _encode_documents(dataset: datasets.Dataset, tokenizer, data_cfg: DataConfig
     report, seen, encoded = FilterReport(), set(), []
     for index, row in enumerate(dataset):
         report.read += 1
-        text = _text(row[data_cfg.format.text_field])
+        value = row[data_cfg.format.text_field]
+        if value is not None and not isinstance(value, str):
+            raise TraceError(f"trace row {index}: data.format.text_field {data_cfg.format.text_field!r} holds "
+                             f"{type(value).__name__} {_preview(value)}, not a string; a document is one string: "
+                             f"join its pieces into one, or point data.format.text_field at a column of text")
+        text = _text(value)
         if not text:
-            report.empty_answer += 1
+            report.empty_document += 1
             continue
         if (key := hashlib.sha256(text.encode()).digest()) in seen:
             report.duplicate += 1
