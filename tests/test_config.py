@@ -353,3 +353,22 @@ def test_on_policy_completions_must_fit_the_sequence_length():
         load_config(None, online + ["train.on_policy.max_new_tokens=256"])
     assert load_config(None, online + ["train.on_policy.max_new_tokens=200"]).train.on_policy.max_new_tokens == 200
     load_config(None, ["data.seq_len=64"])  # off: the default max_new_tokens (256) is not checked
+
+
+def test_a_step_loss_on_plain_documents_is_refused():
+    """data.format.kind=text documents have no reasoning steps: loss.beta > 0 would train a step loss on
+    nothing of the kind."""
+    with pytest.raises(ConfigError, match=r"loss.beta=1.0 weights a loss over reasoning steps, and "
+                                          r"data.format.kind=text documents have none.*set loss.beta=0"):
+        load_config(None, ["data.format.kind=text", "loss.beta=1"])
+    assert load_config(None, ["data.format.kind=text"]).loss.beta == 0
+
+
+def test_on_policy_divergence_with_online_draws_names_its_own_key():
+    """On-policy steps take train.on_policy.divergence (reverse KL by default), which the teacher's draws
+    (loss.online_sampled) cannot give unbiased: the message names that key, not loss.divergence."""
+    online = ["teacher.mode=online", "loss.online_sampled=8", "train.on_policy.fraction=0.5"]
+    with pytest.raises(ConfigError, match=r"^train.on_policy.divergence='reverse_kl' with loss.online_sampled=8: "
+                                          r".*set train.on_policy.divergence=forward_kl"):
+        load_config(None, online)
+    assert load_config(None, online + ["train.on_policy.divergence=forward_kl"]).loss.online_sampled == 8

@@ -577,6 +577,15 @@ class Config:
             raise ConfigError(f"train.on_policy.fraction={self.train.on_policy.fraction} trains on sampled completions "
                               f"that no store holds: the teacher must grade them in the train step; set "
                               f"teacher.mode=online (or train.on_policy.fraction=0)")
+        if self.data.format.kind == "text" and self.loss.beta > 0:
+            raise ConfigError(f"loss.beta={self.loss.beta} weights a loss over reasoning steps, and "
+                              f"data.format.kind=text documents have none (every token is a plain target); set "
+                              f"loss.beta=0, or train on reasoning traces (data.format.kind r1, messages or sharegpt)")
+        if self.train.on_policy.on and self.loss.online_sampled and self.train.on_policy.divergence != "forward_kl":
+            raise ConfigError(f"train.on_policy.divergence={self.train.on_policy.divergence!r} with "
+                              f"loss.online_sampled={self.loss.online_sampled}: on-policy steps take their soft loss "
+                              f"from train.on_policy.divergence, and the teacher's draws give an unbiased loss only "
+                              f"for forward_kl; set train.on_policy.divergence=forward_kl (or loss.online_sampled=0)")
         if self.train.on_policy.on:
             new = self.train.on_policy.max_new_tokens
             _check(new < self.data.seq_len,
