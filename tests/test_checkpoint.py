@@ -270,3 +270,20 @@ def _child_preempted(directory: str) -> None:
 
 if __name__ == "__main__":
     {"killed_mid_save": _child_killed_mid_save, "preempted": _child_preempted}[sys.argv[1]](sys.argv[2])
+
+
+def test_close_waits_for_the_clean_up_it_started(tmp_path, monkeypatch):
+    """The manager clears killed saves' left-overs in a thread it starts when it opens; a run that fails
+    at once closed it and exited under that thread (Python printed an orbax traceback at shutdown).
+    A slow clean-up shows the race: close returns only once it is done."""
+    from orbax.checkpoint._src.path import temporary_paths
+    real, finished = temporary_paths.cleanup_temporary_paths, []
+
+    async def slow(*args, **kwargs):
+        import asyncio
+        await asyncio.sleep(0.5)
+        await real(*args, **kwargs)
+        finished.append(True)
+    monkeypatch.setattr(temporary_paths, "cleanup_temporary_paths", slow)
+    Checkpointer(str(tmp_path / "ckpt"), CheckpointConfig()).close()
+    assert finished == [True]

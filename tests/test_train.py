@@ -278,6 +278,16 @@ def test_precompute_bad_traces_is_one_line_exit_1(root):
     assert out.strip().splitlines()[-1].startswith("error: ") and "missing.jsonl" in out.strip().splitlines()[-1]
 
 
+def test_train_without_a_store_is_one_line_and_writes_nothing(tmp_path):
+    """data.store=null: the one line, exit 1, no orbax traceback at shutdown, and no run folder made."""
+    proc = tiny_kd.cli("kd_jax.train", ["--config", "configs/tiny_llama.yaml", "data.store=null",
+                                        f"run.output_dir={tmp_path}/runs"])
+    out = proc.communicate(timeout=120)[0].decode()
+    assert proc.returncode == 1 and out.strip().splitlines() == [
+        "error: data.store is not set: build a store with `python -m kd_jax.precompute` first"], out[-2000:]
+    assert not os.path.exists(tmp_path / "runs")
+
+
 def test_extending_a_run_with_a_loss_schedule_is_refused(tmp_path):
     """A run trained 2 steps with alpha linear to 0.1 and resumed with train.steps=4 would log alpha 0.5,
     0.1, 0.233, 0.1 (the schedule re-stretched over steps already taken): refused, the saved config kept.

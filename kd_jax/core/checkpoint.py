@@ -126,8 +126,13 @@ class Checkpointer:
         self._manager.wait_until_finished()
 
     def close(self) -> None:
-        """Waits for saves in flight, then releases the manager's threads."""
+        """Waits for saves in flight and for the clean-up of killed saves' left-overs the manager
+        starts when it opens (a run that fails at once would otherwise exit under that thread, and
+        Python prints its traceback at shutdown), then releases the manager's threads."""
         self._manager.wait_until_finished()
+        cleanup = getattr(self._manager, "_cleanup_tmp_directory_future", None)  # (orbax 0.12: not awaited by close)
+        if cleanup is not None:
+            cleanup.result()
         self._manager.close()
 
     def __enter__(self) -> "Checkpointer":

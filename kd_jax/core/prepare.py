@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import os
 from typing import Any
 
@@ -28,23 +29,35 @@ from kd_jax.data.store import KDStore, StoreError, tokenizer_fingerprint
 from kd_jax.data.tables import load_table, prompt_messages
 from kd_jax.models import build_model
 from kd_jax.models.hf import load_tokenizer, source_eos_ids
-from kd_jax.models.prune import calibration_batches
+from kd_jax.models.prune import PruneError, calibration_batches
 from kd_jax.models.source import check_online_teacher, source_config
+
+log = logging.getLogger("kd_jax.train")
 
 
 def tokens_store(cfg: Config, load=load_tokenizer) -> Config:
     """With an online teacher and no data.store: the config with a tokens-only store built from
     data.traces in the run directory (tokenized once; a rerun reuses it, as precompute does).
     `load(path, revision)` reads the run's tokenizer (prepare passes the run's reader)."""
+    check_store_given(cfg)
     if cfg.data.store or cfg.teacher.mode != "online":
         return cfg
-    if not cfg.data.traces:
-        raise StoreError("set data.store (a KD store; tokens only is enough with teacher.mode=online) or "
-                         "data.traces (tokenized into <run_dir>/tokens)")
     path = os.path.join(cfg.run_dir, "tokens")
     store_cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, store=path, top_k=0))
     precompute(store_cfg, show_progress=False, tokenizer=load(cfg.tokenizer, cfg.tokenizer_revision))
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, store=path))
+
+
+def check_store_given(cfg: Config) -> None:
+    """Raises StoreError when the run has nothing to read: no data.store (and, with an online
+    teacher, no data.traces to tokenize either). Cheap: train calls it before writing anything."""
+    if cfg.data.store:
+        return
+    if cfg.teacher.mode != "online":
+        raise StoreError("data.store is not set: build a store with `python -m kd_jax.precompute` first")
+    if not cfg.data.traces:
+        raise StoreError("set data.store (a KD store; tokens only is enough with teacher.mode=online) or "
+                         "data.traces (tokenized into <run_dir>/tokens)")
 
 
 @dataclasses.dataclass
@@ -74,15 +87,16 @@ def prepare(cfg: Config) -> Run:
     iterator (fresh state). Each tokenizer is read once: the run's (cfg.tokenizer), and with an
     online teacher from an HF folder its own and an HF student's when they are other folders."""
     load = functools.cache(load_tokenizer)  # (folder or hub id, revision) -> tokenizer, for this run
+    check_cut_teacher(cfg)
     cfg = tokens_store(cfg, load)
-    if not cfg.data.store:
-        raise StoreError("data.store is not set: build a store with `python -m kd_jax.precompute` first")
     mesh = sharding.mesh_from_config(cfg.mesh)
     store = KDStore.open(cfg.data.store)
     online = cfg.teacher.mode == "online"
     tokenizer = load(cfg.tokenizer, cfg.tokenizer_revision)
     if online and cfg.teacher.init == "hf":  # it grades the store's ids: before any model is built
         store.check_teacher_tokenizer(load(cfg.teacher.hf_path, cfg.teacher.revision), cfg.teacher.hf_path)
+    elif cfg.student.init == "pruned":  # the student keeps the teacher's embedding rows: before the cut
+        check_cut_teacher(cfg, store, load)
     # The store is checked against the student's config before any weights are read; a pruned student
     # is then measured on the training split itself.
     usable = store.usable_sequences(cfg, tokenizer=tokenizer,
@@ -120,13 +134,43 @@ def prepare(cfg: Config) -> Run:
                loss_schedules(cfg.loss, cfg.train.steps), on_policy)
 
 
+def check_cut_teacher(cfg: Config, store: KDStore | None = None, load=load_tokenizer) -> None:
+    """student.init=pruned: the teacher the student is cut from must be trained (teacher.init=hf:
+    importance measured on random weights ranks nothing, and the cut would be a random student of
+    the smaller shape, which student.init=random gives without the teacher) and, with `store`, read
+    the store's tokens: the cut keeps the teacher's embedding, so its tokenizer must be the one the
+    store was tokenized with (a version-1 store records none). `load(path, revision)` reads a tokenizer."""
+    if cfg.student.init != "pruned":
+        return
+    if cfg.teacher.init != "hf":
+        raise PruneError(f"student.init=pruned cuts the student from teacher.init={cfg.teacher.init} weights: "
+                         f"importance measured on untrained weights ranks nothing; set teacher.init=hf (a trained "
+                         f"teacher's folder), or student.init=random for a random student")
+    built = store.meta.tokenizer_fingerprint if store is not None else None
+    if not built:
+        return
+    fingerprint = tokenizer_fingerprint(load(cfg.teacher.hf_path, cfg.teacher.revision))
+    if fingerprint != built:
+        raise StoreError(f"teacher {cfg.teacher.hf_path} has another tokenizer (fingerprint {fingerprint[:12]}) than "
+                         f"the one store {store.path} was tokenized with ({store.meta.tokenizer!r}, {built[:12]}): a "
+                         f"student cut from it would read the store's ids as other tokens; cut from a teacher of "
+                         f"that tokenizer, or rebuild the store with the teacher's (data.tokenizer)")
+
+
 def calibration(store: KDStore, train_idx: np.ndarray, cfg: Config) -> list[dict[str, np.ndarray]]:
     """init=pruned: the first student.prune.calibration_tokens tokens of the training split
-    (`train_idx`, the sequences training reads), packed into rows of data.seq_len."""
+    (`train_idx`, the sequences training reads), packed into rows of data.seq_len. When the split
+    holds fewer, one line says how many the importance is measured on."""
     offsets, p = store.offsets, cfg.student.prune
     sequences = (store.read_range("tokens", int(offsets[i]), int(offsets[i + 1])) for i in train_idx)
-    return calibration_batches(sequences, seq_len=cfg.data.seq_len, batch_size=p.calibration_batch_size,
-                               max_tokens=p.calibration_tokens)
+    batches = calibration_batches(sequences, seq_len=cfg.data.seq_len, batch_size=p.calibration_batch_size,
+                                  max_tokens=p.calibration_tokens)
+    taken = sum(int((b["segment_ids"] > 0).sum()) for b in batches)
+    if taken < p.calibration_tokens and jax.process_index() == 0:
+        log.warning("student.prune.calibration_tokens=%d, but the store's training split holds %d tokens (each "
+                    "sequence cut to data.seq_len=%d): the importance is measured on those %d", p.calibration_tokens,
+                    taken, cfg.data.seq_len, taken)
+    return batches
 
 
 def _on_policy(cfg: Config, mesh, store: KDStore, train_idx: np.ndarray, spec: TrainSpec, steps: Steps, teacher,
