@@ -161,6 +161,19 @@ def test_tiny_config_compiles_ahead_of_time():
     assert p["compiled"]["total_bytes"] > 0 and 0.3 < p["analytic"]["total"] / p["compiled"]["total_bytes"] < 3
 
 
+def test_sampled_targets_compile_the_sampled_pass():
+    """precompute.targets=sampled: the dry run compiles the teacher pass precompute runs (K draws per
+    position: threefry keys, a searchsorted per draw), not the top-K pass it compiled before."""
+    cfg = _tiny("precompute.targets=sampled", "mesh.data=1")
+    model_cfg, _ = dryrun.model_config(cfg.teacher, "teacher")
+    mesh = sharding.mesh_from_config(cfg.mesh, devices=jax.devices()[:1])
+    hlo = dryrun.compiled_precompute(cfg, model_cfg, mesh, 2, 128).as_text()
+    assert "threefry" in hlo and "searchsorted" in hlo and "TopK" not in hlo
+    out = io.StringIO()
+    s = dryrun.report(_tiny("precompute.targets=sampled"), "precompute", out=out)  # compiled on the 8 CPU devices
+    assert s["targets"] == "sampled" and "memory of the teacher's sampled pass (8 draws), compiled" in out.getvalue()
+
+
 def test_online_teacher_compiles_ahead_of_time():
     """The tiny config with the teacher in the step (twice the student's width, so hidden alignment
     adds [2, 64, 128] projections to the state) lowers the real online step: its compiled memory
@@ -226,7 +239,8 @@ def test_max_seq_len_search():
     total = lambda T: dryrun.analytic_total(dryrun.estimate(dryrun.with_seq_len(cfg, T), t))  # noqa: E731
     assert n % 128 == 0 and 128 <= n < 65536 and total(n) <= limit < total(n + 128), (n, total(n))
     assert s["seq_len"] == n and s["fits"] is True and s["compiled"]["total_bytes"] <= limit
-    assert f"longest data.seq_len that fits: {n} " in buf.getvalue() and "the compiled step confirms it" in buf.getvalue()
+    text = buf.getvalue()
+    assert f"longest data.seq_len that fits: {n} " in text and "the compiled step confirms it" in text
     assert s["attention"] == {"student": "xla"} and s["platform"] == "cpu"  # auto on this machine
     flash = dryrun.longest_seq_len(_tiny("mesh.device_memory_gib=0.0625", "student.attention=blockwise"),
                                    dryrun.target(_tiny("student.attention=blockwise"), "train"), limit)[0]
@@ -244,4 +258,5 @@ def test_platform_resolves_auto():
         assert (t.platform, t.platform_from, t.model_cfg.attention) == (platform, "mesh.platform", impl)
     t = dryrun.target(_tiny("mesh.platform=gpu", "student.attention=blockwise"), "train")
     assert t.model_cfg.attention == "blockwise"
-    assert dryrun.compile_stand_in(dryrun.target(_tiny("mesh.platform=gpu"), "train").model_cfg)[0].attention == "blockwise"
+    gpu = dryrun.target(_tiny("mesh.platform=gpu"), "train").model_cfg
+    assert dryrun.compile_stand_in(gpu)[0].attention == "blockwise"

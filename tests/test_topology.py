@@ -10,6 +10,7 @@ import os
 
 import pytest
 
+from kd_jax.base.cli import parse_command
 from kd_jax.base.loader import load_config
 from kd_jax.fit import dryrun
 from kd_jax.fit import topology as tl
@@ -54,6 +55,26 @@ def test_a_topology_the_chip_cannot_take_is_one_line_before_any_work(entry, name
         dryrun.main(_tiny(), entry, topology=name)
     assert str(e.value).startswith(f"error: --topology '{name}': ") and "\n" not in str(e.value)
     assert capsys.readouterr().out == ""  # nothing sized or compiled first
+
+
+def test_no_compile_with_a_topology_is_one_line(capsys):
+    """--topology is a compile for that hardware (as MaxText's train_compile.py): with --no-compile
+    the two flags contradict each other, and the command says so instead of compiling anyway."""
+    with pytest.raises(SystemExit) as e:
+        parse_command(["--config", os.path.join(ROOT, "configs", "tiny_llama.yaml"), "--topology", "v5e:2x2",
+                       "--no-compile"], dry_run=True)
+    assert e.value.code == 1 and capsys.readouterr().err == (
+        "error: --topology v5e:2x2 compiles for that hardware, which --no-compile forbids; drop --no-compile, or "
+        "drop --topology for the analytic estimate alone\n")
+
+
+def test_sampled_targets_compile_the_sampled_pass():
+    """precompute.targets=sampled: the pass compiled for the slice is the one precompute runs (K draws
+    per position, kd_jax.core.precompute.sampled_logprobs), not the top-K pass."""
+    out = io.StringIO()
+    s = dryrun.report(_tiny("precompute.targets=sampled"), "precompute", out=out, topology=tl.parse("v5e:2x2"))
+    assert s["targets"] == "sampled" and s["compiled"]["total_bytes"] > 0
+    assert "memory of the teacher's sampled pass (8 draws), compiled for v5e:2x2" in out.getvalue()
 
 
 def test_roofline_is_the_slower_of_compute_and_memory():

@@ -45,7 +45,8 @@ def parse_command(argv: list[str] | None = None, description: str = "kd_jax", *,
                             help="print parameter counts and per-device memory, check the fit, and exit; "
                                  "reads no weights, store or traces")
         parser.add_argument("--no-compile", action="store_true",
-                            help="with --dry-run: analytic estimate only, no ahead-of-time compile")
+                            help="with --dry-run: analytic estimate only, no ahead-of-time compile (not with "
+                                 "--topology, which is a compile)")
         parser.add_argument("--max-seq-len", action="store_true",
                             help="a dry run that searches the longest data.seq_len (multiples of 128, rows per "
                                  "device kept) fitting the device memory by the analytic estimate, and prints it")
@@ -58,6 +59,10 @@ def parse_command(argv: list[str] | None = None, description: str = "kd_jax", *,
         add_arguments(parser)
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.steps=10")
     args = parser.parse_intermixed_args(argv)
+    if getattr(args, "topology", None) and args.no_compile:  # the compile is what --topology asks for
+        print(f"error: --topology {args.topology} compiles for that hardware, which --no-compile forbids; drop "
+              f"--no-compile, or drop --topology for the analytic estimate alone", file=sys.stderr, flush=True)
+        raise SystemExit(1)
     if getattr(args, "max_seq_len", False) or getattr(args, "topology", None):
         args.dry_run = True
     if getattr(args, "topology", None):

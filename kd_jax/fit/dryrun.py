@@ -48,7 +48,7 @@ from kd_jax.base.errors import KDJaxError
 from kd_jax.base.schema import Config, ModelSource
 from kd_jax.core.onpolicy import sample_batch
 from kd_jax.core.optim import default_hyper
-from kd_jax.core.precompute import topk_logprobs
+from kd_jax.core.precompute import sampled_logprobs, topk_logprobs
 from kd_jax.core.state import abstract_params, abstract_train_state
 from kd_jax.core.step import compile_steps, layer_pairs
 from kd_jax.fit import hlo_cost
@@ -417,21 +417,37 @@ def compiled_train(cfg: Config, model_cfg: DecoderConfig, mesh, teacher_cfg: Dec
 
 
 def compile_precompute(cfg: Config, model_cfg: DecoderConfig, mesh, rows: int, T: int) -> dict:
-    """memory_analysis() of the teacher's top-K pass (`compiled_precompute`)."""
+    """memory_analysis() of the teacher's pass (`compiled_precompute`)."""
     return compiled_memory(compiled_precompute(cfg, model_cfg, mesh, rows, T))
 
 
+def teacher_pass(cfg: Config) -> str:
+    """What the teacher's pass of precompute computes at each position, for the report."""
+    if cfg.precompute.targets == "sampled":
+        return f"sampled pass ({cfg.data.top_k} draws)"
+    return f"top-{cfg.data.top_k} pass"
+
+
 def compiled_precompute(cfg: Config, model_cfg: DecoderConfig, mesh, rows: int, T: int):
-    """The teacher's top-K pass (kd_jax.core.precompute.topk_logprobs) on its longest batch, compiled
-    ahead of time for `mesh`'s devices."""
+    """The teacher's pass that precompute runs (kd_jax.core.precompute.run_teacher): `topk_logprobs`,
+    or `sampled_logprobs` with precompute.targets=sampled, on its longest batch, compiled ahead of
+    time for `mesh`'s devices."""
     graphdef, params = abstract_params(model_cfg, mesh)
     shards = sharding.logical_size(mesh, "batch")
     tokens = jax.ShapeDtypeStruct((rows * shards, T), jnp.int32, sharding=sharding.batch_sharding(mesh, 2))
-    fn = jax.jit(lambda p, x: topk_logprobs(nnx.merge(graphdef, p), x, k=cfg.data.top_k,
-                                            vocab_size=model_cfg.vocab_size,
-                                            logits_chunk=min(cfg.precompute.logits_chunk, T)))
+    kw = dict(k=cfg.data.top_k, vocab_size=model_cfg.vocab_size, logits_chunk=min(cfg.precompute.logits_chunk, T))
+    if cfg.precompute.targets == "sampled":
+        seqs = jax.ShapeDtypeStruct((rows * shards,), jnp.int32, sharding=sharding.batch_sharding(mesh, 1))
+        # the key made inside: a replicated argument would need a sharding on the (compile-only) devices
+        fn = jax.jit(lambda p, x, s: sampled_logprobs(nnx.merge(graphdef, p), x, s,
+                                                      jax.random.key(cfg.precompute.sample_seed), **kw,
+                                                      temperature=float(cfg.precompute.sample_temperature)))
+        args = (params, tokens, seqs)
+    else:
+        fn = jax.jit(lambda p, x: topk_logprobs(nnx.merge(graphdef, p), x, **kw))
+        args = (params, tokens)
     with jax.set_mesh(mesh):
-        return fn.lower(params, tokens).compile()
+        return fn.lower(*args).compile()
 
 
 def compiled_sampler(cfg: Config, model_cfg: DecoderConfig, mesh):
@@ -631,7 +647,7 @@ def _compile_for_topology(cfg: Config, t: Target, est: dict, p, summary: dict,
         compiled = compiled_precompute(cfg, compiled_cfg, real, est["_rows"], T)
         tokens = est["_rows"] * len(devices) * T
         model_flops = tokens * forward_flops_per_token(t.model_cfg, T)
-        what = f"teacher's top-K pass{host_note}"
+        what = f"teacher's {teacher_pass(cfg)}{host_note}"
     seconds = time.perf_counter() - t0
     mem, cost = compiled_memory(compiled), topology_lib.cost(compiled)
     analytic = analytic_total({k: v for k, v in est.items() if not k.startswith("_")})
@@ -708,7 +724,8 @@ def report(cfg: Config, entry: str, *, compile: bool = True, out=sys.stdout, ext
         p(f"dry run of kd_jax.precompute: precompute.import_logprobs={cfg.precompute.import_logprobs!r}, so precompute "
           f"reads a served teacher's top-{cfg.data.top_k} from that file into the store (no teacher pass, nothing on "
           f"the devices to size)")
-        summary = dict(entry=entry, imported=True, fits=True, **(extra or {}), seconds=round(time.perf_counter() - t0, 2))
+        summary = dict(entry=entry, imported=True, fits=True, **(extra or {}),
+                       seconds=round(time.perf_counter() - t0, 2))
         p("dry-run summary: " + json.dumps(summary))
         return summary
     if t is None:
@@ -758,6 +775,8 @@ def report(cfg: Config, entry: str, *, compile: bool = True, out=sys.stdout, ext
                    params_without_embedding=info.count - info.embedding, mesh=sizes, devices=mesh.size,
                    rows_per_device=est["_rows"], seq_len=T, platform=t.platform, attention=attention,
                    analytic=dict(parts, total=total))
+    if entry == "precompute":
+        summary["targets"] = cfg.precompute.targets  # the teacher pass compiled: top-K, or K draws
     if teacher_cfg is not None:
         summary["teacher"] = dict(mode="online", model_type=teacher_cfg.model_type, params=t_info.count,
                                   param_dtype=teacher_cfg.param_dtype, hidden_pairs=len(pairs),
@@ -773,7 +792,8 @@ def report(cfg: Config, entry: str, *, compile: bool = True, out=sys.stdout, ext
         c = (compile_train(cfg, compiled_cfg, real, compiled_teacher) if entry == "train"
              else compile_precompute(cfg, compiled_cfg, real, est["_rows"], T))
         notes = [n for n in (note, teacher_note and f"teacher: {teacher_note}") if n]
-        p(f"per-device memory, compiled ahead of time on {devices[0].platform} (XLA memory_analysis, GiB"
+        of = "" if entry == "train" else f" of the teacher's {teacher_pass(cfg)}"
+        p(f"per-device memory{of}, compiled ahead of time on {devices[0].platform} (XLA memory_analysis, GiB"
           + "".join(f"; {n}" for n in dict.fromkeys(notes)) + "):")
         for k, v in c.items():
             p(f"  {k:<48}{_gib(v)}")
