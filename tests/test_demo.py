@@ -165,8 +165,16 @@ def test_demo_refuses_bad_arguments_before_touching_the_folder(tmp_path, capsys)
                        (["--recipe", "prune", "--seed", "5"], "--seed is for --recipe r1"),
                        (["--recipe", "prune", "--held-out-docs", "-3"], "--held-out-docs -3: must be at least 1"),
                        (["--recipe", "prune", "--seeds", "-1"], "distinct non-negative"),
-                       (["--recipe", "prune", "student.prune.layer=8"], "student.prune.layer")):
+                       (["--recipe", "prune", "student.prune.layer=8"], "student.prune.layer"),
+                       (["--recipe", "prune", "--rows", "nonsense"], "unknown rows ['nonsense']"),
+                       (["--recipe", "prune", "--seeds", "a,b"], "comma-separated integers"),
+                       (["--recipe", "prune", "--held-out-docs", "0"], "--held-out-docs 0: must be at least 1")):
         with pytest.raises(SystemExit):
             main(["--out", str(out), "--fresh", *argv])
         assert said in capsys.readouterr().err, argv
     assert os.listdir(out) == ["notes.txt"]
+    for recipe in ("r1", "prune"):  # --out a file: one line, before the teacher's conversion or any stage
+        with pytest.raises(SystemExit):
+            main(["--recipe", recipe, "--out", str(out / "notes.txt")])
+        assert "notes.txt is a file, not a folder" in capsys.readouterr().err
+    assert (out / "notes.txt").read_text() == "keep"

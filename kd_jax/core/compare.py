@@ -237,6 +237,8 @@ class Workspace:
     inputs it was made from and its result."""
 
     def __init__(self, out: str):
+        if os.path.lexists(out) and not os.path.isdir(out):
+            raise CompareError(f"--out {out} is a file, not a folder; pick a folder (new or one a comparison wrote)")
         self.out = out
         self.path = os.path.join(out, MANIFEST)
         self.entries: dict[str, dict] = {}
