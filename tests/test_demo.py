@@ -178,3 +178,12 @@ def test_demo_refuses_bad_arguments_before_touching_the_folder(tmp_path, capsys)
             main(["--recipe", recipe, "--out", str(out / "notes.txt")])
         assert "notes.txt is a file, not a folder" in capsys.readouterr().err
     assert (out / "notes.txt").read_text() == "keep"
+    # the user's own data/ (the prune demo's text stage) is refused, with or without --fresh, byte for byte kept
+    (out / "data").mkdir()
+    (out / "data" / "train.jsonl").write_bytes(b'{"text": "mine"}\n')
+    for fresh in ([], ["--fresh"]):
+        with pytest.raises(SystemExit):
+            main(["--recipe", "prune", "--out", str(out), *fresh])
+        assert "data exists and was not written by this comparison" in capsys.readouterr().err
+        assert (out / "data" / "train.jsonl").read_bytes() == b'{"text": "mine"}\n'
+        assert sorted(os.listdir(out)) == ["data", "notes.txt"]
