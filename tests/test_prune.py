@@ -4,6 +4,9 @@ constructed teachers, the HF export, and the config path (student.init=pruned)."
 
 from __future__ import annotations
 
+import dataclasses
+import json
+
 import hf_tiny
 import jax
 import jax.numpy as jnp
@@ -266,3 +269,62 @@ def test_report_max_logit_difference():
     print("\nlargest |pruned - reference| logit difference:")
     for name, diff in sorted(DIFFS.items()):
         print(f"  {name:32s} {diff:.2e}")
+
+
+def test_cut_teacher_of_another_tokenizer_or_random_is_refused(store_root, tmp_path):
+    """The cut keeps the teacher's embedding: a teacher of another tokenizer than the store's (its vocab
+    larger, so the vocab check passes) is refused before any weight is read, as an online teacher is;
+    and a random teacher (nothing to measure) is refused."""
+    import tiny_kd
+
+    from kd_jax.base.loader import load_config
+    from kd_jax.core.prepare import prepare
+    from kd_jax.data.store import StoreError
+    from kd_jax.demo.arithmetic import train_tokenizer
+    other = str(tmp_path / "other")
+    hf_tiny.build("llama3", vocab_size=400, num_hidden_layers=2).save_pretrained(other)
+    tokenizer = train_tokenizer(["a wholly different corpus of words", "zebra quantum lorem"], vocab_size=280)
+    tokenizer.save_pretrained(other)
+    args = tiny_kd.train_args(store_root, "other_teacher", 1, **PRUNE_ARGS)
+    cfg = load_config(None, args + [f"teacher.hf_path={other}", f"data.tokenizer={store_root}/teacher"])
+    with pytest.raises(StoreError, match=f"teacher {other} has another tokenizer .* store .* was tokenized with"):
+        prepare(cfg)
+    arch = {**tiny_kd.STUDENT, "vocab_size": 316}
+    cfg = load_config(None, args + ["teacher.init=random", f"teacher.architecture={json.dumps(arch)}"])
+    with pytest.raises(P.PruneError, match="teacher.init=random weights: importance measured on untrained"):
+        prepare(cfg)
+
+
+def test_calibration_beyond_the_training_split_says_how_many_tokens_it_measures(store_root, caplog):
+    import tiny_kd
+
+    from kd_jax.base.loader import load_config
+    from kd_jax.core.prepare import calibration
+    from kd_jax.data.store import KDStore
+    cfg = load_config(None, tiny_kd.train_args(store_root, "calibration", 1, **{
+        **PRUNE_ARGS, "student.prune.calibration_tokens": 100_000_000}))
+    store = KDStore.open(cfg.data.store)
+    with caplog.at_level("WARNING"):
+        batches = calibration(store, np.arange(3), cfg)
+    taken = sum(int((b["segment_ids"] > 0).sum()) for b in batches)
+    lines = [r.getMessage() for r in caplog.records if "calibration_tokens" in r.getMessage()]
+    assert len(lines) == 1 and f"calibration_tokens=100000000, but the store's training split holds {taken}" in lines[0]
+    caplog.clear()
+    few = dataclasses.replace(cfg, student=dataclasses.replace(cfg.student, prune=dataclasses.replace(
+        cfg.student.prune, calibration_tokens=taken)))
+    calibration(store, np.arange(3), few)  # exactly what the split holds: nothing to say
+    assert not [r for r in caplog.records if "calibration_tokens" in r.getMessage()]
+
+
+def test_layer_loss_without_a_next_token_pair_is_refused(teachers):
+    from kd_jax.base.loader import load_config
+    from kd_jax.base.schema import ConfigError
+    with pytest.raises(ConfigError, match="layer_loss with calibration_tokens=1: .* calibration_tokens >= 2"):
+        load_config(None, ["student.init=pruned", "student.prune.calibration_tokens=1",
+                           "student.prune.depth_metric=layer_loss"])
+    single = P.calibration_batches([np.array([5]), np.array([7])], seq_len=4, batch_size=1, max_tokens=2)
+    teacher = teachers["llama3"][2]
+    with pytest.raises(P.PruneError, match="no next-token pair"):
+        P.prune(teacher, single, layers=LAYERS - 1, depth_metric="layer_loss")
+    # Block Influence scores a layer on any one token
+    assert P.prune(teacher, single, layers=LAYERS - 1).cfg.num_layers == LAYERS - 1

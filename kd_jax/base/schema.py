@@ -136,6 +136,10 @@ class PruneConfig:
             _check(value is None or value >= 1, f"{name}={value} must be >= 1 (units to keep) or null (keep all)")
         _check_choice("depth_metric", self.depth_metric, DEPTH_METRICS)
         _check(self.calibration_tokens >= 1, f"calibration_tokens={self.calibration_tokens} must be >= 1")
+        # Block Influence scores a layer on one token; the LM loss needs a next-token pair in a sequence.
+        _check(self.depth_metric != "layer_loss" or self.calibration_tokens >= 2,
+               f"depth_metric=layer_loss with calibration_tokens={self.calibration_tokens}: the LM loss needs at "
+               f"least one next-token pair, so calibration_tokens >= 2 (or depth_metric=block_influence)")
         _check(self.calibration_batch_size >= 1, f"calibration_batch_size={self.calibration_batch_size} must be >= 1")
 
     @property

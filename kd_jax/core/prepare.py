@@ -168,8 +168,8 @@ def calibration(store: KDStore, train_idx: np.ndarray, cfg: Config) -> list[dict
     taken = sum(int((b["segment_ids"] > 0).sum()) for b in batches)
     if taken < p.calibration_tokens and jax.process_index() == 0:
         log.warning("student.prune.calibration_tokens=%d, but the store's training split holds %d tokens (each "
-                    "sequence cut to data.seq_len=%d): the importance is measured on those %d", p.calibration_tokens,
-                    taken, cfg.data.seq_len, taken)
+                    "sequence cut to data.seq_len=%d): the importance is measured on those %d, the whole split",
+                    p.calibration_tokens, taken, cfg.data.seq_len, taken)
     return batches
 
 

@@ -224,7 +224,11 @@ def measure(model: Decoder, batches: Iterable[dict], *, layer_loss: bool = False
             for b in batches:
                 ds, dc = _lm_loss(cfg, stacked, embed, final_norm, out, b, jnp.asarray(keep))
                 s, c = s + float(ds), c + float(dc)
-            return s / max(c, 1.0)
+            if c == 0:  # every layer would score 0 and be kept by tie order
+                raise PruneError(f"depth_metric=layer_loss: the {int(n)} calibration tokens hold no next-token pair "
+                                 f"(every sequence is one token long); calibrate on sequences of 2 tokens or more, "
+                                 f"or use depth_metric=block_influence")
+            return s / c
         full = loss(np.ones(cfg.num_layers, bool))
         losses = np.array([loss(np.arange(cfg.num_layers) != i) - full for i in range(cfg.num_layers)])
     return Importance(block_influence=bi / n, mlp=mlp / n, heads=heads,
