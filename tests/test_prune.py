@@ -328,3 +328,22 @@ def test_layer_loss_without_a_next_token_pair_is_refused(teachers):
         P.prune(teacher, single, layers=LAYERS - 1, depth_metric="layer_loss")
     # Block Influence scores a layer on any one token
     assert P.prune(teacher, single, layers=LAYERS - 1).cfg.num_layers == LAYERS - 1
+
+
+def test_prune_demo_rows_take_every_prune_target_override(tmp_path):
+    """`python -m kd_jax.demo --recipe prune ... student.prune.hidden_size=512` (a documented override):
+    stage 4 cuts with it, and every row (which starts from the saved cut, init=hf) passes the check
+    run() makes before anything is written."""
+    from kd_jax.base.loader import load_config
+    from kd_jax.core import compare
+    from kd_jax.demo import prune as demo
+    overrides = ("student.prune.hidden_size=512", "student.prune.num_key_value_heads=1", "student.prune.layers=20")
+    out = str(tmp_path / "prune")
+    base = load_config(demo.CONFIG, demo.stage_args(out, overrides))
+    assert (base.student.prune.hidden_size, base.student.prune.num_key_value_heads) == (512, 1)
+    rows = compare.row_configs(demo.comparison(None, demo.SEEDS, 1), out, demo.row_overrides(overrides),
+                               {"kept_layers": "{0: 0}"})
+    assert rows and all(cfg.student.init == "hf" and set(cfg.student.prune.targets.values()) == {None}
+                        for cfg in rows.values())
+    rows = compare.row_configs(demo.comparison(None, demo.SEEDS, 1), out, (), {"kept_layers": "{0: 0}"})
+    assert all(set(cfg.student.prune.targets.values()) == {None} for cfg in rows.values())  # the rows file alone

@@ -82,6 +82,12 @@ def comparison(rows: tuple[str, ...] | None, seeds: tuple[int, ...], held_out_do
     return c
 
 
+def row_overrides(overrides: tuple[str, ...]) -> tuple[str, ...]:
+    """The command line's overrides as the rows take them: student.prune.* sets the cut of stage 4
+    only; every row starts from the saved student (student.init=hf), which a prune target would contradict."""
+    return tuple(o for o in overrides if not o.startswith(("student.prune.", "student.prune=")))
+
+
 def stage_args(out: str, overrides: tuple[str, ...] = ()) -> list[str]:
     """prune.yaml's overrides that put the teacher, the text and the top-K store under `out`."""
     return [f"run.output_dir={out}", f"teacher.hf_path={out}/teacher", f"data.traces={out}/data/train.jsonl",
@@ -158,7 +164,7 @@ def run(out: str = "runs/prune", steps: int | None = None, seeds: tuple[int, ...
     base = load_config(CONFIG, stage_args(out, overrides))  # (student.init=pruned: the pruning stage's config)
     stores = {kind: store_config(out, kind, overrides) for kind in ("topk", "sampled")}
     variables = {"kept_layers": "{0: 0}"}  # (a valid map for the check; the kept layers are known at stage 4)
-    compare.row_configs(c, out, overrides, variables)  # every row's config checked before anything is written
+    compare.row_configs(c, out, row_overrides(overrides), variables)  # every row checked before anything is written
     ws = compare.Workspace(out)
     if fresh:
         ws.fresh()
@@ -196,7 +202,7 @@ def run(out: str = "runs/prune", steps: int | None = None, seeds: tuple[int, ...
     variables = {"kept_layers": "{" + ", ".join(f"{i}: {t}" for i, t in enumerate(pruned["kept_layers"])) + "}"}
 
     report = compare.compare(
-        c, out, ws, overrides=overrides, variables=variables, picture="prune.png",
+        c, out, ws, overrides=row_overrides(overrides), variables=variables, picture="prune.png",
         stage_title=lambda title: f"[5/{STAGES}] {title}, then scored on the held-out documents",
         title="SmolLM2-135M-Instruct pruned to a third, healed at equal compute (mean of seeds)")
     seconds = time.perf_counter() - t_start
