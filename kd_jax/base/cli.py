@@ -5,19 +5,55 @@ for the commands that compile, the dry-run flags) into a `Config`, and kd_jax's 
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import logging
 import os
 import sys
+from collections.abc import Callable, Mapping
 
 from kd_jax.base.loader import load_config
 from kd_jax.base.schema import Config, ConfigError
 
+# What says an accelerator is on this machine: its device files (TPU v2-v4 /dev/accelN, v5e and
+# later /dev/vfio/N; NVIDIA, WSL2, AMD) or the variables a TPU VM, GKE or a GPU scheduler sets.
+_ACCELERATOR_FILES = ("/dev/accel[0-9]*", "/dev/vfio/[0-9]*", "/dev/nvidia[0-9]*", "/dev/nvidiactl", "/dev/dxg",
+                      "/dev/kfd")
+_ACCELERATOR_VARIABLES = ("TPU_ACCELERATOR_TYPE", "TPU_WORKER_ID", "TPU_WORKER_HOSTNAMES", "TPU_NAME",
+                          "MEGASCALE_COORDINATOR_ADDRESS", "JAX_FORCE_TPU_INIT", "CUDA_VISIBLE_DEVICES",
+                          "ROCR_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES")
+
+
+def local_platforms(env: Mapping[str, str], files: Callable[[str], list] | None = None) -> str | None:
+    """The jax platforms a command starts: None (jax's own choice) when the user set JAX_PLATFORMS
+    or an accelerator may be here (`files(pattern)` lists the device files that match), else "cpu".
+    Left to itself on a machine without a TPU, jax starts libtpu when it is installed (the test
+    extra brings it), which prints its start-up errors before the command's first line."""
+    if "JAX_PLATFORMS" in env:
+        return None
+    files = files or glob.glob
+    if any(env.get(k) for k in _ACCELERATOR_VARIABLES) or any(files(f) for f in _ACCELERATOR_FILES):
+        return None
+    return "cpu"
+
+
+def choose_platforms() -> None:
+    """Before jax starts a backend: only the CPU where no accelerator is here (`local_platforms`)."""
+    platforms = local_platforms(os.environ)
+    if platforms is None:
+        return
+    os.environ["JAX_PLATFORMS"] = platforms  # what jax reads at import, and a command's child processes
+    if "jax" in sys.modules:
+        import jax
+        if not jax.config.jax_platforms:
+            jax.config.update("jax_platforms", platforms)
+
 
 def setup_logging() -> None:
-    """INFO lines of kd_jax on stdout for the entry points. `force`: grain and absl install root
-    handlers at import, which would swallow them; jax's backend probing and Orbax's save chatter
-    stay at WARNING."""
+    """The start of every command: jax's platforms chosen before it starts (`choose_platforms`), and
+    INFO lines of kd_jax on stdout. `force`: grain and absl install root handlers at import, which
+    would swallow them; jax's backend probing and Orbax's save chatter stay at WARNING."""
+    choose_platforms()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stdout,
                         force=True)
     for noisy in ("jax", "absl"):
