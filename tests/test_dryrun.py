@@ -15,7 +15,9 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import pytest
+from flax import nnx
 
 from kd_jax.base import sharding
 from kd_jax.base.loader import load_config
@@ -172,6 +174,40 @@ def test_sampled_targets_compile_the_sampled_pass():
     out = io.StringIO()
     s = dryrun.report(_tiny("precompute.targets=sampled"), "precompute", out=out)  # compiled on the 8 CPU devices
     assert s["targets"] == "sampled" and "memory of the teacher's sampled pass (8 draws), compiled" in out.getvalue()
+
+
+def test_pruned_student_sizes_the_cut_at_start():
+    """student.init=pruned: the student is cut from the whole teacher at start (kd_jax.core.prepare),
+    after calibration forwards. The dry run prints that peak (the teacher's parameters in its param
+    dtype, a calibration batch's forward on every device, the cut student), checks the fit against
+    it when it is above the step's, and its calibration forward is of the size XLA compiles for
+    kd_jax.models.prune's scoring pass."""
+    from kd_jax.core.state import abstract_params
+    from kd_jax.models import prune
+
+    overrides = ("student.init=pruned", "student.prune.layers=1", "student.prune.calibration_batch_size=4",
+                 "data.seq_len=512")
+    out = io.StringIO()
+    s = dryrun.report(_tiny(*overrides), "train", compile=False, out=out)
+    cut, t = s["prune"], dryrun.target(_tiny(*overrides), "train")
+    mesh = sharding.mesh_from_config(_tiny("mesh.data=1").mesh, devices=jax.devices()[:1])
+    teacher_params = dryrun.param_info(t.cut_from, mesh).count
+    assert cut["teacher_param_dtype"] == "float32" and cut["prune_teacher_params"] == 4 * teacher_params  # whole
+    assert cut["total"] == sum(v for k, v in cut.items() if k.startswith("prune_")) > s["analytic"]["total"]
+    text = out.getvalue()
+    assert "memory of the cut at start" in text and "teacher parameters (whole, float32)" in text
+    assert "calibration forward (4 x 512 tokens)" in text
+    limit = (cut["total"] + s["analytic"]["total"]) / 2 / 2**30  # the step fits, the cut does not
+    s = dryrun.report(_tiny(*overrides, f"mesh.device_memory_gib={limit}"), "train", compile=False, out=out)
+    assert s["fits"] is False and "used by the cut at start" in out.getvalue()
+    # the scoring pass (prune._sums) compiled on one CPU device for the same teacher and batch
+    state = {tuple(map(str, k)): v.get_value() for k, v in nnx.to_flat_state(abstract_params(t.cut_from, mesh)[1])}
+    batch = {k: jax.ShapeDtypeStruct((4, 512), jnp.int32) for k in ("tokens", "positions", "segment_ids")}
+    with jax.set_mesh(mesh):
+        compiled = prune._sums.lower(t.cut_from, {k[1]: v for k, v in state.items() if k[0] == "layers"},
+                                     state["embed",], state["final_norm",], batch).compile()
+    forward = dryrun.prune_estimate(_tiny(*overrides), t.model_cfg, t.cut_from, mesh)["prune_calibration"]
+    assert 0.3 < forward / dryrun.compiled_memory(compiled)["temp_bytes"] < 3
 
 
 def test_online_teacher_compiles_ahead_of_time():

@@ -15,6 +15,9 @@ activations under the remat policy and the fused loss's [chunk, vocab] temporari
   gathered weights, its forward activations (no backward: one layer live), its half of the online
   loss's [chunk, vocab] temporaries and, with `loss.hidden`, both models' collected layer outputs,
   the alignment's fp32 terms and the projections' train state.
+- with `student.init: pruned`, the cut at start (`prune_estimate`): the whole teacher, a calibration
+  forward and the cut student, held before the train state exists; the fit is checked against the
+  larger of it and the step.
 - compiled, when the mesh fits this machine's devices (and not --no-compile): the real jitted step
   lowered on abstract arrays and compiled ahead of time; XLA's `memory_analysis()` per device.
   Splash off a TPU and cuDNN off a GPU cannot compile here: blockwise stands in (and it says so).
@@ -348,6 +351,29 @@ def online_estimate(cfg: Config, model_cfg: DecoderConfig, teacher_cfg: DecoderC
     return out
 
 
+def prune_estimate(cfg: Config, model_cfg: DecoderConfig, teacher_cfg: DecoderConfig, mesh) -> dict:
+    """student.init=pruned: analytic per-device bytes of the cut at start (kd_jax.core.prepare.prepare,
+    kd_jax.models.prune.select and apply), before any train state exists: the whole teacher in its
+    param dtype (teacher.param_dtype, sharded like a student's), one layer of it gathered at a time,
+    the forward of one calibration batch (student.prune.calibration_batch_size rows of data.seq_len,
+    on every device: `measure` replicates the batches) with the fp32 copies its scores are summed
+    from, with depth_metric=layer_loss one row's fp32 [T, V] logits, and the cut student's
+    parameters, made while the teacher is still held."""
+    p, T = cfg.student.prune, cfg.data.seq_len
+    rows, n = p.calibration_batch_size, p.calibration_batch_size * cfg.data.seq_len
+    t_info = param_info(teacher_cfg, mesh)
+    E, st = teacher_cfg.hidden_size, jnp.dtype(teacher_cfg.dtype).itemsize
+    _, full, _ = layer_activation_bytes(teacher_cfg, rows, T, mesh)
+    layer_loss = p.depth_metric == "layer_loss" and (p.layers or teacher_cfg.num_layers) < teacher_cfg.num_layers
+    activations = (full + attention_bytes(teacher_cfg, rows, T, mesh).shared
+                   + n * E * (st + 2 * 4)  # the residual stream, a layer's input and output in fp32 (the scores)
+                   + (2 * T * teacher_cfg.vocab_size * 4 if layer_loss else 0))  # a row's logits, log-sum-exp
+    return dict(prune_teacher_params=t_info.local_bytes,
+                prune_teacher_gathered=2 * t_info.layer_gathered + (t_info.out_embed_gathered if layer_loss else 0),
+                prune_calibration=activations, prune_batch=3 * n * 4,  # tokens, positions, segment ids (int32)
+                prune_student_params=param_info(model_cfg, mesh).local_bytes)
+
+
 def precompute_estimate(cfg: Config, model_cfg: DecoderConfig, mesh) -> dict:
     """Analytic per-device bytes of the teacher's top-K pass on its longest batch."""
     batch_shards = sharding.logical_size(mesh, "batch")
@@ -495,6 +521,11 @@ _LABELS = {
     "teacher_loss": "online loss, teacher's chunk x vocab (fp32)",
     "hidden_alignment": "hidden alignment ({M} layers of both models)",
     "align_state": "alignment projections + grads + Adam (fp32)",
+    "prune_teacher_params": "teacher parameters (whole, {dtype})",
+    "prune_teacher_gathered": "teacher gathered weights (one layer)",
+    "prune_calibration": "calibration forward ({rows} x {T} tokens)",
+    "prune_batch": "calibration batch",
+    "prune_student_params": "the cut student's parameters",
 }
 
 
@@ -514,6 +545,7 @@ class Target:
     mesh: AbstractMesh
     platform: str  # "tpu", "gpu" or "cpu"
     platform_from: str  # "mesh.platform" or "this machine"
+    cut_from: DecoderConfig | None = None  # student.init=pruned: the teacher the student is cut from at start
 
 
 def target_platform(cfg: Config) -> tuple[str, str]:
@@ -562,19 +594,32 @@ def target(cfg: Config, entry: str, topology: topology_lib.Topology | None = Non
     else:  # precompute runs the teacher on each process's own devices (kd_jax.core.precompute.precompute)
         model_cfg, where = model_config(cfg.teacher, "teacher")
         num_devices = topology.host_chips if topology else jax.local_device_count()
+    cut_from = None
+    if entry == "train" and cfg.student.init == "pruned":
+        cut_from = resolve_attention(model_config(cfg.teacher, "teacher")[0], platform)
     return Target(entry, resolve_attention(model_cfg, platform), where, teacher_cfg, teacher_where, num_devices,
-                  resolve_mesh(cfg, num_devices), platform, platform_from)
+                  resolve_mesh(cfg, num_devices), platform, platform_from, cut_from)
 
 
 def estimate(cfg: Config, t: Target) -> dict:
-    """The analytic estimate of `t` under `cfg` (train_estimate or precompute_estimate)."""
+    """The analytic estimate of `t` under `cfg` (train_estimate or precompute_estimate); with a
+    pruned student, the cut at start under "_prune" (`prune_estimate`: never live with a train step)."""
     if t.entry == "train":
-        return train_estimate(cfg, t.model_cfg, t.mesh, t.teacher_cfg)
+        est = train_estimate(cfg, t.model_cfg, t.mesh, t.teacher_cfg)
+        if t.cut_from is not None:
+            est["_prune"] = prune_estimate(cfg, t.model_cfg, t.cut_from, t.mesh)
+        return est
     return precompute_estimate(cfg, t.model_cfg, t.mesh)
 
 
 def analytic_total(est: dict) -> int:
     return sum(v for k, v in est.items() if not k.startswith("_"))
+
+
+def analytic_peak(est: dict) -> int:
+    """The most one device holds at once by the analytic estimate: the step's total, or the cut at
+    start of a pruned student when it holds more."""
+    return max(analytic_total(est), sum(est.get("_prune", {}).values()))
 
 
 def with_seq_len(cfg: Config, seq_len: int) -> Config:
@@ -599,7 +644,7 @@ def longest_seq_len(cfg: Config, t: Target, limit: int, step: int = 128) -> tupl
     from `step` to the first length that fits and on to the first that does not, then bisection."""
     models = [t.model_cfg] + ([t.teacher_cfg] if t.teacher_cfg is not None else [])
     cap = max(step, min(m.max_position_embeddings for m in models) // step * step)
-    fits = lambda n: analytic_total(estimate(with_seq_len(cfg, n), t)) <= limit  # noqa: E731
+    fits = lambda n: analytic_peak(estimate(with_seq_len(cfg, n), t)) <= limit  # noqa: E731
     probes = _doublings(step, cap)
     ok = [fits(n) for n in probes]
     if not any(ok):
@@ -740,6 +785,7 @@ def report(cfg: Config, entry: str, *, compile: bool = True, out=sys.stdout, ext
     info: ParamInfo = est.pop("_info")
     t_info: ParamInfo | None = est.pop("_teacher_info", None)
     pairs, proj = est.pop("_pairs", ()), est.pop("_proj", None)
+    cut = est.pop("_prune", None)
     parts = {k: v for k, v in est.items() if not k.startswith("_")}
     total = sum(parts.values())
     T = cfg.data.seq_len if entry == "train" else est["_T"]
@@ -781,6 +827,17 @@ def report(cfg: Config, entry: str, *, compile: bool = True, out=sys.stdout, ext
         summary["teacher"] = dict(mode="online", model_type=teacher_cfg.model_type, params=t_info.count,
                                   param_dtype=teacher_cfg.param_dtype, hidden_pairs=len(pairs),
                                   align_shape=list(proj) if proj else None)
+    cut_total = 0
+    if cut is not None:
+        cut_total = sum(cut.values())
+        pr = cfg.student.prune
+        p(f"per-device memory of the cut at start (student.init=pruned: the student is cut from the whole teacher "
+          f"after {pr.depth_metric} scores on calibration batches; before the train state exists), analytic (GiB):")
+        for k, v in cut.items():
+            label = _LABELS[k].format(dtype=t.cut_from.param_dtype, rows=pr.calibration_batch_size, T=T)
+            p(f"  {label:<48}{_gib(v)}")
+        p(f"  {'total':<48}{_gib(cut_total)}")
+        summary["prune"] = dict(cut, total=cut_total, teacher_param_dtype=t.cut_from.param_dtype)
     checked = total
     if topology is not None:
         checked = _compile_for_topology(cfg, t, est, p, summary, topology)
@@ -801,13 +858,16 @@ def report(cfg: Config, entry: str, *, compile: bool = True, out=sys.stdout, ext
         checked = c["total_bytes"]
     elif compile:
         p(f"(no ahead-of-time compile: the mesh needs {mesh.size} devices, this machine has {num_devices})")
+    by = f"the {'compiled' if 'compiled' in summary else 'analytic'} estimate"
+    if cut_total > checked:  # the cut at start holds more than the step: that is the peak to check
+        checked, by = cut_total, "the cut at start (analytic)"
     limit, source = device_memory(cfg, topology)
     fits = None if limit is None else checked <= limit
     if limit is None:
         p(f"device memory {source}; fit not checked")
     else:
         p(f"device memory {limit / GiB:.2f} GiB ({source}): {'fits' if fits else 'does NOT fit'}, "
-          f"{100 * checked / limit:.0f}% used by the {'compiled' if 'compiled' in summary else 'analytic'} estimate")
+          f"{100 * checked / limit:.0f}% used by {by}")
     summary.update(extra or {})
     summary.update(device_memory=limit, fits=fits, seconds=round(time.perf_counter() - t0, 2))
     p("dry-run summary: " + json.dumps(summary))
@@ -833,7 +893,7 @@ def max_seq_len_report(cfg: Config, entry: str, *, compile: bool = True, out=sys
     how = (f"searched multiples of 128 up to {cap} (max_position_embeddings) by the analytic "
            f"estimate, {kept}, in {time.perf_counter() - t0:.1f} s")
     if best is None:
-        need, at = min((analytic_total(estimate(with_seq_len(cfg, n), t)), n) for n in _doublings(128, cap))
+        need, at = min((analytic_peak(estimate(with_seq_len(cfg, n), t)), n) for n in _doublings(128, cap))
         p(f"no data.seq_len fits: the least any tried length needs is {need / GiB:.2f} GiB per device ({at} "
           f"tokens) of {limit / GiB:.2f} ({source}); {how}")
         summary = dict(entry=entry, max_seq_len=None, fits=False)
