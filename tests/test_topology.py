@@ -72,7 +72,8 @@ def test_sampled_targets_compile_the_sampled_pass():
     """precompute.targets=sampled: the pass compiled for the slice is the one precompute runs (K draws
     per position, kd_jax.core.precompute.sampled_logprobs), not the top-K pass."""
     out = io.StringIO()
-    s = dryrun.report(_tiny("precompute.targets=sampled"), "precompute", out=out, topology=tl.parse("v5e:2x2"))
+    s = dryrun.report(_tiny("precompute.targets=sampled", "precompute.batch_tokens=1024"), "precompute", out=out,
+                      topology=tl.parse("v5e:2x2"))
     assert s["targets"] == "sampled" and s["compiled"]["total_bytes"] > 0
     assert "memory of the teacher's sampled pass (8 draws), compiled for v5e:2x2" in out.getvalue()
 
