@@ -16,7 +16,7 @@ import torch
 import transformers
 from flax import nnx
 
-from kd_jax.models import build_model, load_hf, save_hf
+from kd_jax.models import build_model, load_hf, num_params, save_hf
 from kd_jax.models import prune as P
 
 ATOL = 1e-4  # fp32 logits, as tests/test_models.py
@@ -264,13 +264,6 @@ def test_pruned_run_trains_and_exports_an_hf_model(store_root):
     _close("export after training", student(jnp.asarray(tokens)), hf.eval()(torch.tensor(tokens)).logits.detach())
 
 
-def test_report_max_logit_difference():
-    """Prints the largest logit difference per check (for the report); runs last."""
-    print("\nlargest |pruned - reference| logit difference:")
-    for name, diff in sorted(DIFFS.items()):
-        print(f"  {name:32s} {diff:.2e}")
-
-
 def test_cut_teacher_of_another_tokenizer_or_random_is_refused(store_root, tmp_path):
     """The cut keeps the teacher's embedding: a teacher of another tokenizer than the store's (its vocab
     larger, so the vocab check passes) is refused before any weight is read, as an online teacher is;
@@ -347,3 +340,66 @@ def test_prune_demo_rows_take_every_prune_target_override(tmp_path):
                         for cfg in rows.values())
     rows = compare.row_configs(demo.comparison(None, demo.SEEDS, 1), out, (), {"kept_layers": "{0: 0}"})
     assert all(set(cfg.student.prune.targets.values()) == {None} for cfg in rows.values())  # the rows file alone
+
+
+@pytest.fixture(scope="module")
+def pruned_run(store_root, tmp_path_factory):
+    """A pruned run trained 1 step from a copy of the teacher (which a test moves away), the store's
+    tokenizer named apart (data.tokenizer)."""
+    import shutil
+
+    import tiny_kd
+
+    from kd_jax.base.loader import load_config
+    from kd_jax.core.loop import train
+    teacher = str(tmp_path_factory.mktemp("cut_from") / "teacher")
+    shutil.copytree(f"{store_root}/teacher", teacher)
+    args = tiny_kd.train_args(store_root, "pruned_run", 1, **PRUNE_ARGS) + [
+        f"teacher.hf_path={teacher}", f"data.tokenizer={store_root}/teacher", "eval.max_new_tokens=4"]
+    train(load_config(None, args))
+    return args, teacher
+
+
+def test_pruned_run_evaluates_untrained_and_refuses_other_sizes(pruned_run):
+    """evaluate --untrained cuts the student as training does (it raised a ValueError traceback); a
+    config of other prune sizes is refused in one line, as train refuses it (it was an orbax shape error)."""
+    from kd_jax.base.loader import load_config
+    from kd_jax.core.evaluation import evaluate
+    from kd_jax.core.runs import RunDirError, restore_student
+    args, _ = pruned_run
+    cfg = load_config(None, args)
+    report = evaluate(cfg, "student", max_examples=1, untrained=True)
+    assert report["parameters"] == num_params(restore_student(cfg)[0])  # the cut's sizes
+    other = load_config(None, args + ["student.prune.layers=2"])
+    refused = r"student\.prune\.layers: 1 -> 2; its student has num_layers=1 \(not 2\)"
+    with pytest.raises(RunDirError, match=refused) as e:
+        evaluate(other, "student", max_examples=1)
+    assert "\n" not in str(e.value)
+
+
+def test_pruned_run_exports_without_its_teacher(pruned_run):
+    """The checkpoint holds the student whole: export reads its shapes from the run's student.json,
+    not from the teacher's folder, which may be gone."""
+    import os
+
+    from kd_jax.base.loader import load_config
+    from kd_jax.core.runs import export_run, load_run_config, restore_student
+    args, teacher = pruned_run
+    cfg = load_config(None, args)
+    student, _ = restore_student(load_run_config(cfg.run_dir))
+    os.rename(teacher, teacher + ".gone")
+    try:
+        out = export_run(cfg.run_dir, os.path.join(cfg.run_dir, "hf"))
+    finally:
+        os.rename(teacher + ".gone", teacher)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, attn_implementation="eager")
+    assert (hf.config.num_hidden_layers, hf.config.hidden_size, hf.config.num_key_value_heads) == (1, 24, 1)
+    tokens = np.asarray(_tokens())
+    _close("export without the teacher", student(jnp.asarray(tokens)), hf.eval()(torch.tensor(tokens)).logits.detach())
+
+
+def test_report_max_logit_difference():
+    """Prints the largest logit difference per check (for the report); runs last."""
+    print("\nlargest |pruned - reference| logit difference:")
+    for name, diff in sorted(DIFFS.items()):
+        print(f"  {name:32s} {diff:.2e}")

@@ -44,6 +44,7 @@ from kd_jax.core.grading import (
     wilson_interval,
 )
 from kd_jax.core.optim import default_hyper
+from kd_jax.core.prepare import pruned_student
 from kd_jax.core.runs import restore_student
 from kd_jax.core.step import Objective, eval_step, loss_metrics
 from kd_jax.data import tables
@@ -255,11 +256,14 @@ _EVAL_STEP = jax.jit(eval_step, static_argnums=0)
 
 def load_for_eval(cfg: Config, which: str, mesh, *, untrained: bool = False):
     """The teacher as configured, or the student from the run's latest checkpoint; the student as
-    initialized (pretrained, teacher layers or random) only when asked with `untrained`."""
+    initialized (pretrained, teacher layers, random, or cut from the teacher as training cuts it)
+    only when asked with `untrained`."""
     if which == "teacher":
         return build_model(cfg.teacher, mesh=mesh)
     if not untrained:
         return restore_student(cfg, mesh=mesh)[0]
+    if cfg.student.init == "pruned":
+        return pruned_student(cfg, mesh)
     teacher = build_model(cfg.teacher, mesh=mesh) if cfg.student.init == "teacher_layers" else None
     return build_model(cfg.student, mesh=mesh, teacher=teacher, seed=cfg.run.seed)
 

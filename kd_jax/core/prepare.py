@@ -157,6 +157,22 @@ def check_cut_teacher(cfg: Config, store: KDStore | None = None, load=load_token
                          f"that tokenizer, or rebuild the store with the teacher's (data.tokenizer)")
 
 
+def pruned_student(cfg: Config, mesh, load=load_tokenizer):
+    """init=pruned outside training (`evaluate --untrained`): the student as `prepare` cuts it, the
+    teacher measured on the first tokens of the store's training split, with the same checks."""
+    check_cut_teacher(cfg)
+    if not cfg.data.store:
+        raise StoreError("student.init=pruned measures the teacher on the store's training split: set data.store")
+    store = KDStore.open(cfg.data.store)
+    check_cut_teacher(cfg, store, load)
+    usable = store.usable_sequences(cfg, tokenizer=load(cfg.tokenizer, cfg.tokenizer_revision),
+                                    vocab_size=source_config(cfg.student, cfg.teacher).vocab_size)
+    train_pos, _ = split_indices(len(usable), cfg.data.eval_fraction, cfg.data.shuffle_seed)
+    teacher = build_model(cfg.teacher, mesh=mesh, seed=cfg.run.seed)
+    return build_model(cfg.student, mesh=mesh, seed=cfg.run.seed, teacher=teacher,
+                       calibration=calibration(store, usable[train_pos], cfg))
+
+
 def calibration(store: KDStore, train_idx: np.ndarray, cfg: Config) -> list[dict[str, np.ndarray]]:
     """init=pruned: the first student.prune.calibration_tokens tokens of the training split
     (`train_idx`, the sequences training reads), packed into rows of data.seq_len. When the split

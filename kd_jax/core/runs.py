@@ -1,6 +1,8 @@
 """A run directory (`run.output_dir/run.name`): its config, its owner, and the student it holds.
 
     config.yaml      the resolved config the run was trained with (written once checks pass)
+    student.json     the HF config.json of the student the checkpoints hold, when it is cut or copied
+                     from the teacher (init=pruned, teacher_layers): restore and export need no teacher
     run.lock         flock'ed by the trainer that owns the directory now (host and pid inside)
     checkpoints/     Orbax steps (kd_jax.core.checkpoint), metrics.jsonl, tb/, eval_*.json
 
@@ -25,7 +27,8 @@ from kd_jax.base.schema import Config, ConfigError
 from kd_jax.core.checkpoint import Checkpointer, CheckpointError
 from kd_jax.core.optim import scheduled
 from kd_jax.core.state import restore_params
-from kd_jax.models.hf import check_export_folder, load_tokenizer, save_hf
+from kd_jax.models.decoder import DecoderConfig
+from kd_jax.models.hf import check_export_folder, config_from_hf, config_to_hf, load_tokenizer, save_hf
 from kd_jax.models.source import source_config
 
 log = logging.getLogger("kd_jax.core.runs")
@@ -35,6 +38,12 @@ log = logging.getLogger("kd_jax.core.runs")
 RESUMABLE_CHANGES = ("run.name", "run.output_dir", "run.log_every", "run.tensorboard", "mesh", "precompute",
                      "train.steps", "train.eval_every", "train.max_nonfinite", "checkpoint", "eval", "data.num_workers",
                      "data.traces")
+
+
+STUDENT_RECORD = "student.json"
+# The DecoderConfig fields that decide the arrays a checkpoint holds.
+_SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                 "head_dim", "tie_word_embeddings", "qkv_bias", "o_bias", "mlp_bias", "qk_norm")
 
 
 class RunDirError(KDJaxError):
@@ -83,9 +92,8 @@ def check_and_save_config(cfg: Config) -> None:
         changed = {k: v for k, v in config_changes(old, cfg).items()
                    if not any(k == p or k.startswith(p + ".") for p in RESUMABLE_CHANGES)}
         if changed:
-            diff = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
             raise RunDirError(f"{cfg.run_dir} was trained with another config and its checkpoints do not fit this "
-                              f"one ({diff}); resume with the saved config ({path}), or pick a new run.name")
+                              f"one ({_diff(changed)}); resume with the saved config ({path}), or pick a new run.name")
         # A loss schedule runs from its start value at step 0 to its end at train.steps: another
         # train.steps would re-stretch the part already trained (alpha 0.1 at the end of 2 steps would be
         # 0.5 again at step 3 of 4). The learning rate's decay may move its end (a resumable change).
@@ -96,6 +104,14 @@ def check_and_save_config(cfg: Config) -> None:
                               f"the steps already taken; keep train.steps={old.train.steps}, or start a new run "
                               f"(e.g. from an export of this one) with the schedule you want")
     save_config(cfg)
+    record = os.path.join(cfg.run_dir, STUDENT_RECORD)
+    if cfg.student.init in ("pruned", "teacher_layers") and not os.path.exists(record):
+        with open(record, "w") as f:  # the teacher's config.json is read now, while it is there
+            json.dump(config_to_hf(source_config(cfg.student, cfg.teacher), cfg.student.param_dtype), f, indent=2)
+
+
+def _diff(changes: dict[str, tuple]) -> str:
+    return "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items())
 
 
 class RunLock:
@@ -155,15 +171,42 @@ def load_run_config(run_dir: str) -> Config:
     return dataclasses.replace(cfg, run=run)
 
 
+def student_config(cfg: Config) -> DecoderConfig:
+    """The DecoderConfig of the student the run's checkpoints hold: its student.json when the run
+    recorded one (a student cut or copied from the teacher: no teacher folder needed), else as the
+    run's config describes it; cfg.student's dtypes, attention and remat either way. A `cfg` that
+    describes a student of other shapes than the recorded or saved one is refused in one line, as
+    train refuses it on resume (restoring would fail on the first array of another shape)."""
+    record = os.path.join(cfg.run_dir, STUDENT_RECORD)
+    saved_path = os.path.join(cfg.run_dir, "config.yaml")
+    saved = load_config(saved_path) if os.path.exists(saved_path) else cfg
+    changed = {k: v for k, v in config_changes(saved, cfg).items() if k.startswith(("student.", "teacher."))}
+    if os.path.exists(record):
+        with open(record) as f:
+            held = config_from_hf(json.load(f), **cfg.student.decoder_options())
+    else:
+        held = dataclasses.replace(source_config(saved.student, saved.teacher), **cfg.student.decoder_options())
+    if changed:  # (an export, or evaluate with the run's own config, reads no teacher)
+        wanted = source_config(cfg.student, cfg.teacher)
+        differ = [f for f in _SHAPE_FIELDS if getattr(held, f) != getattr(wanted, f)]
+        if differ:
+            shapes = ", ".join(f"{f}={getattr(held, f)} (not {getattr(wanted, f)})" for f in differ)
+            raise RunDirError(f"{cfg.run_dir} was trained with another config and its checkpoints do not fit this "
+                              f"one ({_diff(changed)}; its student has {shapes}); use the saved config "
+                              f"({saved_path}), or train a run of these sizes")
+    return held
+
+
 def restore_student(cfg: Config, step: int | None = None, mesh=None):
     """(student, its step) from the run's checkpoint `step` (None: the latest), parameters only,
-    onto `mesh` (default: every local device, data parallel)."""
+    onto `mesh` (default: every local device, data parallel); its shapes from `student_config`."""
     if not has_checkpoints(cfg):
         raise CheckpointError(f"{cfg.run_dir} has no checkpoint ({cfg.checkpoint_dir} holds no step); train it "
                               f"first with `python -m kd_jax.train --config ...`")
+    model_cfg = student_config(cfg)
     mesh = mesh if mesh is not None else sharding.make_mesh()
     with Checkpointer(cfg.checkpoint_dir, cfg.checkpoint) as ckpt:
-        return restore_params(ckpt, step, source_config(cfg.student, cfg.teacher), mesh)
+        return restore_params(ckpt, step, model_cfg, mesh)
 
 
 def export_run(run_dir: str, out: str | None = None, step: int | None = None, dtype: str | None = None, *,
