@@ -377,6 +377,20 @@ def test_pruned_run_evaluates_untrained_and_refuses_other_sizes(pruned_run):
     assert "\n" not in str(e.value)
 
 
+def test_pruned_run_resumes_a_changed_calibration(pruned_run, caplog):
+    """Calibration keys only choose how a fresh student is cut (the checkpoint's student has the same
+    shapes): a resume with another calibration_tokens is allowed, said in one line, and config.yaml keeps
+    the value the run was cut with."""
+    from kd_jax.base.loader import load_config
+    from kd_jax.core.runs import check_and_save_config, load_run_config
+    args, _ = pruned_run
+    cfg = load_config(None, args + ["student.prune.calibration_tokens=400"])
+    with caplog.at_level("WARNING"):
+        check_and_save_config(cfg)
+    assert "student.prune.calibration_tokens: 300 -> 400 only choose how a fresh student is cut" in caplog.text
+    assert load_run_config(cfg.run_dir).student.prune.calibration_tokens == 300
+
+
 def test_pruned_run_exports_without_its_teacher(pruned_run):
     """The checkpoint holds the student whole: export reads its shapes from the run's student.json,
     not from the teacher's folder, which may be gone."""

@@ -40,6 +40,11 @@ RESUMABLE_CHANGES = ("run.name", "run.output_dir", "run.log_every", "run.tensorb
                      "data.traces")
 
 
+# Keys that only decide how a fresh student is cut from the teacher, not its shapes: a resumed run
+# restores its student from the checkpoint, so they are ignored there (config.yaml keeps the values the
+# run was cut with).
+CUT_ONLY_CHANGES = ("student.prune.calibration_tokens", "student.prune.calibration_batch_size",
+                    "student.prune.depth_metric")
 STUDENT_RECORD = "student.json"
 # The DecoderConfig fields that decide the arrays a checkpoint holds.
 _SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
@@ -89,11 +94,18 @@ def check_and_save_config(cfg: Config) -> None:
             old = load_config(path)
         except ConfigError as e:
             raise RunDirError(f"{path} cannot be read ({e}); restore it, or pick a new run.name") from None
-        changed = {k: v for k, v in config_changes(old, cfg).items()
-                   if not any(k == p or k.startswith(p + ".") for p in RESUMABLE_CHANGES)}
+        changes = config_changes(old, cfg)
+        changed = {k: v for k, v in changes.items()
+                   if not any(k == p or k.startswith(p + ".") for p in RESUMABLE_CHANGES + CUT_ONLY_CHANGES)}
         if changed:
             raise RunDirError(f"{cfg.run_dir} was trained with another config and its checkpoints do not fit this "
                               f"one ({_diff(changed)}); resume with the saved config ({path}), or pick a new run.name")
+        cut_only = {k: v for k, v in changes.items() if k in CUT_ONLY_CHANGES}
+        if cut_only:
+            log.warning("resuming %s: %s only choose how a fresh student is cut; the checkpoint's student is resumed "
+                        "and config.yaml keeps the values it was cut with", cfg.run_dir, _diff(cut_only))
+            cfg = dataclasses.replace(cfg, student=dataclasses.replace(cfg.student, prune=dataclasses.replace(
+                cfg.student.prune, **{k.rsplit(".", 1)[1]: a for k, (a, _) in cut_only.items()})))
         # A loss schedule runs from its start value at step 0 to its end at train.steps: another
         # train.steps would re-stretch the part already trained (alpha 0.1 at the end of 2 steps would be
         # 0.5 again at step 3 of 4). The learning rate's decay may move its end (a resumable change).
