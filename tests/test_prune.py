@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 
 import hf_tiny
 import jax
@@ -286,6 +287,10 @@ def test_cut_teacher_of_another_tokenizer_or_random_is_refused(store_root, tmp_p
     cfg = load_config(None, args + ["teacher.init=random", f"teacher.architecture={json.dumps(arch)}"])
     with pytest.raises(P.PruneError, match="teacher.init=random weights: importance measured on untrained"):
         prepare(cfg)
+    from kd_jax.core.loop import train
+    with pytest.raises(P.PruneError, match="teacher.init=random weights"):
+        train(cfg)
+    assert not os.path.exists(cfg.run_dir)  # refused before the run folder is claimed
 
 
 def test_calibration_beyond_the_training_split_says_how_many_tokens_it_measures(store_root, caplog):

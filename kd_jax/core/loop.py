@@ -26,7 +26,7 @@ from kd_jax.core.evaluation import evaluate_losses
 from kd_jax.core.metrics import Logger
 from kd_jax.core.onpolicy import Sampled
 from kd_jax.core.optim import hyper_at, scheduled
-from kd_jax.core.prepare import check_store_given, prepare
+from kd_jax.core.prepare import check_cut_teacher, check_store_given, prepare
 from kd_jax.core.runs import RunLock, check_and_save_config
 from kd_jax.core.step import loss_metrics, trainable
 from kd_jax.models import flops, num_params
@@ -62,7 +62,10 @@ class _QuietDiskFull(logging.Filter):
 
 def train(cfg: Config) -> dict[str, float]:
     """Run (or resume) training; returns the last logged train metrics."""
-    check_store_given(cfg)  # before the run directory is claimed: a run with nothing to read writes nothing
+    # before the run directory is claimed: a run with nothing to read, or cut from an untrained
+    # teacher, writes nothing
+    check_store_given(cfg)
+    check_cut_teacher(cfg)
     lock = RunLock(cfg.run_dir)
 
     def claim() -> None:  # process 0 owns the run directory for all processes
