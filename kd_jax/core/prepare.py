@@ -146,15 +146,10 @@ def check_cut_teacher(cfg: Config, store: KDStore | None = None, load=load_token
         raise PruneError(f"student.init=pruned cuts the student from teacher.init={cfg.teacher.init} weights: "
                          f"importance measured on untrained weights ranks nothing; set teacher.init=hf (a trained "
                          f"teacher's folder), or student.init=random for a random student")
-    built = store.meta.tokenizer_fingerprint if store is not None else None
-    if not built:
-        return
-    fingerprint = tokenizer_fingerprint(load(cfg.teacher.hf_path, cfg.teacher.revision))
-    if fingerprint != built:
-        raise StoreError(f"teacher {cfg.teacher.hf_path} has another tokenizer (fingerprint {fingerprint[:12]}) than "
-                         f"the one store {store.path} was tokenized with ({store.meta.tokenizer!r}, {built[:12]}): a "
-                         f"student cut from it would read the store's ids as other tokens; cut from a teacher of "
-                         f"that tokenizer, or rebuild the store with the teacher's (data.tokenizer)")
+    if store is not None:
+        store.check_teacher_tokenizer(load(cfg.teacher.hf_path, cfg.teacher.revision), cfg.teacher.hf_path,
+                                      use="teacher", harm="a student cut from it would read the store's ids as "
+                                                          "other tokens")
 
 
 def pruned_student(cfg: Config, mesh, load=load_tokenizer):

@@ -514,20 +514,22 @@ class KDStore:
                              f"cross-entropy to the draws) is unbiased with sampled targets; set "
                              f"loss.divergence=forward_kl, or build a top-K store (precompute.targets=topk)")
 
-    def check_teacher_tokenizer(self, tokenizer, teacher: str) -> None:
-        """An online teacher grades the store's token ids: its tokenizer (`tokenizer`, of the teacher
-        folder or hub id `teacher`) must be the one the store was tokenized with, whatever the
-        student is. A version-1 store records no fingerprint: nothing to compare."""
+    def check_teacher_tokenizer(self, tokenizer, teacher: str, *, use: str = "online teacher",
+                                harm: str = "it would grade other tokens") -> None:
+        """A teacher that reads the store's token ids (an online teacher grades them; a student cut
+        from a teacher keeps its embedding): its tokenizer (`tokenizer`, of the teacher folder or
+        hub id `teacher`) must be the one the store was tokenized with, whatever the student is.
+        `use` and `harm` name the teacher's part and what would go wrong. A version-1 store records
+        no fingerprint: nothing to compare."""
         built = self.meta.tokenizer_fingerprint
         if not built:
             return
         fingerprint = tokenizer_fingerprint(tokenizer)
         if fingerprint != built:
             raise StoreError(
-                f"online teacher {teacher} has another tokenizer (fingerprint {fingerprint[:12]}) than the one store "
-                f"{self.path} was tokenized with ({self.meta.tokenizer!r}, {built[:12]}): it would grade other "
-                f"tokens; set data.tokenizer to the teacher's (and rebuild the store), or pick a teacher of that "
-                f"tokenizer")
+                f"{use} {teacher} has another tokenizer (fingerprint {fingerprint[:12]}) than the one store "
+                f"{self.path} was tokenized with ({self.meta.tokenizer!r}, {built[:12]}): {harm}; set "
+                f"data.tokenizer to the teacher's (and rebuild the store), or pick a teacher of that tokenizer")
 
     def usable_sequences(self, cfg: Config, *, tokenizer, vocab_size: int | None = None) -> np.ndarray:
         """The store checked against a run's config; the usable sequence indices. The teacher rows
