@@ -187,3 +187,15 @@ def test_demo_refuses_bad_arguments_before_touching_the_folder(tmp_path, capsys)
         assert "data exists and was not written by this comparison" in capsys.readouterr().err
         assert (out / "data" / "train.jsonl").read_bytes() == b'{"text": "mine"}\n'
         assert sorted(os.listdir(out)) == ["data", "notes.txt"]
+
+
+def test_the_demo_runs_on_two_devices_whatever_the_core_count():
+    """The device count changes the demo's numbers (docs/demo.md), the core count must not: 2 CPU
+    devices on an 8-core machine as on this one; a device count the user put in XLA_FLAGS wins."""
+    code = ("import os; os.cpu_count = lambda: 8; import kd_jax.demo.__main__; print(os.environ['XLA_FLAGS'])")
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["--xla_force_host_platform_device_count=2"]
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["--xla_force_host_platform_device_count=4"]
