@@ -306,3 +306,15 @@ def test_extending_a_run_with_a_loss_schedule_is_refused(tmp_path):
     check_and_save_config(plain)
     os.makedirs(os.path.join(plain.checkpoint_dir, "2"))
     check_and_save_config(dataclasses.replace(plain, train=dataclasses.replace(plain.train, steps=4)))
+
+
+def test_config_changes_keep_a_layer_map_as_one_value():
+    """loss.hidden.layers maps int layer indices: the config diff (resume, evaluate, export) names it as
+    one key and does not fail on the int keys (the prune demo's online + hidden row crashed on it)."""
+    from kd_jax.core.runs import config_changes
+    online = ["teacher.mode=online", "loss.hidden.weight=1.0"]
+    a = load_config(None, online + ["loss.hidden.layers={0: 0, 1: 2}"])
+    b = load_config(None, online + ["loss.hidden.layers={0: 1, 1: 3}", "train.steps=7"])
+    assert config_changes(a, a) == {}
+    assert config_changes(a, b) == {"loss.hidden.layers": ({0: 0, 1: 2}, {0: 1, 1: 3}),
+                                    "train.steps": (a.train.steps, 7)}

@@ -56,10 +56,11 @@ class RunDirError(KDJaxError):
 
 
 def flatten(tree: dict, prefix: str = "") -> dict:
-    """A nested config dict as {dotted key: value} (an architecture stays one value)."""
+    """A nested config dict as {dotted key: value}; a mapping that is a value, not a section (an
+    architecture, a layer map like loss.hidden.layers {0: 0, 1: 2}), stays one value."""
     out = {}
     for k, v in tree.items():
-        if isinstance(v, dict) and v and k != "architecture":
+        if isinstance(v, dict) and v and k != "architecture" and all(isinstance(key, str) for key in v):
             out.update(flatten(v, f"{prefix}{k}."))
         else:
             out[prefix + k] = v
