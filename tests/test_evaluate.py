@@ -37,6 +37,9 @@ def test_extract_answer():
     assert extract_answer("<think>\nstep one\n\nstep two\n</think>\n\nThe answer is 42.") == "The answer is 42."
     assert extract_answer("a</think>b</think> c ") == "c"
     assert extract_answer("<think>\nno end in sight") == ""
+    # eval.reasoning=false, a plain instruct model: the whole generation, if it ended (EOS)
+    assert extract_answer(" Paris is where she lives. ", reasoning=False) == "Paris is where she lives."
+    assert extract_answer("Paris and then on and on", reasoning=False, ended=False) == ""
 
 
 def test_matchers():
@@ -207,3 +210,36 @@ def test_eval_rows_without_a_reference_are_refused_not_scored(eval_set, tmp_path
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(ConfigError, match=r"row\(s\) 1, 2 have no reference answer in 'answer'"):
         run(load_config(None, teacher_args(root) + [f"eval.data={path}"]), "teacher")
+
+
+def test_a_plain_instruct_model_is_scored_on_its_whole_answer(monkeypatch):
+    """eval.reasoning=false: a model that does not think is scored on its whole generation when it
+    ended (EOS); a generation cut at max_new_tokens scores wrong, as an unclosed think block does.
+    With the default (reasoning) the same generations, having no think close, all score wrong."""
+    import dataclasses
+
+    from kd_jax.base.schema import EvalConfig
+    from kd_jax.core import evaluation
+    EOS = 0
+    outputs = {(1,): "Paris", (2,): "It is Lima and", (3,): "Oslo"}  # prompt ids -> generated text
+
+    class Tok:
+        eos_token_id = EOS
+
+        def decode(self, ids, **_):
+            return "".join(chr(i) for i in ids)
+    problems = [evaluation.Problem([1], "q1", "Paris"), evaluation.Problem([2], "q2", "Lima"),
+                evaluation.Problem([3], "q3", "Oslo")]
+
+    def fake(model, prompts, **_):  # the second one runs out of tokens: no EOS
+        return [[ord(c) for c in outputs[tuple(p)]] + ([] if tuple(p) == (2,) else [EOS]) for p in prompts]
+    monkeypatch.setattr(evaluation, "generate", fake)
+    plain = EvalConfig(matcher="tests.test_evaluate:contains", reasoning=False)
+    report = evaluation.task_accuracy(None, Tok(), problems, plain, batch_size=3)
+    assert report["correct_samples"] == 2 and report["samples"][0]["prediction"] == "Paris"
+    assert evaluation.task_accuracy(None, Tok(), problems, dataclasses.replace(plain, reasoning=True),
+                                    batch_size=3)["correct_samples"] == 0
+
+
+def contains(pred, ref):  # a user matcher: the reference named in the answer
+    return ref in pred

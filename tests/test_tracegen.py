@@ -190,6 +190,38 @@ def test_filters_and_keep_policies(teacher, tmp_path, monkeypatch, keep):
     assert json.load(open(os.path.join(out, "report.json"))) == report
 
 
+def test_a_plain_instruct_teacher_answers_without_reasoning(teacher, tmp_path, monkeypatch):
+    """generate.reasoning=false: a teacher that does not think (SmolLM2-135M-Instruct, most instruct
+    models). Its whole response up to EOS is the answer, written with empty reasoning; a response cut
+    at max_new_tokens is unfinished; a response with a think close is taken whole, not split."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"question": f"What is {i} plus 1?", "ref": "x"}) + "\n" for i in range(2)))
+    out = str(tmp_path / "out")
+    cfg = load_config(None, overrides(teacher[0], str(prompts), out, **{
+        "generate.prompt_field": "question", "generate.reference_field": "ref", "generate.samples_per_prompt": 2,
+        "generate.reasoning": "false"}))
+    tok = transformers.AutoTokenizer.from_pretrained(teacher[0])
+    responses = {(0, 0): "ab", (0, 1): "a b</think>cd", (1, 0): "never ends", (1, 1): "odd"}
+    index = {tuple(np.asarray(jax.random.key_data(tracegen.row_keys(cfg.generate.seed, [p], [j])))[0]): (p, j)
+             for p, j in responses}
+
+    def fake(model, prompts, *, keys, eos_ids, **_):
+        rows = [index[tuple(k)] for k in np.asarray(jax.random.key_data(keys))]
+        return [tok(responses[r], add_special_tokens=False)["input_ids"] + (list(eos_ids)[:1] if r != (1, 0) else [])
+                for r in rows]
+    monkeypatch.setattr(tracegen, "generate", fake)
+    report = tracegen.tracegen(cfg, show_progress=False)
+    rows = [json.loads(line) for line in open(tracegen.shard_path(out, 0))]
+    assert [(r["index"], r["sample"], r["reasoning"], r["answer"], r["correct"]) for r in rows] == [
+        (0, 0, "", "ab", True), (0, 1, "", "a b</think>cd", False), (1, 1, "", "odd", False)]
+    assert report["dropped"]["unfinished"] == 1
+    # the same folder with the setting changed is another output: refused, not mixed
+    cfg = load_config(None, overrides(teacher[0], str(prompts), out, **{
+        "generate.prompt_field": "question", "generate.reference_field": "ref", "generate.samples_per_prompt": 2}))
+    with pytest.raises(tracegen.GenerateError, match="generate.reasoning: False -> True"):
+        tracegen.tracegen(cfg, show_progress=False)
+
+
 # ---------------------------------------------------------------- a real (tiny) teacher
 
 

@@ -486,6 +486,7 @@ class EvalConfig:
     data: str | None = None  # external eval set: JSONL/Parquet file, folder of them, or hub dataset id; None = the store's held-out split
     question_field: str = "question"  # field of eval.data holding the question: text, or a list of role/content turns
     answer_field: str = "answer"  # field of eval.data holding the reference; the text after its last "####" when present (GSM8K)
+    reasoning: bool = True  # the model answers after a think block (the answer follows the last think close); false: a plain instruct model, its whole generation up to EOS is the answer
 
     def __post_init__(self):
         _check(self.batches >= 1, f"batches={self.batches} must be >= 1")
@@ -534,6 +535,7 @@ class GenerateConfig:
     language_mix: bool = False  # drop samples whose reasoning mixes scripts (language_mix_threshold)
     language_mix_threshold: float = 0.02  # share of the reasoning's letters outside its main script that counts as mixed
     keep: str = "correct"  # which samples are written: all, correct, first_correct or shortest_correct (per prompt)
+    reasoning: bool = True  # the teacher reasons in a think block before its answer (R1); false: a plain instruct teacher, its whole response up to EOS is the answer, written with empty reasoning
 
     def __post_init__(self):
         _check_choice("keep", self.keep, KEEP)

@@ -144,7 +144,7 @@ def task_accuracy(model, tokenizer, problems: list[Problem], eval_cfg: EvalConfi
             new_tokens += len(out)
             # Special tokens kept: some tokenizers mark <think> tags special (EOS is dropped).
             text = tokenizer.decode([t for t in out if t not in eos])
-            pred = extract_answer(text)
+            pred = extract_answer(text, reasoning=eval_cfg.reasoning, ended=bool(out) and out[-1] in eos)
             ok = bool(match(pred, problem.reference))
             correct[i] += ok
             if check is not None:

@@ -20,9 +20,12 @@ from kd_jax.data.traces import THINK_CLOSE, THINK_OPEN
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 
 
-def extract_answer(text: str) -> str:
+def extract_answer(text: str, *, reasoning: bool = True, ended: bool = True) -> str:
     """The answer part of a generation: what follows the last `</think>`; "" when the reasoning
-    never closed (the model ran out of tokens or never answered: not a match by accident)."""
+    never closed (the model ran out of tokens or never answered: not a match by accident).
+    `reasoning=False` (a plain instruct model): the whole text, "" unless it `ended` with EOS."""
+    if not reasoning:
+        return text.strip() if ended else ""
     return text.rsplit(THINK_CLOSE, 1)[1].strip() if THINK_CLOSE in text else ""
 
 

@@ -3,8 +3,10 @@
 The teacher (`teacher.*`) samples `generate.samples_per_prompt` completions for every prompt of
 `generate.prompts`, each prompt rendered with the chat template and the generation prompt as
 kd_jax/data/traces.py renders them. Every sample is split into reasoning and answer at the think
-close (`data.format.think_close`), checked against the reference answer with `eval.matcher`, and passed
-through the R1 filters (each counted): unfinished (no think close), empty answer, reasoning over
+close (`data.format.think_close`; with `generate.reasoning: false`, a plain instruct teacher, the whole
+response up to EOS is the answer and the reasoning is empty), checked against the reference answer with
+`eval.matcher`, and passed through the R1 filters (each counted): unfinished (no think close, or no EOS
+for a plain teacher), empty answer, reasoning over
 `generate.max_reasoning_tokens`, duplicate (the same reasoning and answer for the same prompt), and
 optionally mixed scripts (`generate.language_mix`, see `mixed_script_share`). `generate.keep` picks
 what is written per prompt: every sample that passed the filters (`all`, with its `correct` field),
@@ -238,7 +240,10 @@ def _judge(cfg: Config, prompt: Prompt, samples: list[list[int]], tokenizer, eos
     survivors, seen, correct = [], set(), 0
     for j, ids in enumerate(samples):
         text = tokenizer.decode([t for t in ids if t not in eos])  # special tokens kept: think tags may be special
-        split = split_sample(text, data.format.think_open, data.format.think_close, prompt.inside)
+        if gen.reasoning:
+            split = split_sample(text, data.format.think_open, data.format.think_close, prompt.inside)
+        else:  # a plain instruct teacher: its whole response is the answer, unfinished without EOS
+            split = ("", text.strip()) if ids and ids[-1] in eos else None
         reasoning, answer = split or ("", "")
         ok = None if prompt.reference is None else bool(split and answer and match(answer, prompt.reference))
         correct += bool(ok)
@@ -381,6 +386,7 @@ def claim_output(out: str, current: dict) -> None:
     if before is not None:
         if _WEIGHTS not in before:  # written before the weights were recorded
             before[_WEIGHTS] = current.get(_WEIGHTS)
+        before.setdefault("generate.reasoning", True)  # written before plain teachers: every teacher reasoned
         changes = [f"{k}: {before.get(k)!r} -> {current.get(k)!r}" if k != _WEIGHTS else
                    f"{_WEIGHTS}: the teacher's weights at teacher.hf_path={current.get('teacher.hf_path')!r} changed "
                    f"({str(before.get(k))[:19]} -> {str(current.get(k))[:19]})"
