@@ -212,7 +212,7 @@ def test_eval_rows_without_a_reference_are_refused_not_scored(eval_set, tmp_path
         run(load_config(None, teacher_args(root) + [f"eval.data={path}"]), "teacher")
 
 
-def test_a_plain_instruct_model_is_scored_on_its_whole_answer(monkeypatch):
+def test_a_plain_instruct_model_is_scored_on_its_whole_answer(monkeypatch, capsys):
     """eval.reasoning=false: a model that does not think is scored on its whole generation when it
     ended (EOS); a generation cut at max_new_tokens scores wrong, as an unclosed think block does.
     With the default (reasoning) the same generations, having no think close, all score wrong."""
@@ -235,8 +235,10 @@ def test_a_plain_instruct_model_is_scored_on_its_whole_answer(monkeypatch):
         return [[ord(c) for c in outputs[tuple(p)]] + ([] if tuple(p) == (2,) else [EOS]) for p in prompts]
     monkeypatch.setattr(evaluation, "generate", fake)
     plain = EvalConfig(matcher="tests.test_evaluate:contains", reasoning=False)
-    report = evaluation.task_accuracy(None, Tok(), problems, plain, batch_size=3)
+    report = evaluation.task_accuracy(None, Tok(), problems, plain, batch_size=3, show_progress=True)
     assert report["correct_samples"] == 2 and report["samples"][0]["prediction"] == "Paris"
+    err = capsys.readouterr().err  # the progress of a long evaluation (it was silent until the table)
+    assert "generate: 100%" in err and "3/3" in err
     assert evaluation.task_accuracy(None, Tok(), problems, dataclasses.replace(plain, reasoning=True),
                                     batch_size=3)["correct_samples"] == 0
 

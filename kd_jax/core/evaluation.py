@@ -31,6 +31,7 @@ import numpy as np
 from flax import nnx
 
 from kd_jax.base import sharding
+from kd_jax.base.progress import bar
 from kd_jax.base.schema import Config, ConfigError, DataConfig, EvalConfig
 from kd_jax.core.grading import (
     extract_answer,
@@ -108,11 +109,12 @@ def data_problems(eval_cfg: EvalConfig, tokenizer, max_examples: int | None = No
 
 
 def task_accuracy(model, tokenizer, problems: list[Problem], eval_cfg: EvalConfig, batch_size: int, *,
-                  step_separator: str = "\n\n", seed: int = 0) -> dict:
+                  step_separator: str = "\n\n", seed: int = 0, show_progress: bool = False) -> dict:
     """Generate `eval.samples` answers for each problem and compare each extracted answer with the
     reference (`eval.matcher`); with `eval.step_checker`, judge the reasoning step by step. Rows
     (problem, sample) are cut into full batches of `batch_size` in order (the last padded with
-    copies: one compile serves every batch); each row samples from its own key (`row_keys`)."""
+    copies: one compile serves every batch); each row samples from its own key (`row_keys`).
+    `show_progress`: a bar of the answers generated (stderr)."""
     match = matcher(eval_cfg.matcher)
     check = step_checker(eval_cfg.step_checker) if eval_cfg.step_checker else None
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
@@ -125,6 +127,7 @@ def task_accuracy(model, tokenizer, problems: list[Problem], eval_cfg: EvalConfi
                             temperature=eval_cfg.sampling_temperature, top_p=eval_cfg.top_p)
     timed_tokens = 0
     single = len(rows) <= batch_size
+    progress = bar(total=len(rows), unit="answer", desc="generate", disable=not show_progress)
     for start in range(0, len(rows), batch_size):
         batch = rows[start:start + batch_size]
         padded = batch + [batch[-1]] * (batch_size - len(batch))
@@ -158,6 +161,8 @@ def task_accuracy(model, tokenizer, problems: list[Problem], eval_cfg: EvalConfi
                 traces_all_right += bool(steps) and all(verdicts)
             if len(samples) < 3:
                 samples.append({"prediction": pred, "reference": problem.reference, "correct": ok})
+        progress.update(len(batch))
+    progress.close()
     m = len(problems)
     share = float(np.sum(correct / n))  # the problems' shares of correct samples, summed: pass@1 * m
     low, high = wilson_interval(share, m)
@@ -294,7 +299,7 @@ def evaluate(cfg: Config, which: str = "student", max_examples: int | None = Non
     batch = cfg.train.global_batch_size
     # Generation first: with memory_stats, the peak it reports then holds no loss evaluation.
     task = task_accuracy(model, tokenizer, problems, cfg.eval, batch, step_separator=cfg.data.steps.separator,
-                         seed=cfg.run.seed)
+                         seed=cfg.run.seed, show_progress=jax.process_index() == 0)
     cost = generation_latency(model, [p.tokens for p in problems], sorted({1, batch}), cfg.eval) \
         if cfg.eval.latency else {}
     graphdef, params = nnx.split(model)
