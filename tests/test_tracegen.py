@@ -215,6 +215,16 @@ def test_a_plain_instruct_teacher_answers_without_reasoning(teacher, tmp_path, m
     assert [(r["index"], r["sample"], r["reasoning"], r["answer"], r["correct"]) for r in rows] == [
         (0, 0, "", "ab", True), (0, 1, "", "a b</think>cd", False), (1, 1, "", "odd", False)]
     assert report["dropped"]["unfinished"] == 1
+    # an output written before the key existed (every teacher reasoned then) resumes as reasoning
+    settings = os.path.join(out, tracegen.SETTINGS)
+    saved = json.load(open(settings))
+    old = {k: v for k, v in saved.items() if k != "generate.reasoning"}
+    reasoning_out = str(tmp_path / "old")
+    os.makedirs(reasoning_out)
+    json.dump(old, open(os.path.join(reasoning_out, tracegen.SETTINGS), "w"))
+    cfg_old = load_config(None, overrides(teacher[0], str(prompts), reasoning_out, **{
+        "generate.prompt_field": "question", "generate.reference_field": "ref", "generate.samples_per_prompt": 2}))
+    tracegen.claim_output(reasoning_out, tracegen.settings(cfg_old, tracegen.load_prompts(cfg_old.generate)))
     # the same folder with the setting changed is another output: refused, not mixed
     cfg = load_config(None, overrides(teacher[0], str(prompts), out, **{
         "generate.prompt_field": "question", "generate.reference_field": "ref", "generate.samples_per_prompt": 2}))
